@@ -1,0 +1,308 @@
+#include "model/gemma4.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <stdexcept>
+
+#include "quant/types.h"
+
+namespace pg4 {
+
+namespace {
+
+constexpr int kLogitRowsPerChunk = 32;  // bounds the logits scratch for long prompts
+
+std::invalid_argument error(const std::string& message) { return std::invalid_argument(message); }
+
+}  // namespace
+
+Gemma4Model::Gemma4Model(const std::string& path, const std::vector<TensorEntry>& tensors,
+                         ModelConfig config, ModelOptions options, std::unique_ptr<Ops> ops)
+    : config_(std::move(config)),
+      options_(options),
+      file_(path),
+      ops_(std::move(ops)),
+      cache_(config_, options.n_slots, options.n_ctx, options.n_batch) {
+  if (options.n_ctx < 1 || options.n_slots < 1 || options.n_batch < 1) {
+    throw error("n_ctx, n_slots and n_batch must be at least 1");
+  }
+  for (const TensorEntry& t : tensors) {
+    if (!quant::is_known_type(t.type_id)) throw error("tensor '" + t.name + "' has unknown type");
+    if (t.shape.empty() || t.shape.size() > 4) throw error("tensor '" + t.name + "' bad rank");
+    Weight w;
+    w.type = static_cast<quant::Type>(t.type_id);
+    uint64_t rows = 1;
+    for (size_t i = 0; i < t.shape.size(); ++i) {
+      if (t.shape[i] < 1) throw error("tensor '" + t.name + "' has an empty dimension");
+      w.ne[i] = t.shape[i];
+      if (i > 0) rows *= static_cast<uint64_t>(t.shape[i]);
+    }
+    if (w.ne[0] % quant::type_info(w.type).block_size != 0) {
+      throw error("tensor '" + t.name + "' row length is not a multiple of its block size");
+    }
+    w.row_bytes = quant::row_bytes(w.type, w.ne[0]);
+    if (t.offset > file_.size() || t.nbytes > file_.size() - t.offset ||
+        rows * w.row_bytes != t.nbytes) {
+      throw error("tensor '" + t.name + "' does not fit the file");
+    }
+    w.data = file_.data() + t.offset;
+    weights_[t.name] = w;
+  }
+
+  token_embd_ = tensor("token_embd.weight");
+  output_norm_ = tensor("output_norm.weight");
+  output_ = config_.has_output ? tensor("output.weight") : token_embd_;
+  rope_freqs_ = tensor("rope_freqs.weight", false);
+  if (config_.n_embd_per_layer > 0) {
+    ple_token_embd_ = tensor("per_layer_token_embd.weight");
+    ple_model_proj_ = tensor("per_layer_model_proj.weight");
+    ple_proj_norm_ = tensor("per_layer_proj_norm.weight");
+  }
+  int max_q = 0, max_kv = 0, max_ff = config_.n_ff_expert * 2;
+  for (const LayerConfig& lc : config_.layers) {
+    const std::string p = "blk." + std::to_string(lc.index) + ".";
+    LayerWeights lw;
+    lw.attn_norm = tensor(p + "attn_norm.weight");
+    lw.wq = tensor(p + "attn_q.weight");
+    lw.q_norm = tensor(p + "attn_q_norm.weight");
+    lw.wo = tensor(p + "attn_output.weight");
+    lw.post_attention_norm = tensor(p + "post_attention_norm.weight");
+    if (lc.has_kv) {
+      lw.wk = tensor(p + "attn_k.weight");
+      lw.k_norm = tensor(p + "attn_k_norm.weight");
+      lw.wv = tensor(p + "attn_v.weight", lc.has_v_proj);
+    }
+    lw.ffn_norm = tensor(p + "ffn_norm.weight");
+    lw.ffn_gate = tensor(p + "ffn_gate.weight");
+    lw.ffn_up = tensor(p + "ffn_up.weight");
+    lw.ffn_down = tensor(p + "ffn_down.weight");
+    lw.post_ffw_norm = tensor(p + "post_ffw_norm.weight");
+    lw.output_scale = tensor(p + "layer_output_scale.weight", false);
+    if (lc.is_moe) {
+      lw.moe_router = tensor(p + "ffn_gate_inp.weight");
+      lw.moe_router_scale = tensor(p + "ffn_gate_inp.scale");
+      lw.moe_gate_up = tensor(p + "ffn_gate_up_exps.weight");
+      lw.moe_down = tensor(p + "ffn_down_exps.weight");
+      lw.moe_down_scale = tensor(p + "ffn_down_exps.scale");
+      lw.post_ffw_norm_1 = tensor(p + "post_ffw_norm_1.weight");
+      lw.pre_ffw_norm_2 = tensor(p + "pre_ffw_norm_2.weight");
+      lw.post_ffw_norm_2 = tensor(p + "post_ffw_norm_2.weight");
+    }
+    if (config_.n_embd_per_layer > 0) {
+      lw.ple_gate = tensor(p + "inp_gate.weight");
+      lw.ple_proj = tensor(p + "proj.weight");
+      lw.ple_post_norm = tensor(p + "post_norm.weight");
+    }
+    layers_.push_back(lw);
+    max_q = std::max(max_q, lc.n_head * lc.head_dim);
+    max_kv = std::max(max_kv, lc.n_head_kv * lc.head_dim);
+    max_ff = std::max(max_ff, lc.n_ff);
+  }
+
+  const size_t n = static_cast<size_t>(options_.n_batch);
+  const size_t embd = static_cast<size_t>(config_.n_embd);
+  x_ = ops_->alloc(n * embd);
+  h_ = ops_->alloc(n * embd);
+  h2_ = ops_->alloc(n * embd);
+  o_ = ops_->alloc(n * embd);
+  ffn_ = ops_->alloc(n * embd);
+  moe_ = ops_->alloc(n * embd);
+  q_ = ops_->alloc(n * max_q);
+  attn_ = ops_->alloc(n * max_q);
+  k_ = ops_->alloc(n * max_kv);
+  v_ = ops_->alloc(n * max_kv);
+  gate_ = ops_->alloc(n * max_ff);
+  up_ = ops_->alloc(n * max_ff);
+  act_ = ops_->alloc(n * max_ff);
+  const size_t ple_width = static_cast<size_t>(config_.n_embd_per_layer) * config_.n_layer;
+  ple_ = ops_->alloc(std::max<size_t>(1, n * ple_width * 2));
+  ple_gate_ = ops_->alloc(std::max<size_t>(1, n * config_.n_embd_per_layer));
+  router_ = ops_->alloc(std::max<size_t>(1, n * config_.n_expert));
+  logits_ = ops_->alloc(static_cast<size_t>(kLogitRowsPerChunk) * config_.vocab_size);
+  expert_ids_.resize(n * std::max(1, config_.n_expert_used));
+  expert_weights_.resize(n * std::max(1, config_.n_expert_used));
+}
+
+Weight Gemma4Model::tensor(const std::string& name, bool required) const {
+  auto it = weights_.find(name);
+  if (it == weights_.end()) {
+    if (required) throw error("model file lacks tensor '" + name + "'");
+    return Weight{};
+  }
+  return it->second;
+}
+
+int Gemma4Model::length(int slot) const {
+  if (slot < 0 || slot >= cache_.n_slots()) throw error("no sequence slot " + std::to_string(slot));
+  return cache_.length(slot);
+}
+
+void Gemma4Model::reset(int slot) {
+  length(slot);
+  cache_.set_length(slot, 0);
+}
+
+void Gemma4Model::validate_batch(const std::vector<int32_t>& tokens,
+                                 const std::vector<int32_t>& positions,
+                                 const std::vector<int32_t>& slots,
+                                 const std::vector<int32_t>& output_rows) const {
+  const size_t n = tokens.size();
+  if (n == 0) throw error("empty batch");
+  if (positions.size() != n || slots.size() != n) {
+    throw error("tokens, positions and slots must have the same length");
+  }
+  if (n > static_cast<size_t>(options_.n_batch)) {
+    throw error("batch of " + std::to_string(n) + " tokens exceeds n_batch " +
+                std::to_string(options_.n_batch));
+  }
+  std::vector<int32_t> next(cache_.n_slots(), -1);
+  for (size_t i = 0; i < n; ++i) {
+    if (tokens[i] < 0 || tokens[i] >= config_.vocab_size) {
+      throw error("token id " + std::to_string(tokens[i]) + " out of range [0, " +
+                  std::to_string(config_.vocab_size) + ")");
+    }
+    const int slot = slots[i];
+    if (slot < 0 || slot >= cache_.n_slots())
+      throw error("no sequence slot " + std::to_string(slot));
+    if (next[slot] < 0) next[slot] = cache_.length(slot);
+    if (positions[i] != next[slot]) {
+      throw error("position " + std::to_string(positions[i]) + " does not continue slot " +
+                  std::to_string(slot) + " (expected " + std::to_string(next[slot]) + ")");
+    }
+    if (positions[i] >= options_.n_ctx) {
+      throw error("sequence longer than the context (n_ctx " + std::to_string(options_.n_ctx) +
+                  ")");
+    }
+    ++next[slot];
+  }
+  for (int32_t row : output_rows) {
+    if (row < 0 || static_cast<size_t>(row) >= n) throw error("output row out of range");
+  }
+}
+
+void Gemma4Model::per_layer_inputs(const TokenBatch& batch) {
+  // ple_ holds [n, n_layer * P] token rows, then the projection of the embeddings after them.
+  const int P = config_.n_embd_per_layer;
+  const size_t width = static_cast<size_t>(P) * config_.n_layer;
+  float* rows = ple_.get();
+  float* proj = ple_.get() + static_cast<size_t>(batch.n) * width;
+  ops_->get_rows(ple_token_embd_, batch.tokens, batch.n, std::sqrt(static_cast<float>(P)), rows);
+  ops_->matmul(ple_model_proj_, x_.get(), batch.n, proj);
+  ops_->scale(proj, 1.0f / std::sqrt(static_cast<float>(config_.n_embd)), batch.n * width);
+  ops_->rms_norm(proj, ple_proj_norm_.f32(), batch.n * config_.n_layer, P, config_.rms_eps, proj);
+  ops_->add(rows, proj, batch.n * width);
+  ops_->scale(rows, 1.0f / std::sqrt(2.0f), batch.n * width);
+}
+
+void Gemma4Model::run_layer(int il, const TokenBatch& batch) {
+  const LayerConfig& lc = config_.layers[il];
+  const LayerWeights& lw = layers_[il];
+  const int n = batch.n;
+  const int embd = config_.n_embd;
+  const float eps = config_.rms_eps;
+  const size_t n_embd_total = static_cast<size_t>(n) * embd;
+  const float* freq_factors = lc.is_sliding ? nullptr : rope_freqs_.f32();
+  float* x = x_.get();
+  float* h = h_.get();
+
+  // Attention block.
+  ops_->rms_norm(x, lw.attn_norm.f32(), n, embd, eps, h);
+  ops_->matmul(lw.wq, h, n, q_.get());
+  ops_->rms_norm(q_.get(), lw.q_norm.f32(), n * lc.n_head, lc.head_dim, eps, q_.get());
+  ops_->rope_neox(q_.get(), batch.positions, n, lc.n_head, lc.head_dim, lc.n_rot, lc.rope_base,
+                  freq_factors);
+  if (lc.has_kv) {
+    const int kv_width = lc.n_head_kv * lc.head_dim;
+    ops_->matmul(lw.wk, h, n, k_.get());
+    if (lw.wv.present()) {
+      ops_->matmul(lw.wv, h, n, v_.get());
+    } else {
+      ops_->copy(v_.get(), k_.get(), static_cast<size_t>(n) * kv_width);  // V = K before the norms
+    }
+    ops_->rms_norm(k_.get(), lw.k_norm.f32(), n * lc.n_head_kv, lc.head_dim, eps, k_.get());
+    ops_->rms_norm(v_.get(), nullptr, n * lc.n_head_kv, lc.head_dim, eps, v_.get());
+    ops_->rope_neox(k_.get(), batch.positions, n, lc.n_head_kv, lc.head_dim, lc.n_rot, lc.rope_base,
+                    freq_factors);
+    ops_->write_kv(k_.get(), v_.get(), batch, il, cache_);
+  }
+  ops_->attention(q_.get(), batch, lc, lc.is_sliding ? config_.sliding_window : 0, cache_,
+                  attn_.get());
+  ops_->matmul(lw.wo, attn_.get(), n, o_.get());
+  ops_->rms_norm(o_.get(), lw.post_attention_norm.f32(), n, embd, eps, o_.get());
+  ops_->add(x, o_.get(), n_embd_total);
+
+  // Feed-forward block: the dense GELU-gated MLP, plus the expert mixture on MoE layers.
+  float* ffn = ffn_.get();
+  ops_->rms_norm(x, lw.ffn_norm.f32(), n, embd, eps, h);
+  ops_->matmul(lw.ffn_gate, h, n, gate_.get());
+  ops_->matmul(lw.ffn_up, h, n, up_.get());
+  ops_->gelu_mul(gate_.get(), lc.n_ff, up_.get(), lc.n_ff, n, lc.n_ff, act_.get());
+  ops_->matmul(lw.ffn_down, act_.get(), n, ffn);
+  if (lc.is_moe) {
+    const int k = config_.n_expert_used;
+    ops_->rms_norm(ffn, lw.post_ffw_norm_1.f32(), n, embd, eps, ffn);
+    ops_->rms_norm(x, lw.pre_ffw_norm_2.f32(), n, embd, eps, h2_.get());
+    ops_->rms_norm(x, lw.moe_router_scale.f32(), n, embd, eps, h);
+    ops_->scale(h, 1.0f / std::sqrt(static_cast<float>(embd)), n_embd_total);
+    ops_->matmul(lw.moe_router, h, n, router_.get());
+    ops_->moe_route(router_.get(), n, config_.n_expert, k, expert_ids_.data(),
+                    expert_weights_.data());
+    ops_->moe_experts(lw.moe_gate_up, lw.moe_down, lw.moe_down_scale.f32(), h2_.get(),
+                      expert_ids_.data(), expert_weights_.data(), n, k, moe_.get());
+    ops_->rms_norm(moe_.get(), lw.post_ffw_norm_2.f32(), n, embd, eps, moe_.get());
+    ops_->add(ffn, moe_.get(), n_embd_total);
+  }
+  ops_->rms_norm(ffn, lw.post_ffw_norm.f32(), n, embd, eps, ffn);
+  ops_->add(x, ffn, n_embd_total);
+
+  // Per-layer embedding: gate from the residual, times this layer's slice of the PLE input.
+  if (config_.n_embd_per_layer > 0) {
+    const int P = config_.n_embd_per_layer;
+    ops_->matmul(lw.ple_gate, x, n, ple_gate_.get());
+    ops_->gelu_mul(ple_gate_.get(), P, ple_.get() + static_cast<size_t>(il) * P,
+                   P * config_.n_layer, n, P, ple_gate_.get());
+    ops_->matmul(lw.ple_proj, ple_gate_.get(), n, o_.get());
+    ops_->rms_norm(o_.get(), lw.ple_post_norm.f32(), n, embd, eps, o_.get());
+    ops_->add(x, o_.get(), n_embd_total);
+  }
+  if (lw.output_scale.present()) ops_->scale(x, lw.output_scale.f32()[0], n_embd_total);
+}
+
+std::vector<float> Gemma4Model::forward(const std::vector<int32_t>& tokens,
+                                        const std::vector<int32_t>& positions,
+                                        const std::vector<int32_t>& slots,
+                                        const std::vector<int32_t>& output_rows) {
+  std::lock_guard<std::mutex> lock(forward_mutex_);
+  validate_batch(tokens, positions, slots, output_rows);
+  TokenBatch batch;
+  batch.n = static_cast<int>(tokens.size());
+  batch.tokens = tokens.data();
+  batch.positions = positions.data();
+  batch.slots = slots.data();
+
+  const int embd = config_.n_embd;
+  ops_->get_rows(token_embd_, batch.tokens, batch.n, std::sqrt(static_cast<float>(embd)), x_.get());
+  if (config_.n_embd_per_layer > 0) per_layer_inputs(batch);
+  for (int il = 0; il < config_.n_layer; ++il) run_layer(il, batch);
+  for (int i = 0; i < batch.n; ++i) {
+    cache_.set_length(slots[i], std::max(cache_.length(slots[i]), positions[i] + 1));
+  }
+
+  const size_t vocab = static_cast<size_t>(config_.vocab_size);
+  std::vector<float> result(output_rows.size() * vocab);
+  for (size_t first = 0; first < output_rows.size(); first += kLogitRowsPerChunk) {
+    const int rows =
+        static_cast<int>(std::min<size_t>(kLogitRowsPerChunk, output_rows.size() - first));
+    ops_->copy_rows(x_.get(), output_rows.data() + first, rows, embd, h_.get());
+    ops_->rms_norm(h_.get(), output_norm_.f32(), rows, embd, config_.rms_eps, h_.get());
+    ops_->matmul(output_, h_.get(), rows, logits_.get());
+    if (config_.final_logit_softcap > 0.0f) {
+      ops_->softcap(logits_.get(), config_.final_logit_softcap, rows * vocab);
+    }
+    ops_->read(logits_.get(), rows * vocab, result.data() + first * vocab);
+  }
+  return result;
+}
+
+}  // namespace pg4

@@ -1,0 +1,281 @@
+#include "ops/cpu/cpu_ops.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+
+#include "quant/quant.h"
+
+namespace pg4 {
+
+namespace {
+
+// Work items below these sizes are not worth handing to another thread.
+constexpr int64_t kElementGrain = 16384;
+
+inline float gelu_tanh(float x) {
+  constexpr float kSqrt2OverPi = 0.7978845608028654f;
+  return 0.5f * x * (1.0f + std::tanh(kSqrt2OverPi * (x + 0.044715f * x * x * x)));
+}
+
+}  // namespace
+
+CpuOps::CpuOps(int n_threads) : pool_(n_threads) {}
+
+std::shared_ptr<float> CpuOps::alloc(size_t n) {
+  return std::shared_ptr<float>(new float[n](), std::default_delete<float[]>());
+}
+
+void CpuOps::matmul(const Weight& w, const float* x, int n_tokens, float* y) {
+  const int64_t cols = w.cols();
+  const int64_t rows = w.rows();
+  const quant::Type act_type = quant::type_info(w.type).activation;
+  const size_t act_row_bytes = quant::row_bytes(act_type, cols);
+  activation_scratch_.resize(act_row_bytes * n_tokens);
+  uint8_t* acts = activation_scratch_.data();
+  pool_.parallel_for(n_tokens, 1, [&](int64_t begin, int64_t end, int) {
+    for (int64_t t = begin; t < end; ++t) {
+      quant::quantize_activation_row(act_type, x + t * cols, acts + t * act_row_bytes, cols);
+    }
+  });
+  const quant::VecDotMultiFn dot = quant::vec_dot_multi_fn(w.type);
+  // Each chunk of weight rows is read once and multiplied against every token.
+  const int64_t grain = std::max<int64_t>(1, std::min<int64_t>(16, rows / (4 * pool_.size())));
+  pool_.parallel_for(rows, grain, [&](int64_t begin, int64_t end, int) {
+    float column[64];
+    for (int64_t r = begin; r < end; ++r) {
+      for (int t0 = 0; t0 < n_tokens; t0 += 64) {
+        const int nt = std::min(64, n_tokens - t0);
+        dot(cols, w.row(r), acts + t0 * act_row_bytes, act_row_bytes, nt, column);
+        for (int t = 0; t < nt; ++t) y[static_cast<int64_t>(t0 + t) * rows + r] = column[t];
+      }
+    }
+  });
+}
+
+void CpuOps::get_rows(const Weight& table, const int32_t* ids, int n, float scale, float* out) {
+  const int64_t cols = table.cols();
+  pool_.parallel_for(n, 1, [&](int64_t begin, int64_t end, int) {
+    for (int64_t i = begin; i < end; ++i) {
+      float* dst = out + i * cols;
+      quant::dequantize_row(table.type, table.row(ids[i]), dst, cols);
+      for (int64_t c = 0; c < cols; ++c) dst[c] *= scale;
+    }
+  });
+}
+
+void CpuOps::rms_norm(const float* x, const float* weight, int n_rows, int dim, float eps,
+                      float* out) {
+  pool_.parallel_for(n_rows, std::max<int64_t>(1, kElementGrain / dim),
+                     [&](int64_t begin, int64_t end, int) {
+                       for (int64_t r = begin; r < end; ++r) {
+                         const float* src = x + r * dim;
+                         float* dst = out + r * dim;
+                         double sum = 0.0;
+                         for (int i = 0; i < dim; ++i) sum += static_cast<double>(src[i]) * src[i];
+                         const float inv = static_cast<float>(1.0 / std::sqrt(sum / dim + eps));
+                         if (weight != nullptr) {
+                           for (int i = 0; i < dim; ++i) dst[i] = src[i] * inv * weight[i];
+                         } else {
+                           for (int i = 0; i < dim; ++i) dst[i] = src[i] * inv;
+                         }
+                       }
+                     });
+}
+
+void CpuOps::rope_neox(float* x, const int32_t* positions, int n_tokens, int n_head, int head_dim,
+                       int n_rot, float base, const float* freq_factors) {
+  const int half = n_rot / 2;
+  pool_.parallel_for(n_tokens, 1, [&](int64_t begin, int64_t end, int) {
+    std::vector<float> cos_t(half), sin_t(half);
+    for (int64_t t = begin; t < end; ++t) {
+      const double pos = positions[t];
+      for (int i = 0; i < half; ++i) {
+        double freq = std::pow(static_cast<double>(base), -2.0 * i / n_rot);
+        if (freq_factors != nullptr) freq /= freq_factors[i];
+        const double angle = pos * freq;
+        cos_t[i] = static_cast<float>(std::cos(angle));
+        sin_t[i] = static_cast<float>(std::sin(angle));
+      }
+      for (int h = 0; h < n_head; ++h) {
+        float* v = x + (t * n_head + h) * static_cast<int64_t>(head_dim);
+        for (int i = 0; i < half; ++i) {
+          const float a = v[i];
+          const float b = v[i + half];
+          v[i] = a * cos_t[i] - b * sin_t[i];
+          v[i + half] = b * cos_t[i] + a * sin_t[i];
+        }
+      }
+    }
+  });
+}
+
+void CpuOps::gelu_mul(const float* gate, int gate_stride, const float* up, int up_stride,
+                      int n_rows, int n_cols, float* out) {
+  pool_.parallel_for(n_rows, std::max<int64_t>(1, kElementGrain / n_cols),
+                     [&](int64_t begin, int64_t end, int) {
+                       for (int64_t r = begin; r < end; ++r) {
+                         const float* g = gate + r * gate_stride;
+                         const float* u = up + r * up_stride;
+                         float* o = out + r * n_cols;
+                         for (int c = 0; c < n_cols; ++c) o[c] = gelu_tanh(g[c]) * u[c];
+                       }
+                     });
+}
+
+void CpuOps::add(float* x, const float* y, size_t n) {
+  pool_.parallel_for(static_cast<int64_t>(n), kElementGrain, [&](int64_t b, int64_t e, int) {
+    for (int64_t i = b; i < e; ++i) x[i] += y[i];
+  });
+}
+
+void CpuOps::scale(float* x, float s, size_t n) {
+  pool_.parallel_for(static_cast<int64_t>(n), kElementGrain, [&](int64_t b, int64_t e, int) {
+    for (int64_t i = b; i < e; ++i) x[i] *= s;
+  });
+}
+
+void CpuOps::softcap(float* x, float cap, size_t n) {
+  pool_.parallel_for(static_cast<int64_t>(n), kElementGrain, [&](int64_t b, int64_t e, int) {
+    for (int64_t i = b; i < e; ++i) x[i] = cap * std::tanh(x[i] / cap);
+  });
+}
+
+void CpuOps::copy(float* dst, const float* src, size_t n) {
+  std::memcpy(dst, src, sizeof(float) * n);
+}
+
+void CpuOps::read(const float* src, size_t n, float* host_dst) { copy(host_dst, src, n); }
+
+void CpuOps::copy_rows(const float* src, const int32_t* rows, int n_rows, int dim, float* dst) {
+  for (int i = 0; i < n_rows; ++i) {
+    std::memcpy(dst + static_cast<int64_t>(i) * dim, src + static_cast<int64_t>(rows[i]) * dim,
+                sizeof(float) * dim);
+  }
+}
+
+void CpuOps::write_kv(const float* k, const float* v, const TokenBatch& batch, int layer,
+                      KvCache& cache) {
+  const int row = cache.row_floats(layer);
+  for (int i = 0; i < batch.n; ++i) {
+    std::memcpy(cache.key(layer, batch.slots[i], batch.positions[i]), k + i * row,
+                sizeof(float) * row);
+    std::memcpy(cache.value(layer, batch.slots[i], batch.positions[i]), v + i * row,
+                sizeof(float) * row);
+  }
+}
+
+void CpuOps::attention(const float* q, const TokenBatch& batch, const LayerConfig& layer,
+                       int window, KvCache& cache, float* out) {
+  const int n_head = layer.n_head;
+  const int head_dim = layer.head_dim;
+  const int group = n_head / layer.n_head_kv;
+  const int kv_layer = layer.kv_source;
+  const int max_span = window > 0 ? window : cache.n_ctx();
+  attention_scratch_.resize(static_cast<size_t>(pool_.size()) * max_span);
+  pool_.parallel_for(
+      static_cast<int64_t>(batch.n) * n_head, 1, [&](int64_t begin, int64_t end, int thread) {
+        float* scores = attention_scratch_.data() + static_cast<size_t>(thread) * max_span;
+        for (int64_t task = begin; task < end; ++task) {
+          const int i = static_cast<int>(task / n_head);
+          const int h = static_cast<int>(task % n_head);
+          const int slot = batch.slots[i];
+          const int pos = batch.positions[i];
+          const int first = window > 0 ? std::max(0, pos - window + 1) : 0;
+          const int kv_offset = (h / group) * head_dim;
+          const float* qh = q + (static_cast<int64_t>(i) * n_head + h) * head_dim;
+          float max_score = -std::numeric_limits<float>::infinity();
+          for (int p = first; p <= pos; ++p) {
+            const float* kp = cache.key(kv_layer, slot, p) + kv_offset;
+            float s = 0.0f;
+            for (int d = 0; d < head_dim; ++d) s += qh[d] * kp[d];
+            scores[p - first] = s;
+            max_score = std::max(max_score, s);
+          }
+          double total = 0.0;
+          for (int p = first; p <= pos; ++p) {
+            const float e = std::exp(scores[p - first] - max_score);
+            scores[p - first] = e;
+            total += e;
+          }
+          const float inv = static_cast<float>(1.0 / total);
+          float* o = out + (static_cast<int64_t>(i) * n_head + h) * head_dim;
+          std::fill(o, o + head_dim, 0.0f);
+          for (int p = first; p <= pos; ++p) {
+            const float* vp = cache.value(kv_layer, slot, p) + kv_offset;
+            const float weight = scores[p - first] * inv;
+            for (int d = 0; d < head_dim; ++d) o[d] += weight * vp[d];
+          }
+        }
+      });
+}
+
+void CpuOps::moe_route(const float* logits, int n_tokens, int n_expert, int k, int32_t* expert_ids,
+                       float* expert_weights) {
+  std::vector<float> probs(n_expert);
+  std::vector<int32_t> order(n_expert);
+  for (int t = 0; t < n_tokens; ++t) {
+    const float* l = logits + static_cast<int64_t>(t) * n_expert;
+    const float max_logit = *std::max_element(l, l + n_expert);
+    double total = 0.0;
+    for (int e = 0; e < n_expert; ++e) {
+      probs[e] = std::exp(l[e] - max_logit);
+      total += probs[e];
+    }
+    for (int e = 0; e < n_expert; ++e) probs[e] = static_cast<float>(probs[e] / total);
+    for (int e = 0; e < n_expert; ++e) order[e] = e;
+    std::partial_sort(order.begin(), order.begin() + k, order.end(), [&](int32_t a, int32_t b) {
+      return probs[a] > probs[b] || (probs[a] == probs[b] && a < b);
+    });
+    double chosen = 0.0;
+    for (int j = 0; j < k; ++j) chosen += probs[order[j]];
+    for (int j = 0; j < k; ++j) {
+      expert_ids[t * k + j] = order[j];
+      expert_weights[t * k + j] = static_cast<float>(probs[order[j]] / chosen);
+    }
+  }
+}
+
+void CpuOps::moe_experts(const Weight& gate_up, const Weight& down, const float* down_scale,
+                         const float* x, const int32_t* expert_ids, const float* expert_weights,
+                         int n_tokens, int k, float* out) {
+  const int64_t n_embd = gate_up.cols();
+  const int64_t n_ff = gate_up.rows() / 2;
+  const int64_t n_expert = gate_up.ne[2];
+  std::fill(out, out + n_tokens * n_embd, 0.0f);
+  std::vector<int32_t> tokens;
+  std::vector<float> weights;
+  std::vector<float> inputs, hidden, activated, outputs;
+  // Tokens are grouped by expert so each expert's weights are read once per step.
+  for (int64_t e = 0; e < n_expert; ++e) {
+    tokens.clear();
+    weights.clear();
+    for (int t = 0; t < n_tokens; ++t) {
+      for (int j = 0; j < k; ++j) {
+        if (expert_ids[t * k + j] == e) {
+          tokens.push_back(t);
+          weights.push_back(expert_weights[t * k + j] * down_scale[e]);
+        }
+      }
+    }
+    const int m = static_cast<int>(tokens.size());
+    if (m == 0) continue;
+    inputs.resize(m * n_embd);
+    copy_rows(x, tokens.data(), m, static_cast<int>(n_embd), inputs.data());
+    hidden.resize(m * 2 * n_ff);
+    matmul(gate_up.matrix(e), inputs.data(), m, hidden.data());
+    activated.resize(m * n_ff);
+    gelu_mul(hidden.data(), static_cast<int>(2 * n_ff), hidden.data() + n_ff,
+             static_cast<int>(2 * n_ff), m, static_cast<int>(n_ff), activated.data());
+    outputs.resize(m * n_embd);
+    matmul(down.matrix(e), activated.data(), m, outputs.data());
+    for (int j = 0; j < m; ++j) {
+      float* o = out + tokens[j] * n_embd;
+      const float* y = outputs.data() + j * n_embd;
+      for (int64_t c = 0; c < n_embd; ++c) o[c] += weights[j] * y[c];
+    }
+  }
+}
+
+}  // namespace pg4

@@ -1,0 +1,48 @@
+// The CPU backend: every op over host memory, split across a persistent thread pool.
+#pragma once
+
+#include <vector>
+
+#include "ops/cpu/thread_pool.h"
+#include "ops/ops.h"
+
+namespace pg4 {
+
+class CpuOps final : public Ops {
+ public:
+  explicit CpuOps(int n_threads);
+
+  int n_threads() const { return pool_.size(); }
+
+  std::shared_ptr<float> alloc(size_t n) override;
+  void matmul(const Weight& w, const float* x, int n_tokens, float* y) override;
+  void get_rows(const Weight& table, const int32_t* ids, int n, float scale, float* out) override;
+  void rms_norm(const float* x, const float* weight, int n_rows, int dim, float eps,
+                float* out) override;
+  void rope_neox(float* x, const int32_t* positions, int n_tokens, int n_head, int head_dim,
+                 int n_rot, float base, const float* freq_factors) override;
+  void gelu_mul(const float* gate, int gate_stride, const float* up, int up_stride, int n_rows,
+                int n_cols, float* out) override;
+  void add(float* x, const float* y, size_t n) override;
+  void scale(float* x, float s, size_t n) override;
+  void softcap(float* x, float cap, size_t n) override;
+  void copy(float* dst, const float* src, size_t n) override;
+  void read(const float* src, size_t n, float* host_dst) override;
+  void copy_rows(const float* src, const int32_t* rows, int n_rows, int dim, float* dst) override;
+  void write_kv(const float* k, const float* v, const TokenBatch& batch, int layer,
+                KvCache& cache) override;
+  void attention(const float* q, const TokenBatch& batch, const LayerConfig& layer, int window,
+                 KvCache& cache, float* out) override;
+  void moe_route(const float* logits, int n_tokens, int n_expert, int k, int32_t* expert_ids,
+                 float* expert_weights) override;
+  void moe_experts(const Weight& gate_up, const Weight& down, const float* down_scale,
+                   const float* x, const int32_t* expert_ids, const float* expert_weights,
+                   int n_tokens, int k, float* out) override;
+
+ private:
+  ThreadPool pool_;
+  std::vector<uint8_t> activation_scratch_;  // activations converted for the current matmul
+  std::vector<float> attention_scratch_;     // per-thread score rows
+};
+
+}  // namespace pg4

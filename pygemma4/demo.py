@@ -1,0 +1,298 @@
+"""A tiny Gemma 4 model with random weights, for trying the engine without a real model.
+
+The model is shaped like the E2B/E4B family in miniature: per-layer embeddings, KV sharing in
+the last two layers, sliding-window and full attention layers with different head sizes,
+proportional RoPE on the full layers, double-width MLPs in the KV-sharing layers and a final
+logit softcap. Its output is noise, but it exercises every code path of an E-style model. It
+carries a small byte-fallback BPE vocabulary and a Gemma 4 chat template, so that a tokenizer
+and chat formatting can run on it too.
+
+The file is generated on first use into a cache directory and is the same, byte for byte,
+every time it is generated.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+from gguf import GGMLQuantizationType, GGUFWriter, TokenType
+from gguf.quants import quantize
+
+from .config import ARCH
+
+__all__ = ["demo_model_path"]
+
+# Bump when the generated file changes, so that stale cached copies are not used.
+DEMO_FILE_NAME = "pygemma4-demo-v1.gguf"
+SEED = 4
+
+N_LAYER = 8
+N_EMBD = 256
+N_EMBD_PER_LAYER = 16
+N_HEAD = 4
+N_HEAD_KV = 2
+HEAD_DIM_SWA = 32
+HEAD_DIM_FULL = 64
+N_FF = 256
+N_SHARED_KV = 2
+SLIDING = (True, True, True, True, True, False, True, False)
+SLIDING_WINDOW = 16
+CONTEXT_LENGTH = 4096
+ROPE_BASE_FULL = 1_000_000.0
+ROPE_BASE_SWA = 10_000.0
+ROPE_PARTIAL_FRACTION = 4  # the first 1/4 of the full layers' rotary pairs rotate
+RMS_EPS = 1e-6
+SOFTCAP = 30.0
+
+SPECIAL_TOKENS = ("<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<|turn>", "<turn|>")
+PAD_ID, EOS_ID, BOS_ID, UNK_ID = 0, 1, 2, 3
+SPACE = "\u2581"  # how the vocabulary spells a space
+N_MERGES = 320
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{{ '<|turn>' + ('model' if message['role'] == 'assistant' else message['role']) + '\\n'"
+    " + message['content'] + '<turn|>\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|turn>model\\n' }}{% endif %}"
+)
+
+# The merges are learned from this text (spaces become SPACE, and merges may cross them).
+_MERGE_TEXT = """
+The small model in this file was made for tests and for trying out the engine. It has not
+learned anything, so what it writes is only noise, but every part of the model is there: the
+embeddings, the attention layers, the feed forward layers and the final norm. When you want
+real text, point the engine at a real model file instead.
+A language model reads a text as a list of tokens. Each token is a short piece of text, such as
+a letter, a part of a word, a whole word, or a word with the space in front of it. The model
+then computes, for each position in the text, how likely each token in the vocabulary is to come
+next. To write new text, the engine picks a token, adds it to the end of the text, and asks the
+model again. This is repeated until the text is long enough or the model writes the end token.
+The tokens of this vocabulary were found by counting which pairs of pieces are the most common in
+this very text, and then joining the most common pair into a new piece, again and again. That is
+why the words that appear here often, like the, model, text, token and engine, become single
+tokens, while rare words are written with several smaller pieces. Any byte that is not in the
+vocabulary at all can still be written with one of the two hundred and fifty six byte tokens.
+People often ask what the weather will be like tomorrow, whether the train is on time, or how to
+cook rice so that it is soft but not wet. They ask about history, about numbers, about music and
+about the names of the stars. A good answer is short when the question is simple, and careful
+when the question is hard. It should say what it does not know, and it should never make up a
+fact. It is better to write that you are not sure than to write something that is wrong.
+In the morning the sun came up over the hills, and the light fell on the water of the lake. The
+birds were singing in the trees, and a cold wind moved through the grass. Later in the day the
+clouds came in from the west, and by the evening it was raining on the roofs of the town.
+The people of the town went home early that evening. Some of them cooked a warm dinner, some of
+them read a book by the window, and some of them went to bed to listen to the rain. The children
+wanted to play outside in the water, but their mother said that it was too cold and too late.
+When the rain stopped in the night, the town was quiet, and the only sound was the water running
+down the street to the river. In the morning the air was clean and the sky was blue again.
+To use the engine, open a model file, turn the text of a question into tokens, and ask the engine
+for the next token again and again. The engine keeps what it has computed for the tokens it has
+already seen, so that each new token costs only a little more work. The tokens it writes are then
+turned back into text. When many people ask questions at the same time, the engine works on all of
+their questions together, which is much faster than answering them one after the other.
+"""
+
+
+def demo_model_path() -> Path:
+    """The path of the demo model, generating it into the cache directory on first use.
+
+    The cache directory is $PYGEMMA4_CACHE, or ~/.cache/pygemma4 where that is not set. The
+    file is written under a temporary name and then renamed into place, so processes that race
+    to create it each see either no file or a complete one.
+    """
+    cache = _cache_dir()
+    path = cache / DEMO_FILE_NAME
+    if path.is_file():
+        return path
+    cache.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=".pygemma4-demo-", suffix=".tmp", dir=cache)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        _write_demo_model(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        tmp.chmod(0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+    return path
+
+
+def _cache_dir() -> Path:
+    configured = os.environ.get("PYGEMMA4_CACHE")
+    if configured:
+        return Path(configured).expanduser()
+    return Path.home() / ".cache" / "pygemma4"
+
+
+# -- vocabulary --------------------------------------------------------------------------------
+
+
+def _learn_merges(text: str, n_merges: int) -> list[tuple[str, str]]:
+    """Byte-pair merges learned from `text`: the most frequent adjacent pair first, ties broken
+    by the pair's spelling, stopping early when no pair occurs twice."""
+    symbols = list(text)
+    merges: list[tuple[str, str]] = []
+    while len(merges) < n_merges:
+        counts = Counter(zip(symbols, symbols[1:], strict=False))
+        if not counts:
+            break
+        pair, count = min(counts.items(), key=lambda item: (-item[1], item[0]))
+        if count < 2:
+            break
+        merges.append(pair)
+        merged: list[str] = []
+        i = 0
+        while i < len(symbols):
+            if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == pair:
+                merged.append(pair[0] + pair[1])
+                i += 2
+            else:
+                merged.append(symbols[i])
+                i += 1
+        symbols = merged
+    return merges
+
+
+def _vocabulary() -> tuple[list[str], list[float], list[int], list[str]]:
+    """Tokens, scores, token types and merges of the demo vocabulary."""
+    text = SPACE.join(_MERGE_TEXT.split())
+    tokens = list(SPECIAL_TOKENS)
+    types = [TokenType.CONTROL] * len(tokens)
+    tokens += [f"<0x{b:02X}>" for b in range(256)]
+    types += [TokenType.BYTE] * 256
+    chars = [chr(c) for c in range(0x21, 0x7F)] + [SPACE, "\n"]
+    tokens += chars
+    types += [TokenType.NORMAL] * len(chars)
+    scores = [0.0] * len(tokens)
+    known = set(tokens)
+    merges = _learn_merges(text, N_MERGES)
+    for rank, (left, right) in enumerate(merges):
+        piece = left + right
+        if piece not in known:
+            known.add(piece)
+            tokens.append(piece)
+            types.append(TokenType.NORMAL)
+            scores.append(-float(rank + 1))
+    return tokens, scores, [int(t) for t in types], [f"{a} {b}" for a, b in merges]
+
+
+# -- weights -----------------------------------------------------------------------------------
+
+
+class _Weights:
+    """Random tensors in GGUF ne order, drawn from one seeded generator in a fixed order."""
+
+    def __init__(self, writer: GGUFWriter) -> None:
+        self.writer = writer
+        self.rng = np.random.default_rng(SEED)
+
+    def _values(self, ne: tuple[int, ...], scale: float) -> np.ndarray:
+        shape = tuple(reversed(ne))
+        return self.rng.standard_normal(shape, dtype=np.float32) * np.float32(scale)
+
+    def q8_0(self, name: str, ne: tuple[int, ...]) -> None:
+        data = self._values(ne, 1.0 / np.sqrt(ne[0]))
+        quantized = quantize(data, GGMLQuantizationType.Q8_0)
+        self.writer.add_tensor(name, quantized, raw_dtype=GGMLQuantizationType.Q8_0)
+
+    def f16(self, name: str, ne: tuple[int, ...]) -> None:
+        self.writer.add_tensor(name, self._values(ne, 1.0 / np.sqrt(ne[0])).astype(np.float16))
+
+    def norm(self, name: str, n: int) -> None:
+        self.writer.add_tensor(name, 1.0 + self._values((n,), 0.1))
+
+    def scale(self, name: str) -> None:
+        self.writer.add_tensor(name, self.rng.uniform(0.5, 1.0, size=1).astype(np.float32))
+
+    def exact(self, name: str, values: np.ndarray) -> None:
+        self.writer.add_tensor(name, values.astype(np.float32))
+
+
+def _write_demo_model(path: Path) -> None:
+    tokens, scores, token_types, merges = _vocabulary()
+    vocab = len(tokens)
+    n_ff = [N_FF * 2 if il >= N_LAYER - N_SHARED_KV else N_FF for il in range(N_LAYER)]
+
+    writer = GGUFWriter(path, ARCH)
+    a = f"{ARCH}."
+    writer.add_string("general.name", "pygemma4-demo")
+    writer.add_uint32("general.quantization_version", 2)
+    writer.add_uint32(a + "block_count", N_LAYER)
+    writer.add_uint32(a + "context_length", CONTEXT_LENGTH)
+    writer.add_uint32(a + "embedding_length", N_EMBD)
+    writer.add_array(a + "feed_forward_length", n_ff)
+    writer.add_uint32(a + "attention.head_count", N_HEAD)
+    writer.add_uint32(a + "attention.head_count_kv", N_HEAD_KV)
+    writer.add_uint32(a + "attention.key_length", HEAD_DIM_FULL)
+    writer.add_uint32(a + "attention.value_length", HEAD_DIM_FULL)
+    writer.add_uint32(a + "attention.key_length_swa", HEAD_DIM_SWA)
+    writer.add_uint32(a + "attention.value_length_swa", HEAD_DIM_SWA)
+    writer.add_float32(a + "attention.layer_norm_rms_epsilon", RMS_EPS)
+    writer.add_uint32(a + "attention.sliding_window", SLIDING_WINDOW)
+    writer.add_array(a + "attention.sliding_window_pattern", list(SLIDING))
+    writer.add_uint32(a + "attention.shared_kv_layers", N_SHARED_KV)
+    writer.add_float32(a + "rope.freq_base", ROPE_BASE_FULL)
+    writer.add_float32(a + "rope.freq_base_swa", ROPE_BASE_SWA)
+    writer.add_uint32(a + "rope.dimension_count", HEAD_DIM_FULL)
+    writer.add_uint32(a + "rope.dimension_count_swa", HEAD_DIM_SWA)
+    writer.add_float32(a + "final_logit_softcapping", SOFTCAP)
+    writer.add_uint32(a + "embedding_length_per_layer_input", N_EMBD_PER_LAYER)
+    writer.add_string("tokenizer.ggml.model", "gemma4")
+    writer.add_array("tokenizer.ggml.tokens", tokens)
+    writer.add_array("tokenizer.ggml.scores", scores)
+    writer.add_array("tokenizer.ggml.token_type", token_types)
+    writer.add_array("tokenizer.ggml.merges", merges)
+    writer.add_uint32("tokenizer.ggml.bos_token_id", BOS_ID)
+    writer.add_uint32("tokenizer.ggml.eos_token_id", EOS_ID)
+    writer.add_uint32("tokenizer.ggml.unknown_token_id", UNK_ID)
+    writer.add_uint32("tokenizer.ggml.padding_token_id", PAD_ID)
+    writer.add_bool("tokenizer.ggml.add_bos_token", True)
+    writer.add_string("tokenizer.chat_template", CHAT_TEMPLATE)
+
+    w = _Weights(writer)
+    E, P = N_EMBD, N_EMBD_PER_LAYER
+    w.q8_0("token_embd.weight", (E, vocab))
+    w.norm("output_norm.weight", E)
+    n_pairs = HEAD_DIM_FULL // 2
+    rope_freqs = np.full(n_pairs, 1e30, dtype=np.float32)
+    rope_freqs[: n_pairs // ROPE_PARTIAL_FRACTION] = 1.0
+    w.exact("rope_freqs.weight", rope_freqs)
+    w.q8_0("per_layer_token_embd.weight", (P * N_LAYER, vocab))
+    w.f16("per_layer_model_proj.weight", (E, P * N_LAYER))
+    w.norm("per_layer_proj_norm.weight", P)
+    for il in range(N_LAYER):
+        b = f"blk.{il}."
+        hd = HEAD_DIM_SWA if SLIDING[il] else HEAD_DIM_FULL
+        w.norm(b + "attn_norm.weight", E)
+        w.q8_0(b + "attn_q.weight", (E, N_HEAD * hd))
+        w.norm(b + "attn_q_norm.weight", hd)
+        if il < N_LAYER - N_SHARED_KV:
+            w.f16(b + "attn_k.weight", (E, N_HEAD_KV * hd))
+            w.norm(b + "attn_k_norm.weight", hd)
+            w.f16(b + "attn_v.weight", (E, N_HEAD_KV * hd))
+        w.q8_0(b + "attn_output.weight", (N_HEAD * hd, E))
+        w.norm(b + "post_attention_norm.weight", E)
+        w.norm(b + "ffn_norm.weight", E)
+        w.q8_0(b + "ffn_gate.weight", (E, n_ff[il]))
+        w.q8_0(b + "ffn_up.weight", (E, n_ff[il]))
+        w.q8_0(b + "ffn_down.weight", (n_ff[il], E))
+        w.norm(b + "post_ffw_norm.weight", E)
+        w.f16(b + "inp_gate.weight", (E, P))
+        w.f16(b + "proj.weight", (P, E))
+        w.norm(b + "post_norm.weight", E)
+        w.scale(b + "layer_output_scale.weight")
+
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()

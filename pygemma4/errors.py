@@ -1,0 +1,33 @@
+"""The exceptions pygemma4 raises for bad input."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+
+class Gemma4Error(Exception):
+    """Base of every error pygemma4 raises on purpose."""
+
+
+class GGUFError(Gemma4Error, ValueError):
+    """The file is not a readable GGUF: missing, not GGUF, corrupt, truncated or inconsistent."""
+
+
+class UnsupportedModelError(Gemma4Error, ValueError):
+    """The file is a valid GGUF, but not a Gemma 4 model this engine can run.
+
+    Raised for a wrong architecture, an unsupported tensor type, a missing or unexpected
+    tensor, a tensor shape that contradicts the metadata, or hyperparameters outside what the
+    engine implements.
+    """
+
+
+@contextmanager
+def located(path: os.PathLike[str] | str) -> Iterator[None]:
+    """Name `path` at the front of the message of any Gemma4Error raised inside the block."""
+    try:
+        yield
+    except Gemma4Error as e:
+        raise type(e)(f"{path}: {e}") from None

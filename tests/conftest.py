@@ -1,0 +1,116 @@
+"""Shared test fixtures: the reference models in ../shared/fixtures, the demo model, the
+parity report printed at the end of a run, and byte surgery on GGUF files."""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from gguf import GGUFReader
+
+from pygemma4.demo import demo_model_path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+FIXTURES_DIR = REPO_ROOT.parent / "shared" / "fixtures"
+
+_parity_results: list[tuple[str, float]] = []
+
+
+def require_fixtures() -> Path:
+    """The reference fixture directory; skips the calling test where it is missing, and fails
+    it instead under CI=true, where the fixtures must be present."""
+    if not FIXTURES_DIR.is_dir():
+        reason = f"reference fixtures not found at {FIXTURES_DIR}"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"{reason} (CI=true: the fixtures are required)")
+        pytest.skip(reason)
+    return FIXTURES_DIR
+
+
+@pytest.fixture(scope="session")
+def fixtures_dir() -> Path:
+    """The reference fixture directory (skip where missing, fail under CI=true)."""
+    return require_fixtures()
+
+
+@pytest.fixture(scope="session")
+def demo_model_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo model, generated once per session into a private cache directory."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PYGEMMA4_CACHE", str(tmp_path_factory.mktemp("cache")))
+        return demo_model_path()
+
+
+@pytest.fixture(scope="session")
+def parity_report() -> Callable[[str, float], None]:
+    """Records (label, worst |logit difference|) for the summary at the end of the run."""
+
+    def record(label: str, worst: float) -> None:
+        _parity_results.append((label, worst))
+
+    return record
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if _parity_results:
+        terminalreporter.section("parity: worst |logit difference|")
+        for label, worst in _parity_results:
+            terminalreporter.write_line(f"{label:<45} {worst:.6f}")
+
+
+class GGUFLayout:
+    """Byte offsets of the metadata entries and tensor infos of a valid GGUF file, for
+    corrupting copies of it in place."""
+
+    def __init__(self, path: Path) -> None:
+        reader = GGUFReader(path)
+        self.data_offset: int = reader.data_offset
+        self._keys = {k: f.offset for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+        self._tensors = {t.name: (t.field.offset, len(t.shape)) for t in reader.tensors}
+
+    def key(self, key: str) -> int:
+        """Offset of the u64 length that starts the entry of `key`."""
+        return self._keys[key]
+
+    def key_type(self, key: str) -> int:
+        """Offset of the u32 value type of `key`."""
+        return self._keys[key] + 8 + len(key.encode())
+
+    def value(self, key: str) -> int:
+        """Offset of the value of `key` (for a string or array: of its length / element type)."""
+        return self.key_type(key) + 4
+
+    def tensor(self, name: str) -> int:
+        """Offset of the u64 name length that starts the tensor info of `name`."""
+        return self._tensors[name][0]
+
+    def n_dims(self, name: str) -> int:
+        return self.tensor(name) + 8 + len(name.encode())
+
+    def dims(self, name: str) -> int:
+        return self.n_dims(name) + 4
+
+    def tensor_type(self, name: str) -> int:
+        return self.dims(name) + 8 * self._tensors[name][1]
+
+    def tensor_offset(self, name: str) -> int:
+        return self.tensor_type(name) + 4
+
+
+def put(data: bytearray, at: int, fmt: str, value: int) -> bytearray:
+    """Overwrite `data` at `at` with `value` packed little-endian as `fmt`; returns `data`."""
+    struct.pack_into("<" + fmt, data, at, value)
+    return data
+
+
+def rename(data: bytearray, at: int, old: str, new: str) -> bytearray:
+    """Replace the string `old` that starts at `at` (after its u64 length) with `new`, a string
+    of the same encoded length; returns `data`."""
+    assert len(old.encode()) == len(new.encode())
+    start = at + 8
+    assert data[start : start + len(old.encode())] == old.encode()
+    data[start : start + len(new.encode())] = new.encode()
+    return data

@@ -1,0 +1,121 @@
+"""Engine behaviour: sequences, batching, chunking and clear errors on bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pygemma4 import ContextFullError, Engine, Gemma4Error, NoFreeSequenceError
+
+MODEL = "gemma4-tiny-e/model-Q4_K_M.gguf"
+MOE_MODEL = "gemma4-tiny-moe/model-Q4_K_M.gguf"
+
+
+@pytest.fixture(scope="module")
+def prompts(fixtures_dir):
+    ref = np.load(fixtures_dir / "gemma4-tiny-e" / "ref.npz")
+    return [ref[f"ids{i}"] for i in range(3)]
+
+
+@pytest.mark.parametrize("model", [MODEL, MOE_MODEL])
+def test_chunked_prefill_equals_one_pass(fixtures_dir, prompts, model):
+    whole = Engine(fixtures_dir / model, threads=2, n_batch=256)
+    chunked = Engine(fixtures_dir / model, threads=2, n_batch=7)
+    long_prompt = prompts[1]
+    assert len(long_prompt) > 7 * 3
+    np.testing.assert_allclose(
+        chunked.forward(long_prompt), whole.forward(long_prompt), rtol=0, atol=1e-4
+    )
+
+
+@pytest.mark.parametrize("model", [MODEL, MOE_MODEL])
+def test_batched_decode_equals_one_sequence_at_a_time(fixtures_dir, prompts, model):
+    engine = Engine(fixtures_dir / model, threads=2, max_sequences=3)
+    singles = [engine.generate(p, 12) for p in prompts]
+    seqs = [engine.new_sequence() for _ in prompts]
+    tokens = [int(np.argmax(s.append(p))) for s, p in zip(seqs, prompts, strict=True)]
+    batched = [[t] for t in tokens]
+    for _ in range(11):
+        logits = engine.decode(seqs, tokens)
+        assert logits.shape == (3, engine.vocab_size)
+        tokens = [int(t) for t in logits.argmax(-1)]
+        for out, t in zip(batched, tokens, strict=True):
+            out.append(t)
+    for s in seqs:
+        s.close()
+    assert batched == singles
+
+
+def test_sequences_keep_their_own_positions(fixtures_dir, prompts):
+    engine = Engine(fixtures_dir / MODEL, threads=2, max_sequences=2)
+    expected = engine.forward(prompts[0])[-1]
+    with engine.new_sequence() as a, engine.new_sequence() as b:
+        b.append(prompts[1])
+        a.append(prompts[0][:5])
+        b.append([5, 6, 7])
+        got = a.append(prompts[0][5:])
+        assert a.length == len(prompts[0])
+        assert b.length == len(prompts[1]) + 3
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
+
+
+def test_generate_returns_exactly_max_tokens_unless_stopped(fixtures_dir, prompts):
+    engine = Engine(fixtures_dir / MODEL, threads=2)
+    out = engine.generate(prompts[0], 10)
+    assert len(out) == 10
+    stopped = engine.generate(prompts[0], 10, stop_tokens=[out[3]])
+    assert stopped == out[: out.index(out[3]) + 1]
+
+
+def test_bad_tokens_are_rejected(fixtures_dir):
+    engine = Engine(fixtures_dir / MODEL, threads=1)
+    with pytest.raises(ValueError, match="out of range"):
+        engine.forward([2, engine.vocab_size])
+    with pytest.raises(ValueError, match="out of range"):
+        engine.forward([-1])
+    with pytest.raises(ValueError, match="out of range"):
+        engine.forward([2, 2**40])
+    with pytest.raises(ValueError, match="non-empty"):
+        engine.forward([])
+    with pytest.raises(TypeError, match="integers"):
+        engine.forward([2.5])
+
+
+def test_sequence_longer_than_context_is_rejected(fixtures_dir):
+    engine = Engine(fixtures_dir / MODEL, threads=1, n_ctx=8)
+    with pytest.raises(ContextFullError, match="context"):
+        engine.forward(list(range(2, 11)))
+    with pytest.raises(ContextFullError, match="context"):
+        engine.generate([2, 3, 4, 5], 6)
+    assert len(engine.generate([2, 3, 4, 5], 5)) == 5
+    with engine.new_sequence() as seq:
+        seq.append(list(range(2, 10)))
+        with pytest.raises(ContextFullError):
+            engine.decode([seq], [3])
+
+
+def test_sequence_slots_are_limited_and_reused(fixtures_dir):
+    engine = Engine(fixtures_dir / MODEL, threads=1, max_sequences=1)
+    seq = engine.new_sequence()
+    with pytest.raises(NoFreeSequenceError):
+        engine.new_sequence()
+    seq.close()
+    with pytest.raises(Gemma4Error, match="closed"):
+        seq.append([2])
+    with engine.new_sequence() as again:
+        assert again.length == 0
+
+
+def test_bad_engine_arguments(fixtures_dir, tmp_path):
+    with pytest.raises(ValueError, match="backend"):
+        Engine(fixtures_dir / MODEL, backend="tpu")
+    with pytest.raises(ValueError, match="threads"):
+        Engine(fixtures_dir / MODEL, threads=0)
+    with pytest.raises(ValueError, match="n_ctx"):
+        Engine(fixtures_dir / MODEL, n_ctx=-4)
+    with pytest.raises(Gemma4Error):
+        Engine(tmp_path / "missing.gguf")
+    not_gguf = tmp_path / "model.gguf"
+    not_gguf.write_bytes(b"this is not a model file at all")
+    with pytest.raises(Gemma4Error):
+        Engine(not_gguf)

@@ -1,0 +1,63 @@
+"""Whole-model numbers against the outside references in ../shared/fixtures.
+
+f32 GGUF vs Hugging Face fp32 logits; every quantized GGUF vs llama.cpp on the same file.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pygemma4 import Engine
+
+E_TYPES = ["f32", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0"]
+MOE_TYPES = ["Q8_0", "Q4_K_M"]
+HF_TOLERANCE = 0.005
+N_PROMPTS = 3
+N_GREEDY = 24
+
+_engines: dict[tuple[str, str], Engine] = {}
+
+
+def engine_for(fixtures_dir, model: str, qtype: str) -> Engine:
+    key = (model, qtype)
+    if key not in _engines:
+        _engines[key] = Engine(fixtures_dir / model / f"model-{qtype}.gguf", threads=2)
+    return _engines[key]
+
+
+def test_f32_matches_huggingface(fixtures_dir, parity_report):
+    engine = engine_for(fixtures_dir, "gemma4-tiny-e", "f32")
+    ref = np.load(fixtures_dir / "gemma4-tiny-e" / "ref.npz")
+    worst = 0.0
+    for i in range(N_PROMPTS):
+        expected = ref[f"logits{i}"]
+        logits = engine.forward(ref[f"ids{i}"])
+        assert logits.shape == expected.shape
+        delta = float(np.abs(logits - expected).max())
+        worst = max(worst, delta)
+        assert delta <= HF_TOLERANCE, f"prompt {i}: max |dlogit| {delta} vs Hugging Face"
+        np.testing.assert_array_equal(logits.argmax(-1), expected.argmax(-1))
+    parity_report("gemma4-tiny-e f32 vs Hugging Face", worst)
+
+
+@pytest.mark.parametrize(
+    ("model", "qtype"),
+    [("gemma4-tiny-e", t) for t in E_TYPES] + [("gemma4-tiny-moe", t) for t in MOE_TYPES],
+)
+def test_matches_llama_cpp(fixtures_dir, parity_report, model, qtype):
+    engine = engine_for(fixtures_dir, model, qtype)
+    ref = np.load(fixtures_dir / model / "ref.npz")
+    llama = np.load(fixtures_dir / model / "llama_ref.npz")
+    worst = 0.0
+    for i in range(N_PROMPTS):
+        ids = ref[f"ids{i}"]
+        expected = llama[f"{qtype}/logits{i}"]
+        logits = engine.forward(ids)
+        worst = max(worst, float(np.abs(logits - expected).max()))
+        np.testing.assert_array_equal(
+            logits.argmax(-1), expected.argmax(-1), err_msg=f"top-1 differs on prompt {i}"
+        )
+        greedy = engine.generate(ids, N_GREEDY)
+        assert greedy == llama[f"{qtype}/greedy{i}"].tolist(), f"greedy differs on prompt {i}"
+    parity_report(f"{model} {qtype} vs llama.cpp", worst)
