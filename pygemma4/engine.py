@@ -45,7 +45,7 @@ class Engine:
         backend: str = "cpu",
         threads: int | None = None,
         n_ctx: int | None = None,
-        max_sequences: int = 4,
+        max_sequences: int = 1,
         n_batch: int = 256,
     ) -> None:
         if backend not in BACKENDS:

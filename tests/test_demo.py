@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jinja2
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType, GGUFReader
@@ -124,7 +125,6 @@ def test_tokenizer_metadata(demo_model_file: Path) -> None:
 
 
 def test_chat_template(demo_model_file: Path) -> None:
-    jinja2 = pytest.importorskip("jinja2")
     template = open_model(demo_model_file).gguf.metadata["tokenizer.chat_template"]
     assert isinstance(template, str)
     messages = [

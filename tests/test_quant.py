@@ -6,6 +6,7 @@ import ctypes
 from pathlib import Path
 
 import gguf
+import llama_cpp
 import numpy as np
 import pytest
 from gguf import GGML_QUANT_SIZES
@@ -311,7 +312,6 @@ GgmlVecDot = ctypes.CFUNCTYPE(
 @pytest.fixture(scope="module")
 def ggml_cpu():
     """ggml_get_type_traits_cpu of the libggml-cpu that ships with llama-cpp-python."""
-    llama_cpp = pytest.importorskip("llama_cpp")
     path = Path(llama_cpp.__file__).parent / "lib" / "libggml-cpu.so"
     if not path.exists():
         pytest.skip(f"no {path}")

@@ -1,4 +1,4 @@
-// pybind11 face of the model: built from the Python loader's validated tensor table and config.
+// Python bindings of the model, built from the Python loader's validated tensor table and config.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>

@@ -1,12 +1,12 @@
-// pybind11 face of the core: the quant row operations (used by tests and tools) and the model.
+// Python bindings of the quant row operations (for tests and tools).
+#include "quant/quant.h"
+
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
 #include <stdexcept>
 #include <string>
-
-#include "quant/quant.h"
 
 namespace py = pybind11;
 using namespace pg4;
@@ -72,10 +72,7 @@ float vec_dot(int type_id, ByteArray weight_row, ByteArray activation_row, int64
 
 }  // namespace
 
-void register_model(py::module_& m);
-
-PYBIND11_MODULE(_core, m) {
-  m.doc() = "pygemma4 C++ core";
+void register_quant(py::module_& m) {
   m.def("dequantize", &dequantize, py::arg("type_id"), py::arg("data"), py::arg("n"),
         "Dequantize n values of a GGUF tensor type from raw bytes.");
   m.def("quantize_activation", &quantize_activation, py::arg("type_id"), py::arg("values"),
@@ -89,5 +86,4 @@ PYBIND11_MODULE(_core, m) {
     checked_row_length(type, n, SIZE_MAX);
     return quant::row_bytes(type, n);
   });
-  register_model(m);
 }
