@@ -1,8 +1,22 @@
 #include "ops/cpu/thread_pool.h"
 
 #include <algorithm>
+#include <chrono>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define PG4_CPU_RELAX() _mm_pause()
+#else
+#define PG4_CPU_RELAX() std::this_thread::yield()
+#endif
 
 namespace pg4 {
+
+namespace {
+// How long an idle worker keeps spinning before it sleeps: long enough to bridge the gaps
+// between the operations of one forward step, short enough not to burn a core when idle.
+constexpr auto kSpinTime = std::chrono::microseconds(2000);
+}  // namespace
 
 ThreadPool::ThreadPool(int n_threads) {
   for (int i = 1; i < std::max(1, n_threads); ++i) {
@@ -13,7 +27,7 @@ ThreadPool::ThreadPool(int n_threads) {
 ThreadPool::~ThreadPool() {
   {
     std::lock_guard<std::mutex> lock(mutex_);
-    stop_ = true;
+    stop_.store(true);
   }
   wake_.notify_all();
   for (auto& t : workers_) t.join();
@@ -30,15 +44,22 @@ void ThreadPool::run_chunks(int thread_index) {
 void ThreadPool::worker_loop(int thread_index) {
   uint64_t seen = 0;
   for (;;) {
-    {
-      std::unique_lock<std::mutex> lock(mutex_);
-      wake_.wait(lock, [&] { return stop_ || generation_ != seen; });
-      if (stop_) return;
-      seen = generation_;
+    const auto spin_until = std::chrono::steady_clock::now() + kSpinTime;
+    int spins = 0;
+    while (generation_.load(std::memory_order_acquire) == seen && !stop_.load()) {
+      PG4_CPU_RELAX();
+      if (++spins % 1024 == 0 && std::chrono::steady_clock::now() > spin_until) {
+        std::unique_lock<std::mutex> lock(mutex_);
+        sleeping_.fetch_add(1);
+        wake_.wait(lock, [&] { return stop_.load() || generation_.load() != seen; });
+        sleeping_.fetch_sub(1);
+        break;
+      }
     }
+    if (stop_.load()) return;
+    seen = generation_.load(std::memory_order_acquire);
     run_chunks(thread_index);
-    std::lock_guard<std::mutex> lock(mutex_);
-    if (--busy_ == 0) done_.notify_one();
+    pending_.fetch_sub(1, std::memory_order_acq_rel);
   }
 }
 
@@ -50,19 +71,19 @@ void ThreadPool::parallel_for(int64_t n, int64_t grain,
     fn(0, n, 0);
     return;
   }
+  job_ = &fn;
+  job_n_ = n;
+  job_grain_ = grain;
+  next_.store(0);
+  pending_.store(static_cast<int>(workers_.size()));
   {
+    // Publishing under the lock pairs with the sleepers' predicate check: none can miss it.
     std::lock_guard<std::mutex> lock(mutex_);
-    job_ = &fn;
-    job_n_ = n;
-    job_grain_ = grain;
-    next_.store(0);
-    busy_ = static_cast<int>(workers_.size());
-    ++generation_;
+    generation_.fetch_add(1, std::memory_order_acq_rel);
   }
-  wake_.notify_all();
+  if (sleeping_.load() > 0) wake_.notify_all();
   run_chunks(0);
-  std::unique_lock<std::mutex> lock(mutex_);
-  done_.wait(lock, [&] { return busy_ == 0; });
+  while (pending_.load(std::memory_order_acquire) != 0) PG4_CPU_RELAX();
   job_ = nullptr;
 }
 

@@ -1,4 +1,7 @@
 // A fixed set of worker threads that stay alive between operations; the caller takes part.
+//
+// A decode step is hundreds of short operations, so workers spin for a while on the job
+// counter before they sleep: handing out a job then costs an atomic store, not a wake-up.
 #pragma once
 
 #include <atomic>
@@ -20,8 +23,8 @@ class ThreadPool {
 
   int size() const { return static_cast<int>(workers_.size()) + 1; }
 
-  // Runs fn(begin, end) over [0, n) split into chunks of `grain`, on every thread; returns when
-  // all are done. fn receives the index of the thread running it as the third argument.
+  // Runs fn(begin, end, thread_index) over [0, n) in chunks of `grain`, on every thread;
+  // returns when all chunks are done. Not reentrant: one caller at a time.
   void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t, int)>& fn);
 
  private:
@@ -31,14 +34,14 @@ class ThreadPool {
   std::vector<std::thread> workers_;
   std::mutex mutex_;
   std::condition_variable wake_;
-  std::condition_variable done_;
   const std::function<void(int64_t, int64_t, int)>* job_ = nullptr;
   int64_t job_n_ = 0;
   int64_t job_grain_ = 1;
   std::atomic<int64_t> next_{0};
-  uint64_t generation_ = 0;
-  int busy_ = 0;
-  bool stop_ = false;
+  std::atomic<uint64_t> generation_{0};  // bumped once per job
+  std::atomic<int> pending_{0};          // workers still on the current job
+  std::atomic<int> sleeping_{0};         // workers blocked on wake_
+  std::atomic<bool> stop_{false};
 };
 
 }  // namespace pg4
