@@ -17,6 +17,7 @@ import contextlib
 import os
 import tempfile
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,23 +26,31 @@ from gguf.quants import quantize
 
 from .config import ARCH
 
-__all__ = ["demo_model_path"]
+__all__ = ["DEMO_SHAPE", "ModelShape", "demo_model_path", "write_random_model"]
 
 # Bump when the generated file changes, so that stale cached copies are not used.
 DEMO_FILE_NAME = "pygemma4-demo-v1.gguf"
 SEED = 4
 
-N_LAYER = 8
-N_EMBD = 256
-N_EMBD_PER_LAYER = 16
-N_HEAD = 4
-N_HEAD_KV = 2
-HEAD_DIM_SWA = 32
-HEAD_DIM_FULL = 64
-N_FF = 256
-N_SHARED_KV = 2
-SLIDING = (True, True, True, True, True, False, True, False)
-SLIDING_WINDOW = 16
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The hyper-parameters of a random Gemma 4 model written by `write_random_model`."""
+
+    n_layer: int = 8
+    n_embd: int = 256
+    n_embd_per_layer: int = 16
+    n_head: int = 4
+    n_head_kv: int = 2
+    head_dim_swa: int = 32
+    head_dim_full: int = 64
+    n_ff: int = 256  # doubled in the KV-sharing layers
+    n_shared_kv: int = 2
+    sliding: tuple[bool, ...] = (True, True, True, True, True, False, True, False)
+    sliding_window: int = 16
+
+
+DEMO_SHAPE = ModelShape()
 CONTEXT_LENGTH = 4096
 ROPE_BASE_FULL = 1_000_000.0
 ROPE_BASE_SWA = 10_000.0
@@ -115,7 +124,7 @@ def demo_model_path() -> Path:
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        _write_demo_model(tmp)
+        write_random_model(tmp, DEMO_SHAPE)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         tmp.chmod(0o644)
@@ -192,9 +201,10 @@ def _vocabulary() -> tuple[list[str], list[float], list[int], list[str]]:
 class _Weights:
     """Random tensors in GGUF ne order, drawn from one seeded generator in a fixed order."""
 
-    def __init__(self, writer: GGUFWriter) -> None:
+    def __init__(self, writer: GGUFWriter, seed: int, float_matrices: bool) -> None:
         self.writer = writer
-        self.rng = np.random.default_rng(SEED)
+        self.rng = np.random.default_rng(seed)
+        self.float_matrices = float_matrices
 
     def _values(self, ne: tuple[int, ...], scale: float) -> np.ndarray:
         shape = tuple(reversed(ne))
@@ -202,11 +212,15 @@ class _Weights:
 
     def q8_0(self, name: str, ne: tuple[int, ...]) -> None:
         data = self._values(ne, 1.0 / np.sqrt(ne[0]))
+        if self.float_matrices:
+            self.writer.add_tensor(name, data)
+            return
         quantized = quantize(data, GGMLQuantizationType.Q8_0)
         self.writer.add_tensor(name, quantized, raw_dtype=GGMLQuantizationType.Q8_0)
 
     def f16(self, name: str, ne: tuple[int, ...]) -> None:
-        self.writer.add_tensor(name, self._values(ne, 1.0 / np.sqrt(ne[0])).astype(np.float16))
+        data = self._values(ne, 1.0 / np.sqrt(ne[0]))
+        self.writer.add_tensor(name, data if self.float_matrices else data.astype(np.float16))
 
     def norm(self, name: str, n: int) -> None:
         self.writer.add_tensor(name, 1.0 + self._values((n,), 0.1))
@@ -218,35 +232,47 @@ class _Weights:
         self.writer.add_tensor(name, values.astype(np.float32))
 
 
-def _write_demo_model(path: Path) -> None:
+def write_random_model(
+    path: Path, shape: ModelShape = DEMO_SHAPE, seed: int = SEED, float_matrices: bool = False
+) -> None:
+    """Write a Gemma 4 GGUF of `shape` with random weights drawn from `seed`.
+
+    Matrices are Q8_0 and F16 as in the demo model, or all F32 with float_matrices (to be
+    quantized afterwards, e.g. by llama.cpp's quantizer, into any type mix).
+    """
+    if len(shape.sliding) != shape.n_layer:
+        raise ValueError("the sliding-window pattern needs one entry per layer")
     tokens, scores, token_types, merges = _vocabulary()
     vocab = len(tokens)
-    n_ff = [N_FF * 2 if il >= N_LAYER - N_SHARED_KV else N_FF for il in range(N_LAYER)]
+    n_ff = [
+        shape.n_ff * 2 if il >= shape.n_layer - shape.n_shared_kv else shape.n_ff
+        for il in range(shape.n_layer)
+    ]
 
     writer = GGUFWriter(path, ARCH)
     a = f"{ARCH}."
     writer.add_string("general.name", "pygemma4-demo")
     writer.add_uint32("general.quantization_version", 2)
-    writer.add_uint32(a + "block_count", N_LAYER)
+    writer.add_uint32(a + "block_count", shape.n_layer)
     writer.add_uint32(a + "context_length", CONTEXT_LENGTH)
-    writer.add_uint32(a + "embedding_length", N_EMBD)
+    writer.add_uint32(a + "embedding_length", shape.n_embd)
     writer.add_array(a + "feed_forward_length", n_ff)
-    writer.add_uint32(a + "attention.head_count", N_HEAD)
-    writer.add_uint32(a + "attention.head_count_kv", N_HEAD_KV)
-    writer.add_uint32(a + "attention.key_length", HEAD_DIM_FULL)
-    writer.add_uint32(a + "attention.value_length", HEAD_DIM_FULL)
-    writer.add_uint32(a + "attention.key_length_swa", HEAD_DIM_SWA)
-    writer.add_uint32(a + "attention.value_length_swa", HEAD_DIM_SWA)
+    writer.add_uint32(a + "attention.head_count", shape.n_head)
+    writer.add_uint32(a + "attention.head_count_kv", shape.n_head_kv)
+    writer.add_uint32(a + "attention.key_length", shape.head_dim_full)
+    writer.add_uint32(a + "attention.value_length", shape.head_dim_full)
+    writer.add_uint32(a + "attention.key_length_swa", shape.head_dim_swa)
+    writer.add_uint32(a + "attention.value_length_swa", shape.head_dim_swa)
     writer.add_float32(a + "attention.layer_norm_rms_epsilon", RMS_EPS)
-    writer.add_uint32(a + "attention.sliding_window", SLIDING_WINDOW)
-    writer.add_array(a + "attention.sliding_window_pattern", list(SLIDING))
-    writer.add_uint32(a + "attention.shared_kv_layers", N_SHARED_KV)
+    writer.add_uint32(a + "attention.sliding_window", shape.sliding_window)
+    writer.add_array(a + "attention.sliding_window_pattern", list(shape.sliding))
+    writer.add_uint32(a + "attention.shared_kv_layers", shape.n_shared_kv)
     writer.add_float32(a + "rope.freq_base", ROPE_BASE_FULL)
     writer.add_float32(a + "rope.freq_base_swa", ROPE_BASE_SWA)
-    writer.add_uint32(a + "rope.dimension_count", HEAD_DIM_FULL)
-    writer.add_uint32(a + "rope.dimension_count_swa", HEAD_DIM_SWA)
+    writer.add_uint32(a + "rope.dimension_count", shape.head_dim_full)
+    writer.add_uint32(a + "rope.dimension_count_swa", shape.head_dim_swa)
     writer.add_float32(a + "final_logit_softcapping", SOFTCAP)
-    writer.add_uint32(a + "embedding_length_per_layer_input", N_EMBD_PER_LAYER)
+    writer.add_uint32(a + "embedding_length_per_layer_input", shape.n_embd_per_layer)
     writer.add_string("tokenizer.ggml.model", "gemma4")
     writer.add_array("tokenizer.ggml.tokens", tokens)
     writer.add_array("tokenizer.ggml.scores", scores)
@@ -259,28 +285,28 @@ def _write_demo_model(path: Path) -> None:
     writer.add_bool("tokenizer.ggml.add_bos_token", True)
     writer.add_string("tokenizer.chat_template", CHAT_TEMPLATE)
 
-    w = _Weights(writer)
-    E, P = N_EMBD, N_EMBD_PER_LAYER
+    w = _Weights(writer, seed, float_matrices)
+    E, P = shape.n_embd, shape.n_embd_per_layer
     w.q8_0("token_embd.weight", (E, vocab))
     w.norm("output_norm.weight", E)
-    n_pairs = HEAD_DIM_FULL // 2
+    n_pairs = shape.head_dim_full // 2
     rope_freqs = np.full(n_pairs, 1e30, dtype=np.float32)
     rope_freqs[: n_pairs // ROPE_PARTIAL_FRACTION] = 1.0
     w.exact("rope_freqs.weight", rope_freqs)
-    w.q8_0("per_layer_token_embd.weight", (P * N_LAYER, vocab))
-    w.f16("per_layer_model_proj.weight", (E, P * N_LAYER))
+    w.q8_0("per_layer_token_embd.weight", (P * shape.n_layer, vocab))
+    w.f16("per_layer_model_proj.weight", (E, P * shape.n_layer))
     w.norm("per_layer_proj_norm.weight", P)
-    for il in range(N_LAYER):
+    for il in range(shape.n_layer):
         b = f"blk.{il}."
-        hd = HEAD_DIM_SWA if SLIDING[il] else HEAD_DIM_FULL
+        hd = shape.head_dim_swa if shape.sliding[il] else shape.head_dim_full
         w.norm(b + "attn_norm.weight", E)
-        w.q8_0(b + "attn_q.weight", (E, N_HEAD * hd))
+        w.q8_0(b + "attn_q.weight", (E, shape.n_head * hd))
         w.norm(b + "attn_q_norm.weight", hd)
-        if il < N_LAYER - N_SHARED_KV:
-            w.f16(b + "attn_k.weight", (E, N_HEAD_KV * hd))
+        if il < shape.n_layer - shape.n_shared_kv:
+            w.f16(b + "attn_k.weight", (E, shape.n_head_kv * hd))
             w.norm(b + "attn_k_norm.weight", hd)
-            w.f16(b + "attn_v.weight", (E, N_HEAD_KV * hd))
-        w.q8_0(b + "attn_output.weight", (N_HEAD * hd, E))
+            w.f16(b + "attn_v.weight", (E, shape.n_head_kv * hd))
+        w.q8_0(b + "attn_output.weight", (shape.n_head * hd, E))
         w.norm(b + "post_attention_norm.weight", E)
         w.norm(b + "ffn_norm.weight", E)
         w.q8_0(b + "ffn_gate.weight", (E, n_ff[il]))

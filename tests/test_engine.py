@@ -29,6 +29,13 @@ def test_chunked_prefill_equals_one_pass(fixtures_dir, prompts, model):
 
 
 @pytest.mark.parametrize("model", [MODEL, MOE_MODEL])
+def test_thread_count_does_not_change_the_numbers(fixtures_dir, prompts, model):
+    one = Engine(fixtures_dir / model, threads=1).forward(prompts[1])
+    three = Engine(fixtures_dir / model, threads=3).forward(prompts[1])
+    np.testing.assert_array_equal(one, three)
+
+
+@pytest.mark.parametrize("model", [MODEL, MOE_MODEL])
 def test_batched_decode_equals_one_sequence_at_a_time(fixtures_dir, prompts, model):
     engine = Engine(fixtures_dir / model, threads=2, max_sequences=3)
     singles = [engine.generate(p, 12) for p in prompts]
