@@ -290,6 +290,50 @@ def test_vec_dot_fixture_rows(fixtures_dir: Path) -> None:
                     assert abs(got - want) <= 1e-5 * magnitude, (tensor.name, scalar)
 
 
+@pytest.mark.parametrize("qtype", WEIGHT_TYPES, ids=lambda t: t.name)
+def test_vec_dot_multi_is_vec_dot_on_each_row(qtype: T) -> None:
+    """The batched kernel a matmul uses gives, bit for bit, the single-row kernel's product for
+    every activation row (so prefill and decode agree), whatever the batch size."""
+    rng = np.random.default_rng(3000 + int(qtype))
+    act_type = ACTIVATION[qtype]
+    size = block_size(qtype)
+    for n in (size, 5 * max(size, 32), 9 * max(size, 32)):
+        row = random_weights(rng, qtype, 1, n)[0]
+        for n_acts in (1, 3, 8, 13, 64):
+            acts = np.stack(
+                [
+                    _core.quantize_activation(
+                        int(act_type),
+                        (rng.standard_normal(n) * 10.0 ** rng.uniform(-3, 3)).astype(np.float32),
+                    )
+                    for _ in range(n_acts)
+                ]
+            )
+            got = _core.vec_dot_multi(int(qtype), row, acts, n)
+            want = np.array([_core.vec_dot(int(qtype), row, act, n) for act in acts], np.float32)
+            assert got.shape == (n_acts,)
+            assert same_bits(got, want), (n, n_acts)
+
+
+def test_vec_dot_multi_fixture_rows(fixtures_dir: Path) -> None:
+    """The same on rows of every matrix of the mixed-type fixture models, activations shared."""
+    models = sorted(fixtures_dir.glob("*/model-Q4_K_M.gguf"))
+    assert models
+    rng = np.random.default_rng(8)
+    for path in models:
+        for tensor in gguf.GGUFReader(path).tensors:
+            if len(tensor.data.shape) != 2:
+                continue
+            qtype = tensor.tensor_type
+            n = int(tensor.shape[0])
+            x = rng.standard_normal((13, n)).astype(np.float32)
+            acts = np.stack([_core.quantize_activation(int(ACTIVATION[qtype]), v) for v in x])
+            for row in np.ascontiguousarray(tensor.data[:3]).view(np.uint8):
+                got = _core.vec_dot_multi(int(qtype), row, acts, n)
+                want = np.array([_core.vec_dot(int(qtype), row, a, n) for a in acts], np.float32)
+                assert same_bits(got, want), tensor.name
+
+
 # --- cross-check against llama.cpp's own CPU backend, where llama-cpp-python is installed ------
 
 
@@ -378,6 +422,8 @@ def test_unknown_type_id_is_rejected(type_id: int) -> None:
     with pytest.raises(ValueError, match="unknown"):
         _core.vec_dot(type_id, np.zeros(1024, np.uint8), np.zeros(1024, np.uint8), 32)
     with pytest.raises(ValueError, match="unknown"):
+        _core.vec_dot_multi(type_id, np.zeros(1024, np.uint8), np.zeros((2, 1024), np.uint8), 32)
+    with pytest.raises(ValueError, match="unknown"):
         _core.row_bytes(type_id, 256)
 
 
@@ -402,6 +448,27 @@ def test_bad_lengths_and_buffers_are_rejected() -> None:
         _core.vec_dot(q4, np.zeros(36, np.uint8), act[:-1], 64)
     with pytest.raises(ValueError, match="multiple"):
         _core.vec_dot(q4, np.zeros(36, np.uint8), act, 48)
+
+
+def test_vec_dot_multi_rejects_bad_arguments() -> None:
+    q4 = int(T.Q4_0)
+    act = _core.quantize_activation(int(T.Q8_0), np.ones(64, np.float32))
+    acts = np.stack([act, act])
+    weights = np.zeros(36, np.uint8)
+    assert _core.vec_dot_multi(q4, weights, acts, 64).tolist() == [0.0, 0.0]
+    assert _core.vec_dot_multi(q4, weights, acts[:0], 64).shape == (0,)
+    with pytest.raises(ValueError, match="unknown"):
+        _core.vec_dot_multi(1000, weights, acts, 64)
+    with pytest.raises(ValueError, match="not a weight type"):
+        _core.vec_dot_multi(int(T.Q8_K), np.zeros(292, np.uint8), np.zeros((2, 292), np.uint8), 256)
+    with pytest.raises(ValueError, match="2-D"):
+        _core.vec_dot_multi(q4, weights, act, 64)
+    with pytest.raises(ValueError, match="multiple"):
+        _core.vec_dot_multi(q4, weights, acts, 48)
+    with pytest.raises(ValueError, match="too small"):
+        _core.vec_dot_multi(q4, weights[:-1], acts, 64)
+    with pytest.raises(ValueError, match="too small"):
+        _core.vec_dot_multi(q4, weights, acts[:, :-1], 64)
 
 
 @pytest.mark.parametrize("qtype", [T.Q8_1, T.Q8_K], ids=lambda t: t.name)

@@ -5,6 +5,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <limits>
 #include <stdexcept>
 #include <string>
 
@@ -70,6 +71,30 @@ float vec_dot(int type_id, ByteArray weight_row, ByteArray activation_row, int64
   return fn(n, weight_row.data(), activation_row.data());
 }
 
+// out[j] = the product of the weight row with activation row j (one row of the 2-D array each),
+// through the multi-row kernel a matmul uses.
+py::array_t<float> vec_dot_multi(int type_id, ByteArray weight_row, ByteArray activations,
+                                 int64_t n) {
+  const auto type = checked_type(type_id);
+  const auto& info = quant::type_info(type);
+  if (!info.is_weight_type) throw py::value_error(std::string(info.name) + " is not a weight type");
+  if (activations.ndim() != 2) {
+    throw py::value_error("activations must be a 2-D array, one activation row per row");
+  }
+  checked_row_length(type, n, static_cast<size_t>(weight_row.size()));
+  checked_row_length(info.activation, n, static_cast<size_t>(activations.shape(1)));
+  const auto n_acts = activations.shape(0);
+  if (n_acts > std::numeric_limits<int>::max()) throw py::value_error("too many activation rows");
+  py::array_t<float> out(n_acts);
+  const auto fn = quant::vec_dot_multi_fn(type);
+  {
+    py::gil_scoped_release release;
+    fn(n, weight_row.data(), activations.data(), static_cast<size_t>(activations.shape(1)),
+       static_cast<int>(n_acts), out.mutable_data());
+  }
+  return out;
+}
+
 }  // namespace
 
 void register_quant(py::module_& m) {
@@ -81,6 +106,9 @@ void register_quant(py::module_& m) {
       "vec_dot", &vec_dot, py::arg("type_id"), py::arg("weight_row"), py::arg("activation_row"),
       py::arg("n"), py::arg("scalar") = false,
       "Dot product of a weight row with an activation row in the weight type's activation format.");
+  m.def("vec_dot_multi", &vec_dot_multi, py::arg("type_id"), py::arg("weight_row"),
+        py::arg("activations"), py::arg("n"),
+        "Dot products of a weight row with each row of a 2-D array of activation rows.");
   m.def("row_bytes", [](int type_id, int64_t n) {
     const auto type = checked_type(type_id);
     checked_row_length(type, n, SIZE_MAX);

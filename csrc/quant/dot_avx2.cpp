@@ -1,11 +1,10 @@
 // AVX2 dot products for every weight type (with 256-bit VNNI where the target has it). Integer
 // products stay exact in int32 lanes; only the order of the float sums differs from the scalar
-// reference.
+// reference. The Q8_0 family and Q4_K / Q5_K / Q6_K have fused kernels (see fused_kernels in
+// dot.h) that apply each unpacked weight block to several tokens.
 #include "quant/dot.h"
 
 #if defined(PG4_QUANT_AVX2)
-
-#include <utility>
 
 #include "quant/blocks.h"
 #include "quant/simd_x86.h"
@@ -92,49 +91,62 @@ float dot_bf16(int64_t n, const void* w, const void* a) {
       [&](int64_t i) { return bf16_to_float(x[i]) * bf16_to_float(y[i]); });
 }
 
-// The 32-element formats against Q8_0: per block one int32 vector of products, scaled by
-// d_x * d_y. Two accumulators hide the FMA latency.
-template <typename Block, typename Quants>
-float dot_q8_0_blocks(int64_t n, const Block* x, const BlockQ8_0* y, Quants quants) {
-  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-  const int64_t nb = n / kQK;
-  int64_t i = 0;
-  auto block = [&](int64_t b) {
-    const __m256i p = dot_s8s8(_mm256_setzero_si256(), quants(x[b]), load256(y[b].qs));
-    return std::pair{_mm256_set1_ps(fp16_fast(x[b].d) * fp16_fast(y[b].d)), _mm256_cvtepi32_ps(p)};
-  };
-  for (; i + 2 <= nb; i += 2) {
-    const auto [d0, p0] = block(i);
-    const auto [d1, p1] = block(i + 1);
-    acc0 = _mm256_fmadd_ps(d0, p0, acc0);
-    acc1 = _mm256_fmadd_ps(d1, p1, acc1);
-  }
-  if (i < nb) {
-    const auto [d0, p0] = block(i);
-    acc0 = _mm256_fmadd_ps(d0, p0, acc0);
-  }
-  return hsum(_mm256_add_ps(acc0, acc1));
-}
+// The signed quants of one block.
+inline __m256i signed_quants(const BlockQ8_0& b) { return load256(b.qs); }
 
-float dot_q8_0(int64_t n, const void* w, const void* a) {
-  return dot_q8_0_blocks(n, as<BlockQ8_0>(w), as<BlockQ8_0>(a),
-                         [](const BlockQ8_0& b) { return load256(b.qs); });
-}
-
-float dot_q4_0(int64_t n, const void* w, const void* a) {
-  return dot_q8_0_blocks(n, as<BlockQ4_0>(w), as<BlockQ8_0>(a), [](const BlockQ4_0& b) {
-    return _mm256_sub_epi8(nibbles_32(b.qs), _mm256_set1_epi8(8));
-  });
+inline __m256i signed_quants(const BlockQ4_0& b) {
+  return _mm256_sub_epi8(nibbles_32(b.qs), _mm256_set1_epi8(8));
 }
 
 // Q5_0 quants are nibble + 16 * bit - 16: where the bit is clear that is the nibble with the
 // top four bits set, read as a signed byte.
-float dot_q5_0(int64_t n, const void* w, const void* a) {
-  return dot_q8_0_blocks(n, as<BlockQ5_0>(w), as<BlockQ8_0>(a), [](const BlockQ5_0& b) {
-    const __m256i clear_high = _mm256_andnot_si256(bits_32(b.qh), _mm256_set1_epi8(-16));
-    return _mm256_or_si256(nibbles_32(b.qs), clear_high);
-  });
+inline __m256i signed_quants(const BlockQ5_0& b) {
+  const __m256i clear_high = _mm256_andnot_si256(bits_32(b.qh), _mm256_set1_epi8(-16));
+  return _mm256_or_si256(nibbles_32(b.qs), clear_high);
 }
+
+// The 32-element formats against Q8_0: per block one int32 vector of products, scaled by
+// d_x * d_y, blocks alternating between two accumulators to hide the FMA latency. The weight
+// quants x enter the unsigned-by-signed product as |x|, their signs moved onto the activations.
+template <typename Block>
+struct DotQ8_0Blocks {
+  static constexpr int kRows = 8;
+
+  template <int R>
+  static void rows(int64_t n, const void* w, const uint8_t* acts, size_t stride, float* out) {
+    const auto* x = as<Block>(w);
+    const BlockQ8_0* y[R];
+    __m256 acc0[R], acc1[R];
+#pragma GCC unroll 16
+    for (int j = 0; j < R; ++j) {
+      y[j] = as<BlockQ8_0>(acts + j * stride);
+      acc0[j] = _mm256_setzero_ps();
+      acc1[j] = _mm256_setzero_ps();
+    }
+    auto block = [&](int64_t i, __m256(&acc)[R]) {
+      const __m256i xq = signed_quants(x[i]);
+      const __m256i magnitude = _mm256_sign_epi8(xq, xq);
+      const float dx = fp16_fast(x[i].d);
+#pragma GCC unroll 16
+      for (int j = 0; j < R; ++j) {
+        const BlockQ8_0& b = y[j][i];
+        const __m256i p =
+            dot_u8s8(_mm256_setzero_si256(), magnitude, _mm256_sign_epi8(load256(b.qs), xq));
+        acc[j] =
+            _mm256_fmadd_ps(_mm256_set1_ps(dx * fp16_fast(b.d)), _mm256_cvtepi32_ps(p), acc[j]);
+      }
+    };
+    const int64_t nb = n / kQK;
+    int64_t i = 0;
+    for (; i + 2 <= nb; i += 2) {
+      block(i, acc0);
+      block(i + 1, acc1);
+    }
+    if (i < nb) block(i, acc0);
+#pragma GCC unroll 16
+    for (int j = 0; j < R; ++j) out[j] = hsum(_mm256_add_ps(acc0[j], acc1[j]));
+  }
+};
 
 // The offset formats against Q8_1: unsigned quants, plus m_x * s_y per block.
 template <typename Block, typename Quants>
@@ -243,86 +255,126 @@ float dot_q3_k(int64_t n, const void* w, const void* a) {
   return hsum(acc);
 }
 
-// Q4_K / Q5_K: eight sub-blocks of 32 with 6-bit scales and minimums.
+// Q4_K / Q5_K: eight sub-blocks of 32 with 6-bit scales and minimums. With 16 vector registers
+// the K-format kernels unpack a block one chunk at a time and apply each chunk to every row,
+// keeping int32 sums per row (spilled to L1 where registers run out) rather than holding the
+// whole unpacked block: 8 rows at a time still measured fastest.
 template <bool kFifthBit, typename Block>
-float dot_q45_k(int64_t n, const Block* x, const BlockQ8_K* y) {
-  __m256 acc = _mm256_setzero_ps(), acc_min = _mm256_setzero_ps();
-  const __m256i low4 = _mm256_set1_epi8(0x0f);
-  for (int64_t i = 0; i < n / kQKK; ++i) {
-    uint32_t packed[4];
-    k_scales_mins(x[i].scales, packed);
-    const __m128i scales_mins = packed_bytes(packed);
-    // Each minimum twice, to pair with the two bsums of its sub-block.
-    const __m256i mins16 = _mm256_cvtepu8_epi16(_mm_shuffle_epi8(
-        scales_mins, _mm_set_epi8(15, 15, 14, 14, 13, 13, 12, 12, 11, 11, 10, 10, 9, 9, 8, 8)));
-    const __m256i scales = _mm256_broadcastsi128_si256(scales_mins);
-    __m256i high = _mm256_setzero_si256();
-    if constexpr (kFifthBit) high = load256(x[i].qh);
-    __m256i sum = _mm256_setzero_si256();
-    for (int c = 0; c < 4; ++c) {
-      const __m256i bits = load256(x[i].qs + 32 * c);
-      __m256i q0 = _mm256_and_si256(bits, low4);
-      __m256i q1 = _mm256_and_si256(_mm256_srli_epi16(bits, 4), low4);
-      if constexpr (kFifthBit) {
-        const __m256i one = _mm256_set1_epi8(1);
-        q0 = _mm256_or_si256(q0, _mm256_slli_epi16(_mm256_and_si256(high, one), 4));
-        q1 = _mm256_or_si256(
-            q1, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(high, 1), one), 4));
-        high = _mm256_srli_epi16(high, 2);
-      }
-      const __m256i p0 = scaled_products(q0, load256(y[i].qs + 64 * c), widen_byte(scales, 2 * c));
-      const __m256i p1 =
-          scaled_products(q1, load256(y[i].qs + 64 * c + 32), widen_byte(scales, 2 * c + 1));
-      sum = _mm256_add_epi32(sum, _mm256_add_epi32(p0, p1));
+struct DotQ45K {
+  static constexpr int kRows = 8;
+
+  template <int R>
+  static void rows(int64_t n, const void* w, const uint8_t* acts, size_t stride, float* out) {
+    const auto* x = as<Block>(w);
+    const BlockQ8_K* y[R];
+    __m256 acc[R], acc_min[R];
+#pragma GCC unroll 16
+    for (int j = 0; j < R; ++j) {
+      y[j] = as<BlockQ8_K>(acts + j * stride);
+      acc[j] = _mm256_setzero_ps();
+      acc_min[j] = _mm256_setzero_ps();
     }
-    const float d = y[i].d * fp16_fast(x[i].d);
-    const float dmin = y[i].d * fp16_fast(x[i].dmin);
-    acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sum), acc);
-    acc_min = _mm256_fmadd_ps(_mm256_set1_ps(dmin), _mm256_cvtepi32_ps(min_products(mins16, y[i])),
-                              acc_min);
+    const __m256i low4 = _mm256_set1_epi8(0x0f);
+    for (int64_t i = 0; i < n / kQKK; ++i) {
+      uint32_t packed[4];
+      k_scales_mins(x[i].scales, packed);
+      const __m128i scales_mins = packed_bytes(packed);
+      // Each minimum twice, to pair with the two bsums of its sub-block.
+      const __m256i mins16 = _mm256_cvtepu8_epi16(_mm_shuffle_epi8(
+          scales_mins, _mm_set_epi8(15, 15, 14, 14, 13, 13, 12, 12, 11, 11, 10, 10, 9, 9, 8, 8)));
+      const __m256i scales = _mm256_broadcastsi128_si256(scales_mins);
+      __m256i high = _mm256_setzero_si256();
+      if constexpr (kFifthBit) high = load256(x[i].qh);
+      __m256i sum[R];
+#pragma GCC unroll 16
+      for (int j = 0; j < R; ++j) sum[j] = _mm256_setzero_si256();
+      for (int c = 0; c < 4; ++c) {
+        const __m256i bits = load256(x[i].qs + 32 * c);
+        __m256i q0 = _mm256_and_si256(bits, low4);
+        __m256i q1 = _mm256_and_si256(_mm256_srli_epi16(bits, 4), low4);
+        if constexpr (kFifthBit) {
+          const __m256i one = _mm256_set1_epi8(1);
+          q0 = _mm256_or_si256(q0, _mm256_slli_epi16(_mm256_and_si256(high, one), 4));
+          q1 = _mm256_or_si256(
+              q1, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(high, 1), one), 4));
+          high = _mm256_srli_epi16(high, 2);
+        }
+        const __m256i s0 = widen_byte(scales, 2 * c), s1 = widen_byte(scales, 2 * c + 1);
+#pragma GCC unroll 16
+        for (int j = 0; j < R; ++j) {
+          const __m256i p0 = scaled_products(q0, load256(y[j][i].qs + 64 * c), s0);
+          const __m256i p1 = scaled_products(q1, load256(y[j][i].qs + 64 * c + 32), s1);
+          sum[j] = _mm256_add_epi32(sum[j], _mm256_add_epi32(p0, p1));
+        }
+      }
+      const float dx = fp16_fast(x[i].d);
+      const float dmin = fp16_fast(x[i].dmin);
+#pragma GCC unroll 16
+      for (int j = 0; j < R; ++j) {
+        const BlockQ8_K& b = y[j][i];
+        acc[j] = _mm256_fmadd_ps(_mm256_set1_ps(b.d * dx), _mm256_cvtepi32_ps(sum[j]), acc[j]);
+        acc_min[j] = _mm256_fmadd_ps(_mm256_set1_ps(b.d * dmin),
+                                     _mm256_cvtepi32_ps(min_products(mins16, b)), acc_min[j]);
+      }
+    }
+#pragma GCC unroll 16
+    for (int j = 0; j < R; ++j) out[j] = hsum(acc[j]) - hsum(acc_min[j]);
   }
-  return hsum(acc) - hsum(acc_min);
-}
-
-float dot_q4_k(int64_t n, const void* w, const void* a) {
-  return dot_q45_k<false>(n, as<BlockQ4_K>(w), as<BlockQ8_K>(a));
-}
-
-float dot_q5_k(int64_t n, const void* w, const void* a) {
-  return dot_q45_k<true>(n, as<BlockQ5_K>(w), as<BlockQ8_K>(a));
-}
+};
 
 // Q6_K quants are u - 32 with u in 0..63: sum(u * y) - 32 * sum(y), the latter from bsums.
-float dot_q6_k(int64_t n, const void* w, const void* a) {
-  const auto* x = as<BlockQ6_K>(w);
-  const auto* y = as<BlockQ8_K>(a);
-  __m256 acc = _mm256_setzero_ps();
-  const __m256i low4 = _mm256_set1_epi8(0x0f);
-  const __m256i three = _mm256_set1_epi8(3);
-  for (int64_t i = 0; i < n / kQKK; ++i) {
-    const __m128i scales = _mm_loadu_si128(reinterpret_cast<const __m128i*>(x[i].scales));
-    const __m256i offset = _mm256_madd_epi16(_mm256_cvtepi8_epi16(scales), load256(y[i].bsums));
-    __m256i sum = _mm256_setzero_si256();
-    for (int h = 0; h < 2; ++h) {
-      const __m256i ql0 = load256(x[i].ql + 64 * h);
-      const __m256i ql1 = load256(x[i].ql + 64 * h + 32);
-      __m256i qh = load256(x[i].qh + 32 * h);
-      for (int c = 0; c < 4; ++c) {
-        const __m256i ql = c % 2 == 0 ? ql0 : ql1;
-        const __m256i low =
-            c < 2 ? _mm256_and_si256(ql, low4) : _mm256_and_si256(_mm256_srli_epi16(ql, 4), low4);
-        const __m256i u = _mm256_or_si256(low, _mm256_slli_epi16(_mm256_and_si256(qh, three), 4));
-        qh = _mm256_srli_epi16(qh, 2);
-        sum = _mm256_add_epi32(sum, scaled_products(u, load256(y[i].qs + 128 * h + 32 * c),
-                                                    scale_pair(scales, 4 * h + c)));
+struct DotQ6K {
+  static constexpr int kRows = 8;
+
+  template <int R>
+  static void rows(int64_t n, const void* w, const uint8_t* acts, size_t stride, float* out) {
+    const auto* x = as<BlockQ6_K>(w);
+    const BlockQ8_K* y[R];
+    __m256 acc[R];
+#pragma GCC unroll 16
+    for (int j = 0; j < R; ++j) {
+      y[j] = as<BlockQ8_K>(acts + j * stride);
+      acc[j] = _mm256_setzero_ps();
+    }
+    const __m256i low4 = _mm256_set1_epi8(0x0f);
+    const __m256i three = _mm256_set1_epi8(3);
+    for (int64_t i = 0; i < n / kQKK; ++i) {
+      const __m128i scales = _mm_loadu_si128(reinterpret_cast<const __m128i*>(x[i].scales));
+      const __m256i scales16 = _mm256_cvtepi8_epi16(scales);
+      __m256i sum[R];
+#pragma GCC unroll 16
+      for (int j = 0; j < R; ++j) sum[j] = _mm256_setzero_si256();
+      for (int h = 0; h < 2; ++h) {
+        const __m256i ql0 = load256(x[i].ql + 64 * h);
+        const __m256i ql1 = load256(x[i].ql + 64 * h + 32);
+        __m256i qh = load256(x[i].qh + 32 * h);
+        for (int c = 0; c < 4; ++c) {
+          const __m256i ql = c % 2 == 0 ? ql0 : ql1;
+          const __m256i low =
+              c < 2 ? _mm256_and_si256(ql, low4) : _mm256_and_si256(_mm256_srli_epi16(ql, 4), low4);
+          const __m256i u = _mm256_or_si256(low, _mm256_slli_epi16(_mm256_and_si256(qh, three), 4));
+          qh = _mm256_srli_epi16(qh, 2);
+          const __m256i scale = scale_pair(scales, 4 * h + c);
+#pragma GCC unroll 16
+          for (int j = 0; j < R; ++j) {
+            sum[j] = _mm256_add_epi32(
+                sum[j], scaled_products(u, load256(y[j][i].qs + 128 * h + 32 * c), scale));
+          }
+        }
+      }
+      const float dx = fp16_fast(x[i].d);
+#pragma GCC unroll 16
+      for (int j = 0; j < R; ++j) {
+        const BlockQ8_K& b = y[j][i];
+        const __m256i offset = _mm256_madd_epi16(scales16, load256(b.bsums));
+        const __m256i total = _mm256_sub_epi32(sum[j], _mm256_slli_epi32(offset, 5));
+        acc[j] = _mm256_fmadd_ps(_mm256_set1_ps(dx * b.d), _mm256_cvtepi32_ps(total), acc[j]);
       }
     }
-    sum = _mm256_sub_epi32(sum, _mm256_slli_epi32(offset, 5));
-    const float d = fp16_fast(x[i].d) * y[i].d;
-    acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sum), acc);
+#pragma GCC unroll 16
+    for (int j = 0; j < R; ++j) out[j] = hsum(acc[j]);
   }
-  return hsum(acc);
-}
+};
 
 }  // namespace
 
@@ -335,25 +387,25 @@ Kernels avx2_kernels(Type weight_type) {
     case Type::BF16:
       return single_row_kernels<dot_bf16>();
     case Type::Q4_0:
-      return single_row_kernels<dot_q4_0>();
+      return fused_kernels<DotQ8_0Blocks<BlockQ4_0>>();
     case Type::Q4_1:
       return single_row_kernels<dot_q4_1>();
     case Type::Q5_0:
-      return single_row_kernels<dot_q5_0>();
+      return fused_kernels<DotQ8_0Blocks<BlockQ5_0>>();
     case Type::Q5_1:
       return single_row_kernels<dot_q5_1>();
     case Type::Q8_0:
-      return single_row_kernels<dot_q8_0>();
+      return fused_kernels<DotQ8_0Blocks<BlockQ8_0>>();
     case Type::Q2_K:
       return single_row_kernels<dot_q2_k>();
     case Type::Q3_K:
       return single_row_kernels<dot_q3_k>();
     case Type::Q4_K:
-      return single_row_kernels<dot_q4_k>();
+      return fused_kernels<DotQ45K<false, BlockQ4_K>>();
     case Type::Q5_K:
-      return single_row_kernels<dot_q5_k>();
+      return fused_kernels<DotQ45K<true, BlockQ5_K>>();
     case Type::Q6_K:
-      return single_row_kernels<dot_q6_k>();
+      return fused_kernels<DotQ6K>();
     default:
       return {};
   }

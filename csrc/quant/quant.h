@@ -23,7 +23,8 @@ VecDotFn vec_dot_fn(Type weight_type);
 VecDotFn vec_dot_fn_scalar(Type weight_type);
 
 // One weight row against n_acts activation rows spaced act_stride bytes apart:
-// out[j] = dot(weight_row, acts + j * act_stride). Lets a batch read each weight row once.
+// out[j] = dot(weight_row, acts + j * act_stride), bit for bit what vec_dot_fn gives for that row.
+// Lets a batch read and unpack each weight block once for several activation rows.
 using VecDotMultiFn = void (*)(int64_t n, const void* weight_row, const void* acts,
                                size_t act_stride, int n_acts, float* out);
 VecDotMultiFn vec_dot_multi_fn(Type weight_type);
