@@ -14,9 +14,32 @@ namespace {
 // Work items below these sizes are not worth handing to another thread.
 constexpr int64_t kElementGrain = 16384;
 
+// e^x to about 1 ulp, written without branches or library calls so that loops over it
+// vectorise (std::tanh in the GELU loop took a fifth of prefill time). Range reduction
+// x = n ln2 + r with ln2 split in two for exactness, then a degree-6 polynomial for e^r.
+inline float fast_exp(float x) {
+  x = std::min(88.0f, std::max(-87.0f, x));
+  const float n = std::floor(x * 1.44269504f + 0.5f);
+  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
+// The tanh approximation of GELU, as x * sigmoid(2u): 0.5 x (1 + tanh u) without the
+// cancellation of 1 + tanh u for negative u.
 inline float gelu_tanh(float x) {
   constexpr float kSqrt2OverPi = 0.7978845608028654f;
-  return 0.5f * x * (1.0f + std::tanh(kSqrt2OverPi * (x + 0.044715f * x * x * x)));
+  const float u = kSqrt2OverPi * (x + 0.044715f * x * x * x);
+  return x / (1.0f + fast_exp(-2.0f * u));
 }
 
 }  // namespace
