@@ -213,6 +213,9 @@ void CpuOps::attention(const float* q, const TokenBatch& batch, const LayerConfi
   const int group = n_head / layer.n_head_kv;
   const int kv_layer = layer.kv_source;
   const int max_span = window > 0 ? window : cache.n_ctx();
+  // The SIMD float dot of the quant layer: a plain loop would stay scalar (a float sum may not
+  // be reordered), and q·k over every cached position dominates attention at long context.
+  const quant::VecDotFn dot_f32 = quant::vec_dot_fn(quant::Type::F32);
   attention_scratch_.resize(static_cast<size_t>(pool_.size()) * max_span);
   pool_.parallel_for(
       static_cast<int64_t>(batch.n) * n_head, 1, [&](int64_t begin, int64_t end, int thread) {
@@ -228,8 +231,7 @@ void CpuOps::attention(const float* q, const TokenBatch& batch, const LayerConfi
           float max_score = -std::numeric_limits<float>::infinity();
           for (int p = first; p <= pos; ++p) {
             const float* kp = cache.key(kv_layer, slot, p) + kv_offset;
-            float s = 0.0f;
-            for (int d = 0; d < head_dim; ++d) s += qh[d] * kp[d];
+            const float s = dot_f32(head_dim, qh, kp);
             scores[p - first] = s;
             max_score = std::max(max_score, s);
           }
