@@ -3,6 +3,7 @@ an independent numpy model of llama.cpp's rounding, and the dot-product kernels 
 against float64 products of the dequantized operands."""
 
 import ctypes
+from collections.abc import Iterator
 from pathlib import Path
 
 import gguf
@@ -270,24 +271,29 @@ def test_vec_dot_simd_agrees_with_scalar(qtype: T) -> None:
         assert abs(simd - scalar) <= 1e-5 * magnitude
 
 
-def test_vec_dot_fixture_rows(fixtures_dir: Path) -> None:
-    """Real weight distributions: a few rows of every matrix of the mixed-type fixture models."""
+def fixture_matrices(fixtures_dir: Path) -> Iterator[tuple[str, T, int, np.ndarray]]:
+    """(name, type, row length, first three raw rows) of every matrix of the mixed-type fixture
+    models: real weight distributions."""
     models = sorted(fixtures_dir.glob("*/model-Q4_K_M.gguf"))
     assert models
-    rng = np.random.default_rng(7)
     for path in models:
         for tensor in gguf.GGUFReader(path).tensors:
-            if len(tensor.data.shape) != 2:
-                continue
-            qtype = tensor.tensor_type
-            n = int(tensor.shape[0])
-            for row in np.ascontiguousarray(tensor.data[:3]).view(np.uint8):
-                x = rng.standard_normal(n).astype(np.float32)
-                act = _core.quantize_activation(int(ACTIVATION[qtype]), x)
-                want, magnitude = expected_dot(qtype, row, act, n)
-                for scalar in (False, True):
-                    got = _core.vec_dot(int(qtype), row, act, n, scalar=scalar)
-                    assert abs(got - want) <= 1e-5 * magnitude, (tensor.name, scalar)
+            if len(tensor.data.shape) == 2:
+                rows = np.ascontiguousarray(tensor.data[:3]).view(np.uint8)
+                yield tensor.name, tensor.tensor_type, int(tensor.shape[0]), rows
+
+
+def test_vec_dot_fixture_rows(fixtures_dir: Path) -> None:
+    """A few rows of every matrix of the fixture models against float64."""
+    rng = np.random.default_rng(7)
+    for name, qtype, n, rows in fixture_matrices(fixtures_dir):
+        for row in rows:
+            x = rng.standard_normal(n).astype(np.float32)
+            act = _core.quantize_activation(int(ACTIVATION[qtype]), x)
+            want, magnitude = expected_dot(qtype, row, act, n)
+            for scalar in (False, True):
+                got = _core.vec_dot(int(qtype), row, act, n, scalar=scalar)
+                assert abs(got - want) <= 1e-5 * magnitude, (name, scalar)
 
 
 @pytest.mark.parametrize("qtype", WEIGHT_TYPES, ids=lambda t: t.name)
@@ -316,22 +322,15 @@ def test_vec_dot_multi_is_vec_dot_on_each_row(qtype: T) -> None:
 
 
 def test_vec_dot_multi_fixture_rows(fixtures_dir: Path) -> None:
-    """The same on rows of every matrix of the mixed-type fixture models, activations shared."""
-    models = sorted(fixtures_dir.glob("*/model-Q4_K_M.gguf"))
-    assert models
+    """The same on rows of every matrix of the fixture models, activations shared."""
     rng = np.random.default_rng(8)
-    for path in models:
-        for tensor in gguf.GGUFReader(path).tensors:
-            if len(tensor.data.shape) != 2:
-                continue
-            qtype = tensor.tensor_type
-            n = int(tensor.shape[0])
-            x = rng.standard_normal((13, n)).astype(np.float32)
-            acts = np.stack([_core.quantize_activation(int(ACTIVATION[qtype]), v) for v in x])
-            for row in np.ascontiguousarray(tensor.data[:3]).view(np.uint8):
-                got = _core.vec_dot_multi(int(qtype), row, acts, n)
-                want = np.array([_core.vec_dot(int(qtype), row, a, n) for a in acts], np.float32)
-                assert same_bits(got, want), tensor.name
+    for name, qtype, n, rows in fixture_matrices(fixtures_dir):
+        x = rng.standard_normal((13, n)).astype(np.float32)
+        acts = np.stack([_core.quantize_activation(int(ACTIVATION[qtype]), v) for v in x])
+        for row in rows:
+            got = _core.vec_dot_multi(int(qtype), row, acts, n)
+            want = np.array([_core.vec_dot(int(qtype), row, a, n) for a in acts], np.float32)
+            assert same_bits(got, want), name
 
 
 # --- cross-check against llama.cpp's own CPU backend, where llama-cpp-python is installed ------
