@@ -76,7 +76,7 @@ void CpuOps::matmul(const Weight& w, const float* x, int n_tokens, float* y) {
   const int64_t tile_rows = std::max<int64_t>(1, static_cast<int64_t>(kTileBytes / w.row_bytes));
   // One contiguous band of rows per thread: each thread then streams its own stretch of the
   // weights, which measured far faster than handing out small interleaved chunks (decode of a
-  // Q4_K_M model on 2 cores: 84 tokens/s against 42 with 128 chunks).
+  // Q4_K_M model on 2 cores: 84 tokens/s against 42 with 64 chunks).
   const int64_t threads = pool_.size();
   const int64_t grain = (rows + threads - 1) / threads;
   pool_.parallel_for(rows, grain, [&](int64_t begin, int64_t end, int) {
