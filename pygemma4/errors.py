@@ -31,3 +31,15 @@ def located(path: os.PathLike[str] | str) -> Iterator[None]:
         yield
     except Gemma4Error as e:
         raise type(e)(f"{path}: {e}") from None
+
+
+class TokenizerError(Gemma4Error, ValueError):
+    """The GGUF's tokenizer metadata is unusable, or text or ids cannot be converted."""
+
+
+class ChatTemplateError(Gemma4Error, ValueError):
+    """Messages are malformed, or the chat template rejected them or failed to render."""
+
+
+class SamplingParamsError(Gemma4Error, ValueError):
+    """A sampling parameter is out of its range or of the wrong type."""
