@@ -5,7 +5,16 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from pygemma4.config import LayerConfig, ModelConfig, ModelFile, open_model
-from pygemma4.errors import Gemma4Error, GGUFError, UnsupportedModelError
+from pygemma4.errors import (
+    ChatTemplateError,
+    Gemma4Error,
+    GGUFError,
+    SamplingParamsError,
+    TokenizerError,
+    UnsupportedModelError,
+)
+from pygemma4.sampling import SamplingParams
+from pygemma4.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
     from pygemma4.engine import (
@@ -16,7 +25,8 @@ if TYPE_CHECKING:
     )
 
 # The engine needs the compiled core; loading it on first use keeps the file-level modules
-# (GGUF reading, config, demo model) importable where the extension is not built.
+# (GGUF reading, config, tokenizer, sampling, demo model) importable where the extension is not
+# built.
 _ENGINE_NAMES = {"ContextFullError", "Engine", "GenerationSequence", "NoFreeSequenceError"}
 
 
@@ -29,6 +39,7 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "ChatTemplateError",
     "ContextFullError",
     "Engine",
     "GGUFError",
@@ -38,6 +49,10 @@ __all__ = [
     "ModelConfig",
     "ModelFile",
     "NoFreeSequenceError",
+    "SamplingParams",
+    "SamplingParamsError",
+    "Tokenizer",
+    "TokenizerError",
     "UnsupportedModelError",
     "open_model",
 ]

@@ -2,23 +2,45 @@
 
 from __future__ import annotations
 
+import functools
+import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from pygemma4.errors import Gemma4Error
+from pygemma4.errors import Gemma4Error, SamplingParamsError
+
+if TYPE_CHECKING:
+    from pygemma4.generation import GenerationChunk
+    from pygemma4.sampling import SampledToken
+    from pygemma4.tokenizer import Tokenizer
+
+DEMO_NOTICE = "demo model (random weights: its text is noise): {path}"
 
 
-def _parse_ids(text: str) -> list[int]:
-    try:
-        ids = [int(part) for part in text.replace(",", " ").split()]
-    except ValueError as exc:
-        raise click.BadParameter(f"token ids must be integers separated by commas: {exc}") from exc
-    if not ids:
-        raise click.BadParameter("give at least one token id")
-    return ids
+def _fail(message: str) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(1)
+
+
+def _runs_cleanly(command: Callable[..., None]) -> Callable[..., None]:
+    """Report expected failures (bad files, bad input) as one line and exit 1, no traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> None:
+        try:
+            command(*args, **kwargs)
+        except (Gemma4Error, OSError) as e:
+            _fail(str(e))
+        except KeyboardInterrupt:
+            click.echo("\ninterrupted", err=True)
+            sys.exit(130)
+
+    return wrapper
 
 
 @click.group()
@@ -27,51 +49,185 @@ def main() -> None:
     """Gemma 4 GGUF inference with a C++ core."""
 
 
-@main.command()
-@click.argument("model", required=False, type=click.Path(dir_okay=False, path_type=Path))
-@click.option(
-    "--prompt-ids",
-    default="2",
-    show_default=True,
-    help="Prompt token ids, comma separated (2 is <bos> in Gemma 4 vocabularies).",
-)
-@click.option("--max-tokens", default=32, show_default=True, type=click.IntRange(min=1))
+@main.command(context_settings={"show_default": True})
+@click.argument("arguments", nargs=-1, required=True, metavar="[MODEL] PROMPT")
+@click.option("--chat", is_flag=True, help="Send PROMPT as a user turn through the chat template.")
+@click.option("--system", help="A system turn before PROMPT (with --chat).")
+@click.option("--max-tokens", default=256, type=click.IntRange(min=1))
+@click.option("--temperature", default=0.0, type=float, help="0 picks the likeliest token.")
+@click.option("--top-k", default=0, type=int, help="Keep the k likeliest tokens (0: all).")
+@click.option("--top-p", default=1.0, type=float, help="Keep the likeliest tokens up to this mass.")
+@click.option("--min-p", default=0.0, type=float, help="Drop tokens below this × the top prob.")
+@click.option("--repetition-penalty", default=1.0, type=float)
+@click.option("--presence-penalty", default=0.0, type=float)
+@click.option("--frequency-penalty", default=0.0, type=float)
+@click.option("--seed", type=int, help="Seed for sampling [default: random].")
+@click.option("--stop", multiple=True, help="Stop before this text (repeatable).")
+@click.option("--logprobs", default=0, type=int, help="Show the top-N log-probabilities.")
+@click.option("--ignore-eos", is_flag=True, help="Go on past end-of-generation tokens.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 @click.option("--threads", type=click.IntRange(min=1), help="CPU threads [default: all].")
 @click.option("--n-ctx", type=click.IntRange(min=1), help="Context length [default: 4096].")
-def run(
-    model: Path | None, prompt_ids: str, max_tokens: int, threads: int | None, n_ctx: int | None
+@_runs_cleanly
+def generate(
+    arguments: tuple[str, ...],
+    chat: bool,
+    system: str | None,
+    max_tokens: int,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    min_p: float,
+    repetition_penalty: float,
+    presence_penalty: float,
+    frequency_penalty: float,
+    seed: int | None,
+    stop: tuple[str, ...],
+    logprobs: int,
+    ignore_eos: bool,
+    as_json: bool,
+    threads: int | None,
+    n_ctx: int | None,
 ) -> None:
-    """Greedy-generate from MODEL (a Gemma 4 GGUF), or from the built-in demo model.
+    """Continue PROMPT with MODEL (a Gemma 4 GGUF) and stream the text as it comes.
 
-    The demo model has random weights: its output is noise, but it exercises the whole engine.
-    Point MODEL at a real Gemma 4 GGUF (e.g. a Q4_K_M file of gemma-4-E4B) for real text.
+    Without MODEL the built-in demo model runs (random weights: it shows the engine working,
+    its text is noise). PROMPT `-` reads the prompt from standard input.
     """
-    from pygemma4.demo import demo_model_path
     from pygemma4.engine import Engine
+    from pygemma4.sampling import SamplingParams
 
-    ids = _parse_ids(prompt_ids)
+    if len(arguments) > 2:
+        raise click.UsageError("expected [MODEL] PROMPT: quote a prompt that has spaces")
+    model, prompt = (None, arguments[0]) if len(arguments) == 1 else arguments
+    if system is not None and not chat:
+        raise click.UsageError("--system needs --chat")
     try:
-        if model is None:
-            model = demo_model_path()
-            click.echo(f"demo model (random weights, output is noise): {model}")
-        start = time.perf_counter()
-        engine = Engine(model, threads=threads, n_ctx=n_ctx)
-        loaded = time.perf_counter()
-        out = engine.generate(ids, max_tokens)
-        elapsed = time.perf_counter() - loaded
-    except (Gemma4Error, ValueError, OSError) as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(1)
-    pieces = engine.model_file.gguf.metadata.get("tokenizer.ggml.tokens")
+        sampling = SamplingParams(
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            min_p=min_p,
+            repetition_penalty=repetition_penalty,
+            presence_penalty=presence_penalty,
+            frequency_penalty=frequency_penalty,
+            seed=seed,
+            stop=stop,
+            logprobs=logprobs,
+        )
+    except SamplingParamsError as e:
+        raise click.UsageError(str(e)) from None
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    model_path = _model_path(model)
+    engine = Engine(model_path, threads=threads, n_ctx=n_ctx)
+    tokenizer = engine.tokenizer
+    if chat:
+        messages = [{"role": "system", "content": system}] if system is not None else []
+        messages.append({"role": "user", "content": prompt})
+        ids = tokenizer.encode_chat(messages)
+    else:
+        ids = tokenizer.encode(prompt)
+    room = engine.n_ctx - len(ids) + 1
+    if room < 1:
+        _fail(f"the prompt is {len(ids)} tokens, longer than the context of {engine.n_ctx}")
+    if max_tokens > room:
+        click.echo(f"note: --max-tokens lowered to {room} to fit the context", err=True)
+        max_tokens = room
+
+    start = time.perf_counter()
+    first = None
+    chunks = []
+    stop_tokens = () if ignore_eos else None
+    for chunk in engine.stream(ids, max_tokens, sampling, stop_tokens):
+        first = time.perf_counter() if first is None else first
+        chunks.append(chunk)
+        if not as_json:
+            click.echo(chunk.text, nl=False)
+            sys.stdout.flush()
+    end = time.perf_counter()
+    assert first is not None  # a stream yields at least one chunk
+    timings = {
+        "prompt_tokens": len(ids),
+        "generated_tokens": len(chunks),
+        "prompt_tokens_per_s": len(ids) / (first - start),
+        "generated_tokens_per_s": (len(chunks) - 1) / (end - first) if len(chunks) > 1 else None,
+    }
+    if as_json:
+        result = {
+            "text": "".join(c.text for c in chunks),
+            "token_ids": [c.token_id for c in chunks],
+            "finish_reason": chunks[-1].finish_reason,
+            **timings,
+        }
+        if logprobs:
+            result["logprobs"] = [_logprob_entry(tokenizer, c.sampled) for c in chunks]
+        click.echo(json.dumps(result, ensure_ascii=False))
+        return
+    click.echo()
+    if logprobs:
+        _print_logprobs(tokenizer, chunks)
+    rate = timings["generated_tokens_per_s"]
     click.echo(
-        f"model: {engine.config.n_layer} layers, n_embd {engine.config.n_embd}, "
-        f"vocab {engine.vocab_size}, loaded in {loaded - start:.2f} s, {engine.threads} threads"
+        f"[{len(chunks)} tokens, finish: {chunks[-1].finish_reason}; prompt {len(ids)} tokens "
+        f"at {timings['prompt_tokens_per_s']:.1f} tokens/s"
+        + (f", generation {rate:.1f} tokens/s]" if rate is not None else "]"),
+        err=True,
     )
-    click.echo(f"prompt ids: {ids}")
-    click.echo(f"generated ids: {out}")
-    if pieces:
-        click.echo("generated pieces: " + " ".join(repr(pieces[t]) for t in out))
-    click.echo(
-        f"{len(ids)} prompt + {len(out)} generated tokens in {elapsed:.3f} s "
-        f"({len(out) / elapsed:.1f} tokens/s including the prompt)"
-    )
+
+
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object for programs.")
+@click.option("--tensors", is_flag=True, help="List every tensor.")
+@click.option("--template", is_flag=True, help="Print the whole chat template.")
+@_runs_cleanly
+def inspect(model: Path, as_json: bool, tensors: bool, template: bool) -> None:
+    """Describe MODEL: architecture, shapes, tensor types and sizes, tokenizer, template."""
+    from pygemma4.model_info import describe_model
+    from pygemma4.model_report import print_report
+
+    info = describe_model(model)
+    if as_json:
+        click.echo(json.dumps(info, ensure_ascii=False, indent=2))
+    else:
+        print_report(info, tensors=tensors, template=template)
+
+
+def _model_path(model: str | None) -> Path:
+    if model is not None:
+        return Path(model)
+    from pygemma4.demo import demo_model_path
+
+    path = demo_model_path()
+    click.echo(DEMO_NOTICE.format(path=path), err=True)
+    return path
+
+
+def _logprob_entry(tokenizer: Tokenizer, sampled: SampledToken) -> dict[str, Any]:
+    def piece(token_id: int) -> str:
+        return tokenizer.token_bytes(token_id).decode("utf-8", "replace")
+
+    return {
+        "token_id": sampled.token_id,
+        "token": piece(sampled.token_id),
+        "logprob": sampled.logprob,
+        "top": [
+            {"token_id": t, "token": piece(t), "logprob": lp} for t, lp in sampled.top_logprobs
+        ],
+    }
+
+
+def _print_logprobs(tokenizer: Tokenizer, chunks: list[GenerationChunk]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("token", "logprob", "top alternatives", title="log-probabilities")
+    for chunk in chunks:
+        entry = _logprob_entry(tokenizer, chunk.sampled)
+        table.add_row(
+            repr(entry["token"]),
+            f"{entry['logprob']:.3f}",
+            "  ".join(f"{t['token']!r} {t['logprob']:.2f}" for t in entry["top"]),
+        )
+    Console(stderr=True).print(table)

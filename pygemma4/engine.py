@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 
 from pygemma4 import _core
 from pygemma4.config import ModelConfig, ModelFile, open_model
-from pygemma4.errors import Gemma4Error
+from pygemma4.errors import Gemma4Error, TokenizerError
+from pygemma4.generation import Generation, GenerationChunk
+from pygemma4.sampling import SamplingParams
+from pygemma4.tokenizer import Tokenizer
 
 BACKENDS = ("cpu",)
 DEFAULT_N_CTX = 4096
@@ -104,31 +108,60 @@ class Engine:
         with self.new_sequence() as seq:
             return seq.append(token_ids, all_logits=True)
 
+    @property
+    def has_tokenizer(self) -> bool:
+        """Whether the GGUF carries a tokenizer (files of bare weights may not)."""
+        return "tokenizer.ggml.tokens" in self.model_file.gguf.metadata
+
+    @cached_property
+    def tokenizer(self) -> Tokenizer:
+        """The model's tokenizer, read from the GGUF's metadata."""
+        if not self.has_tokenizer:
+            raise TokenizerError(f"{self.path}: the file carries no tokenizer")
+        return Tokenizer.from_metadata(self.model_file.gguf.metadata)
+
     def generate(
         self,
         token_ids: Sequence[int] | np.ndarray,
         max_tokens: int,
-        stop_tokens: Iterable[int] = (),
+        sampling: SamplingParams | None = None,
+        stop_tokens: Iterable[int] | None = None,
     ) -> list[int]:
-        """Greedy continuation: exactly `max_tokens` new ids, or fewer if one of
-        `stop_tokens` is produced (it is included in the result)."""
-        _require_positive("max_tokens", max_tokens)
-        stops = {int(t) for t in stop_tokens}
+        """The ids of a continuation of `token_ids`: greedy unless `sampling` says otherwise.
+
+        It ends after `max_tokens`, at one of `stop_tokens` (by default the model's
+        end-of-generation tokens; `()` for none), which is included, or at the token that
+        completes one of `sampling.stop`'s strings.
+        """
+        return [c.token_id for c in self.stream(token_ids, max_tokens, sampling, stop_tokens)]
+
+    def stream(
+        self,
+        token_ids: Sequence[int] | np.ndarray,
+        max_tokens: int,
+        sampling: SamplingParams | None = None,
+        stop_tokens: Iterable[int] | None = None,
+    ) -> Iterator[GenerationChunk]:
+        """The continuation of `generate`, one chunk (token, text, logprobs) at a time."""
         prompt = self.check_tokens(token_ids)
+        tokenizer = self.tokenizer if self.has_tokenizer else None
+        generation = Generation(prompt.tolist(), max_tokens, sampling, tokenizer, stop_tokens)
         if len(prompt) + max_tokens - 1 > self.n_ctx:
             raise ContextFullError(
                 f"prompt of {len(prompt)} tokens plus {max_tokens} new tokens exceeds the "
                 f"context of {self.n_ctx}"
             )
-        out: list[int] = []
+        return self._run(prompt, generation)
+
+    def _run(self, prompt: np.ndarray, generation: Generation) -> Iterator[GenerationChunk]:
         with self.new_sequence() as seq:
             logits = seq.append(prompt)
             while True:
-                token = int(np.argmax(logits))
-                out.append(token)
-                if len(out) == max_tokens or token in stops:
-                    return out
-                logits = seq.append([token])
+                chunk = generation.step(logits)
+                yield chunk
+                if chunk.finish_reason is not None:
+                    return
+                logits = seq.append([chunk.token_id])
 
     def decode(self, sequences: Sequence[GenerationSequence], tokens: Sequence[int]) -> np.ndarray:
         """One batched step: appends tokens[i] to sequences[i] for all i at once (weights read

@@ -8,8 +8,9 @@ import struct
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
-from gguf import GGUFReader
+from gguf import GGUFReader, GGUFValueType, GGUFWriter
 
 from pygemma4.demo import demo_model_path
 
@@ -114,3 +115,26 @@ def rename(data: bytearray, at: int, old: str, new: str) -> bytearray:
     assert data[start : start + len(old.encode())] == old.encode()
     data[start : start + len(new.encode())] = new.encode()
     return data
+
+
+def rewrite_gguf(
+    source: Path, target: Path, overrides: dict[str, object], architecture: str | None = None
+) -> Path:
+    """Copy the GGUF `source` to `target` with the metadata values in `overrides` replaced
+    (each keeps its key's value type), and the architecture if given; returns `target`."""
+    reader = GGUFReader(source)
+    arch = architecture or str(reader.fields["general.architecture"].contents())
+    writer = GGUFWriter(target, arch)
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture":
+            continue
+        value = overrides.get(key, field.contents())
+        sub_type = field.types[1] if field.types[0] == GGUFValueType.ARRAY else None
+        writer.add_key_value(key, value, field.types[0], sub_type=sub_type)
+    for tensor in reader.tensors:
+        writer.add_tensor(tensor.name, np.array(tensor.data), raw_dtype=tensor.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return target

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pygemma4 import ContextFullError, Engine, Gemma4Error, NoFreeSequenceError
+from pygemma4 import ContextFullError, Engine, Gemma4Error, NoFreeSequenceError, SamplingParams
 
 MODEL = "gemma4-tiny-e/model-Q4_K_M.gguf"
 MOE_MODEL = "gemma4-tiny-moe/model-Q4_K_M.gguf"
@@ -38,7 +38,7 @@ def test_thread_count_does_not_change_the_numbers(fixtures_dir, prompts, model):
 @pytest.mark.parametrize("model", [MODEL, MOE_MODEL])
 def test_batched_decode_equals_one_sequence_at_a_time(fixtures_dir, prompts, model):
     engine = Engine(fixtures_dir / model, threads=2, max_sequences=3)
-    singles = [engine.generate(p, 12) for p in prompts]
+    singles = [engine.generate(p, 12, stop_tokens=()) for p in prompts]
     seqs = [engine.new_sequence() for _ in prompts]
     tokens = [int(np.argmax(s.append(p))) for s, p in zip(seqs, prompts, strict=True)]
     batched = [[t] for t in tokens]
@@ -68,7 +68,7 @@ def test_sequences_keep_their_own_positions(fixtures_dir, prompts):
 
 def test_generate_returns_exactly_max_tokens_unless_stopped(fixtures_dir, prompts):
     engine = Engine(fixtures_dir / MODEL, threads=2)
-    out = engine.generate(prompts[0], 10)
+    out = engine.generate(prompts[0], 10, stop_tokens=())
     assert len(out) == 10
     stopped = engine.generate(prompts[0], 10, stop_tokens=[out[3]])
     assert stopped == out[: out.index(out[3]) + 1]
@@ -94,7 +94,7 @@ def test_sequence_longer_than_context_is_rejected(fixtures_dir):
         engine.forward(list(range(2, 11)))
     with pytest.raises(ContextFullError, match="context"):
         engine.generate([2, 3, 4, 5], 6)
-    assert len(engine.generate([2, 3, 4, 5], 5)) == 5
+    assert len(engine.generate([2, 3, 4, 5], 5, stop_tokens=())) == 5
     with engine.new_sequence() as seq:
         seq.append(list(range(2, 10)))
         with pytest.raises(ContextFullError):
@@ -126,3 +126,62 @@ def test_bad_engine_arguments(fixtures_dir, tmp_path):
     not_gguf.write_bytes(b"this is not a model file at all")
     with pytest.raises(Gemma4Error):
         Engine(not_gguf)
+
+
+@pytest.fixture(scope="module")
+def demo_engine(demo_model_file):
+    """The demo model: random weights that, unlike the fixtures', give varied continuations."""
+    return Engine(demo_model_file, threads=2)
+
+
+def test_generate_stops_at_end_of_generation_tokens_by_default(demo_engine):
+    prompt = demo_engine.tokenizer.encode("Hello there")
+    free = demo_engine.generate(prompt, 16, stop_tokens=())
+    ends = demo_engine.tokenizer.end_of_generation_ids
+    assert not ends & set(free)  # this greedy run never ends a turn by itself
+    assert demo_engine.generate(prompt, 16) == free
+    stop = next(t for i, t in enumerate(free) if i >= 2 and t not in free[:i])
+    stopped = demo_engine.generate(prompt, 16, stop_tokens=ends | {stop})
+    assert stopped == free[: free.index(stop) + 1]
+
+
+def test_stream_text_and_stop_strings(demo_engine):
+    tokenizer = demo_engine.tokenizer
+    prompt = tokenizer.encode("Hello there")
+    chunks = list(demo_engine.stream(prompt, 24, stop_tokens=()))
+    ids = [c.token_id for c in chunks]
+    text = "".join(c.text for c in chunks)
+    assert text == tokenizer.decode(ids, skip_special=True)
+    assert len(text) > 10
+    assert chunks[-1].finish_reason == "length"
+    stop = text[len(text) // 2 : len(text) // 2 + 3]
+    params = SamplingParams(temperature=0, stop=[stop])
+    cut = list(demo_engine.stream(prompt, 24, params, stop_tokens=()))
+    assert "".join(c.text for c in cut) == text[: text.index(stop)]
+    assert cut[-1].finish_reason == "stop"
+    assert [c.token_id for c in cut] == ids[: len(cut)]
+
+
+def test_seeded_sampling_repeats_and_differs_by_seed(demo_engine):
+    prompt = demo_engine.tokenizer.encode("Hello there")
+
+    def run(seed):
+        params = SamplingParams(temperature=1.0, top_p=0.95, seed=seed)
+        return demo_engine.generate(prompt, 16, params, stop_tokens=())
+
+    assert run(5) == run(5)
+    assert run(5) != run(6)
+    greedy = demo_engine.generate(prompt, 16, SamplingParams(temperature=0), stop_tokens=())
+    assert greedy == demo_engine.generate(prompt, 16, stop_tokens=())
+
+
+def test_stream_validates_before_running(fixtures_dir):
+    engine = Engine(fixtures_dir / MODEL, threads=1, n_ctx=8)
+    with pytest.raises(ContextFullError):
+        engine.stream([2, 3, 4, 5], 6)
+    with pytest.raises(ValueError, match="max_tokens"):
+        engine.stream([2, 3], 0)
+    with pytest.raises(TypeError, match="SamplingParams"):
+        engine.stream([2, 3], 2, sampling={"temperature": 0.5})
+    with engine.new_sequence():  # the stream above never took a slot
+        pass

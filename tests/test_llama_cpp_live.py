@@ -88,5 +88,7 @@ def test_matches_llama_cpp_live(
         np.testing.assert_array_equal(
             logits.argmax(-1), expected.argmax(-1), err_msg=f"top-1 differs on prompt {i}"
         )
-        assert engine.generate(ids, N_GREEDY) == llama_cpp_greedy(llama, ids, N_GREEDY)
+        assert engine.generate(ids, N_GREEDY, stop_tokens=()) == llama_cpp_greedy(
+            llama, ids, N_GREEDY
+        )
     parity_report(f"{fixture} {file_type} vs llama.cpp (live)", worst)

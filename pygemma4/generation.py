@@ -1,0 +1,135 @@
+"""One request's continuation, token by token: sampling, end-of-generation tokens, stop strings
+and the text that streams out. Model-free, so the in-process engine and the serving workers
+share it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from pygemma4.sampling import GREEDY, SampledToken, Sampler, SamplingParams
+from pygemma4.tokenizer import Tokenizer
+
+FinishReason = Literal["stop", "length"]
+
+
+@dataclass(frozen=True)
+class GenerationChunk:
+    """What one generated token adds: the token, the text it completes (stop strings cut
+    out, characters never split), and why generation ended if it did."""
+
+    sampled: SampledToken
+    text: str
+    finish_reason: FinishReason | None = None
+
+    @property
+    def token_id(self) -> int:
+        """The generated token."""
+        return self.sampled.token_id
+
+
+class StopStrings:
+    """Finds the first of several stop strings in text that arrives in pieces, releasing only
+    text that cannot be the start of a stop string."""
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self.stops = tuple(stops)
+        self._held = ""
+
+    def push(self, text: str) -> tuple[str, bool]:
+        """Text safe to emit, and whether a stop string was found (the text before it is
+        emitted; it and everything after are dropped)."""
+        if not self.stops:
+            return text, False
+        text = self._held + text
+        found = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        if found:
+            self._held = ""
+            return text[: min(found)], True
+        keep = max((_prefix_overlap(text, s) for s in self.stops), default=0)
+        self._held = text[len(text) - keep :] if keep else ""
+        return text[: len(text) - keep], False
+
+    def flush(self) -> str:
+        """The text held back, at the end of generation."""
+        text, self._held = self._held, ""
+        return text
+
+
+class Generation:
+    """The state of one continuation: feed it the logits after each token with `step`."""
+
+    def __init__(
+        self,
+        prompt_ids: Sequence[int],
+        max_tokens: int,
+        sampling: SamplingParams | None = None,
+        tokenizer: Tokenizer | None = None,
+        stop_tokens: Iterable[int] | None = None,
+    ) -> None:
+        """`stop_tokens` of None means the tokenizer's end-of-generation tokens; stop strings
+        (in `sampling.stop`) need a tokenizer."""
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+            raise ValueError(f"max_tokens must be a positive integer, got {max_tokens!r}")
+        sampling = GREEDY if sampling is None else sampling
+        if not isinstance(sampling, SamplingParams):
+            raise TypeError(f"sampling must be SamplingParams, got {type(sampling).__name__}")
+        if sampling.stop and tokenizer is None:
+            raise ValueError("stop strings need the model's tokenizer, and this file has none")
+        if stop_tokens is None:
+            stop_tokens = tokenizer.end_of_generation_ids if tokenizer is not None else ()
+        self.max_tokens = max_tokens
+        self.sampling = sampling
+        self.stop_tokens = frozenset(int(t) for t in stop_tokens)
+        self.token_ids: list[int] = []
+        self.finish_reason: FinishReason | None = None
+        self._sampler = Sampler(sampling, prompt_ids)
+        self._text = tokenizer.stream(skip_special=True) if tokenizer is not None else None
+        self._stops = StopStrings(sampling.stop)
+
+    @property
+    def finished(self) -> bool:
+        """Whether the continuation has ended."""
+        return self.finish_reason is not None
+
+    def step(self, logits: np.ndarray) -> GenerationChunk:
+        """Choose the next token from the model's logits after the last token."""
+        if self.finished:
+            raise RuntimeError("generation has already finished")
+        sampled = self._sampler.sample(logits)
+        token = sampled.token_id
+        self.token_ids.append(token)
+        if token in self.stop_tokens:
+            return self._finish(sampled, "", "stop", flush=True)
+        text = self._text.push(token) if self._text is not None else ""
+        text, stopped = self._stops.push(text)
+        if stopped:
+            return self._finish(sampled, text, "stop", flush=False)
+        if len(self.token_ids) == self.max_tokens:
+            return self._finish(sampled, text, "length", flush=True)
+        return GenerationChunk(sampled, text)
+
+    def _finish(
+        self, sampled: SampledToken, text: str, reason: FinishReason, flush: bool
+    ) -> GenerationChunk:
+        """The last chunk; with `flush`, it also carries the text held back so far."""
+        if flush:
+            tail, stopped = self._stops.push(self._text.finish() if self._text is not None else "")
+            text += tail
+            if stopped:
+                reason = "stop"
+            else:
+                text += self._stops.flush()
+        self.finish_reason = reason
+        return GenerationChunk(sampled, text, reason)
+
+
+def _prefix_overlap(text: str, stop: str) -> int:
+    """Length of the longest end of `text` that is a proper beginning of `stop`."""
+    for n in range(min(len(text), len(stop) - 1), 0, -1):
+        if text.endswith(stop[:n]):
+            return n
+    return 0

@@ -1,0 +1,101 @@
+"""A description of a Gemma 4 GGUF file for people and programs: architecture, shapes, tensor
+types and sizes, tokenizer and chat template."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections import defaultdict
+from typing import Any
+
+from pygemma4.config import open_model
+from pygemma4.errors import TokenizerError
+from pygemma4.gguf_file import type_name
+from pygemma4.tokenizer import BYTE, CONTROL, NORMAL, UNKNOWN, UNUSED, USER_DEFINED, Tokenizer
+
+TOKEN_TYPE_NAMES = {
+    NORMAL: "normal",
+    UNKNOWN: "unknown",
+    CONTROL: "control",
+    USER_DEFINED: "user-defined",
+    UNUSED: "unused",
+    BYTE: "byte",
+}
+
+
+def describe_model(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Everything `pygemma4 inspect` shows about the file, as JSON-compatible values.
+
+    Raises GGUFError / UnsupportedModelError for files that are not Gemma 4 GGUFs.
+    """
+    model = open_model(path)
+    gguf, config = model.gguf, model.config
+    by_type: dict[str, dict[str, int]] = defaultdict(
+        lambda: {"tensors": 0, "parameters": 0, "bytes": 0}
+    )
+    tensors = []
+    for tensor in gguf.tensors.values():
+        name = type_name(tensor.type_id)
+        count = math.prod(tensor.shape)
+        entry = by_type[name]
+        entry["tensors"] += 1
+        entry["parameters"] += count
+        entry["bytes"] += tensor.nbytes
+        tensors.append(
+            {"name": tensor.name, "type": name, "shape": list(tensor.shape), "bytes": tensor.nbytes}
+        )
+    summary = dataclasses.asdict(config)
+    layers = summary.pop("layers")
+    return {
+        "path": str(gguf.path),
+        "file_bytes": gguf.file_size,
+        "name": gguf.metadata.get("general.name"),
+        "architecture": gguf.metadata.get("general.architecture"),
+        "parameters": sum(t["parameters"] for t in by_type.values()),
+        "tensor_bytes": sum(t["bytes"] for t in tensors),
+        "config": summary,
+        "layers": layers,
+        "tensor_types": dict(sorted(by_type.items(), key=lambda kv: -kv[1]["bytes"])),
+        "tensors": tensors,
+        "tokenizer": _describe_tokenizer(gguf.metadata),
+    }
+
+
+def _describe_tokenizer(metadata: dict[str, object]) -> dict[str, Any] | None:
+    if "tokenizer.ggml.tokens" not in metadata:
+        return None
+    try:
+        tokenizer = Tokenizer.from_metadata(metadata)
+    except TokenizerError as e:
+        return {"error": str(e)}
+    types: dict[str, int] = defaultdict(int)
+    for kind in tokenizer.token_types:
+        types[TOKEN_TYPE_NAMES.get(kind, f"type {kind}")] += 1
+    merges = metadata.get("tokenizer.ggml.merges")
+    return {
+        "model": metadata.get("tokenizer.ggml.model"),
+        "vocab_size": tokenizer.vocab_size,
+        "merges": len(merges) if isinstance(merges, list) else 0,
+        "token_types": dict(types),
+        "bos": _token(tokenizer, tokenizer.bos_id),
+        "eos": _token(tokenizer, tokenizer.eos_id),
+        "end_of_generation": [
+            _token(tokenizer, i) for i in sorted(tokenizer.end_of_generation_ids)
+        ],
+        "special_tokens": [
+            _token(tokenizer, i)
+            for i, kind in enumerate(tokenizer.token_types)
+            if kind in (CONTROL, USER_DEFINED, UNKNOWN)
+        ],
+        "chat_template": {
+            "source": "file" if tokenizer.has_own_chat_template else "built-in",
+            "text": tokenizer.chat_template.source,
+        },
+    }
+
+
+def _token(tokenizer: Tokenizer, token_id: int | None) -> dict[str, Any] | None:
+    if token_id is None:
+        return None
+    return {"id": token_id, "text": tokenizer.tokens[token_id]}
