@@ -43,6 +43,29 @@ def _runs_cleanly(command: Callable[..., None]) -> Callable[..., None]:
     return wrapper
 
 
+# One option per SamplingParams field, named after it; greedy unless --temperature says otherwise.
+_SAMPLING_OPTIONS = (
+    click.option("--temperature", default=0.0, type=float, help="0 picks the likeliest token."),
+    click.option("--top-k", default=0, type=int, help="Keep the k likeliest tokens (0: all)."),
+    click.option("--top-p", default=1.0, type=float, help="Keep the likeliest up to this mass."),
+    click.option("--min-p", default=0.0, type=float, help="Drop tokens below this × the top."),
+    click.option("--repetition-penalty", default=1.0, type=float),
+    click.option("--presence-penalty", default=0.0, type=float),
+    click.option("--frequency-penalty", default=0.0, type=float),
+    click.option("--seed", type=int, help="Seed for sampling [default: random]."),
+    click.option("--stop", multiple=True, help="Stop before this text (repeatable)."),
+    click.option("--logprobs", default=0, type=int, help="Show the top-N log-probabilities."),
+)
+
+
+def _sampling_options(command: Callable[..., None]) -> Callable[..., None]:
+    """Add the sampling options to a command; they arrive as keyword arguments named after
+    the SamplingParams fields."""
+    for option in reversed(_SAMPLING_OPTIONS):
+        command = option(command)
+    return command
+
+
 @click.group()
 @click.version_option(package_name="pygemma4")
 def main() -> None:
@@ -54,16 +77,7 @@ def main() -> None:
 @click.option("--chat", is_flag=True, help="Send PROMPT as a user turn through the chat template.")
 @click.option("--system", help="A system turn before PROMPT (with --chat).")
 @click.option("--max-tokens", default=256, type=click.IntRange(min=1))
-@click.option("--temperature", default=0.0, type=float, help="0 picks the likeliest token.")
-@click.option("--top-k", default=0, type=int, help="Keep the k likeliest tokens (0: all).")
-@click.option("--top-p", default=1.0, type=float, help="Keep the likeliest tokens up to this mass.")
-@click.option("--min-p", default=0.0, type=float, help="Drop tokens below this × the top prob.")
-@click.option("--repetition-penalty", default=1.0, type=float)
-@click.option("--presence-penalty", default=0.0, type=float)
-@click.option("--frequency-penalty", default=0.0, type=float)
-@click.option("--seed", type=int, help="Seed for sampling [default: random].")
-@click.option("--stop", multiple=True, help="Stop before this text (repeatable).")
-@click.option("--logprobs", default=0, type=int, help="Show the top-N log-probabilities.")
+@_sampling_options
 @click.option("--ignore-eos", is_flag=True, help="Go on past end-of-generation tokens.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 @click.option("--threads", type=click.IntRange(min=1), help="CPU threads [default: all].")
@@ -74,20 +88,11 @@ def generate(
     chat: bool,
     system: str | None,
     max_tokens: int,
-    temperature: float,
-    top_k: int,
-    top_p: float,
-    min_p: float,
-    repetition_penalty: float,
-    presence_penalty: float,
-    frequency_penalty: float,
-    seed: int | None,
-    stop: tuple[str, ...],
-    logprobs: int,
     ignore_eos: bool,
     as_json: bool,
     threads: int | None,
     n_ctx: int | None,
+    **sampling_options: Any,
 ) -> None:
     """Continue PROMPT with MODEL (a Gemma 4 GGUF) and stream the text as it comes.
 
@@ -103,18 +108,7 @@ def generate(
     if system is not None and not chat:
         raise click.UsageError("--system needs --chat")
     try:
-        sampling = SamplingParams(
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            min_p=min_p,
-            repetition_penalty=repetition_penalty,
-            presence_penalty=presence_penalty,
-            frequency_penalty=frequency_penalty,
-            seed=seed,
-            stop=stop,
-            logprobs=logprobs,
-        )
+        sampling = SamplingParams.from_mapping(sampling_options)
     except SamplingParamsError as e:
         raise click.UsageError(str(e)) from None
     if prompt == "-":
@@ -160,12 +154,12 @@ def generate(
             "finish_reason": chunks[-1].finish_reason,
             **timings,
         }
-        if logprobs:
+        if sampling.logprobs:
             result["logprobs"] = [_logprob_entry(tokenizer, c.sampled) for c in chunks]
         click.echo(json.dumps(result, ensure_ascii=False))
         return
     click.echo()
-    if logprobs:
+    if sampling.logprobs:
         _print_logprobs(tokenizer, chunks)
     rate = timings["generated_tokens_per_s"]
     click.echo(
