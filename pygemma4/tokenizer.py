@@ -11,6 +11,7 @@ themselves run in the `tokenizers` library.
 from __future__ import annotations
 
 import codecs
+import numbers
 import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -263,17 +264,11 @@ class Tokenizer:
     def _checked_ids(self, ids: Iterable[int]) -> list[int]:
         checked = []
         for token_id in ids:
-            if isinstance(token_id, bool) or not isinstance(token_id, int):
-                try:
-                    as_int = int(token_id)  # numpy integers
-                except (TypeError, ValueError):
-                    as_int = None
-                if as_int is None or as_int != token_id or isinstance(token_id, bool):
-                    raise TypeError(f"token ids must be integers, got {token_id!r}")
-                token_id = as_int
+            if isinstance(token_id, bool) or not isinstance(token_id, numbers.Integral):
+                raise TypeError(f"token ids must be integers, got {token_id!r}")
             if not 0 <= token_id < len(self.tokens):
                 raise TokenizerError(f"token id {token_id} out of range [0, {len(self.tokens)})")
-            checked.append(token_id)
+            checked.append(int(token_id))
         return checked
 
     def _special_token_texts(self) -> dict[str, str]:

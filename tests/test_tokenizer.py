@@ -265,3 +265,17 @@ def test_from_gguf_errors_name_the_file(tmp_path: Path) -> None:
     not_gguf.write_text("hello")
     with pytest.raises(GGUFError, match="notes.txt"):
         Tokenizer.from_gguf(not_gguf)
+
+
+def test_built_in_chat_template_where_the_file_has_none(demo_model_file: Path) -> None:
+    metadata = metadata_of(demo_model_file)
+    del metadata["tokenizer.chat_template"]
+    tokenizer = Tokenizer.from_metadata(metadata)
+    assert not tokenizer.has_own_chat_template
+    messages = [{"role": "system", "content": "Be kind."}, {"role": "user", "content": " Hi "}]
+    assert tokenizer.apply_chat_template(messages) == (
+        "<bos><|turn>system\nBe kind.<turn|>\n<|turn>user\nHi<turn|>\n<|turn>model\n"
+    )
+    assert tokenizer.apply_chat_template(messages, add_generation_prompt=False).endswith(
+        "Hi<turn|>\n"
+    )
