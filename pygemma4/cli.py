@@ -8,7 +8,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 DEMO_NOTICE = "demo model (random weights: its text is noise): {path}"
 
 
-def _fail(message: str) -> None:
+def _fail(message: str) -> NoReturn:
     click.echo(f"error: {message}", err=True)
     sys.exit(1)
 
@@ -112,7 +112,10 @@ def generate(
     except SamplingParamsError as e:
         raise click.UsageError(str(e)) from None
     if prompt == "-":
-        prompt = sys.stdin.read()
+        try:
+            prompt = sys.stdin.buffer.read().decode("utf-8")
+        except UnicodeDecodeError as e:
+            _fail(f"standard input is not UTF-8 text: {e.reason} at byte {e.start}")
     model_path = _model_path(model)
     engine = Engine(model_path, threads=threads, n_ctx=n_ctx)
     tokenizer = engine.tokenizer

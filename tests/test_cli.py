@@ -86,6 +86,20 @@ def test_prompt_from_stdin_and_system_turn(tmp_path: Path, demo_model_file: Path
     assert chat["prompt_tokens"] == len(tokenizer.encode_chat(messages))
 
 
+def test_stdin_that_is_not_utf8(tmp_path: Path, demo_model_file: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "pygemma4", "generate", str(demo_model_file), "-"],
+        input=b"caf\xe9",
+        capture_output=True,
+        cwd=tmp_path,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert b"not UTF-8" in result.stderr
+    assert b"Traceback" not in result.stderr
+
+
 def test_logprobs_and_ignore_eos(tmp_path: Path, demo_model_file: Path) -> None:
     result = generate_json(
         str(demo_model_file), "Hi", "--max-tokens", "4", "--logprobs", "2", "--ignore-eos",
