@@ -14,7 +14,7 @@ from pygemma4.config import ModelConfig, ModelFile, open_model
 from pygemma4.errors import Gemma4Error, TokenizerError
 from pygemma4.generation import Generation, GenerationChunk
 from pygemma4.sampling import SamplingParams
-from pygemma4.tokenizer import Tokenizer
+from pygemma4.tokenizer import Tokenizer, carries_tokenizer
 
 BACKENDS = ("cpu",)
 DEFAULT_N_CTX = 4096
@@ -111,7 +111,7 @@ class Engine:
     @property
     def has_tokenizer(self) -> bool:
         """Whether the GGUF carries a tokenizer (files of bare weights may not)."""
-        return "tokenizer.ggml.tokens" in self.model_file.gguf.metadata
+        return carries_tokenizer(self.model_file.gguf.metadata)
 
     @cached_property
     def tokenizer(self) -> Tokenizer:

@@ -12,7 +12,16 @@ from typing import Any
 from pygemma4.config import open_model
 from pygemma4.errors import TokenizerError
 from pygemma4.gguf_file import type_name
-from pygemma4.tokenizer import BYTE, CONTROL, NORMAL, UNKNOWN, UNUSED, USER_DEFINED, Tokenizer
+from pygemma4.tokenizer import (
+    BYTE,
+    CONTROL,
+    NORMAL,
+    UNKNOWN,
+    UNUSED,
+    USER_DEFINED,
+    Tokenizer,
+    carries_tokenizer,
+)
 
 TOKEN_TYPE_NAMES = {
     NORMAL: "normal",
@@ -63,7 +72,7 @@ def describe_model(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def _describe_tokenizer(metadata: dict[str, object]) -> dict[str, Any] | None:
-    if "tokenizer.ggml.tokens" not in metadata:
+    if not carries_tokenizer(metadata):
         return None
     try:
         tokenizer = Tokenizer.from_metadata(metadata)

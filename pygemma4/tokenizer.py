@@ -46,6 +46,11 @@ _NEWLINE_RUNS = re.compile(r"(\n+)")
 _BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 
+def carries_tokenizer(metadata: Mapping[str, Any]) -> bool:
+    """Whether GGUF metadata describes a tokenizer (files of bare weights may not)."""
+    return "tokenizer.ggml.tokens" in metadata
+
+
 class Tokenizer:
     """A Gemma 4 tokenizer: `encode` text to ids, `decode` ids to text, render chats."""
 
