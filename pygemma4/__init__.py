@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from typing import TYPE_CHECKING, Any
 
 from pygemma4.config import LayerConfig, ModelConfig, ModelFile, open_model
@@ -17,6 +18,18 @@ from pygemma4.sampling import SamplingParams
 from pygemma4.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
+    from pygemma4.client import (
+        AsyncClient,
+        BadReplyError,
+        Client,
+        ClientClosedError,
+        CompletionResult,
+        RequestCancelledError,
+        RequestTimeoutError,
+        ServerBusyError,
+        ServerError,
+        WorkerFailedError,
+    )
     from pygemma4.engine import (
         ContextFullError,
         Engine,
@@ -24,22 +37,41 @@ if TYPE_CHECKING:
         NoFreeSequenceError,
     )
 
-# The engine needs the compiled core; loading it on first use keeps the file-level modules
-# (GGUF reading, config, tokenizer, sampling, demo model) importable where the extension is not
-# built.
-_ENGINE_NAMES = {"ContextFullError", "Engine", "GenerationSequence", "NoFreeSequenceError"}
+# The engine needs the compiled core, and the client ZeroMQ: loading them on first use keeps the
+# file-level modules (GGUF reading, config, tokenizer, sampling, demo model) importable where the
+# extension is not built, and `import pygemma4` light.
+_LAZY_MODULES = {
+    "engine": ("ContextFullError", "Engine", "GenerationSequence", "NoFreeSequenceError"),
+    "client": (
+        "AsyncClient",
+        "BadReplyError",
+        "Client",
+        "ClientClosedError",
+        "CompletionResult",
+        "RequestCancelledError",
+        "RequestTimeoutError",
+        "ServerBusyError",
+        "ServerError",
+        "WorkerFailedError",
+    ),
+}
+_LAZY_NAMES = {name: module for module, names in _LAZY_MODULES.items() for name in names}
 
 
 def __getattr__(name: str) -> Any:
-    if name in _ENGINE_NAMES:
-        from pygemma4 import engine
-
-        return getattr(engine, name)
+    module = _LAZY_NAMES.get(name)
+    if module is not None:
+        return getattr(importlib.import_module(f"pygemma4.{module}"), name)
     raise AttributeError(f"module 'pygemma4' has no attribute {name!r}")
 
 
 __all__ = [
+    "AsyncClient",
+    "BadReplyError",
     "ChatTemplateError",
+    "Client",
+    "ClientClosedError",
+    "CompletionResult",
     "ContextFullError",
     "Engine",
     "GGUFError",
@@ -49,10 +81,15 @@ __all__ = [
     "ModelConfig",
     "ModelFile",
     "NoFreeSequenceError",
+    "RequestCancelledError",
+    "RequestTimeoutError",
     "SamplingParams",
     "SamplingParamsError",
+    "ServerBusyError",
+    "ServerError",
     "Tokenizer",
     "TokenizerError",
     "UnsupportedModelError",
+    "WorkerFailedError",
     "open_model",
 ]

@@ -191,6 +191,91 @@ def inspect(model: Path, as_json: bool, tensors: bool, template: bool) -> None:
         print_report(info, tensors=tensors, template=template)
 
 
+@main.command(context_settings={"show_default": True})
+@click.argument("model", required=False, type=click.Path(path_type=Path))
+@click.option(
+    "--endpoint",
+    default="tcp://127.0.0.1:5555",
+    help="Where clients connect (tcp://HOST:PORT or ipc://PATH); loopback unless told.",
+)
+@click.option("--threads", type=click.IntRange(min=1), help="Decode threads [default: all].")
+@click.option("--prefill-threads", type=click.IntRange(min=1), help="[default: --threads].")
+@click.option(
+    "--max-batch", default=8, type=click.IntRange(min=1), help="Sequences decoded together."
+)
+@click.option("--n-ctx", type=click.IntRange(min=1), help="Context per sequence [default: 4096].")
+@click.option(
+    "--prefill-chunk", default=256, type=click.IntRange(min=1), help="Tokens per prefill call."
+)
+@click.option(
+    "--kv-tokens",
+    type=click.IntRange(min=1),
+    help="KV pool size in positions [default: max-batch × n-ctx].",
+)
+@click.option("--tokenizer-workers", default=1, type=click.IntRange(min=1))
+@click.option("--prefill-workers", default=1, type=click.IntRange(min=1))
+@click.option(
+    "--max-pending",
+    default=256,
+    type=click.IntRange(min=1),
+    help="Requests in flight before 'busy'.",
+)
+@click.option("--max-message-bytes", default=4 << 20, type=click.IntRange(min=1024))
+@_runs_cleanly
+def serve(
+    model: Path | None,
+    endpoint: str,
+    threads: int | None,
+    prefill_threads: int | None,
+    **options: Any,
+) -> None:
+    """Serve MODEL (a Gemma 4 GGUF; the demo model without one) to ZeroMQ clients.
+
+    Connect with `pygemma4.Client(ENDPOINT)`. Ctrl-C or SIGTERM stops every process.
+    """
+    import signal
+
+    from rich.console import Console
+
+    from pygemma4.engine import default_threads
+    from workers.frontend import Server
+
+    if endpoint.startswith("tcp://") and not _is_loopback(endpoint):
+        click.echo(f"warning: {endpoint} accepts connections from other machines", err=True)
+    threads = default_threads() if threads is None else threads
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # while loading: as Ctrl-C
+    server = Server(
+        _model_path(None if model is None else str(model)),
+        endpoint=endpoint,
+        threads=threads,
+        prefill_threads=prefill_threads or threads,
+        **options,
+    )
+    try:
+        console = Console(stderr=True)
+        with console.status("loading the model") as status:
+            server.start(
+                lambda ready, total: status.update(
+                    f"loading the model: {ready}/{total} workers ready"
+                )
+            )
+        click.echo(f"pygemma4 serving {server.config.model} on {endpoint}")
+        click.echo(f"connect with: pygemma4.Client({endpoint!r})", err=True)
+        sys.stdout.flush()
+        stop: list[int] = []
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda number, _frame: stop.append(number))
+        server.serve(lambda: bool(stop))
+    finally:
+        server.close()
+    click.echo("stopped", err=True)
+
+
+def _is_loopback(endpoint: str) -> bool:
+    host = endpoint.removeprefix("tcp://").rsplit(":", 1)[0].strip("[]")
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
 def _model_path(model: str | None) -> Path:
     if model is not None:
         return Path(model)

@@ -6,13 +6,15 @@ import os
 from collections.abc import Iterable, Iterator, Sequence
 from functools import cached_property
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
 from pygemma4 import _core
 from pygemma4.config import ModelConfig, ModelFile, open_model
-from pygemma4.errors import Gemma4Error, TokenizerError
+from pygemma4.errors import Gemma4Error, TokenizerError, require_positive
 from pygemma4.generation import Generation, GenerationChunk
+from pygemma4.kv import BlockAllocator, KvLayout, SequenceKv
 from pygemma4.sampling import SamplingParams
 from pygemma4.tokenizer import Tokenizer, carries_tokenizer
 
@@ -36,11 +38,22 @@ def default_threads() -> int:
         return os.cpu_count() or 1
 
 
+def load_core_model(model_file: ModelFile, n_batch: int, threads: int) -> _core.Model:
+    """The core's model over a validated file, for calls of up to `n_batch` tokens computed
+    by `threads` threads."""
+    tensors = [
+        _core.TensorEntry(t.name, t.type_id, list(t.shape), t.offset, t.nbytes)
+        for t in model_file.gguf.tensors.values()
+    ]
+    return _core.Model(str(model_file.gguf.path), tensors, model_file.config, n_batch, threads)
+
+
 class Engine:
     """A Gemma 4 model ready to compute logits and generate tokens.
 
-    `max_sequences` sequences can be held at once (each with its own KV cache and positions);
-    `n_batch` bounds the tokens of one forward step (longer prompts are split into chunks).
+    `max_sequences` sequences can be held at once (each with its own KV and positions, in a
+    KV pool of the engine's own, laid out as `kv_layout`); `n_batch` bounds the tokens of one
+    forward step (longer prompts are split into chunks).
     """
 
     def __init__(
@@ -57,26 +70,22 @@ class Engine:
                 f"unknown backend {backend!r}: this build supports {', '.join(BACKENDS)}"
             )
         threads = default_threads() if threads is None else threads
-        _require_positive("threads", threads)
-        _require_positive("max_sequences", max_sequences)
-        _require_positive("n_batch", n_batch)
+        require_positive("threads", threads)
+        require_positive("max_sequences", max_sequences)
+        require_positive("n_batch", n_batch)
         self.model_file: ModelFile = open_model(path)
         self.config: ModelConfig = self.model_file.config
         n_ctx = min(self.config.n_ctx_train, DEFAULT_N_CTX) if n_ctx is None else n_ctx
-        _require_positive("n_ctx", n_ctx)
+        require_positive("n_ctx", n_ctx)
         self.path = Path(path)
         self.backend = backend
         self.threads = threads
         self.n_ctx = n_ctx
         self.n_batch = n_batch
-        tensors = [
-            _core.TensorEntry(t.name, t.type_id, list(t.shape), t.offset, t.nbytes)
-            for t in self.model_file.gguf.tensors.values()
-        ]
-        self._model = _core.Model(
-            str(self.path), tensors, self.config, n_ctx, max_sequences, n_batch, threads
-        )
-        self._free_slots = list(range(max_sequences - 1, -1, -1))
+        self._model = load_core_model(self.model_file, n_batch, threads)
+        self.kv_layout = KvLayout.for_model(self.config, n_ctx, max_sequences, n_batch)
+        self._pool = self.kv_layout.new_pool(self.config)
+        self._allocator = BlockAllocator(self.kv_layout)
 
     @property
     def vocab_size(self) -> int:
@@ -86,22 +95,20 @@ class Engine:
     @property
     def max_sequences(self) -> int:
         """How many sequences the engine can hold at once."""
-        return self._model.n_slots
+        return self.kv_layout.n_ring_sets
 
     @property
     def kv_cache_bytes(self) -> int:
-        """Bytes of KV cache allocated for all sequence slots."""
-        return self._model.kv_bytes
+        """Bytes of KV pool laid out for all sequences (memory is taken as they fill it)."""
+        return self.kv_layout.nbytes
 
     def new_sequence(self) -> GenerationSequence:
         """Start an empty sequence; close it (or use `with`) to free its slot."""
-        if not self._free_slots:
+        if self._allocator.free_ring_sets == 0:
             raise NoFreeSequenceError(
                 f"all {self.max_sequences} sequence slots are in use; close one first"
             )
-        slot = self._free_slots.pop()
-        self._model.reset(slot)
-        return GenerationSequence(self, slot)
+        return GenerationSequence(self, SequenceKv(self._allocator))
 
     def forward(self, token_ids: Sequence[int] | np.ndarray) -> np.ndarray:
         """Logits float32 [len(token_ids), vocab] for every position of a fresh sequence."""
@@ -155,7 +162,10 @@ class Engine:
 
     def _run(self, prompt: np.ndarray, generation: Generation) -> Iterator[GenerationChunk]:
         with self.new_sequence() as seq:
-            logits = seq.append(prompt)
+            # The prompt as a server computes it (one process prefills all but the last token, the
+            # last runs in a decode step), so that both give the same tokens.
+            seq._feed(prompt[:-1], "none")
+            logits = seq.append(prompt[-1:])
             while True:
                 chunk = generation.step(logits)
                 yield chunk
@@ -168,28 +178,44 @@ class Engine:
         once for the whole batch); returns logits float32 [len(sequences), vocab]."""
         if len(sequences) != len(tokens):
             raise ValueError("decode needs exactly one token per sequence")
-        if len({seq.slot for seq in sequences}) != len(sequences):
+        if len({id(seq) for seq in sequences}) != len(sequences):
             raise ValueError("a sequence appears twice in one decode step")
         ids = self.check_tokens(tokens)
         logits = []
         for first in range(0, len(sequences), self.n_batch):
             group = sequences[first : first + self.n_batch]
-            positions = []
             for seq in group:
                 seq.check_open()
+                if seq.engine is not self:
+                    raise ValueError("a sequence of another engine")
                 if seq.length + 1 > self.n_ctx:
                     raise ContextFullError(f"sequence is full: context is {self.n_ctx} tokens")
-                positions.append(seq.length)
-            slots = np.array([seq.slot for seq in group], dtype=np.int32)
-            logits.append(
-                self._model.forward(
-                    ids[first : first + len(group)],
-                    np.array(positions, dtype=np.int32),
-                    slots,
-                    np.arange(len(group), dtype=np.int32),
-                )
-            )
+            feeds = [(seq, ids[first + i : first + i + 1]) for i, seq in enumerate(group)]
+            logits.append(self._step(feeds, np.arange(len(group), dtype=np.int32)))
         return np.concatenate(logits)
+
+    def _step(
+        self, feeds: Sequence[tuple[GenerationSequence, np.ndarray]], output_rows: np.ndarray
+    ) -> np.ndarray:
+        """One forward call: each sequence's tokens at its next positions; the logits
+        [len(output_rows), vocab] of those rows of the call."""
+        positions = []
+        for seq, ids in feeds:
+            seq.kv.ensure(seq._length + len(ids))
+            positions.append(np.arange(seq._length, seq._length + len(ids), dtype=np.int32))
+        width = max(len(seq.kv.block_table) for seq, _ in feeds)
+        logits = self._model.forward(
+            self._pool,
+            np.concatenate([ids for _, ids in feeds]),
+            np.concatenate(positions),
+            np.repeat(np.arange(len(feeds), dtype=np.int32), [len(ids) for _, ids in feeds]),
+            np.stack([seq.kv.table_array(width) for seq, _ in feeds]),
+            np.array([seq.kv.ring_set for seq, _ in feeds], dtype=np.int32),
+            output_rows,
+        )
+        for seq, ids in feeds:
+            seq._length += len(ids)
+        return logits
 
     def check_tokens(self, token_ids: Sequence[int] | np.ndarray) -> np.ndarray:
         """The ids as int32, after checking they are a non-empty list of valid token ids."""
@@ -205,47 +231,49 @@ class Engine:
 
 
 class GenerationSequence:
-    """One sequence held by an Engine: its tokens so far live in the engine's KV cache."""
+    """One sequence held by an Engine: its tokens so far live in the engine's KV pool, in the
+    blocks and ring set of `kv`."""
 
-    def __init__(self, engine: Engine, slot: int) -> None:
+    def __init__(self, engine: Engine, kv: SequenceKv) -> None:
         self.engine = engine
-        self.slot = slot
+        self.kv = kv
+        self._length = 0
         self._open = True
 
     @property
     def length(self) -> int:
         """Tokens in the sequence so far."""
         self.check_open()
-        return self.engine._model.length(self.slot)
+        return self._length
 
     def append(self, token_ids: Sequence[int] | np.ndarray, all_logits: bool = False) -> np.ndarray:
         """Feed tokens; returns the logits after the last one [vocab], or for every fed
         token [len, vocab] with all_logits."""
         self.check_open()
         ids = self.engine.check_tokens(token_ids)
-        start = self.length
-        if start + len(ids) > self.engine.n_ctx:
+        if self._length + len(ids) > self.engine.n_ctx:
             raise ContextFullError(
-                f"sequence of {start + len(ids)} tokens is longer than the context "
+                f"sequence of {self._length + len(ids)} tokens is longer than the context "
                 f"({self.engine.n_ctx})"
             )
-        model = self.engine._model
-        chunks = []
-        for first in range(0, len(ids), self.engine.n_batch):
-            chunk = ids[first : first + self.engine.n_batch]
-            n = len(chunk)
-            last = first + n == len(ids)
-            if all_logits:
-                rows = np.arange(n, dtype=np.int32)
-            elif last:
-                rows = np.array([n - 1], dtype=np.int32)
+        logits = self._feed(ids, "all" if all_logits else "last")
+        return logits if all_logits else logits[-1]
+
+    def _feed(self, ids: np.ndarray, logits: Literal["all", "last", "none"]) -> np.ndarray:
+        """Feed checked token ids in chunks of n_batch; the logits [k, vocab] of every token, of
+        the last one, or of none."""
+        n_batch = self.engine.n_batch
+        out = [np.empty((0, self.engine.vocab_size), dtype=np.float32)]
+        for first in range(0, len(ids), n_batch):
+            chunk = ids[first : first + n_batch]
+            if logits == "all":
+                rows = np.arange(len(chunk), dtype=np.int32)
+            elif logits == "last" and first + len(chunk) == len(ids):
+                rows = np.array([len(chunk) - 1], dtype=np.int32)
             else:
                 rows = np.empty(0, dtype=np.int32)
-            positions = np.arange(start + first, start + first + n, dtype=np.int32)
-            slots = np.full(n, self.slot, dtype=np.int32)
-            chunks.append(model.forward(chunk, positions, slots, rows))
-        logits = np.concatenate(chunks)
-        return logits if all_logits else logits[-1]
+            out.append(self.engine._step([(self, chunk)], rows))
+        return np.concatenate(out)
 
     def check_open(self) -> None:
         """Raise if the sequence was closed."""
@@ -256,15 +284,10 @@ class GenerationSequence:
         """Free the sequence's slot for another sequence."""
         if self._open:
             self._open = False
-            self.engine._free_slots.append(self.slot)
+            self.kv.release()
 
     def __enter__(self) -> GenerationSequence:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _require_positive(name: str, value: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")

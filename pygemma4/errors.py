@@ -43,3 +43,9 @@ class ChatTemplateError(Gemma4Error, ValueError):
 
 class SamplingParamsError(Gemma4Error, ValueError):
     """A sampling parameter is out of its range or of the wrong type."""
+
+
+def require_positive(name: str, value: int) -> None:
+    """Raise ValueError unless `value` is an int (not a bool) of at least 1."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")

@@ -59,6 +59,75 @@ class StopStrings:
         return text
 
 
+class TokenChoice:
+    """The token side of a continuation: samples each next token and ends at an
+    end-of-generation token or after `max_tokens`. It needs no tokenizer, so a decode worker
+    can run it where only token ids travel."""
+
+    def __init__(
+        self,
+        prompt_ids: Sequence[int],
+        max_tokens: int,
+        sampling: SamplingParams,
+        stop_tokens: Iterable[int],
+    ) -> None:
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+            raise ValueError(f"max_tokens must be a positive integer, got {max_tokens!r}")
+        if not isinstance(sampling, SamplingParams):
+            raise TypeError(f"sampling must be SamplingParams, got {type(sampling).__name__}")
+        self.max_tokens = max_tokens
+        self.stop_tokens = frozenset(int(t) for t in stop_tokens)
+        self.token_ids: list[int] = []
+        self._sampler = Sampler(sampling, prompt_ids)
+
+    def step(self, logits: np.ndarray) -> tuple[SampledToken, FinishReason | None]:
+        """The next token chosen from the logits after the last one, and why the
+        continuation ends with it, if it does."""
+        sampled = self._sampler.sample(logits)
+        self.token_ids.append(sampled.token_id)
+        if sampled.token_id in self.stop_tokens:
+            return sampled, "stop"
+        if len(self.token_ids) == self.max_tokens:
+            return sampled, "length"
+        return sampled, None
+
+
+class TextStream:
+    """The text side of a continuation: the text each token adds, characters never split,
+    cut before the first stop string."""
+
+    def __init__(self, tokenizer: Tokenizer | None, stops: Sequence[str] = ()) -> None:
+        if stops and tokenizer is None:
+            raise ValueError("stop strings need the model's tokenizer, and this file has none")
+        self._text = tokenizer.stream(skip_special=True) if tokenizer is not None else None
+        self._stops = StopStrings(stops)
+
+    def push(
+        self, token_id: int, finish_reason: FinishReason | None
+    ) -> tuple[str, FinishReason | None]:
+        """The text `token_id` adds, and why the continuation ends: `finish_reason` as the
+        token side decided, or "stop" where the text reached a stop string. An
+        end-of-generation token (`finish_reason` "stop") adds no text of its own."""
+        if finish_reason == "stop":
+            return self._finish(finish_reason)
+        text = self._text.push(token_id) if self._text is not None else ""
+        text, stopped = self._stops.push(text)
+        if stopped:
+            return text, "stop"
+        if finish_reason == "length":
+            tail, reason = self._finish(finish_reason)
+            return text + tail, reason
+        return text, None
+
+    def _finish(self, reason: FinishReason) -> tuple[str, FinishReason]:
+        """The text held back at the end, and `reason`, or "stop" where a stop string
+        completes in that text."""
+        tail, stopped = self._stops.push(self._text.finish() if self._text is not None else "")
+        if stopped:
+            return tail, "stop"
+        return tail + self._stops.flush(), reason
+
+
 class Generation:
     """The state of one continuation: feed it the logits after each token with `step`."""
 
@@ -72,23 +141,17 @@ class Generation:
     ) -> None:
         """`stop_tokens` of None means the tokenizer's end-of-generation tokens; stop strings
         (in `sampling.stop`) need a tokenizer."""
-        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
-            raise ValueError(f"max_tokens must be a positive integer, got {max_tokens!r}")
         sampling = GREEDY if sampling is None else sampling
-        if not isinstance(sampling, SamplingParams):
-            raise TypeError(f"sampling must be SamplingParams, got {type(sampling).__name__}")
-        if sampling.stop and tokenizer is None:
-            raise ValueError("stop strings need the model's tokenizer, and this file has none")
         if stop_tokens is None:
             stop_tokens = tokenizer.end_of_generation_ids if tokenizer is not None else ()
-        self.max_tokens = max_tokens
-        self.sampling = sampling
-        self.stop_tokens = frozenset(int(t) for t in stop_tokens)
-        self.token_ids: list[int] = []
+        self._tokens = TokenChoice(prompt_ids, max_tokens, sampling, stop_tokens)
+        self._text = TextStream(tokenizer, sampling.stop)
         self.finish_reason: FinishReason | None = None
-        self._sampler = Sampler(sampling, prompt_ids)
-        self._text = tokenizer.stream(skip_special=True) if tokenizer is not None else None
-        self._stops = StopStrings(sampling.stop)
+
+    @property
+    def token_ids(self) -> list[int]:
+        """The tokens generated so far."""
+        return self._tokens.token_ids
 
     @property
     def finished(self) -> bool:
@@ -99,30 +162,8 @@ class Generation:
         """Choose the next token from the model's logits after the last token."""
         if self.finished:
             raise RuntimeError("generation has already finished")
-        sampled = self._sampler.sample(logits)
-        token = sampled.token_id
-        self.token_ids.append(token)
-        if token in self.stop_tokens:
-            return self._finish(sampled, "", "stop", flush=True)
-        text = self._text.push(token) if self._text is not None else ""
-        text, stopped = self._stops.push(text)
-        if stopped:
-            return self._finish(sampled, text, "stop", flush=False)
-        if len(self.token_ids) == self.max_tokens:
-            return self._finish(sampled, text, "length", flush=True)
-        return GenerationChunk(sampled, text)
-
-    def _finish(
-        self, sampled: SampledToken, text: str, reason: FinishReason, flush: bool
-    ) -> GenerationChunk:
-        """The last chunk; with `flush`, it also carries the text held back so far."""
-        if flush:
-            tail, stopped = self._stops.push(self._text.finish() if self._text is not None else "")
-            text += tail
-            if stopped:
-                reason = "stop"
-            else:
-                text += self._stops.flush()
+        sampled, token_reason = self._tokens.step(logits)
+        text, reason = self._text.push(sampled.token_id, token_reason)
         self.finish_reason = reason
         return GenerationChunk(sampled, text, reason)
 

@@ -23,9 +23,29 @@ def test_chunked_prefill_equals_one_pass(fixtures_dir, prompts, model):
     chunked = Engine(fixtures_dir / model, threads=2, n_batch=7)
     long_prompt = prompts[1]
     assert len(long_prompt) > 7 * 3
-    np.testing.assert_allclose(
-        chunked.forward(long_prompt), whole.forward(long_prompt), rtol=0, atol=1e-4
-    )
+    np.testing.assert_array_equal(chunked.forward(long_prompt), whole.forward(long_prompt))
+
+
+@pytest.mark.parametrize("model", [MODEL, MOE_MODEL])
+def test_a_rows_logits_do_not_depend_on_the_rest_of_its_call(fixtures_dir, prompts, model):
+    """The last prompt token gives the same bits run alone, in a decode step beside other
+    sequences, or inside prompt chunks of any size: a server that batches differently from the
+    engine still generates the same tokens."""
+    engine = Engine(fixtures_dir / model, threads=2, max_sequences=3, n_batch=256)
+    prompt = prompts[1]
+    with engine.new_sequence() as seq:
+        seq.append(prompt[:-1])
+        alone = seq.append(prompt[-1:])
+    seqs = [engine.new_sequence() for _ in prompts]
+    for s, p in zip(seqs, prompts, strict=True):
+        s.append(p[:-1])
+    in_batch = engine.decode(seqs, [int(p[-1]) for p in prompts])[1]
+    for s in seqs:
+        s.close()
+    np.testing.assert_array_equal(in_batch, alone)
+    for n_batch in (5, 16, 256):
+        chunked = Engine(fixtures_dir / model, threads=2, n_batch=n_batch)
+        np.testing.assert_array_equal(chunked.forward(prompt)[-1], alone)
 
 
 @pytest.mark.parametrize("model", [MODEL, MOE_MODEL])
@@ -53,6 +73,23 @@ def test_batched_decode_equals_one_sequence_at_a_time(fixtures_dir, prompts, mod
     assert batched == singles
 
 
+def test_generation_feeds_the_last_prompt_token_on_its_own(fixtures_dir, prompts, monkeypatch):
+    """As a server does: the prompt but its last token in chunks without logits, then the last
+    token alone, then one token per step."""
+    engine = Engine(fixtures_dir / MODEL, threads=2, n_batch=16)
+    calls = []
+    step = engine._step
+
+    def record(feeds, output_rows):
+        calls.append((sum(len(ids) for _, ids in feeds), len(output_rows)))
+        return step(feeds, output_rows)
+
+    monkeypatch.setattr(engine, "_step", record)
+    prompt = prompts[1][:40]
+    engine.generate(prompt, 3, stop_tokens=())
+    assert calls == [(16, 0), (16, 0), (7, 0), (1, 1), (1, 1), (1, 1)]
+
+
 def test_sequences_keep_their_own_positions(fixtures_dir, prompts):
     engine = Engine(fixtures_dir / MODEL, threads=2, max_sequences=2)
     expected = engine.forward(prompts[0])[-1]
@@ -63,7 +100,7 @@ def test_sequences_keep_their_own_positions(fixtures_dir, prompts):
         got = a.append(prompts[0][5:])
         assert a.length == len(prompts[0])
         assert b.length == len(prompts[1]) + 3
-    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
+    np.testing.assert_array_equal(got, expected)
 
 
 def test_generate_returns_exactly_max_tokens_unless_stopped(fixtures_dir, prompts):
@@ -111,6 +148,29 @@ def test_sequence_slots_are_limited_and_reused(fixtures_dir):
         seq.append([2])
     with engine.new_sequence() as again:
         assert again.length == 0
+
+
+def test_engine_kv_layout(fixtures_dir):
+    engine = Engine(fixtures_dir / MODEL, threads=1, n_ctx=100, max_sequences=2, n_batch=8)
+    layout = engine.kv_layout
+    assert layout.n_ring_sets == engine.max_sequences == 2
+    assert layout.n_blocks == 2 * layout.blocks_for(100)
+    assert engine.kv_cache_bytes == layout.nbytes
+    with engine.new_sequence() as a, engine.new_sequence() as b:
+        a.append(list(range(2, 40)))
+        b.append(list(range(2, 5)))
+        assert a.kv.block_table == list(range(layout.blocks_for(38)))
+        assert len(b.kv.block_table) == 1 and a.kv.ring_set != b.kv.ring_set
+    with engine.new_sequence() as c:  # a and b gave everything back
+        c.append(list(range(2, 102)))
+        assert len(c.kv.block_table) == layout.blocks_for(100)
+
+
+def test_a_sequence_of_another_engine_is_rejected(fixtures_dir):
+    one = Engine(fixtures_dir / MODEL, threads=1)
+    other = Engine(fixtures_dir / MODEL, threads=1)
+    with one.new_sequence() as seq, pytest.raises(ValueError, match="another engine"):
+        other.decode([seq], [2])
 
 
 def test_bad_engine_arguments(fixtures_dir, tmp_path):

@@ -18,15 +18,14 @@ std::invalid_argument error(const std::string& message) { return std::invalid_ar
 }  // namespace
 
 Gemma4Model::Gemma4Model(const std::string& path, const std::vector<TensorEntry>& tensors,
-                         ModelConfig config, ModelOptions options, std::unique_ptr<Ops> ops)
+                         ModelConfig config, int n_batch, std::unique_ptr<Ops> ops)
     : config_(std::move(config)),
-      options_(options),
+      n_batch_(n_batch),
+      has_sliding_kv_(std::any_of(config_.layers.begin(), config_.layers.end(),
+                                  [](const LayerConfig& l) { return l.has_kv && l.is_sliding; })),
       file_(path),
-      ops_(std::move(ops)),
-      cache_(config_, options.n_slots, options.n_ctx, options.n_batch) {
-  if (options.n_ctx < 1 || options.n_slots < 1 || options.n_batch < 1) {
-    throw error("n_ctx, n_slots and n_batch must be at least 1");
-  }
+      ops_(std::move(ops)) {
+  if (n_batch < 1) throw error("n_batch must be at least 1");
   for (const TensorEntry& t : tensors) {
     if (!quant::is_known_type(t.type_id)) throw error("tensor '" + t.name + "' has unknown type");
     if (t.shape.empty() || t.shape.size() > 4) throw error("tensor '" + t.name + "' bad rank");
@@ -100,7 +99,7 @@ Gemma4Model::Gemma4Model(const std::string& path, const std::vector<TensorEntry>
     max_ff = std::max(max_ff, lc.n_ff);
   }
 
-  const size_t n = static_cast<size_t>(options_.n_batch);
+  const size_t n = static_cast<size_t>(n_batch_);
   const size_t embd = static_cast<size_t>(config_.n_embd);
   x_ = ops_->alloc(n * embd);
   h_ = ops_->alloc(n * embd);
@@ -133,51 +132,74 @@ Weight Gemma4Model::tensor(const std::string& name, bool required) const {
   return it->second;
 }
 
-int Gemma4Model::length(int slot) const {
-  if (slot < 0 || slot >= cache_.n_slots()) throw error("no sequence slot " + std::to_string(slot));
-  return cache_.length(slot);
-}
-
-void Gemma4Model::reset(int slot) {
-  length(slot);
-  cache_.set_length(slot, 0);
-}
-
-void Gemma4Model::validate_batch(const std::vector<int32_t>& tokens,
-                                 const std::vector<int32_t>& positions,
-                                 const std::vector<int32_t>& slots,
+void Gemma4Model::validate_batch(const KvPool& pool, const TokenBatch& batch, int n_seq,
                                  const std::vector<int32_t>& output_rows) const {
-  const size_t n = tokens.size();
-  if (n == 0) throw error("empty batch");
-  if (positions.size() != n || slots.size() != n) {
-    throw error("tokens, positions and slots must have the same length");
-  }
-  if (n > static_cast<size_t>(options_.n_batch)) {
-    throw error("batch of " + std::to_string(n) + " tokens exceeds n_batch " +
-                std::to_string(options_.n_batch));
-  }
-  std::vector<int32_t> next(cache_.n_slots(), -1);
-  for (size_t i = 0; i < n; ++i) {
-    if (tokens[i] < 0 || tokens[i] >= config_.vocab_size) {
-      throw error("token id " + std::to_string(tokens[i]) + " out of range [0, " +
+  if (!pool.fits(config_)) throw error("the KV pool was laid out for another model");
+  if (batch.n == 0) throw error("empty batch");
+  const int block_size = pool.block_size();
+  // Each sequence's first and last position in this call, to check that its rows continue one
+  // another and, below, that the pool holds everything they attend to.
+  std::vector<int> first(n_seq, -1), last(n_seq, -1);
+  for (int i = 0; i < batch.n; ++i) {
+    const int32_t token = batch.tokens[i];
+    if (token < 0 || token >= config_.vocab_size) {
+      throw error("token id " + std::to_string(token) + " out of range [0, " +
                   std::to_string(config_.vocab_size) + ")");
     }
-    const int slot = slots[i];
-    if (slot < 0 || slot >= cache_.n_slots())
-      throw error("no sequence slot " + std::to_string(slot));
-    if (next[slot] < 0) next[slot] = cache_.length(slot);
-    if (positions[i] != next[slot]) {
-      throw error("position " + std::to_string(positions[i]) + " does not continue slot " +
-                  std::to_string(slot) + " (expected " + std::to_string(next[slot]) + ")");
+    const int32_t seq = batch.seqs[i];
+    if (seq < 0 || seq >= n_seq) {
+      throw error("row " + std::to_string(i) + " names sequence " + std::to_string(seq) +
+                  ", not one of the call's " + std::to_string(n_seq));
     }
-    if (positions[i] >= options_.n_ctx) {
-      throw error("sequence longer than the context (n_ctx " + std::to_string(options_.n_ctx) +
+    const int32_t pos = batch.positions[i];
+    if (last[seq] < 0 ? pos < 0 : pos != static_cast<int64_t>(last[seq]) + 1) {
+      throw error("position " + std::to_string(pos) + " of sequence " + std::to_string(seq) +
+                  " does not continue its rows (positions must be consecutive and increasing)");
+    }
+    if (last[seq] < 0) first[seq] = pos;
+    last[seq] = pos;
+  }
+  for (int seq = 0; seq < n_seq; ++seq) {
+    const int32_t ring_set = batch.ring_sets[seq];
+    if (ring_set < 0 || ring_set >= pool.n_ring_sets()) {
+      throw error("ring set " + std::to_string(ring_set) + " of sequence " + std::to_string(seq) +
+                  " out of range [0, " + std::to_string(pool.n_ring_sets()) + ")");
+    }
+    if (last[seq] < 0) continue;
+    // Full-attention layers read every position up to the last, through the table.
+    const int last_block = last[seq] / block_size;
+    if (last_block >= batch.table_width) {
+      throw error("position " + std::to_string(last[seq]) + " of sequence " + std::to_string(seq) +
+                  " has no entry in its block table (width " + std::to_string(batch.table_width) +
                   ")");
     }
-    ++next[slot];
+    if (last_block >= pool.n_blocks()) {
+      throw error("position " + std::to_string(last[seq]) + " of sequence " + std::to_string(seq) +
+                  " is beyond what the pool's " + std::to_string(pool.n_blocks()) + " blocks of " +
+                  std::to_string(block_size) + " positions hold");
+    }
+    const int32_t* table = batch.table(seq);
+    for (int b = 0; b <= last_block; ++b) {
+      if (table[b] < 0 || table[b] >= pool.n_blocks()) {
+        throw error("block table entry " + std::to_string(b) + " of sequence " +
+                    std::to_string(seq) + " is " + std::to_string(table[b]) +
+                    ", not a block id in [0, " + std::to_string(pool.n_blocks()) + ")");
+      }
+    }
+    // The blocks from the first key the earliest row attends to through the last row written
+    // must all be distinct in the ring, or a write would overwrite a key still read.
+    if (has_sliding_kv_) {
+      const int oldest = std::max(0, first[seq] - config_.sliding_window + 1);
+      if (last_block - oldest / block_size >= pool.ring_blocks()) {
+        throw error("the ring of " + std::to_string(pool.ring_blocks()) +
+                    " blocks cannot hold the sliding window of sequence " + std::to_string(seq) +
+                    " over positions " + std::to_string(first[seq]) + ".." +
+                    std::to_string(last[seq]) + ": use shorter chunks or larger rings");
+      }
+    }
   }
   for (int32_t row : output_rows) {
-    if (row < 0 || static_cast<size_t>(row) >= n) throw error("output row out of range");
+    if (row < 0 || row >= batch.n) throw error("output row out of range");
   }
 }
 
@@ -195,7 +217,7 @@ void Gemma4Model::per_layer_inputs(const TokenBatch& batch) {
   ops_->scale(rows, 1.0f / std::sqrt(2.0f), batch.n * width);
 }
 
-void Gemma4Model::run_layer(int il, const TokenBatch& batch) {
+void Gemma4Model::run_layer(int il, const TokenBatch& batch, KvPool& pool) {
   const LayerConfig& lc = config_.layers[il];
   const LayerWeights& lw = layers_[il];
   const int n = batch.n;
@@ -224,9 +246,9 @@ void Gemma4Model::run_layer(int il, const TokenBatch& batch) {
     ops_->rms_norm(v_.get(), nullptr, n * lc.n_head_kv, lc.head_dim, eps, v_.get());
     ops_->rope_neox(k_.get(), batch.positions, n, lc.n_head_kv, lc.head_dim, lc.n_rot, lc.rope_base,
                     freq_factors);
-    ops_->write_kv(k_.get(), v_.get(), batch, il, cache_);
+    ops_->write_kv(k_.get(), v_.get(), batch, il, pool);
   }
-  ops_->attention(q_.get(), batch, lc, lc.is_sliding ? config_.sliding_window : 0, cache_,
+  ops_->attention(q_.get(), batch, lc, lc.is_sliding ? config_.sliding_window : 0, pool,
                   attn_.get());
   ops_->matmul(lw.wo, attn_.get(), n, o_.get());
   ops_->rms_norm(o_.get(), lw.post_attention_norm.f32(), n, embd, eps, o_.get());
@@ -269,25 +291,38 @@ void Gemma4Model::run_layer(int il, const TokenBatch& batch) {
   if (lw.output_scale.present()) ops_->scale(x, lw.output_scale.f32()[0], n_embd_total);
 }
 
-std::vector<float> Gemma4Model::forward(const std::vector<int32_t>& tokens,
+std::vector<float> Gemma4Model::forward(KvPool& pool, const std::vector<int32_t>& tokens,
                                         const std::vector<int32_t>& positions,
-                                        const std::vector<int32_t>& slots,
+                                        const std::vector<int32_t>& seqs,
+                                        const std::vector<int32_t>& block_tables, int table_width,
+                                        const std::vector<int32_t>& ring_sets,
                                         const std::vector<int32_t>& output_rows) {
-  std::lock_guard<std::mutex> lock(forward_mutex_);
-  validate_batch(tokens, positions, slots, output_rows);
+  if (positions.size() != tokens.size() || seqs.size() != tokens.size()) {
+    throw error("tokens, positions and seqs must have the same length");
+  }
+  if (table_width < 0 ||
+      block_tables.size() != ring_sets.size() * static_cast<size_t>(table_width)) {
+    throw error("block_tables must hold table_width ids for each sequence of ring_sets");
+  }
+  if (tokens.size() > static_cast<size_t>(n_batch_)) {
+    throw error("batch of " + std::to_string(tokens.size()) + " tokens exceeds n_batch " +
+                std::to_string(n_batch_));
+  }
   TokenBatch batch;
   batch.n = static_cast<int>(tokens.size());
   batch.tokens = tokens.data();
   batch.positions = positions.data();
-  batch.slots = slots.data();
+  batch.seqs = seqs.data();
+  batch.table_width = table_width;
+  batch.block_tables = block_tables.data();
+  batch.ring_sets = ring_sets.data();
+  std::lock_guard<std::mutex> lock(forward_mutex_);
+  validate_batch(pool, batch, static_cast<int>(ring_sets.size()), output_rows);
 
   const int embd = config_.n_embd;
   ops_->get_rows(token_embd_, batch.tokens, batch.n, std::sqrt(static_cast<float>(embd)), x_.get());
   if (config_.n_embd_per_layer > 0) per_layer_inputs(batch);
-  for (int il = 0; il < config_.n_layer; ++il) run_layer(il, batch);
-  for (int i = 0; i < batch.n; ++i) {
-    cache_.set_length(slots[i], std::max(cache_.length(slots[i]), positions[i] + 1));
-  }
+  for (int il = 0; il < config_.n_layer; ++il) run_layer(il, batch, pool);
 
   const size_t vocab = static_cast<size_t>(config_.vocab_size);
   std::vector<float> result(output_rows.size() * vocab);

@@ -1,5 +1,6 @@
 // The Gemma 4 text model: weights bound to the mapped GGUF, and one forward pass for any batch
-// of (sequence slot, position, token), so prefill and decode are the same call.
+// of (sequence, position, token), so prefill and decode are the same call. The model holds no
+// sequence state: the KV pool and where each sequence lives in it come with every call.
 #pragma once
 
 #include <memory>
@@ -9,7 +10,7 @@
 #include <vector>
 
 #include "gguf/mapped_file.h"
-#include "kv/kv_cache.h"
+#include "kv/kv_pool.h"
 #include "model/config.h"
 #include "ops/ops.h"
 
@@ -24,30 +25,28 @@ struct TensorEntry {
   uint64_t nbytes = 0;
 };
 
-struct ModelOptions {
-  int n_ctx = 4096;   // positions per sequence
-  int n_slots = 1;    // sequences held at once
-  int n_batch = 256;  // most tokens in one forward call
-};
-
 class Gemma4Model {
  public:
+  // n_batch: the most tokens one forward call takes (the scratch activations are sized by it).
   Gemma4Model(const std::string& path, const std::vector<TensorEntry>& tensors, ModelConfig config,
-              ModelOptions options, std::unique_ptr<Ops> ops);
+              int n_batch, std::unique_ptr<Ops> ops);
 
   const ModelConfig& config() const { return config_; }
-  const ModelOptions& options() const { return options_; }
-  const KvCache& cache() const { return cache_; }
+  int n_batch() const { return n_batch_; }
 
-  // Runs the batch; each slot's tokens must continue that slot at its current length, in
-  // order. Returns logits [n_outputs, vocab] for the batch rows listed in output_rows.
-  std::vector<float> forward(const std::vector<int32_t>& tokens,
+  // Runs one batch (see TokenBatch: seqs index the n_seq = ring_sets.size() sequences of this
+  // call, whose block tables are the rows of block_tables, table_width ids each, -1 for none).
+  // Each sequence's rows must be consecutive positions in order, and every position before them
+  // must already be in the pool. Stores the batch's keys and values in the pool and returns
+  // logits [n_outputs, vocab] for the rows listed in output_rows. Everything the caller passes
+  // (block ids included: they may come from another process) is checked before anything is
+  // written: std::invalid_argument says what is wrong.
+  std::vector<float> forward(KvPool& pool, const std::vector<int32_t>& tokens,
                              const std::vector<int32_t>& positions,
-                             const std::vector<int32_t>& slots,
+                             const std::vector<int32_t>& seqs,
+                             const std::vector<int32_t>& block_tables, int table_width,
+                             const std::vector<int32_t>& ring_sets,
                              const std::vector<int32_t>& output_rows);
-
-  int length(int slot) const;
-  void reset(int slot);  // forget a slot's tokens so it can start a new sequence
 
  private:
   struct LayerWeights {
@@ -59,18 +58,17 @@ class Gemma4Model {
   };
 
   Weight tensor(const std::string& name, bool required = true) const;
-  void validate_batch(const std::vector<int32_t>& tokens, const std::vector<int32_t>& positions,
-                      const std::vector<int32_t>& slots,
+  void validate_batch(const KvPool& pool, const TokenBatch& batch, int n_seq,
                       const std::vector<int32_t>& output_rows) const;
-  void run_layer(int il, const TokenBatch& batch);
+  void run_layer(int il, const TokenBatch& batch, KvPool& pool);
   void per_layer_inputs(const TokenBatch& batch);
 
   ModelConfig config_;
-  ModelOptions options_;
+  int n_batch_;
+  bool has_sliding_kv_;  // whether any layer stores KV in the pool's rings
   MappedFile file_;
   std::unordered_map<std::string, Weight> weights_;
   std::unique_ptr<Ops> ops_;
-  KvCache cache_;
   std::mutex forward_mutex_;  // one forward at a time: the scratch buffers are shared
 
   Weight token_embd_, output_, output_norm_, rope_freqs_;

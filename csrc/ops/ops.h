@@ -7,17 +7,26 @@
 #include <memory>
 
 #include "common/weight.h"
-#include "kv/kv_cache.h"
+#include "kv/kv_pool.h"
 #include "model/config.h"
 
 namespace pg4 {
 
-// The tokens of one forward step: token i belongs to sequence slot slots[i] at positions[i].
+// The tokens of one forward step: row i is token tokens[i] at position positions[i] of the call's
+// sequence seqs[i]; sequence s keeps its full-attention KV in the blocks of its block table
+// block_tables[s * table_width ...] and its sliding KV in ring set ring_sets[s].
 struct TokenBatch {
   int n = 0;
   const int32_t* tokens = nullptr;
   const int32_t* positions = nullptr;
-  const int32_t* slots = nullptr;
+  const int32_t* seqs = nullptr;
+  int table_width = 0;
+  const int32_t* block_tables = nullptr;
+  const int32_t* ring_sets = nullptr;
+
+  const int32_t* table(int seq) const {
+    return block_tables + static_cast<size_t>(seq) * table_width;
+  }
 };
 
 class Ops {
@@ -51,13 +60,13 @@ class Ops {
   virtual void copy_rows(const float* src, const int32_t* rows, int n_rows, int dim,
                          float* dst) = 0;
 
-  // Stores the batch's keys and values ([n, n_head_kv * head_dim] each) into the cache.
+  // Stores the batch's keys and values ([n, n_head_kv * head_dim] each) into the pool.
   virtual void write_kv(const float* k, const float* v, const TokenBatch& batch, int layer,
-                        KvCache& cache) = 0;
-  // Causal attention of each batch token over its own sequence's cached keys (the last
+                        KvPool& pool) = 0;
+  // Causal attention of each batch token over its own sequence's stored keys (the last
   // `window` positions when window > 0), scale 1, grouped-query heads.
   virtual void attention(const float* q, const TokenBatch& batch, const LayerConfig& layer,
-                         int window, KvCache& cache, float* out) = 0;
+                         int window, const KvPool& pool, float* out) = 0;
 
   // Softmax over each row of router logits, the top k experts, their weights renormalised.
   virtual void moe_route(const float* logits, int n_tokens, int n_expert, int k,

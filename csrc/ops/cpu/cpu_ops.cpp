@@ -196,25 +196,32 @@ void CpuOps::copy_rows(const float* src, const int32_t* rows, int n_rows, int di
 }
 
 void CpuOps::write_kv(const float* k, const float* v, const TokenBatch& batch, int layer,
-                      KvCache& cache) {
-  const int row = cache.row_floats(layer);
+                      KvPool& pool) {
+  const int row = pool.row_floats(layer);
   for (int i = 0; i < batch.n; ++i) {
-    std::memcpy(cache.key(layer, batch.slots[i], batch.positions[i]), k + i * row,
-                sizeof(float) * row);
-    std::memcpy(cache.value(layer, batch.slots[i], batch.positions[i]), v + i * row,
-                sizeof(float) * row);
+    const int seq = batch.seqs[i];
+    const size_t offset =
+        pool.row_offset(layer, batch.table(seq), batch.ring_sets[seq], batch.positions[i]);
+    std::memcpy(pool.keys(layer) + offset, k + static_cast<size_t>(i) * row, sizeof(float) * row);
+    std::memcpy(pool.values(layer) + offset, v + static_cast<size_t>(i) * row, sizeof(float) * row);
   }
 }
 
 void CpuOps::attention(const float* q, const TokenBatch& batch, const LayerConfig& layer,
-                       int window, KvCache& cache, float* out) {
+                       int window, const KvPool& pool, float* out) {
   const int n_head = layer.n_head;
   const int head_dim = layer.head_dim;
   const int group = n_head / layer.n_head_kv;
   const int kv_layer = layer.kv_source;
-  const int max_span = window > 0 ? window : cache.n_ctx();
+  const float* keys = pool.keys(kv_layer);
+  const float* values = pool.values(kv_layer);
+  int max_span = 1;
+  for (int i = 0; i < batch.n; ++i) {
+    max_span = std::max(
+        max_span, window > 0 ? std::min(window, batch.positions[i] + 1) : batch.positions[i] + 1);
+  }
   // The SIMD float dot of the quant layer: a plain loop would stay scalar (a float sum may not
-  // be reordered), and q·k over every cached position dominates attention at long context.
+  // be reordered), and q·k over every stored position dominates attention at long context.
   const quant::VecDotFn dot_f32 = quant::vec_dot_fn(quant::Type::F32);
   attention_scratch_.resize(static_cast<size_t>(pool_.size()) * max_span);
   pool_.parallel_for(
@@ -223,18 +230,19 @@ void CpuOps::attention(const float* q, const TokenBatch& batch, const LayerConfi
         for (int64_t task = begin; task < end; ++task) {
           const int i = static_cast<int>(task / n_head);
           const int h = static_cast<int>(task % n_head);
-          const int slot = batch.slots[i];
+          const int seq = batch.seqs[i];
+          const int32_t* table = batch.table(seq);
+          const int ring_set = batch.ring_sets[seq];
           const int pos = batch.positions[i];
           const int first = window > 0 ? std::max(0, pos - window + 1) : 0;
           const int kv_offset = (h / group) * head_dim;
           const float* qh = q + (static_cast<int64_t>(i) * n_head + h) * head_dim;
           float max_score = -std::numeric_limits<float>::infinity();
-          for (int p = first; p <= pos; ++p) {
-            const float* kp = cache.key(kv_layer, slot, p) + kv_offset;
-            const float s = dot_f32(head_dim, qh, kp);
+          pool.for_each_row(kv_layer, table, ring_set, first, pos, [&](int p, size_t row) {
+            const float s = dot_f32(head_dim, qh, keys + row + kv_offset);
             scores[p - first] = s;
             max_score = std::max(max_score, s);
-          }
+          });
           double total = 0.0;
           for (int p = first; p <= pos; ++p) {
             const float e = std::exp(scores[p - first] - max_score);
@@ -244,11 +252,11 @@ void CpuOps::attention(const float* q, const TokenBatch& batch, const LayerConfi
           const float inv = static_cast<float>(1.0 / total);
           float* o = out + (static_cast<int64_t>(i) * n_head + h) * head_dim;
           std::fill(o, o + head_dim, 0.0f);
-          for (int p = first; p <= pos; ++p) {
-            const float* vp = cache.value(kv_layer, slot, p) + kv_offset;
+          pool.for_each_row(kv_layer, table, ring_set, first, pos, [&](int p, size_t row) {
+            const float* vp = values + row + kv_offset;
             const float weight = scores[p - first] * inv;
             for (int d = 0; d < head_dim; ++d) o[d] += weight * vp[d];
-          }
+          });
         }
       });
 }

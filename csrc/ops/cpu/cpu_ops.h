@@ -30,9 +30,9 @@ class CpuOps final : public Ops {
   void read(const float* src, size_t n, float* host_dst) override;
   void copy_rows(const float* src, const int32_t* rows, int n_rows, int dim, float* dst) override;
   void write_kv(const float* k, const float* v, const TokenBatch& batch, int layer,
-                KvCache& cache) override;
+                KvPool& pool) override;
   void attention(const float* q, const TokenBatch& batch, const LayerConfig& layer, int window,
-                 KvCache& cache, float* out) override;
+                 const KvPool& pool, float* out) override;
   void moe_route(const float* logits, int n_tokens, int n_expert, int k, int32_t* expert_ids,
                  float* expert_weights) override;
   void moe_experts(const Weight& gate_up, const Weight& down, const float* down_scale,

@@ -1,0 +1,70 @@
+#include "bindings/kv_pool.h"
+
+#include <string>
+
+#include "bindings/model_config.h"
+
+namespace py = pybind11;
+
+namespace pg4 {
+
+void PyKvPool::ReleaseView::operator()(Py_buffer* view) const {
+  PyBuffer_Release(view);
+  delete view;
+}
+
+PyKvPool::PyKvPool(const py::object& config, int block_size, int n_blocks, int n_ring_sets,
+                   int ring_blocks, const py::object& buffer) {
+  const ModelConfig model_config = to_model_config(config);
+  const size_t needed =
+      KvPool::bytes_needed(model_config, block_size, n_blocks, n_ring_sets, ring_blocks);
+  void* memory = nullptr;
+  if (!buffer.is_none()) {
+    auto view = std::make_unique<Py_buffer>();
+    if (PyObject_GetBuffer(buffer.ptr(), view.get(), PyBUF_WRITABLE | PyBUF_ANY_CONTIGUOUS) != 0) {
+      PyErr_Clear();
+      throw py::value_error("the KV pool buffer must be a writable contiguous buffer");
+    }
+    view_.reset(view.release());
+    if (static_cast<size_t>(view_->len) < needed) {
+      throw py::value_error("the KV pool needs " + std::to_string(needed) +
+                            " bytes; the buffer has " + std::to_string(view_->len));
+    }
+    if (reinterpret_cast<uintptr_t>(view_->buf) % alignof(float) != 0) {
+      throw py::value_error("the KV pool buffer must be aligned for float32");
+    }
+    memory = view_->buf;
+  }
+  pool_ = std::make_unique<KvPool>(model_config, block_size, n_blocks, n_ring_sets, ring_blocks,
+                                   memory);
+}
+
+}  // namespace pg4
+
+using namespace pg4;
+
+void register_kv_pool(py::module_& m) {
+  py::class_<PyKvPool>(m, "KvPool")
+      .def(py::init<const py::object&, int, int, int, int, const py::object&>(), py::arg("config"),
+           py::arg("block_size"), py::arg("n_blocks"), py::arg("n_ring_sets"),
+           py::arg("ring_blocks"), py::arg("buffer") = py::none(),
+           "Paged K/V storage for a model of `config`, in `buffer` (any writable buffer of at "
+           "least bytes_needed bytes, held while the pool lives) or, without one, in memory of "
+           "its own.")
+      .def_static(
+          "bytes_needed",
+          [](const py::object& config, int block_size, int n_blocks, int n_ring_sets,
+             int ring_blocks) {
+            return KvPool::bytes_needed(to_model_config(config), block_size, n_blocks, n_ring_sets,
+                                        ring_blocks);
+          },
+          py::arg("config"), py::arg("block_size"), py::arg("n_blocks"), py::arg("n_ring_sets"),
+          py::arg("ring_blocks"), "Bytes of memory a pool of these dimensions lays out.")
+      .def_property_readonly("block_size", [](const PyKvPool& p) { return p.pool().block_size(); })
+      .def_property_readonly("n_blocks", [](const PyKvPool& p) { return p.pool().n_blocks(); })
+      .def_property_readonly("n_ring_sets",
+                             [](const PyKvPool& p) { return p.pool().n_ring_sets(); })
+      .def_property_readonly("ring_blocks",
+                             [](const PyKvPool& p) { return p.pool().ring_blocks(); })
+      .def_property_readonly("nbytes", [](const PyKvPool& p) { return p.pool().nbytes(); });
+}

@@ -1,0 +1,33 @@
+// The KV pool as Python holds it: pygemma4._core.KvPool.
+#pragma once
+
+#include <pybind11/pybind11.h>
+
+#include <memory>
+
+#include "kv/kv_pool.h"
+
+namespace pg4 {
+
+// A KvPool and, when it lives in a caller's buffer (an mmap of shared memory, a bytearray, a
+// numpy array), that buffer's export, held as long as the pool: while it is held the buffer can
+// be neither freed nor resized (an mmap refuses to close, a bytearray to grow), so the pool never
+// points into released memory.
+class PyKvPool {
+ public:
+  PyKvPool(const pybind11::object& config, int block_size, int n_blocks, int n_ring_sets,
+           int ring_blocks, const pybind11::object& buffer);
+
+  KvPool& pool() { return *pool_; }
+  const KvPool& pool() const { return *pool_; }
+
+ private:
+  struct ReleaseView {
+    void operator()(Py_buffer* view) const;
+  };
+
+  std::unique_ptr<Py_buffer, ReleaseView> view_;  // declared first: released after the pool
+  std::unique_ptr<KvPool> pool_;
+};
+
+}  // namespace pg4

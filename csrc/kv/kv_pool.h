@@ -1,0 +1,101 @@
+// Paged K/V storage for every layer that owns KV (shared layers read their source's), in memory
+// the pool allocates or in memory the caller provides, so that several processes mapping the same
+// memory can share one pool. The pool knows nothing of sequences: every forward call brings each
+// sequence's block table and ring set, and the pool only turns them into addresses.
+//
+// Positions are stored in blocks of block_size rows. A full-attention layer keeps every position:
+// position p of a sequence lives in block table[p / block_size], row p % block_size, out of
+// n_blocks blocks. A sliding layer needs only the last window positions, so each sequence gets a
+// ring instead: ring set r owns blocks [r * ring_blocks, (r + 1) * ring_blocks) of the sliding
+// stores, and position p lives in ring block (p / block_size) % ring_blocks.
+//
+// Layout (the contract between processes): for each KV-owning layer in order, a K store then a
+// V store, each [blocks][block_size][n_head_kv * head_dim] float32 and starting 64-byte aligned;
+// full layers' stores hold n_blocks blocks, sliding layers' n_ring_sets * ring_blocks.
+#pragma once
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "model/config.h"
+
+namespace pg4 {
+
+class KvPool {
+ public:
+  // Bytes of memory a pool of these dimensions lays out; throws std::invalid_argument for a
+  // dimension below 1 or a size that does not fit in memory.
+  static size_t bytes_needed(const ModelConfig& config, int block_size, int n_blocks,
+                             int n_ring_sets, int ring_blocks);
+
+  // memory: at least bytes_needed bytes, aligned for float, outliving the pool; null for memory
+  // the pool allocates (zeroed) itself.
+  KvPool(const ModelConfig& config, int block_size, int n_blocks, int n_ring_sets, int ring_blocks,
+         void* memory);
+
+  int block_size() const { return block_size_; }
+  int n_blocks() const { return n_blocks_; }
+  int n_ring_sets() const { return n_ring_sets_; }
+  int ring_blocks() const { return ring_blocks_; }
+  size_t nbytes() const { return nbytes_; }
+
+  // Whether the pool was laid out for a model of this configuration's KV shapes.
+  bool fits(const ModelConfig& config) const;
+
+  int row_floats(int layer) const { return layers_[layer].row_floats; }
+
+  // Offset in floats of position pos's row in a layer's K and V stores, for a sequence with this
+  // block table and ring set (both already checked by the caller).
+  size_t row_offset(int layer, const int32_t* table, int ring_set, int pos) const {
+    const LayerStore& l = layers_[layer];
+    const int block = pos / block_size_;
+    const size_t stored_block =
+        l.sliding ? static_cast<size_t>(ring_set) * ring_blocks_ + block % ring_blocks_
+                  : static_cast<size_t>(table[block]);
+    return (stored_block * block_size_ + pos % block_size_) * l.row_floats;
+  }
+  float* keys(int layer) { return layers_[layer].keys; }
+  float* values(int layer) { return layers_[layer].values; }
+  const float* keys(int layer) const { return layers_[layer].keys; }
+  const float* values(int layer) const { return layers_[layer].values; }
+
+  // Calls fn(p, offset) for each position p in [first, last] with its row_offset, looking the
+  // block up once per block rather than once per position (a division each, in attention's
+  // inner loop).
+  template <typename Fn>
+  void for_each_row(int layer, const int32_t* table, int ring_set, int first, int last,
+                    Fn&& fn) const {
+    const int row = layers_[layer].row_floats;
+    for (int p = first; p <= last;) {
+      const int block_end = std::min(last + 1, (p / block_size_ + 1) * block_size_);
+      size_t offset = row_offset(layer, table, ring_set, p);
+      for (; p < block_end; ++p, offset += row) fn(p, offset);
+    }
+  }
+
+ private:
+  struct LayerStore {
+    bool present = false;  // false for layers that read another layer's KV
+    bool sliding = false;
+    int row_floats = 0;  // n_head_kv * head_dim
+    float* keys = nullptr;
+    float* values = nullptr;
+  };
+  struct Unmap {
+    size_t bytes;
+    void operator()(void* memory) const;
+  };
+
+  int block_size_;
+  int n_blocks_;
+  int n_ring_sets_;
+  int ring_blocks_;
+  size_t nbytes_;
+  std::unique_ptr<void, Unmap> owned_;  // the memory, when the pool allocated it
+  std::vector<LayerStore> layers_;      // indexed by layer
+};
+
+}  // namespace pg4

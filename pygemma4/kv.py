@@ -1,0 +1,206 @@
+"""Paged KV memory on the Python side: a pool's dimensions, and which sequence owns what.
+
+The core's `KvPool` stores keys and values in blocks of `block_size` positions. A sequence keeps
+its full-attention KV in the blocks its block table lists (position p in block `table[p //
+block_size]`), and its sliding-window KV in a ring of `ring_blocks` blocks: its ring set. The
+model holds no sequence state; each forward call brings the tables. So one process can own a
+`BlockAllocator`, reserve blocks for its sequences, and send their tables to other processes that
+run the model over the same pool memory (a shared mapping).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+
+from pygemma4 import _core
+from pygemma4.config import ModelConfig
+from pygemma4.errors import Gemma4Error, require_positive
+
+DEFAULT_BLOCK_SIZE = 16
+
+
+class KvExhaustedError(Gemma4Error, RuntimeError):
+    """The pool has fewer free blocks or ring sets than were asked for."""
+
+
+@dataclass(frozen=True)
+class KvLayout:
+    """The dimensions of a KV pool, and the bytes it lays out (`nbytes`, the core's figure)."""
+
+    block_size: int
+    n_blocks: int
+    n_ring_sets: int
+    ring_blocks: int
+    nbytes: int
+
+    @classmethod
+    def for_model(
+        cls,
+        config: ModelConfig,
+        n_ctx: int,
+        max_sequences: int,
+        max_chunk: int,
+        block_size: int = DEFAULT_BLOCK_SIZE,
+        n_blocks: int | None = None,
+    ) -> KvLayout:
+        """A layout for `max_sequences` sequences (one ring set each) of up to `n_ctx` positions,
+        fed at most `max_chunk` tokens per forward call.
+
+        By default there are blocks for every sequence to reach `n_ctx`; the rings are the
+        smallest that the core accepts a chunk of `max_chunk` tokens into at any position.
+        """
+        for name, value in (
+            ("n_ctx", n_ctx),
+            ("max_sequences", max_sequences),
+            ("max_chunk", max_chunk),
+            ("block_size", block_size),
+        ):
+            require_positive(name, value)
+        blocks_per_sequence = _ceil_div(n_ctx, block_size)
+        if n_blocks is None:
+            n_blocks = max_sequences * blocks_per_sequence
+        require_positive("n_blocks", n_blocks)
+        ring_blocks = 1
+        if any(layer.is_sliding and layer.has_kv for layer in config.layers):
+            # A chunk's rows attend back to sliding_window - 1 positions before its first one, and
+            # every block from there to its last row needs a place of its own in the ring. A span
+            # of `span` positions touches the most blocks when it starts on a block's last row.
+            # No ring needs more blocks than n_ctx positions fill: it then never wraps.
+            span = config.sliding_window + max_chunk - 1
+            ring_blocks = min((span + block_size - 2) // block_size + 1, blocks_per_sequence)
+        return cls.of(config, block_size, n_blocks, max_sequences, ring_blocks)
+
+    @classmethod
+    def of(
+        cls, config: ModelConfig, block_size: int, n_blocks: int, n_ring_sets: int, ring_blocks: int
+    ) -> KvLayout:
+        """The layout of these dimensions for a model of `config` (its `nbytes` from the core)."""
+        nbytes = _core.KvPool.bytes_needed(config, block_size, n_blocks, n_ring_sets, ring_blocks)
+        return cls(block_size, n_blocks, n_ring_sets, ring_blocks, nbytes)
+
+    def blocks_for(self, n_positions: int) -> int:
+        """How many full-attention blocks hold `n_positions` positions of a sequence."""
+        return _ceil_div(n_positions, self.block_size)
+
+    def new_pool(self, config: ModelConfig, buffer: object = None) -> _core.KvPool:
+        """A pool of this layout for a model of `config`: in `buffer` (any writable buffer of
+        at least `nbytes` bytes, such as an mmap of shared memory), or in memory of its own."""
+        return _core.KvPool(
+            config, self.block_size, self.n_blocks, self.n_ring_sets, self.ring_blocks, buffer
+        )
+
+
+class _IdPool:
+    """Ids 0..n-1 handed out lowest first and taken back, each at most once."""
+
+    def __init__(self, n: int, what: str) -> None:
+        self._what = what
+        self._free = list(range(n - 1, -1, -1))  # taken from the end
+        self._free_set = set(self._free)
+        self._n = n
+
+    @property
+    def n_free(self) -> int:
+        return len(self._free)
+
+    def take(self, count: int) -> list[int]:
+        if count > len(self._free):
+            raise KvExhaustedError(
+                f"{count} {self._what}s wanted, {len(self._free)} of {self._n} free"
+            )
+        ids = self._free[len(self._free) - count :][::-1]
+        del self._free[len(self._free) - count :]
+        self._free_set.difference_update(ids)
+        return ids
+
+    def give_back(self, ids: list[int]) -> None:
+        for i in ids:
+            if not (isinstance(i, int) and 0 <= i < self._n):
+                raise ValueError(f"{i!r} is not a {self._what} id of this pool")
+        if len(set(ids)) != len(ids) or not self._free_set.isdisjoint(ids):
+            raise ValueError(f"{self._what} freed twice")
+        self._free.extend(reversed(ids))
+        self._free_set.update(ids)
+
+
+class BlockAllocator:
+    """Hands out a pool's full-attention blocks and ring sets, and takes them back."""
+
+    def __init__(self, layout: KvLayout) -> None:
+        self.layout = layout
+        self._blocks = _IdPool(layout.n_blocks, "KV block")
+        self._ring_sets = _IdPool(layout.n_ring_sets, "ring set")
+
+    @property
+    def free_blocks(self) -> int:
+        """Blocks not handed out."""
+        return self._blocks.n_free
+
+    @property
+    def free_ring_sets(self) -> int:
+        """Ring sets not handed out (one per sequence)."""
+        return self._ring_sets.n_free
+
+    def can_allocate(self, n_blocks: int) -> bool:
+        """Whether `allocate(n_blocks)` would succeed."""
+        return n_blocks <= self._blocks.n_free
+
+    def allocate(self, n_blocks: int) -> list[int]:
+        """`n_blocks` block ids; KvExhaustedError when fewer are free."""
+        return self._blocks.take(n_blocks)
+
+    def free(self, block_ids: Iterable[int]) -> None:
+        """Take blocks back; ValueError (freeing none of them) for an id that is not this
+        pool's or not handed out."""
+        self._blocks.give_back(list(block_ids))
+
+    def allocate_ring_set(self) -> int:
+        """A ring set id; KvExhaustedError when none is free."""
+        return self._ring_sets.take(1)[0]
+
+    def free_ring_set(self, ring_set: int) -> None:
+        """Take a ring set back; ValueError when it is not this pool's or not handed out."""
+        self._ring_sets.give_back([ring_set])
+
+
+class SequenceKv:
+    """One sequence's place in the pool: a ring set, and a block table (block ids, position p in
+    `block_table[p // block_size]`) grown on demand."""
+
+    def __init__(self, allocator: BlockAllocator) -> None:
+        self.allocator = allocator
+        self.ring_set = allocator.allocate_ring_set()
+        self.block_table: list[int] = []
+        self._released = False
+
+    def ensure(self, n_positions: int) -> None:
+        """Grow the block table to hold `n_positions` positions (KvExhaustedError, taking no
+        blocks, when the allocator has too few)."""
+        if self._released:
+            raise Gemma4Error("the sequence's KV was released")
+        missing = self.allocator.layout.blocks_for(n_positions) - len(self.block_table)
+        if missing > 0:
+            self.block_table.extend(self.allocator.allocate(missing))
+
+    def release(self) -> None:
+        """Give the blocks and the ring set back to the allocator (once; later calls do nothing)."""
+        if not self._released:
+            self._released = True
+            self.allocator.free(self.block_table)
+            self.allocator.free_ring_set(self.ring_set)
+            self.block_table = []
+
+    def table_array(self, width: int) -> np.ndarray:
+        """The block table as int32 [width], padded with -1 (no block)."""
+        if width < len(self.block_table):
+            raise ValueError(f"a table of width {width} cannot hold {len(self.block_table)} blocks")
+        table = np.full(width, -1, dtype=np.int32)
+        table[: len(self.block_table)] = self.block_table
+        return table
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)

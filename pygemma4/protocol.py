@@ -1,0 +1,405 @@
+"""The server's wire protocol: every message between clients, the front end and the workers.
+
+All messages are msgspec structs encoded as MessagePack, one struct per ZeroMQ frame, tagged
+by a `type` field. Decoding is strict: an unknown `type`, an unknown field, a missing field or
+a value of the wrong type is an error that names the field, never a guess.
+
+Clients (a ZeroMQ DEALER connected to the server's ROUTER endpoint)
+    send one of `ClientRequest`:
+      `Completion` (prompt text or token ids), `Chat` (messages through the model's chat
+      template), `Cancel` (a request in flight), `Health`, `Info`;
+    and receive `ServerReply` messages carrying the `id` the client chose for the request:
+      zero or more `Chunk`s (streaming requests only: the tokens and text of one step), then
+      exactly one ending: `Done` (finish reason, usage; for a request that did not stream
+      also its whole text and tokens), `Cancelled` or `Error` (`code` + `message`);
+      `HealthStatus` / `ServerInfo` answer `Health` / `Info`.
+    A request's `id` is any integer in [0, 2**63) unique among that client's requests in
+    flight. Every client message carries `v`, the protocol version it speaks; a server
+    refuses versions it does not speak. An `Error` whose `id` is null answers a message too
+    malformed to have a readable id.
+
+Workers (PUSH sockets into each process's one PULL inbox, over `ipc://` on one host)
+    exchange the `Internal` messages below; they carry token ids and KV block tables, never
+    tensors: the KV cache lives in a pool that the prefill and decode workers both map
+    (shared memory; the `KvPoolSpec` names it). A pool in CUDA IPC memory, or KV blocks sent
+    as raw frames after a `PrefillDone` across hosts, fit the same messages: only the
+    `KvPoolSpec.kind` and the transport of the block contents change.
+
+Request flow: client → front end (`TokenizeJob`) → tokenizer worker (`Generate`) → decode
+worker (`PrefillJob`) → prefill worker (`PrefillDone`) → decode worker, which decodes every
+running sequence together each step (`StepOutputs`) → tokenizer worker (detokenize, stop
+strings; `Outbound`) → front end → client.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from typing import Annotated, Literal
+
+import msgspec
+
+from pygemma4.errors import Gemma4Error
+from pygemma4.sampling import SamplingParams
+
+PROTOCOL_VERSION = 1
+"""Bumped whenever a message changes incompatibly."""
+
+RequestId = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
+TokenId = Annotated[int, msgspec.Meta(ge=0, lt=2**31)]
+FinishReason = Literal["stop", "length"]
+
+
+class ProtocolError(Gemma4Error, ValueError):
+    """A message is not a valid message of this protocol."""
+
+
+def _sampling_struct() -> type[msgspec.Struct]:
+    """A struct with exactly `SamplingParams`' fields, types and defaults: the wire form of
+    sampling parameters, so that they are defined once."""
+    hints = typing.get_type_hints(SamplingParams)
+    return msgspec.defstruct(
+        "Sampling",
+        [(f.name, hints[f.name], f.default) for f in dataclasses.fields(SamplingParams)],
+        kw_only=True,
+        forbid_unknown_fields=True,
+        omit_defaults=True,
+        module=__name__,
+    )
+
+
+Sampling = _sampling_struct()
+"""Sampling parameters on the wire; `sampling_params` checks their ranges."""
+
+
+def sampling_params(sampling: msgspec.Struct) -> SamplingParams:
+    """The checked `SamplingParams` of a wire `Sampling` (SamplingParamsError when out of
+    range)."""
+    return SamplingParams(**msgspec.structs.asdict(sampling))
+
+
+def wire_sampling(params: SamplingParams) -> msgspec.Struct:
+    """The wire form of `params`."""
+    return Sampling(**{f.name: getattr(params, f.name) for f in dataclasses.fields(params)})
+
+
+class _Strict(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, omit_defaults=True):
+    """Base of every message: unknown fields are refused."""
+
+
+# --- Client → server -------------------------------------------------------------------------
+
+
+class _ClientMessage(_Strict, tag_field="type"):
+    id: RequestId
+    v: int = PROTOCOL_VERSION
+
+
+class ChatMessage(_Strict):
+    """One turn of a conversation."""
+
+    role: str
+    content: str
+
+
+class _Generation(_ClientMessage):
+    max_tokens: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    """Most tokens to generate; None: up to the end of the context."""
+    sampling: Sampling = msgspec.field(default_factory=Sampling)  # type: ignore[valid-type]
+    stream: bool = False
+    """Send a `Chunk` per step, not only the final `Done`."""
+    ignore_eos: bool = False
+    """Keep going past the model's end-of-generation tokens."""
+
+
+class Completion(_Generation, tag="completion", kw_only=True):
+    """Continue a prompt: text (tokenized with a leading BOS) or token ids as they are."""
+
+    prompt: str | list[TokenId]
+
+
+class Chat(_Generation, tag="chat", kw_only=True):
+    """Answer a conversation rendered through the model's chat template."""
+
+    messages: list[ChatMessage]
+
+
+class Cancel(_ClientMessage, tag="cancel"):
+    """Stop the request `id` of the same client; it ends with `Cancelled`."""
+
+
+class Health(_ClientMessage, tag="health"):
+    """Ask whether the server's processes are up."""
+
+
+class Info(_ClientMessage, tag="info"):
+    """Ask for the model and the server's limits."""
+
+
+ClientRequest = Completion | Chat | Cancel | Health | Info
+GenerationRequest = Completion | Chat
+
+
+# --- Server → client -------------------------------------------------------------------------
+
+
+class _Reply(_Strict, tag_field="type"):
+    id: RequestId | None
+
+
+class TokenLogprobs(_Strict):
+    """A generated token's log-probability and the most likely alternatives."""
+
+    logprob: float
+    top: list[tuple[TokenId, float]] = []
+
+
+class Chunk(_Reply, tag="chunk"):
+    """What one step added to a streaming request (text is never split inside a character;
+    it may be empty while a stop string is still possible)."""
+
+    token_ids: list[TokenId]
+    text: str
+    logprobs: list[TokenLogprobs] | None = None
+
+
+class Done(_Reply, tag="done"):
+    """A request finished. For a streaming request the tokens and text came in the chunks and
+    these fields are empty."""
+
+    finish_reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+    token_ids: list[TokenId] = []
+    text: str = ""
+    logprobs: list[TokenLogprobs] | None = None
+
+
+class Cancelled(_Reply, tag="cancelled"):
+    """A request ended because the client cancelled it."""
+
+
+ErrorCode = Literal[
+    "bad_request",  # malformed message or invalid parameters
+    "too_large",  # message over the size limit
+    "context_length",  # prompt (plus max_tokens) does not fit the context or the KV pool
+    "busy",  # the queue of requests is full; retry later
+    "version",  # a protocol version the server does not speak
+    "worker_failed",  # a worker holding the request died
+    "internal",  # anything else gone wrong on the server
+]
+
+
+class Error(_Reply, tag="error"):
+    """A request failed; `message` says why in words a user can act on."""
+
+    code: ErrorCode
+    message: str
+
+
+class WorkerState(_Strict):
+    """One server process as the supervisor sees it."""
+
+    name: str
+    pid: int
+    alive: bool
+    restarts: int
+
+
+class HealthStatus(_Reply, tag="health"):
+    """Whether every worker is up, and the load."""
+
+    ok: bool
+    workers: list[WorkerState]
+    requests_in_flight: int
+
+
+class ServerInfo(_Reply, tag="info"):
+    """The model served and the limits a client must respect."""
+
+    model: str
+    architecture: str
+    vocab_size: int
+    n_ctx: int
+    max_batch: int
+    max_pending: int
+    max_message_bytes: int
+    protocol_version: int = PROTOCOL_VERSION
+
+
+ServerReply = Chunk | Done | Cancelled | Error | HealthStatus | ServerInfo
+
+
+# --- Between workers -------------------------------------------------------------------------
+
+
+class _Internal(_Strict, tag_field="type"):
+    pass
+
+
+class TokenizeJob(_Internal, tag="tokenize"):
+    """Front end → tokenizer worker: a new request, `rid` unique server-wide."""
+
+    rid: int
+    request: GenerationRequest
+
+
+class Forget(_Internal, tag="forget"):
+    """Front end → tokenizer worker: drop these requests' state (cancelled or failed)."""
+
+    rids: list[int]
+
+
+class Generate(_Internal, tag="generate"):
+    """Tokenizer worker → decode worker: a tokenized request to schedule."""
+
+    rid: int
+    prompt_ids: list[int]
+    max_tokens: int
+    sampling: Sampling  # type: ignore[valid-type]
+    stop_token_ids: list[int]
+    tokenizer: int
+    """Index of the tokenizer worker that gets this request's tokens."""
+
+
+class Abort(_Internal, tag="abort"):
+    """To the decode worker: stop these requests and free their KV (unknown ids ignored)."""
+
+    rids: list[int]
+
+
+class PrefillJob(_Internal, tag="prefill"):
+    """Decode worker → prefill worker: compute `token_ids` at positions from `start` on into
+    the KV blocks given (a block table and a ring set of the shared pool)."""
+
+    rid: int
+    epoch: int
+    """The decode worker's incarnation: answers to an earlier one are ignored."""
+    token_ids: list[int]
+    start: int
+    block_table: list[int]
+    ring_set: int
+
+
+class PrefillDone(_Internal, tag="prefill_done"):
+    """Prefill worker → decode worker: the job's KV is written (or `error` says why not)."""
+
+    rid: int
+    epoch: int
+    error: str | None = None
+
+
+class TokenOutput(_Strict):
+    """One request's token from one decode step."""
+
+    rid: int
+    token_id: int
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
+    finish_reason: FinishReason | None = None
+
+
+class StepOutputs(_Internal, tag="step"):
+    """Decode worker → tokenizer worker: the tokens of one step for that worker's requests."""
+
+    outputs: list[TokenOutput]
+
+
+class RequestFailed(_Internal, tag="failed"):
+    """Decode worker → tokenizer worker: a request could not run."""
+
+    rid: int
+    code: ErrorCode
+    message: str
+
+
+class Outbound(_Internal, tag="outbound"):
+    """Tokenizer worker → front end: an encoded `ServerReply` for request `rid`; `final`
+    when it ends the request."""
+
+    rid: int
+    final: bool
+    reply: msgspec.Raw
+
+
+class Ready(_Internal, tag="ready"):
+    """Worker → front end: the worker has loaded what it needs and serves its inbox."""
+
+    name: str
+    pid: int
+
+
+Internal = (
+    Ready
+    | TokenizeJob
+    | Forget
+    | Generate
+    | Abort
+    | PrefillJob
+    | PrefillDone
+    | StepOutputs
+    | RequestFailed
+    | Outbound
+)
+
+
+class KvPoolSpec(_Strict):
+    """Where the shared KV pool lives and how it is cut into blocks."""
+
+    kind: Literal["shm"]
+    path: str
+    block_size: int
+    n_blocks: int
+    n_ring_sets: int
+    ring_blocks: int
+    nbytes: int
+
+
+# --- Encoding --------------------------------------------------------------------------------
+
+_encoder = msgspec.msgpack.Encoder()
+_client_decoder = msgspec.msgpack.Decoder(ClientRequest)
+_reply_decoder = msgspec.msgpack.Decoder(ServerReply)
+_internal_decoder = msgspec.msgpack.Decoder(Internal)
+
+
+def encode(message: msgspec.Struct) -> bytes:
+    """The message as one frame."""
+    return _encoder.encode(message)
+
+
+def _decoded(decoder: msgspec.msgpack.Decoder, frame: bytes) -> typing.Any:
+    try:
+        return decoder.decode(frame)
+    except msgspec.ValidationError as e:
+        raise ProtocolError(f"invalid message: {e}") from None
+    except msgspec.DecodeError as e:
+        raise ProtocolError(f"undecodable message: {e}") from None
+
+
+def decode_request(frame: bytes) -> ClientRequest:
+    """A client's message (ProtocolError naming the problem when it is not one)."""
+    return _decoded(_client_decoder, frame)
+
+
+def decode_reply(frame: bytes) -> ServerReply:
+    """A server's reply (ProtocolError when it is not one)."""
+    return _decoded(_reply_decoder, frame)
+
+
+def decode_internal(frame: bytes) -> Internal:
+    """A message between workers (ProtocolError when it is not one)."""
+    return _decoded(_internal_decoder, frame)
+
+
+def request_id_of(frame: bytes) -> int | None:
+    """The `id` of a message that failed to decode, when one can still be read from it."""
+    try:
+        probe = msgspec.msgpack.decode(frame)
+    except msgspec.DecodeError:
+        return None
+    if isinstance(probe, dict):
+        rid = probe.get("id")
+        if isinstance(rid, int) and not isinstance(rid, bool) and 0 <= rid < 2**63:
+            return rid
+    return None

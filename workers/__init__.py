@@ -1,0 +1,13 @@
+"""The processes of `pygemma4 serve`, one module each.
+
+- `frontend`: the process `pygemma4 serve` runs: it binds the clients' endpoint, tracks every
+  request in flight and supervises the workers (`supervisor`).
+- `tokenizer`: renders chat, tokenizes prompts, detokenizes the tokens that come back and cuts
+  stop strings.
+- `decode`: owns the KV pool; schedules requests and decodes every running sequence together
+  each step (continuous batching).
+- `prefill`: computes prompts straight into the KV blocks the decode worker hands it.
+
+They talk over ZeroMQ with the messages of `pygemma4.protocol`; `runtime` holds what they
+share (configuration, sockets, the shared KV pool, process life).
+"""

@@ -1,0 +1,235 @@
+"""The decode worker: owner of the KV pool and scheduler of every request.
+
+Requests wait in arrival order until a batch place and the KV blocks for their whole length
+(prompt plus max_tokens) are free, so a running sequence never runs out of room and no
+sequence can touch another's blocks. The prompt, but its last token, goes to a prefill
+worker; the last prompt token is the sequence's first decode step, which yields the first
+logits. Each step then decodes every running sequence together (the weights are read once
+for all of them), samples each one's next token, sends the tokens to the tokenizer workers and
+retires the sequences that ended.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+
+from pygemma4 import protocol
+from pygemma4.config import open_model
+from pygemma4.engine import load_core_model
+from pygemma4.generation import TokenChoice
+from pygemma4.kv import BlockAllocator, SequenceKv
+from pygemma4.protocol import (
+    Abort,
+    Generate,
+    PrefillDone,
+    PrefillJob,
+    Ready,
+    RequestFailed,
+    StepOutputs,
+    TokenOutput,
+)
+from workers.runtime import (
+    POLL_MS,
+    Mailbox,
+    ServerConfig,
+    kv_layout,
+    map_kv_pool,
+    run_worker,
+    supervisor_alive,
+)
+
+
+@dataclass
+class Sequence:
+    """A request the decode worker has admitted."""
+
+    request: Generate
+    kv: SequenceKv
+    choice: TokenChoice
+    length: int = 0
+    """Positions of the sequence already in the KV cache."""
+    next_token: int = 0
+    """The token the next step feeds."""
+    aborted: bool = False
+
+
+class DecodeWorker:
+    """Schedules, batches and decodes."""
+
+    def __init__(self, config: ServerConfig, name: str, epoch: int) -> None:
+        self.config = config
+        self.name = name
+        self.epoch = epoch
+        model = open_model(config.model)
+        self.vocab_size = model.config.vocab_size
+        self.model = load_core_model(model, config.max_batch, config.threads)
+        self.pool = map_kv_pool(config.kv, model.config)
+        self.layout = kv_layout(config.kv)
+        self.allocator = BlockAllocator(self.layout)
+        self.waiting: deque[Generate] = deque()
+        self.prefilling: dict[int, Sequence] = {}
+        self.running: dict[int, Sequence] = {}
+        peers = ["frontend", *config.tokenizer_names(), *config.prefill_names()]
+        self.mail = Mailbox(config, name, peers)
+        self.next_prefill = 0
+
+    def run(self) -> None:
+        """Schedule and decode until the supervisor goes away."""
+        self.mail.send("frontend", Ready(name=self.name, pid=os.getpid()))
+        while supervisor_alive(self.config):
+            for message in self.mail.receive(0 if self.running else POLL_MS):
+                self.handle(message)
+            self.admit()
+            if self.running:
+                self.step()
+
+    def handle(self, message: protocol.Internal) -> None:
+        """Act on one message."""
+        if isinstance(message, Generate):
+            self.waiting.append(message)
+        elif isinstance(message, PrefillDone):
+            self.prefilled(message)
+        elif isinstance(message, Abort):
+            self.abort(set(message.rids))
+
+    def admit(self) -> None:
+        """Start waiting requests, oldest first, while a batch place and their KV fit."""
+        while self.waiting and len(self.running) + len(self.prefilling) < self.config.max_batch:
+            request = self.waiting[0]
+            positions = len(request.prompt_ids) + request.max_tokens - 1
+            needed = self.layout.blocks_for(positions)
+            if needed > self.layout.n_blocks:
+                self.waiting.popleft()
+                self.fail(
+                    request,
+                    "context_length",
+                    f"the request needs KV for {positions} positions, more than the server's "
+                    f"pool holds ({self.layout.n_blocks * self.layout.block_size})",
+                )
+                continue
+            if not self.allocator.can_allocate(needed):
+                return
+            self.waiting.popleft()
+            self.start(request, positions)
+
+    def start(self, request: Generate, positions: int) -> None:
+        """Reserve a request's KV and send its prompt to be prefilled."""
+        kv = SequenceKv(self.allocator)
+        kv.ensure(positions)
+        try:
+            choice = TokenChoice(
+                request.prompt_ids,
+                request.max_tokens,
+                protocol.sampling_params(request.sampling),
+                request.stop_token_ids,
+            )
+        except ValueError as e:
+            kv.release()
+            self.fail(request, "bad_request", str(e))
+            return
+        prompt = request.prompt_ids
+        sequence = Sequence(request, kv, choice, length=len(prompt) - 1, next_token=prompt[-1])
+        if len(prompt) == 1:
+            self.running[request.rid] = sequence
+            return
+        self.prefilling[request.rid] = sequence
+        prefill = self.config.prefill_names()[self.next_prefill % self.config.prefill_workers]
+        self.next_prefill += 1
+        self.mail.send(
+            prefill,
+            PrefillJob(
+                rid=request.rid,
+                epoch=self.epoch,
+                token_ids=prompt[:-1],
+                start=0,
+                block_table=kv.block_table,
+                ring_set=kv.ring_set,
+            ),
+        )
+
+    def prefilled(self, done: PrefillDone) -> None:
+        """A prompt's KV is written: the sequence joins the next step."""
+        if done.epoch != self.epoch:
+            return
+        sequence = self.prefilling.pop(done.rid, None)
+        if sequence is None:
+            return
+        if sequence.aborted:
+            sequence.kv.release()
+        elif done.error is not None:
+            sequence.kv.release()
+            self.fail(sequence.request, "internal", f"prefill failed: {done.error}")
+        else:
+            self.running[done.rid] = sequence
+
+    def abort(self, rids: set[int]) -> None:
+        """Stop requests wherever they are; KV being prefilled is freed once the prefill
+        worker is done writing it."""
+        self.waiting = deque(r for r in self.waiting if r.rid not in rids)
+        for rid in rids:
+            if rid in self.running:
+                self.running.pop(rid).kv.release()
+            elif rid in self.prefilling:
+                self.prefilling[rid].aborted = True
+
+    def step(self) -> None:
+        """Decode one token for every running sequence."""
+        sequences = list(self.running.values())
+        width = max(len(s.kv.block_table) for s in sequences)
+        logits = self.model.forward(
+            self.pool,
+            np.array([s.next_token for s in sequences], dtype=np.int32),
+            np.array([s.length for s in sequences], dtype=np.int32),
+            np.arange(len(sequences), dtype=np.int32),
+            np.stack([s.kv.table_array(width) for s in sequences]),
+            np.array([s.kv.ring_set for s in sequences], dtype=np.int32),
+            np.arange(len(sequences), dtype=np.int32),
+        )
+        outputs: dict[int, list[TokenOutput]] = {}
+        for sequence, row in zip(sequences, logits, strict=True):
+            rid = sequence.request.rid
+            try:
+                sampled, reason = sequence.choice.step(row)
+            except ValueError as e:
+                self.running.pop(rid).kv.release()
+                self.fail(sequence.request, "internal", f"sampling failed: {e}")
+                continue
+            sequence.length += 1
+            sequence.next_token = sampled.token_id
+            outputs.setdefault(sequence.request.tokenizer, []).append(
+                TokenOutput(
+                    rid=rid,
+                    token_id=sampled.token_id,
+                    logprob=sampled.logprob,
+                    top_logprobs=list(sampled.top_logprobs) or None,
+                    finish_reason=reason,
+                )
+            )
+            if reason is not None:
+                self.running.pop(rid).kv.release()
+        names = self.config.tokenizer_names()
+        for index, batch in outputs.items():
+            self.mail.send(names[index], StepOutputs(outputs=batch))
+
+    def fail(self, request: Generate, code: protocol.ErrorCode, message: str) -> None:
+        """End a request with an error, through its tokenizer worker."""
+        self.mail.send(
+            self.config.tokenizer_names()[request.tokenizer],
+            RequestFailed(rid=request.rid, code=code, message=message),
+        )
+
+
+def main(config: ServerConfig, name: str, epoch: int) -> None:
+    worker = DecodeWorker(config, name, epoch)
+    try:
+        worker.run()
+    finally:
+        worker.mail.close()
+
+
+if __name__ == "__main__":
+    run_worker(main)

@@ -1,0 +1,403 @@
+"""The front end: the process `pygemma4 serve` runs.
+
+It binds the clients' endpoint (a ROUTER socket), checks every client message, tracks each
+request in flight until it ends in exactly one of done, cancelled or error, and supervises the
+workers: a worker that dies is restarted and the requests it held fail at once. `Server` sets
+up everything a server needs (runtime directory, shared KV pool, configuration, processes) and
+removes it again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import os
+import secrets
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import zmq
+
+from pygemma4 import protocol
+from pygemma4.config import open_model
+from pygemma4.errors import Gemma4Error
+from pygemma4.kv import DEFAULT_BLOCK_SIZE, KvLayout
+from pygemma4.protocol import (
+    Abort,
+    Cancel,
+    Cancelled,
+    Chat,
+    Completion,
+    Error,
+    Forget,
+    Health,
+    HealthStatus,
+    Info,
+    KvPoolSpec,
+    Outbound,
+    Ready,
+    ServerInfo,
+    TokenizeJob,
+)
+from pygemma4.tokenizer import carries_tokenizer
+from workers.runtime import Mailbox, ServerConfig, write_config
+from workers.supervisor import Supervisor, WorkerProcess
+
+# The front end answers messages up to `max_message_bytes` with an error naming the limit;
+# ZeroMQ drops a peer that sends more than this many times that, before it is buffered whole.
+HARD_SIZE_FACTOR = 4
+LOOP_MS = 50
+DRAIN = 1000  # most messages taken from one socket before looking at the others
+START_TIMEOUT_S = 600.0
+
+
+class ServerStartError(Gemma4Error, RuntimeError):
+    """The server could not start (a worker failed while loading, the endpoint is taken)."""
+
+
+@dataclass
+class Tracked:
+    """A request in flight: who sent it, under which id, and which tokenizer worker has it."""
+
+    identity: bytes
+    client_id: int
+    tokenizer: int
+
+
+class FrontEnd:
+    """Routes client messages to the workers and replies back, and reacts to worker deaths."""
+
+    def __init__(self, config: ServerConfig, supervisor: Supervisor, info: ServerInfo) -> None:
+        self.config = config
+        self.supervisor = supervisor
+        self.info = info
+        self.mail = Mailbox(config, "frontend", [*config.tokenizer_names(), "decode"])
+        self.router = self.mail.context.socket(zmq.ROUTER)
+        self.router.setsockopt(zmq.LINGER, 0)
+        self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.router.setsockopt(zmq.MAXMSGSIZE, config.max_message_bytes * HARD_SIZE_FACTOR)
+        try:
+            self.router.bind(config.endpoint)
+        except zmq.ZMQError as e:
+            self.mail.close()
+            raise ServerStartError(f"cannot listen on {config.endpoint}: {e}") from None
+        self.requests: dict[int, Tracked] = {}
+        self.by_client: dict[tuple[bytes, int], int] = {}
+        self.rids = itertools.count()
+        self.poller = zmq.Poller()
+        self.poller.register(self.router, zmq.POLLIN)
+        self.poller.register(self.mail.inbox, zmq.POLLIN)
+
+    def wait_ready(self, progress: Callable[[int, int], None]) -> None:
+        """Return once every worker has loaded; `progress(ready, total)` after each one."""
+        workers = self.supervisor.workers
+        progress(0, len(workers))
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not all(w.ready for w in workers.values()):
+            for message in self.mail.receive(LOOP_MS):
+                if isinstance(message, Ready):
+                    self.mark_ready(message)
+                    progress(sum(w.ready for w in workers.values()), len(workers))
+            dead = [w for w in workers.values() if w.process is not None and not w.alive()]
+            if dead:
+                raise ServerStartError(
+                    f"the {dead[0].name} worker exited with code {dead[0].process.returncode} "
+                    "while loading (its error is printed above)"
+                )
+            if time.monotonic() > deadline:
+                raise ServerStartError(f"workers not ready after {START_TIMEOUT_S:.0f} s")
+
+    def mark_ready(self, message: Ready) -> None:
+        worker = self.supervisor.workers.get(message.name)
+        if worker is not None and worker.pid == message.pid:
+            worker.ready = True
+
+    def serve(self, should_stop: Callable[[], bool]) -> None:
+        """Serve until `should_stop()` says so."""
+        while not should_stop():
+            events = dict(self.poller.poll(LOOP_MS))
+            if self.router in events:
+                self.drain_clients()
+            if self.mail.inbox in events:
+                for message in self.mail.receive(0):
+                    self.handle_internal(message)
+            died = self.supervisor.reap()
+            if died:
+                self.fail_held(died)
+            self.supervisor.restart_due()
+
+    def drain_clients(self) -> None:
+        for _ in range(DRAIN):
+            try:
+                frames = self.router.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self.handle_client(frames[0], frames[1:])
+
+    def handle_client(self, identity: bytes, frames: list[bytes]) -> None:
+        """Check one client message and act on it; anything wrong gets an error reply."""
+        if len(frames) != 1:
+            self.reply(
+                identity,
+                Error(
+                    id=None,
+                    code="bad_request",
+                    message=(f"a message is exactly one frame, got {len(frames)}"),
+                ),
+            )
+            return
+        payload = frames[0]
+        if len(payload) > self.config.max_message_bytes:
+            self.reply(
+                identity,
+                Error(
+                    id=protocol.request_id_of(payload),
+                    code="too_large",
+                    message=f"message of {len(payload)} bytes exceeds the limit of "
+                    f"{self.config.max_message_bytes} bytes",
+                ),
+            )
+            return
+        try:
+            message = protocol.decode_request(payload)
+        except protocol.ProtocolError as e:
+            self.reply(
+                identity,
+                Error(id=protocol.request_id_of(payload), code="bad_request", message=str(e)),
+            )
+            return
+        if message.v != protocol.PROTOCOL_VERSION:
+            self.reply(
+                identity,
+                Error(
+                    id=message.id,
+                    code="version",
+                    message=(
+                        f"protocol version {message.v} is not supported; this server speaks "
+                        f"version {protocol.PROTOCOL_VERSION}"
+                    ),
+                ),
+            )
+        elif isinstance(message, (Completion, Chat)):
+            self.submit(identity, message)
+        elif isinstance(message, Cancel):
+            rid = self.by_client.get((identity, message.id))
+            if rid is not None:
+                self.end(rid, Cancelled(id=message.id))
+        elif isinstance(message, Health):
+            states = self.supervisor.states()
+            self.reply(
+                identity,
+                HealthStatus(
+                    id=message.id,
+                    ok=all(s.alive for s in states),
+                    workers=states,
+                    requests_in_flight=len(self.requests),
+                ),
+            )
+        elif isinstance(message, Info):
+            self.reply(identity, msgspec.structs.replace(self.info, id=message.id))
+
+    def submit(self, identity: bytes, request: Completion | Chat) -> None:
+        """Hand a new request to a tokenizer worker, unless it cannot be taken now."""
+        key = (identity, request.id)
+        if key in self.by_client:
+            self.reply(
+                identity,
+                Error(
+                    id=request.id,
+                    code="bad_request",
+                    message=(f"request id {request.id} is already in flight on this connection"),
+                ),
+            )
+            return
+        if len(self.requests) >= self.config.max_pending:
+            self.reply(
+                identity,
+                Error(
+                    id=request.id,
+                    code="busy",
+                    message=(
+                        f"server busy: {len(self.requests)} requests in flight, the limit; "
+                        "retry later"
+                    ),
+                ),
+            )
+            return
+        rid = next(self.rids)
+        tokenizer = rid % self.config.tokenizer_workers
+        self.requests[rid] = Tracked(identity, request.id, tokenizer)
+        self.by_client[key] = rid
+        self.mail.send(
+            self.config.tokenizer_names()[tokenizer], TokenizeJob(rid=rid, request=request)
+        )
+
+    def handle_internal(self, message: protocol.Internal) -> None:
+        if isinstance(message, Outbound):
+            tracked = self.requests.get(message.rid)
+            if tracked is None:
+                return
+            if message.final:
+                self.forget(message.rid)
+            self.send(tracked.identity, bytes(message.reply))
+        elif isinstance(message, Ready):
+            self.mark_ready(message)
+
+    def fail_held(self, died: list[WorkerProcess]) -> None:
+        """Fail, at once, every request a dead worker (or its group) held."""
+        names = ", ".join(f"{w.name} (pid {w.pid or '?'})" for w in died)
+        if any(w.group == "kv" for w in died):
+            rids = list(self.requests)
+            for tokenizer in self.config.tokenizer_names():
+                self.mail.send(tokenizer, Forget(rids=rids))
+        else:
+            lost = {self.config.tokenizer_names().index(w.name) for w in died}
+            rids = [rid for rid, t in self.requests.items() if t.tokenizer in lost]
+            self.mail.send("decode", Abort(rids=rids))
+        for rid in rids:
+            tracked = self.requests[rid]
+            self.end(
+                rid,
+                Error(
+                    id=tracked.client_id,
+                    code="worker_failed",
+                    message=(
+                        f"worker {names} died while holding this request; it is being restarted, "
+                        "retry the request"
+                    ),
+                ),
+                abort=False,
+            )
+
+    def end(self, rid: int, reply: protocol.ServerReply, abort: bool = True) -> None:
+        """End a request from here: reply, and have the workers drop it."""
+        tracked = self.requests[rid]
+        self.forget(rid)
+        if abort:
+            self.mail.send("decode", Abort(rids=[rid]))
+            self.mail.send(self.config.tokenizer_names()[tracked.tokenizer], Forget(rids=[rid]))
+        self.reply(tracked.identity, reply)
+
+    def forget(self, rid: int) -> None:
+        tracked = self.requests.pop(rid)
+        del self.by_client[(tracked.identity, tracked.client_id)]
+
+    def reply(self, identity: bytes, reply: protocol.ServerReply) -> None:
+        self.send(identity, protocol.encode(reply))
+
+    def send(self, identity: bytes, payload: bytes) -> None:
+        """Send to a client; one that is gone or does not read is dropped with its requests."""
+        try:
+            self.router.send_multipart([identity, payload], zmq.NOBLOCK)
+        except zmq.ZMQError:
+            for rid in [r for r, t in self.requests.items() if t.identity == identity]:
+                self.end(rid, Cancelled(id=self.requests[rid].client_id))
+
+    def close(self) -> None:
+        self.mail.close()
+
+
+def _shared_memory_dir() -> str:
+    """Where the KV pool file lives: RAM-backed where the system has it."""
+    return "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+
+
+class Server:
+    """Everything one `pygemma4 serve` holds; `close` leaves nothing behind."""
+
+    def __init__(
+        self,
+        model: str | os.PathLike[str],
+        *,
+        endpoint: str,
+        threads: int,
+        prefill_threads: int,
+        max_batch: int,
+        n_ctx: int | None,
+        prefill_chunk: int,
+        tokenizer_workers: int,
+        prefill_workers: int,
+        max_pending: int,
+        max_message_bytes: int,
+        kv_tokens: int | None,
+    ) -> None:
+        model_file = open_model(model)
+        if not carries_tokenizer(model_file.gguf.metadata):
+            raise ServerStartError(f"{model}: the file carries no tokenizer, which serving needs")
+        config = model_file.config
+        n_ctx = min(config.n_ctx_train, 4096) if n_ctx is None else n_ctx
+        layout = KvLayout.for_model(
+            config,
+            n_ctx=n_ctx,
+            max_sequences=max_batch,
+            max_chunk=prefill_chunk,
+            n_blocks=None if kv_tokens is None else -(-kv_tokens // DEFAULT_BLOCK_SIZE),
+        )
+        self.runtime_dir = Path(tempfile.mkdtemp(prefix="pygemma4-"))
+        self.kv_path = (
+            Path(_shared_memory_dir()) / f"pygemma4-{os.getpid()}-{secrets.token_hex(4)}.kv"
+        )
+        self.frontend: FrontEnd | None = None
+        try:
+            with open(self.kv_path, "xb") as f:
+                f.truncate(layout.nbytes)
+            self.config = ServerConfig(
+                model=str(Path(model).resolve()),
+                endpoint=endpoint,
+                runtime_dir=str(self.runtime_dir),
+                threads=threads,
+                prefill_threads=prefill_threads,
+                max_batch=max_batch,
+                n_ctx=n_ctx,
+                prefill_chunk=prefill_chunk,
+                tokenizer_workers=tokenizer_workers,
+                prefill_workers=prefill_workers,
+                max_pending=max_pending,
+                max_message_bytes=max_message_bytes,
+                kv=KvPoolSpec(kind="shm", path=str(self.kv_path), **dataclasses.asdict(layout)),
+                supervisor_pid=os.getpid(),
+            )
+            config_path = self.runtime_dir / "config.msgpack"
+            write_config(self.config, config_path)
+            self.supervisor = Supervisor(self.config, config_path)
+            info = ServerInfo(
+                id=None,
+                model=Path(model).name,
+                architecture=str(model_file.gguf.metadata.get("general.architecture", "")),
+                vocab_size=config.vocab_size,
+                n_ctx=n_ctx,
+                max_batch=max_batch,
+                max_pending=max_pending,
+                max_message_bytes=max_message_bytes,
+            )
+            self.frontend = FrontEnd(self.config, self.supervisor, info)
+        except BaseException:
+            self.close()
+            raise
+
+    def start(self, progress: Callable[[int, int], None]) -> None:
+        """Start the workers and wait until they have loaded."""
+        self.supervisor.start_all()
+        assert self.frontend is not None
+        self.frontend.wait_ready(progress)
+
+    def serve(self, should_stop: Callable[[], bool]) -> None:
+        """Answer clients until `should_stop()`."""
+        assert self.frontend is not None
+        self.frontend.serve(should_stop)
+
+    def close(self) -> None:
+        """Stop every process and remove the sockets, the KV pool and the runtime files."""
+        supervisor: Any = getattr(self, "supervisor", None)
+        if supervisor is not None:
+            supervisor.stop_all()
+        if self.frontend is not None:
+            self.frontend.close()
+        self.kv_path.unlink(missing_ok=True)
+        shutil.rmtree(self.runtime_dir, ignore_errors=True)

@@ -1,0 +1,126 @@
+"""The prefill worker: computes prompts into the KV blocks the decode worker hands it.
+
+Jobs are packed into forward calls of up to `prefill_chunk` tokens, oldest first: a long
+prompt is cut into chunks, and several short ones share a call. A job is answered once its
+last token is written. The worker writes only the blocks of its jobs and owns nothing.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+
+from pygemma4.config import open_model
+from pygemma4.engine import load_core_model
+from pygemma4.protocol import PrefillDone, PrefillJob, Ready
+from workers.runtime import (
+    POLL_MS,
+    Mailbox,
+    ServerConfig,
+    map_kv_pool,
+    run_worker,
+    supervisor_alive,
+)
+
+
+@dataclass
+class Job:
+    """A prefill job and how much of it is written."""
+
+    message: PrefillJob
+    done: int = 0
+
+
+class PrefillWorker:
+    """Packs and runs prefill jobs."""
+
+    def __init__(self, config: ServerConfig, name: str) -> None:
+        self.config = config
+        self.name = name
+        model = open_model(config.model)
+        self.model = load_core_model(model, config.prefill_chunk, config.prefill_threads)
+        self.pool = map_kv_pool(config.kv, model.config)
+        self.jobs: deque[Job] = deque()
+        self.mail = Mailbox(config, name, ["frontend", "decode"])
+
+    def run(self) -> None:
+        """Prefill until the supervisor goes away."""
+        self.mail.send("frontend", Ready(name=self.name, pid=os.getpid()))
+        while supervisor_alive(self.config):
+            for message in self.mail.receive(0 if self.jobs else POLL_MS):
+                if isinstance(message, PrefillJob):
+                    self.jobs.append(Job(message))
+            if self.jobs:
+                self.run_chunk()
+
+    def run_chunk(self) -> None:
+        """One forward call over the next `prefill_chunk` tokens of the queued jobs."""
+        budget = self.config.prefill_chunk
+        packed: list[tuple[Job, int]] = []
+        for job in self.jobs:
+            take = min(budget, len(job.message.token_ids) - job.done)
+            packed.append((job, take))
+            budget -= take
+            if budget == 0:
+                break
+        if not self.forward(packed) and len(packed) > 1:
+            # The core checks a whole call before writing anything: run the jobs one by one
+            # so that only the one it refuses fails.
+            for part in packed:
+                self.forward([part])
+
+    def forward(self, packed: list[tuple[Job, int]]) -> bool:
+        """Write the next tokens of each packed job; a job whose call the core refuses
+        fails when it is alone in it. Whether the call ran."""
+        tokens, positions, seqs = [], [], []
+        for index, (job, take) in enumerate(packed):
+            first = job.message.start + job.done
+            tokens.extend(job.message.token_ids[job.done : job.done + take])
+            positions.extend(range(first, first + take))
+            seqs.extend([index] * take)
+        width = max(len(job.message.block_table) for job, _ in packed)
+        tables = np.full((len(packed), width), -1, dtype=np.int32)
+        for index, (job, _) in enumerate(packed):
+            tables[index, : len(job.message.block_table)] = job.message.block_table
+        try:
+            self.model.forward(
+                self.pool,
+                np.array(tokens, dtype=np.int32),
+                np.array(positions, dtype=np.int32),
+                np.array(seqs, dtype=np.int32),
+                tables,
+                np.array([job.message.ring_set for job, _ in packed], dtype=np.int32),
+                np.empty(0, dtype=np.int32),
+            )
+        except ValueError as e:
+            if len(packed) == 1:
+                self.jobs.remove(packed[0][0])
+                self.answer(packed[0][0], str(e))
+            return False
+        for job, take in packed:
+            job.done += take
+            if job.done == len(job.message.token_ids):
+                self.jobs.remove(job)
+                self.answer(job, None)
+        return True
+
+    def answer(self, job: Job, error: str | None) -> None:
+        """Tell the decode worker the job is written, or why it failed."""
+        self.mail.send(
+            "decode", PrefillDone(rid=job.message.rid, epoch=job.message.epoch, error=error)
+        )
+
+
+def main(config: ServerConfig, name: str, epoch: int) -> None:
+    worker = PrefillWorker(config, name)
+    try:
+        worker.run()
+    finally:
+        worker.mail.close()
+
+
+if __name__ == "__main__":
+    run_worker(main)

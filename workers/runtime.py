@@ -1,0 +1,153 @@
+"""What every server process shares: its configuration, its sockets, the KV pool in shared
+memory, and how a worker process starts, runs and stops."""
+
+from __future__ import annotations
+
+import argparse
+import mmap
+import os
+import signal
+import sys
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import zmq
+
+from pygemma4 import protocol
+from pygemma4.config import ModelConfig
+from pygemma4.kv import KvLayout
+from pygemma4.protocol import KvPoolSpec
+
+# How long a worker waits on its inbox before checking that its supervisor still lives.
+POLL_MS = 200
+# Most messages queued towards one peer before sends block: bounded, so a stalled peer cannot
+# exhaust memory, yet far above what a healthy step produces.
+QUEUE_LIMIT = 100_000
+
+
+class ServerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Everything a worker needs to know, written by the supervisor for each process."""
+
+    model: str
+    endpoint: str
+    runtime_dir: str
+    threads: int
+    prefill_threads: int
+    max_batch: int
+    n_ctx: int
+    prefill_chunk: int
+    tokenizer_workers: int
+    prefill_workers: int
+    max_pending: int
+    max_message_bytes: int
+    kv: KvPoolSpec
+    supervisor_pid: int
+
+    def inbox(self, name: str) -> str:
+        """The ipc endpoint of the process called `name` (e.g. "decode", "tokenizer-0")."""
+        return f"ipc://{self.runtime_dir}/{name}"
+
+    def tokenizer_names(self) -> list[str]:
+        """The names of the tokenizer workers."""
+        return [f"tokenizer-{i}" for i in range(self.tokenizer_workers)]
+
+    def prefill_names(self) -> list[str]:
+        """The names of the prefill workers."""
+        return [f"prefill-{i}" for i in range(self.prefill_workers)]
+
+
+def write_config(config: ServerConfig, path: Path) -> None:
+    """Store the configuration where workers read it."""
+    path.write_bytes(msgspec.msgpack.encode(config))
+
+
+def read_config(path: str | os.PathLike[str]) -> ServerConfig:
+    """The configuration the supervisor wrote."""
+    return msgspec.msgpack.decode(Path(path).read_bytes(), type=ServerConfig)
+
+
+class Mailbox:
+    """A process's one inbox (PULL, bound) and its outboxes (PUSH, connected), by name."""
+
+    def __init__(self, config: ServerConfig, name: str, peers: Iterable[str]) -> None:
+        self.context = zmq.Context()
+        self.inbox = self.context.socket(zmq.PULL)
+        self.inbox.setsockopt(zmq.LINGER, 0)
+        self.inbox.setsockopt(zmq.RCVHWM, QUEUE_LIMIT)
+        self.inbox.bind(config.inbox(name))
+        self.outboxes: dict[str, zmq.Socket[Any]] = {}
+        for peer in peers:
+            out = self.context.socket(zmq.PUSH)
+            out.setsockopt(zmq.LINGER, 0)
+            out.setsockopt(zmq.SNDHWM, QUEUE_LIMIT)
+            out.connect(config.inbox(peer))
+            self.outboxes[peer] = out
+
+    def send(self, peer: str, message: msgspec.Struct) -> None:
+        """Queue `message` for `peer` (delivered when it is up, even after a restart)."""
+        self.outboxes[peer].send(protocol.encode(message))
+
+    def receive(self, timeout_ms: int) -> list[protocol.Internal]:
+        """Every message waiting, after waiting up to `timeout_ms` for the first."""
+        messages: list[protocol.Internal] = []
+        if not self.inbox.poll(timeout_ms):
+            return messages
+        while True:
+            try:
+                frame = self.inbox.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return messages
+            try:
+                messages.append(protocol.decode_internal(frame))
+            except protocol.ProtocolError as e:
+                # Only our own processes can reach an inbox; a bad frame is a bug to report,
+                # not a reason to stop serving.
+                print(f"pygemma4 worker: dropped a bad internal message: {e}", file=sys.stderr)
+
+    def close(self) -> None:
+        """Close every socket."""
+        self.context.destroy(linger=0)
+
+
+def kv_layout(spec: KvPoolSpec) -> KvLayout:
+    """The layout of the shared pool `spec` describes."""
+    return KvLayout(
+        block_size=spec.block_size,
+        n_blocks=spec.n_blocks,
+        n_ring_sets=spec.n_ring_sets,
+        ring_blocks=spec.ring_blocks,
+        nbytes=spec.nbytes,
+    )
+
+
+def map_kv_pool(spec: KvPoolSpec, model_config: ModelConfig) -> Any:
+    """The shared KV pool as a `_core.KvPool` over the memory every worker maps."""
+    fd = os.open(spec.path, os.O_RDWR)
+    try:
+        memory = mmap.mmap(fd, spec.nbytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+    finally:
+        os.close(fd)
+    return kv_layout(spec).new_pool(model_config, memory)
+
+
+def supervisor_alive(config: ServerConfig) -> bool:
+    """Whether the process that started this one still runs (a worker must not outlive it)."""
+    return os.getppid() == config.supervisor_pid
+
+
+def run_worker(main: Callable[[ServerConfig, str, int], None]) -> None:
+    """The entry point of a worker process: `python -m workers.NAME CONFIG NAME EPOCH`.
+
+    SIGTERM ends the worker cleanly; SIGINT is left to the supervisor, which stops everything
+    in order.
+    """
+    parser = argparse.ArgumentParser()
+    parser.add_argument("config")
+    parser.add_argument("name")
+    parser.add_argument("epoch", type=int)
+    args = parser.parse_args()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    main(read_config(args.config), args.name, args.epoch)

@@ -1,0 +1,239 @@
+"""The tokenizer worker: turns requests into token ids for the decode worker, and the tokens
+that come back into the replies clients receive (text never split inside a character, stop
+strings cut)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import msgspec
+
+from pygemma4 import protocol
+from pygemma4.config import open_model
+from pygemma4.errors import Gemma4Error
+from pygemma4.generation import FinishReason, TextStream
+from pygemma4.protocol import (
+    Abort,
+    Chat,
+    Completion,
+    Error,
+    ErrorCode,
+    Forget,
+    Generate,
+    Outbound,
+    Ready,
+    RequestFailed,
+    StepOutputs,
+    TokenizeJob,
+    TokenLogprobs,
+    TokenOutput,
+)
+from pygemma4.tokenizer import Tokenizer
+from workers.runtime import POLL_MS, Mailbox, ServerConfig, run_worker, supervisor_alive
+
+
+class RequestRefused(Gemma4Error):
+    """A request that cannot run, with the error code its reply carries."""
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class TextState:
+    """What the worker keeps of one request while it generates."""
+
+    client_id: int
+    stream: bool
+    logprobs: bool
+    prompt_tokens: int
+    text: TextStream
+    token_ids: list[int] = field(default_factory=list)
+    pieces: list[str] = field(default_factory=list)
+    token_logprobs: list[TokenLogprobs] = field(default_factory=list)
+
+
+class TokenizerWorker:
+    """Serves the inbox of one tokenizer worker."""
+
+    def __init__(self, config: ServerConfig, name: str) -> None:
+        self.config = config
+        self.name = name
+        self.index = config.tokenizer_names().index(name)
+        model = open_model(config.model)
+        self.tokenizer = Tokenizer.from_metadata(model.gguf.metadata)
+        self.vocab_size = model.config.vocab_size
+        self.requests: dict[int, TextState] = {}
+        self.mail = Mailbox(config, name, ["frontend", "decode"])
+
+    def run(self) -> None:
+        """Answer messages until the supervisor goes away."""
+        self.mail.send("frontend", Ready(name=self.name, pid=os.getpid()))
+        while supervisor_alive(self.config):
+            for message in self.mail.receive(POLL_MS):
+                self.handle(message)
+
+    def handle(self, message: protocol.Internal) -> None:
+        """Act on one message."""
+        if isinstance(message, TokenizeJob):
+            self.start(message.rid, message.request)
+        elif isinstance(message, StepOutputs):
+            self.emit(message.outputs)
+        elif isinstance(message, RequestFailed):
+            state = self.requests.pop(message.rid, None)
+            if state is not None:
+                self.reply_error(message.rid, message.code, message.message, state.client_id)
+        elif isinstance(message, Forget):
+            for rid in message.rids:
+                self.requests.pop(rid, None)
+
+    def start(self, rid: int, request: Completion | Chat) -> None:
+        """Tokenize a request and hand it to the decode worker, or refuse it."""
+        try:
+            sampling = protocol.sampling_params(request.sampling)
+            prompt = self.prompt_ids(request)
+            max_tokens = self.max_tokens(len(prompt), request.max_tokens)
+            text = TextStream(self.tokenizer, sampling.stop)
+        except RequestRefused as e:
+            self.reply_error(rid, e.code, str(e), request.id)
+            return
+        except (Gemma4Error, ValueError) as e:
+            self.reply_error(rid, "bad_request", str(e), request.id)
+            return
+        self.requests[rid] = TextState(
+            client_id=request.id,
+            stream=request.stream,
+            logprobs=sampling.logprobs > 0,
+            prompt_tokens=len(prompt),
+            text=text,
+        )
+        stop_ids = [] if request.ignore_eos else sorted(self.tokenizer.end_of_generation_ids)
+        self.mail.send(
+            "decode",
+            Generate(
+                rid=rid,
+                prompt_ids=prompt,
+                max_tokens=max_tokens,
+                sampling=request.sampling,
+                stop_token_ids=stop_ids,
+                tokenizer=self.index,
+            ),
+        )
+
+    def prompt_ids(self, request: Completion | Chat) -> list[int]:
+        """The request's prompt as token ids (checked against the vocabulary)."""
+        if isinstance(request, Chat):
+            messages = [{"role": m.role, "content": m.content} for m in request.messages]
+            return self.tokenizer.encode_chat(messages)
+        if isinstance(request.prompt, str):
+            return self.tokenizer.encode(request.prompt)
+        if not request.prompt:
+            raise RequestRefused("bad_request", "prompt has no tokens")
+        bad = next((t for t in request.prompt if t >= self.vocab_size), None)
+        if bad is not None:
+            raise RequestRefused(
+                "bad_request", f"prompt token id {bad} out of range [0, {self.vocab_size})"
+            )
+        return list(request.prompt)
+
+    def max_tokens(self, n_prompt: int, requested: int | None) -> int:
+        """How many tokens the request may generate: all it asks, within the context (the
+        last token generated is never fed back, so it needs no room)."""
+        n_ctx = self.config.n_ctx
+        if n_prompt > n_ctx:
+            raise RequestRefused(
+                "context_length",
+                f"prompt of {n_prompt} tokens is longer than the context of {n_ctx} tokens",
+            )
+        room = n_ctx - n_prompt + 1
+        if requested is None:
+            return room
+        if requested > room:
+            raise RequestRefused(
+                "context_length",
+                f"prompt of {n_prompt} tokens plus max_tokens {requested} exceeds the context "
+                f"of {n_ctx} tokens (at most {room} new tokens fit)",
+            )
+        return requested
+
+    def emit(self, outputs: list[TokenOutput]) -> None:
+        """Turn one decode step's tokens into replies."""
+        unknown: list[int] = []
+        for out in outputs:
+            state = self.requests.get(out.rid)
+            if state is None:
+                unknown.append(out.rid)
+                continue
+            text, reason = state.text.push(out.token_id, out.finish_reason)
+            state.token_ids.append(out.token_id)
+            logprobs = self.logprobs_of(state, out)
+            if state.stream:
+                self.send_chunk(out.rid, state, [out.token_id], text, logprobs)
+            else:
+                state.pieces.append(text)
+                state.token_logprobs.extend(logprobs or ())
+            if reason is not None:
+                if out.finish_reason is None:  # a stop string: the decode worker goes on
+                    unknown.append(out.rid)
+                self.finish(out.rid, state, reason)
+        if unknown:
+            self.mail.send("decode", Abort(rids=unknown))
+
+    @staticmethod
+    def logprobs_of(state: TextState, out: TokenOutput) -> list[TokenLogprobs] | None:
+        """The token's log-probabilities as the reply carries them, if the request asked."""
+        if not state.logprobs or out.logprob is None:
+            return None
+        return [TokenLogprobs(logprob=out.logprob, top=list(out.top_logprobs or ()))]
+
+    def send_chunk(
+        self,
+        rid: int,
+        state: TextState,
+        token_ids: list[int],
+        text: str,
+        logprobs: list[TokenLogprobs] | None,
+    ) -> None:
+        chunk = protocol.Chunk(
+            id=state.client_id, token_ids=token_ids, text=text, logprobs=logprobs
+        )
+        self.outbound(rid, chunk, final=False)
+
+    def finish(self, rid: int, state: TextState, reason: FinishReason) -> None:
+        """Send the reply that ends a request and forget it."""
+        del self.requests[rid]
+        done = protocol.Done(
+            id=state.client_id,
+            finish_reason=reason,
+            prompt_tokens=state.prompt_tokens,
+            completion_tokens=len(state.token_ids),
+        )
+        if not state.stream:
+            done.token_ids = state.token_ids
+            done.text = "".join(state.pieces)
+            done.logprobs = state.token_logprobs if state.logprobs else None
+        self.outbound(rid, done, final=True)
+
+    def reply_error(self, rid: int, code: ErrorCode, message: str, client_id: int) -> None:
+        """End a request with an error reply."""
+        self.outbound(rid, Error(id=client_id, code=code, message=message), final=True)
+
+    def outbound(self, rid: int, reply: protocol.ServerReply, final: bool) -> None:
+        self.mail.send(
+            "frontend",
+            Outbound(rid=rid, final=final, reply=msgspec.Raw(protocol.encode(reply))),
+        )
+
+
+def main(config: ServerConfig, name: str, epoch: int) -> None:
+    worker = TokenizerWorker(config, name)
+    try:
+        worker.run()
+    finally:
+        worker.mail.close()
+
+
+if __name__ == "__main__":
+    run_worker(main)
