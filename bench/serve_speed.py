@@ -1,6 +1,7 @@
 """Aggregate decode speed of `pygemma4 serve` with 1 and with N concurrent streams.
 
     python bench/serve_speed.py [MODEL.gguf] [--streams 1 8] [--max-tokens 64] [--threads 2]
+        [--prefill-threads 1] [--runs 3]
 
 Starts a server on the model (the demo model without one), then for each stream count runs
 that many greedy completions at once, all of the same length (end-of-generation ignored), after
@@ -43,6 +44,7 @@ async def one_round(endpoint: str, streams: int, prompt: list[int], max_tokens: 
 def start_server(model: str | None, endpoint: str, args: argparse.Namespace) -> subprocess.Popen:
     command = [sys.executable, "-m", "pygemma4", "serve", "--endpoint", endpoint]
     command += ["--threads", str(args.threads), "--max-batch", str(max(args.streams))]
+    command += ["--prefill-threads", str(args.prefill_threads or args.threads)]
     if model:
         command.insert(4, model)
     server = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
@@ -60,6 +62,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--prompt", type=int, default=16, help="prompt length in tokens")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--prefill-threads", type=int, help="[default: --threads]")
     parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args()
     endpoint = f"ipc://{tempfile.mkdtemp(prefix='pygemma4-bench-')}/serve"

@@ -1,6 +1,7 @@
 """One request's continuation, token by token: sampling, end-of-generation tokens, stop strings
-and the text that streams out. Model-free, so the in-process engine and the serving workers
-share it."""
+and the text that streams out. Model-free, in two halves the server runs in different
+processes: `TokenChoice` (the token side, in the decode worker) and `TextStream` (the text
+side, in a tokenizer worker); `Generation` joins them for the in-process engine."""
 
 from __future__ import annotations
 
