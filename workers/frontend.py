@@ -114,6 +114,7 @@ class FrontEnd:
                 raise ServerStartError(f"workers not ready after {START_TIMEOUT_S:.0f} s")
 
     def mark_ready(self, message: Ready) -> None:
+        """Note that a worker (this incarnation of it) has loaded."""
         worker = self.supervisor.workers.get(message.name)
         if worker is not None and worker.pid == message.pid:
             worker.ready = True
@@ -133,6 +134,7 @@ class FrontEnd:
             self.supervisor.restart_due()
 
     def drain_clients(self) -> None:
+        """Handle the client messages waiting (a bounded number, so workers get their turn)."""
         for _ in range(DRAIN):
             try:
                 frames = self.router.recv_multipart(zmq.NOBLOCK)
@@ -239,6 +241,7 @@ class FrontEnd:
         )
 
     def handle_internal(self, message: protocol.Internal) -> None:
+        """Act on one message from a worker."""
         if isinstance(message, Outbound):
             tracked = self.requests.get(message.rid)
             if tracked is None:
@@ -276,30 +279,41 @@ class FrontEnd:
             )
 
     def end(self, rid: int, reply: protocol.ServerReply, abort: bool = True) -> None:
-        """End a request from here: reply, and have the workers drop it."""
+        """End a request from here with `reply`; with `abort`, the workers drop it too."""
         tracked = self.requests[rid]
-        self.forget(rid)
         if abort:
-            self.mail.send("decode", Abort(rids=[rid]))
-            self.mail.send(self.config.tokenizer_names()[tracked.tokenizer], Forget(rids=[rid]))
+            self.drop(rid)
+        else:
+            self.forget(rid)
         self.reply(tracked.identity, reply)
 
+    def drop(self, rid: int) -> None:
+        """Stop tracking a request and have the workers stop it and free its KV."""
+        tracked = self.requests[rid]
+        self.forget(rid)
+        self.mail.send("decode", Abort(rids=[rid]))
+        self.mail.send(self.config.tokenizer_names()[tracked.tokenizer], Forget(rids=[rid]))
+
     def forget(self, rid: int) -> None:
+        """Stop tracking a request."""
         tracked = self.requests.pop(rid)
         del self.by_client[(tracked.identity, tracked.client_id)]
 
     def reply(self, identity: bytes, reply: protocol.ServerReply) -> None:
+        """Send a reply to a client."""
         self.send(identity, protocol.encode(reply))
 
     def send(self, identity: bytes, payload: bytes) -> None:
-        """Send to a client; one that is gone or does not read is dropped with its requests."""
+        """Send to a client; one that is gone, or does not read its replies, loses its
+        requests (the workers stop them and free their KV)."""
         try:
             self.router.send_multipart([identity, payload], zmq.NOBLOCK)
         except zmq.ZMQError:
             for rid in [r for r, t in self.requests.items() if t.identity == identity]:
-                self.end(rid, Cancelled(id=self.requests[rid].client_id))
+                self.drop(rid)
 
     def close(self) -> None:
+        """Close every socket."""
         self.mail.close()
 
 
