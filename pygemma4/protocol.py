@@ -373,7 +373,9 @@ def _decoded(decoder: msgspec.msgpack.Decoder, frame: bytes) -> typing.Any:
         return decoder.decode(frame)
     except msgspec.ValidationError as e:
         raise ProtocolError(f"invalid message: {e}") from None
-    except msgspec.DecodeError as e:
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as e:
+        # Text that is not UTF-8 and nesting deeper than the decoder recurses are not
+        # DecodeErrors, but are as undecodable.
         raise ProtocolError(f"undecodable message: {e}") from None
 
 
@@ -396,7 +398,7 @@ def request_id_of(frame: bytes) -> int | None:
     """The `id` of a message that failed to decode, when one can still be read from it."""
     try:
         probe = msgspec.msgpack.decode(frame)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
         return None
     if isinstance(probe, dict):
         rid = probe.get("id")

@@ -606,8 +606,11 @@ class Sampler:
                 ids, weights = ids[kept], weights[kept]
         if params.min_p > 0.0:
             # p >= min_p * p_max  <=>  logit >= top + temperature * log(min_p); the bound is
-            # rounded up to a float32 so that comparing with float32 logits stays exact.
-            bound = top + float(temperature) * math.log(params.min_p)
+            # rounded up to a float32 so that comparing with float32 logits stays exact. p_max
+            # is that of the tokens still kept: at extreme temperatures every weight rounds to
+            # 1, and top-p may then have kept equals that do not include the top logit.
+            kept_top = top if ids is None else float(work[ids].max())
+            bound = kept_top + float(temperature) * math.log(params.min_p)
             cut = np.float32(bound)
             if float(cut) < bound:
                 cut = np.nextafter(cut, np.float32(math.inf))

@@ -663,3 +663,11 @@ def test_logits_are_not_modified(params: SamplingParams, dtype: type[np.generic]
     sampler.distribution(logits)
     apply_penalties(logits, params, [1, 2], [3])
     np.testing.assert_array_equal(logits, original)
+
+
+def test_extreme_temperature_with_top_p_and_min_p_still_draws_a_token() -> None:
+    # At temperature 1e30 every weight rounds to 1: top-p keeps the lowest ids, which need not
+    # hold the top logit, and min-p must measure against the tokens it keeps.
+    logits = np.linspace(-1.0, 1.0, 50, dtype=np.float32)
+    params = SamplingParams(temperature=1e30, top_p=1e-300, min_p=1.0, seed=0)
+    assert Sampler(params, []).sample(logits).token_id == 0

@@ -194,7 +194,7 @@ class DecodeWorker:
             rid = sequence.request.rid
             try:
                 sampled, reason = sequence.choice.step(row)
-            except ValueError as e:
+            except Exception as e:  # a sampler failure ends its request, never the worker
                 self.running.pop(rid).kv.release()
                 self.fail(sequence.request, "internal", f"sampling failed: {e}")
                 continue

@@ -10,10 +10,12 @@ removes it again.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import itertools
 import os
 import secrets
 import shutil
+import socket
 import tempfile
 import time
 from collections.abc import Callable
@@ -83,6 +85,8 @@ class FrontEnd:
         self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.router.setsockopt(zmq.MAXMSGSIZE, config.max_message_bytes * HARD_SIZE_FACTOR)
         try:
+            if _ipc_in_use(config.endpoint):
+                raise zmq.ZMQError(errno.EADDRINUSE)
             self.router.bind(config.endpoint)
         except zmq.ZMQError as e:
             self.mail.close()
@@ -315,6 +319,19 @@ class FrontEnd:
     def close(self) -> None:
         """Close every socket."""
         self.mail.close()
+
+
+def _ipc_in_use(endpoint: str) -> bool:
+    """Whether a process accepts connections on the socket file of an ipc:// endpoint: ZeroMQ
+    would silently take the path over from it, where a taken tcp port fails to bind."""
+    if not endpoint.startswith("ipc://") or endpoint.startswith("ipc://@"):
+        return False
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(endpoint.removeprefix("ipc://"))
+        except OSError:
+            return False  # no file, or a stale one nothing listens on
+    return True
 
 
 def _shared_memory_dir() -> str:
