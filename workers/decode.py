@@ -11,7 +11,6 @@ retires the sequences that ended.
 
 from __future__ import annotations
 
-import os
 from collections import deque
 from dataclasses import dataclass
 
@@ -27,19 +26,16 @@ from pygemma4.protocol import (
     Generate,
     PrefillDone,
     PrefillJob,
-    Ready,
     RequestFailed,
     StepOutputs,
     TokenOutput,
 )
 from workers.runtime import (
-    POLL_MS,
-    Mailbox,
     ServerConfig,
+    Worker,
     kv_layout,
     map_kv_pool,
     run_worker,
-    supervisor_alive,
 )
 
 
@@ -57,12 +53,12 @@ class Sequence:
     aborted: bool = False
 
 
-class DecodeWorker:
+class DecodeWorker(Worker):
     """Schedules, batches and decodes."""
 
     def __init__(self, config: ServerConfig, name: str, epoch: int) -> None:
-        self.config = config
-        self.name = name
+        peers = ["frontend", *config.tokenizer_names(), *config.prefill_names()]
+        super().__init__(config, name, peers)
         self.epoch = epoch
         model = open_model(config.model)
         self.vocab_size = model.config.vocab_size
@@ -73,19 +69,17 @@ class DecodeWorker:
         self.waiting: deque[Generate] = deque()
         self.prefilling: dict[int, Sequence] = {}
         self.running: dict[int, Sequence] = {}
-        peers = ["frontend", *config.tokenizer_names(), *config.prefill_names()]
-        self.mail = Mailbox(config, name, peers)
         self.next_prefill = 0
 
-    def run(self) -> None:
-        """Schedule and decode until the supervisor goes away."""
-        self.mail.send("frontend", Ready(name=self.name, pid=os.getpid()))
-        while supervisor_alive(self.config):
-            for message in self.mail.receive(0 if self.running else POLL_MS):
-                self.handle(message)
-            self.admit()
-            if self.running:
-                self.step()
+    def busy(self) -> bool:
+        """Whether sequences are running (the loop then steps without waiting)."""
+        return bool(self.running)
+
+    def work(self) -> None:
+        """Admit what fits, then decode one step."""
+        self.admit()
+        if self.running:
+            self.step()
 
     def handle(self, message: protocol.Internal) -> None:
         """Act on one message."""
@@ -223,13 +217,5 @@ class DecodeWorker:
         )
 
 
-def main(config: ServerConfig, name: str, epoch: int) -> None:
-    worker = DecodeWorker(config, name, epoch)
-    try:
-        worker.run()
-    finally:
-        worker.mail.close()
-
-
 if __name__ == "__main__":
-    run_worker(main)
+    run_worker(DecodeWorker)

@@ -7,22 +7,20 @@ last token is written. The worker writes only the blocks of its jobs and owns no
 
 from __future__ import annotations
 
-import os
 from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
 
+from pygemma4 import protocol
 from pygemma4.config import open_model
 from pygemma4.engine import load_core_model
-from pygemma4.protocol import PrefillDone, PrefillJob, Ready
+from pygemma4.protocol import PrefillDone, PrefillJob
 from workers.runtime import (
-    POLL_MS,
-    Mailbox,
     ServerConfig,
+    Worker,
     map_kv_pool,
     run_worker,
-    supervisor_alive,
 )
 
 
@@ -34,27 +32,29 @@ class Job:
     done: int = 0
 
 
-class PrefillWorker:
+class PrefillWorker(Worker):
     """Packs and runs prefill jobs."""
 
-    def __init__(self, config: ServerConfig, name: str) -> None:
-        self.config = config
-        self.name = name
+    def __init__(self, config: ServerConfig, name: str, epoch: int) -> None:
+        super().__init__(config, name, ["frontend", "decode"])
         model = open_model(config.model)
         self.model = load_core_model(model, config.prefill_chunk, config.prefill_threads)
         self.pool = map_kv_pool(config.kv, model.config)
         self.jobs: deque[Job] = deque()
-        self.mail = Mailbox(config, name, ["frontend", "decode"])
 
-    def run(self) -> None:
-        """Prefill until the supervisor goes away."""
-        self.mail.send("frontend", Ready(name=self.name, pid=os.getpid()))
-        while supervisor_alive(self.config):
-            for message in self.mail.receive(0 if self.jobs else POLL_MS):
-                if isinstance(message, PrefillJob):
-                    self.jobs.append(Job(message))
-            if self.jobs:
-                self.run_chunk()
+    def busy(self) -> bool:
+        """Whether jobs are queued."""
+        return bool(self.jobs)
+
+    def handle(self, message: protocol.Internal) -> None:
+        """Queue a job."""
+        if isinstance(message, PrefillJob):
+            self.jobs.append(Job(message))
+
+    def work(self) -> None:
+        """Run the next chunk of the queued jobs."""
+        if self.jobs:
+            self.run_chunk()
 
     def run_chunk(self) -> None:
         """One forward call over the next `prefill_chunk` tokens of the queued jobs."""
@@ -114,13 +114,5 @@ class PrefillWorker:
         )
 
 
-def main(config: ServerConfig, name: str, epoch: int) -> None:
-    worker = PrefillWorker(config, name)
-    try:
-        worker.run()
-    finally:
-        worker.mail.close()
-
-
 if __name__ == "__main__":
-    run_worker(main)
+    run_worker(PrefillWorker)

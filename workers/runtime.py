@@ -137,7 +137,42 @@ def supervisor_alive(config: ServerConfig) -> bool:
     return os.getppid() == config.supervisor_pid
 
 
-def run_worker(main: Callable[[ServerConfig, str, int], None]) -> None:
+class Worker:
+    """A worker process: its mailbox, and the loop that serves it until the supervisor goes.
+
+    Subclasses act on each message in `handle`, and do their own work between messages in
+    `work` (while `busy`, the loop does not wait for messages)."""
+
+    def __init__(self, config: ServerConfig, name: str, peers: Iterable[str]) -> None:
+        self.config = config
+        self.name = name
+        self.mail = Mailbox(config, name, peers)
+
+    def run(self) -> None:
+        """Say the worker is ready, then serve its inbox as long as the supervisor runs."""
+        self.mail.send("frontend", protocol.Ready(name=self.name, pid=os.getpid()))
+        while supervisor_alive(self.config):
+            for message in self.mail.receive(0 if self.busy() else POLL_MS):
+                self.handle(message)
+            self.work()
+
+    def busy(self) -> bool:
+        """Whether `work` has something to do without a new message."""
+        return False
+
+    def handle(self, message: protocol.Internal) -> None:
+        """Act on one message."""
+        raise NotImplementedError
+
+    def work(self) -> None:
+        """What the worker does between messages."""
+
+    def close(self) -> None:
+        """Close the worker's sockets."""
+        self.mail.close()
+
+
+def run_worker(worker_type: Callable[[ServerConfig, str, int], Worker]) -> None:
     """The entry point of a worker process: `python -m workers.NAME CONFIG NAME EPOCH`.
 
     SIGTERM ends the worker cleanly; SIGINT is left to the supervisor, which stops everything
@@ -150,4 +185,8 @@ def run_worker(main: Callable[[ServerConfig, str, int], None]) -> None:
     args = parser.parse_args()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    main(read_config(args.config), args.name, args.epoch)
+    worker = worker_type(read_config(args.config), args.name, args.epoch)
+    try:
+        worker.run()
+    finally:
+        worker.close()

@@ -4,7 +4,6 @@ strings cut)."""
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 import msgspec
@@ -22,7 +21,6 @@ from pygemma4.protocol import (
     Forget,
     Generate,
     Outbound,
-    Ready,
     RequestFailed,
     StepOutputs,
     TokenizeJob,
@@ -30,7 +28,7 @@ from pygemma4.protocol import (
     TokenOutput,
 )
 from pygemma4.tokenizer import Tokenizer
-from workers.runtime import POLL_MS, Mailbox, ServerConfig, run_worker, supervisor_alive
+from workers.runtime import ServerConfig, Worker, run_worker
 
 
 class RequestRefused(Gemma4Error):
@@ -55,25 +53,16 @@ class TextState:
     token_logprobs: list[TokenLogprobs] = field(default_factory=list)
 
 
-class TokenizerWorker:
+class TokenizerWorker(Worker):
     """Serves the inbox of one tokenizer worker."""
 
-    def __init__(self, config: ServerConfig, name: str) -> None:
-        self.config = config
-        self.name = name
+    def __init__(self, config: ServerConfig, name: str, epoch: int) -> None:
+        super().__init__(config, name, ["frontend", "decode"])
         self.index = config.tokenizer_names().index(name)
         model = open_model(config.model)
         self.tokenizer = Tokenizer.from_metadata(model.gguf.metadata)
         self.vocab_size = model.config.vocab_size
         self.requests: dict[int, TextState] = {}
-        self.mail = Mailbox(config, name, ["frontend", "decode"])
-
-    def run(self) -> None:
-        """Answer messages until the supervisor goes away."""
-        self.mail.send("frontend", Ready(name=self.name, pid=os.getpid()))
-        while supervisor_alive(self.config):
-            for message in self.mail.receive(POLL_MS):
-                self.handle(message)
 
     def handle(self, message: protocol.Internal) -> None:
         """Act on one message."""
@@ -227,13 +216,5 @@ class TokenizerWorker:
         )
 
 
-def main(config: ServerConfig, name: str, epoch: int) -> None:
-    worker = TokenizerWorker(config, name)
-    try:
-        worker.run()
-    finally:
-        worker.mail.close()
-
-
 if __name__ == "__main__":
-    run_worker(main)
+    run_worker(TokenizerWorker)
