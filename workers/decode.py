@@ -51,6 +51,7 @@ class Sequence:
     next_token: int = 0
     """The token the next step feeds."""
     aborted: bool = False
+    """Aborted while its prompt was being prefilled: freed once the prefill is done."""
 
 
 class DecodeWorker(Worker):
@@ -61,7 +62,6 @@ class DecodeWorker(Worker):
         super().__init__(config, name, peers)
         self.epoch = epoch
         model = open_model(config.model)
-        self.vocab_size = model.config.vocab_size
         self.model = load_core_model(model, config.max_batch, config.threads)
         self.pool = map_kv_pool(config.kv, model.config)
         self.layout = kv_layout(config.kv)

@@ -37,6 +37,7 @@ from pygemma4.protocol import (
     Chat,
     Completion,
     Error,
+    ErrorCode,
     Forget,
     Health,
     HealthStatus,
@@ -149,46 +150,32 @@ class FrontEnd:
     def handle_client(self, identity: bytes, frames: list[bytes]) -> None:
         """Check one client message and act on it; anything wrong gets an error reply."""
         if len(frames) != 1:
-            self.reply(
-                identity,
-                Error(
-                    id=None,
-                    code="bad_request",
-                    message=(f"a message is exactly one frame, got {len(frames)}"),
-                ),
+            self.refuse(
+                identity, None, "bad_request", f"a message is exactly one frame, got {len(frames)}"
             )
             return
         payload = frames[0]
         if len(payload) > self.config.max_message_bytes:
-            self.reply(
+            self.refuse(
                 identity,
-                Error(
-                    id=protocol.request_id_of(payload),
-                    code="too_large",
-                    message=f"message of {len(payload)} bytes exceeds the limit of "
-                    f"{self.config.max_message_bytes} bytes",
-                ),
+                protocol.request_id_of(payload),
+                "too_large",
+                f"message of {len(payload)} bytes exceeds the limit of "
+                f"{self.config.max_message_bytes} bytes",
             )
             return
         try:
             message = protocol.decode_request(payload)
         except protocol.ProtocolError as e:
-            self.reply(
-                identity,
-                Error(id=protocol.request_id_of(payload), code="bad_request", message=str(e)),
-            )
+            self.refuse(identity, protocol.request_id_of(payload), "bad_request", str(e))
             return
         if message.v != protocol.PROTOCOL_VERSION:
-            self.reply(
+            self.refuse(
                 identity,
-                Error(
-                    id=message.id,
-                    code="version",
-                    message=(
-                        f"protocol version {message.v} is not supported; this server speaks "
-                        f"version {protocol.PROTOCOL_VERSION}"
-                    ),
-                ),
+                message.id,
+                "version",
+                f"protocol version {message.v} is not supported; this server speaks version "
+                f"{protocol.PROTOCOL_VERSION}",
             )
         elif isinstance(message, (Completion, Chat)):
             self.submit(identity, message)
@@ -214,26 +201,19 @@ class FrontEnd:
         """Hand a new request to a tokenizer worker, unless it cannot be taken now."""
         key = (identity, request.id)
         if key in self.by_client:
-            self.reply(
+            self.refuse(
                 identity,
-                Error(
-                    id=request.id,
-                    code="bad_request",
-                    message=(f"request id {request.id} is already in flight on this connection"),
-                ),
+                request.id,
+                "bad_request",
+                f"request id {request.id} is already in flight on this connection",
             )
             return
         if len(self.requests) >= self.config.max_pending:
-            self.reply(
+            self.refuse(
                 identity,
-                Error(
-                    id=request.id,
-                    code="busy",
-                    message=(
-                        f"server busy: {len(self.requests)} requests in flight, the limit; "
-                        "retry later"
-                    ),
-                ),
+                request.id,
+                "busy",
+                f"server busy: {len(self.requests)} requests in flight, the limit; retry later",
             )
             return
         rid = next(self.rids)
@@ -302,6 +282,12 @@ class FrontEnd:
         """Stop tracking a request."""
         tracked = self.requests.pop(rid)
         del self.by_client[(tracked.identity, tracked.client_id)]
+
+    def refuse(
+        self, identity: bytes, request_id: int | None, code: ErrorCode, message: str
+    ) -> None:
+        """Answer a client message with an error."""
+        self.reply(identity, Error(id=request_id, code=code, message=message))
 
     def reply(self, identity: bytes, reply: protocol.ServerReply) -> None:
         """Send a reply to a client."""
