@@ -100,6 +100,7 @@ def generate(
     its text is noise). PROMPT `-` reads the prompt from standard input.
     """
     from pygemma4.engine import Engine
+    from pygemma4.generation import room_for_tokens
     from pygemma4.sampling import SamplingParams
 
     if len(arguments) > 2:
@@ -125,7 +126,7 @@ def generate(
         ids = tokenizer.encode_chat(messages)
     else:
         ids = tokenizer.encode(prompt)
-    room = engine.n_ctx - len(ids) + 1
+    room = room_for_tokens(engine.n_ctx, len(ids))
     if room < 1:
         _fail(f"the prompt is {len(ids)} tokens, longer than the context of {engine.n_ctx}")
     if max_tokens > room:

@@ -13,7 +13,7 @@ import numpy as np
 from pygemma4 import _core
 from pygemma4.config import ModelConfig, ModelFile, open_model
 from pygemma4.errors import Gemma4Error, TokenizerError, require_positive
-from pygemma4.generation import Generation, GenerationChunk
+from pygemma4.generation import Generation, GenerationChunk, room_for_tokens
 from pygemma4.kv import BlockAllocator, KvLayout, SequenceKv
 from pygemma4.sampling import SamplingParams
 from pygemma4.tokenizer import Tokenizer, carries_tokenizer
@@ -36,6 +36,11 @@ def default_threads() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # platforms without affinity masks
         return os.cpu_count() or 1
+
+
+def default_n_ctx(config: ModelConfig) -> int:
+    """The context per sequence when none is asked for: the model's, up to DEFAULT_N_CTX."""
+    return min(config.n_ctx_train, DEFAULT_N_CTX)
 
 
 def load_core_model(model_file: ModelFile, n_batch: int, threads: int) -> _core.Model:
@@ -75,7 +80,7 @@ class Engine:
         require_positive("n_batch", n_batch)
         self.model_file: ModelFile = open_model(path)
         self.config: ModelConfig = self.model_file.config
-        n_ctx = min(self.config.n_ctx_train, DEFAULT_N_CTX) if n_ctx is None else n_ctx
+        n_ctx = default_n_ctx(self.config) if n_ctx is None else n_ctx
         require_positive("n_ctx", n_ctx)
         self.path = Path(path)
         self.backend = backend
@@ -153,7 +158,7 @@ class Engine:
         prompt = self.check_tokens(token_ids)
         tokenizer = self.tokenizer if self.has_tokenizer else None
         generation = Generation(prompt.tolist(), max_tokens, sampling, tokenizer, stop_tokens)
-        if len(prompt) + max_tokens - 1 > self.n_ctx:
+        if max_tokens > room_for_tokens(self.n_ctx, len(prompt)):
             raise ContextFullError(
                 f"prompt of {len(prompt)} tokens plus {max_tokens} new tokens exceeds the "
                 f"context of {self.n_ctx}"

@@ -17,6 +17,12 @@ from pygemma4.tokenizer import Tokenizer
 FinishReason = Literal["stop", "length"]
 
 
+def room_for_tokens(n_ctx: int, n_prompt: int) -> int:
+    """How many tokens may follow a prompt of `n_prompt` tokens in a context of `n_ctx`
+    positions (the last token generated is never fed back, so it needs no position)."""
+    return n_ctx - n_prompt + 1
+
+
 @dataclass(frozen=True)
 class GenerationChunk:
     """What one generated token adds: the token, the text it completes (stop strings cut

@@ -28,6 +28,7 @@ import zmq
 
 from pygemma4 import protocol
 from pygemma4.config import open_model
+from pygemma4.engine import default_n_ctx
 from pygemma4.errors import Gemma4Error
 from pygemma4.kv import DEFAULT_BLOCK_SIZE, KvLayout
 from pygemma4.protocol import (
@@ -348,7 +349,7 @@ class Server:
         if not carries_tokenizer(model_file.gguf.metadata):
             raise ServerStartError(f"{model}: the file carries no tokenizer, which serving needs")
         config = model_file.config
-        n_ctx = min(config.n_ctx_train, 4096) if n_ctx is None else n_ctx
+        n_ctx = default_n_ctx(config) if n_ctx is None else n_ctx
         layout = KvLayout.for_model(
             config,
             n_ctx=n_ctx,

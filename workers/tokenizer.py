@@ -11,7 +11,7 @@ import msgspec
 from pygemma4 import protocol
 from pygemma4.config import open_model
 from pygemma4.errors import Gemma4Error
-from pygemma4.generation import FinishReason, TextStream
+from pygemma4.generation import FinishReason, TextStream, room_for_tokens
 from pygemma4.protocol import (
     Abort,
     Chat,
@@ -128,15 +128,14 @@ class TokenizerWorker(Worker):
         return list(request.prompt)
 
     def max_tokens(self, n_prompt: int, requested: int | None) -> int:
-        """How many tokens the request may generate: all it asks, within the context (the
-        last token generated is never fed back, so it needs no room)."""
+        """How many tokens the request may generate: all it asks, within the context."""
         n_ctx = self.config.n_ctx
         if n_prompt > n_ctx:
             raise RequestRefused(
                 "context_length",
                 f"prompt of {n_prompt} tokens is longer than the context of {n_ctx} tokens",
             )
-        room = n_ctx - n_prompt + 1
+        room = room_for_tokens(n_ctx, n_prompt)
         if requested is None:
             return room
         if requested > room:
