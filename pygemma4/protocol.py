@@ -21,7 +21,7 @@ Clients (a ZeroMQ DEALER connected to the server's ROUTER endpoint)
 Workers (PUSH sockets into each process's one PULL inbox, over `ipc://` on one host)
     exchange the `Internal` messages below; they carry token ids and KV block tables, never
     tensors: the KV cache lives in a pool that the prefill and decode workers both map
-    (shared memory; the `KvPoolSpec` names it). A pool in CUDA IPC memory, or KV blocks sent
+    (shared memory; the `KvPoolSpec` describes it). A pool in CUDA IPC memory, or KV blocks sent
     as raw frames after a `PrefillDone` across hosts, fit the same messages: only the
     `KvPoolSpec.kind` and the transport of the block contents change.
 
@@ -347,7 +347,9 @@ class KvPoolSpec(_Strict):
     """Where the shared KV pool lives and how it is cut into blocks."""
 
     kind: Literal["shm"]
-    path: str
+    fd: int
+    """A descriptor of the pool's memory file that every worker inherits, under this number,
+    from the supervisor (the file has no name, so nothing is left behind whatever happens)."""
     block_size: int
     n_blocks: int
     n_ring_sets: int

@@ -79,7 +79,6 @@ class ServeProcess:
         self.process: subprocess.Popen[bytes] | None = None
         self.worker_pids: set[int] = set()
         """Every worker pid seen (through `workers()`), restarted ones included."""
-        self.runtime_dir: Path | None = None
 
     @property
     def pid(self) -> int:
@@ -93,7 +92,7 @@ class ServeProcess:
         return f"--- stdout\n{out}--- stderr\n{err[-4000:]}"
 
     def start(self) -> ServeProcess:
-        """Start the server and wait until it serves; learn its workers and runtime dir."""
+        """Start the server and wait until it serves; learn its workers."""
         with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
             self.process = subprocess.Popen(
                 serve_command(self.model, "--endpoint", self.endpoint, *self.args),
@@ -116,8 +115,7 @@ class ServeProcess:
                     f"serve not ready after {START_TIMEOUT_S:g} s\n{self.output()}"
                 )
             time.sleep(0.05)
-        workers = self.workers()
-        self.runtime_dir = runtime_dir_of(workers[0].pid)
+        self.workers()
         return self
 
     def client(self, timeout: float = 30.0) -> Client:
@@ -167,9 +165,15 @@ class ServeProcess:
         used = cpu_seconds(pid) - before
         assert used < 0.2 * window, f"the decode worker used {used:.2f} s of CPU in {window} s"
 
-    def kv_files(self) -> list[Path]:
-        """This server's shared-memory KV pool files."""
-        return sorted(Path("/dev/shm").glob(f"pygemma4-{self.pid}-*.kv"))
+    def sockets(self) -> list[str]:
+        """The names of this server's internal sockets (in Linux's abstract namespace)."""
+        prefix = f"@pygemma4-{self.pid}-"
+        lines = Path("/proc/net/unix").read_text().splitlines()[1:]
+        return sorted({line.split()[-1] for line in lines if line.split()[-1].startswith(prefix)})
+
+    def live_workers(self) -> list[int]:
+        """The worker pids seen that still run as this server's workers."""
+        return [pid for pid in self.worker_pids if _is_worker_of(pid, self.pid)]
 
     def stop(self, sig: signal.Signals = signal.SIGTERM, group: bool = False) -> int:
         """Send `sig` (with `group`, to the server's whole process group, as Ctrl-C in its
@@ -190,14 +194,11 @@ class ServeProcess:
             ) from None
 
     def assert_left_nothing(self) -> None:
-        """After the server exited: no worker process, KV file or runtime dir of it remains."""
+        """After the server exited: no worker process or socket of it remains (the KV pool,
+        a memory file without a name, goes with the last process that maps it)."""
         assert self.process is not None and self.process.poll() is not None
-        leftover = [pid for pid in self.worker_pids if _is_worker_of(pid, self.runtime_dir)]
-        assert not leftover, f"worker processes still running: {leftover}"
-        assert not self.kv_files(), f"KV pool files left: {self.kv_files()}"
-        assert self.runtime_dir is not None and not self.runtime_dir.exists(), (
-            f"runtime dir left: {self.runtime_dir}"
-        )
+        assert not self.live_workers(), f"worker processes still running: {self.live_workers()}"
+        assert not self.sockets(), f"sockets left: {self.sockets()}"
 
     @classmethod
     @contextlib.contextmanager
@@ -222,20 +223,14 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def runtime_dir_of(worker_pid: int) -> Path:
-    """The runtime directory of a server, read from one of its worker's command line
-    (`python -m workers.NAME RUNTIME_DIR/config.msgpack NAME EPOCH`)."""
-    argv = Path(f"/proc/{worker_pid}/cmdline").read_bytes().split(b"\0")
-    return Path(os.fsdecode(argv[3])).parent
-
-
-def _is_worker_of(pid: int, runtime_dir: Path | None) -> bool:
-    """Whether `pid` is (still) a worker process of the server with `runtime_dir`."""
+def _is_worker_of(pid: int, serve_pid: int) -> bool:
+    """Whether `pid` is (still) a worker process of the server `serve_pid` (whose pid its
+    configuration, on its command line, names)."""
     try:
         argv = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return False
-    return runtime_dir is None or os.fsencode(str(runtime_dir)) in argv
+    return f'"supervisor_pid":{serve_pid}'.encode() in argv
 
 
 class RawDealer:

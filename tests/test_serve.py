@@ -25,7 +25,14 @@ from typing import Any
 
 import msgspec
 import pytest
-from serve_helpers import RawDealer, ServeProcess, free_tcp_endpoint, pid_exists, run_serve
+from serve_helpers import (
+    RawDealer,
+    ServeProcess,
+    free_tcp_endpoint,
+    pid_exists,
+    run_serve,
+    wait_until,
+)
 
 from pygemma4 import Engine, SamplingParams, protocol
 from pygemma4.client import (
@@ -730,7 +737,7 @@ def test_a_signal_stops_everything_and_leaves_nothing(
     server = ServeProcess(demo_model_file, tmp_path, free_tcp_endpoint(), ("--threads", "1"))
     server.start()
     try:
-        assert server.kv_files() and server.runtime_dir is not None and server.runtime_dir.is_dir()
+        assert server.sockets()
         workers = server.workers()
         assert len(workers) == 3
         with server.client(timeout=5) as client:
@@ -743,6 +750,17 @@ def test_a_signal_stops_everything_and_leaves_nothing(
             server.process.wait()
     server.assert_left_nothing()
     assert "stopped" in server.stderr_path.read_text()
+
+
+def test_a_killed_server_leaves_nothing_behind(demo_model_file: Path, tmp_path: Path) -> None:
+    # SIGKILL gives the server no chance to clean up: its workers must notice and exit, and
+    # no socket or shared memory may outlive them.
+    server = ServeProcess(demo_model_file, tmp_path, free_tcp_endpoint(), ("--threads", "1"))
+    server.start()
+    assert server.sockets() and len(server.live_workers()) == 3
+    server.stop(signal.SIGKILL)
+    wait_until(lambda: not server.live_workers(), 5.0, "every worker exited")
+    server.assert_left_nothing()
 
 
 @pytest.mark.parametrize("kind", ["not GGUF", "missing"])

@@ -3,7 +3,7 @@
 It binds the clients' endpoint (a ROUTER socket), checks every client message, tracks each
 request in flight until it ends in exactly one of done, cancelled or error, and supervises the
 workers: a worker that dies is restarted and the requests it held fail at once. `Server` sets
-up everything a server needs (runtime directory, shared KV pool, configuration, processes) and
+up everything a server needs (internal endpoints, shared KV pool, configuration, processes) and
 removes it again.
 """
 
@@ -16,6 +16,7 @@ import os
 import secrets
 import shutil
 import socket
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -50,7 +51,7 @@ from pygemma4.protocol import (
     TokenizeJob,
 )
 from pygemma4.tokenizer import carries_tokenizer
-from workers.runtime import Mailbox, ServerConfig, write_config
+from workers.runtime import Mailbox, ServerConfig
 from workers.supervisor import Supervisor, WorkerProcess
 
 # The front end answers messages up to `max_message_bytes` with an error naming the limit;
@@ -321,9 +322,16 @@ def _ipc_in_use(endpoint: str) -> bool:
     return True
 
 
-def _shared_memory_dir() -> str:
-    """Where the KV pool file lives: RAM-backed where the system has it."""
-    return "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+def _anonymous_memory(nbytes: int) -> int:
+    """A descriptor of `nbytes` of shared memory that no path names: it is freed when the
+    last process holding it exits, however that happens."""
+    if hasattr(os, "memfd_create"):
+        fd = os.memfd_create("pygemma4-kv")
+    else:
+        fd, path = tempfile.mkstemp(prefix="pygemma4-kv-")
+        os.unlink(path)
+    os.ftruncate(fd, nbytes)
+    return fd
 
 
 class Server:
@@ -357,18 +365,22 @@ class Server:
             max_chunk=prefill_chunk,
             n_blocks=None if kv_tokens is None else -(-kv_tokens // DEFAULT_BLOCK_SIZE),
         )
-        self.runtime_dir = Path(tempfile.mkdtemp(prefix="pygemma4-"))
-        self.kv_path = (
-            Path(_shared_memory_dir()) / f"pygemma4-{os.getpid()}-{secrets.token_hex(4)}.kv"
-        )
+        # Sockets in Linux's abstract namespace, like the pool's memory file, leave nothing to
+        # clean up even when this process is killed; elsewhere they are files in a private
+        # directory.
+        self.socket_dir: Path | None = None
+        if sys.platform == "linux":
+            ipc_base = f"ipc://@pygemma4-{os.getpid()}-{secrets.token_hex(4)}"
+        else:
+            self.socket_dir = Path(tempfile.mkdtemp(prefix="pygemma4-"))
+            ipc_base = f"ipc://{self.socket_dir}"
+        self.kv_fd = _anonymous_memory(layout.nbytes)
         self.frontend: FrontEnd | None = None
         try:
-            with open(self.kv_path, "xb") as f:
-                f.truncate(layout.nbytes)
             self.config = ServerConfig(
                 model=str(Path(model).resolve()),
                 endpoint=endpoint,
-                runtime_dir=str(self.runtime_dir),
+                ipc_base=ipc_base,
                 threads=threads,
                 prefill_threads=prefill_threads,
                 max_batch=max_batch,
@@ -378,12 +390,10 @@ class Server:
                 prefill_workers=prefill_workers,
                 max_pending=max_pending,
                 max_message_bytes=max_message_bytes,
-                kv=KvPoolSpec(kind="shm", path=str(self.kv_path), **dataclasses.asdict(layout)),
+                kv=KvPoolSpec(kind="shm", fd=self.kv_fd, **dataclasses.asdict(layout)),
                 supervisor_pid=os.getpid(),
             )
-            config_path = self.runtime_dir / "config.msgpack"
-            write_config(self.config, config_path)
-            self.supervisor = Supervisor(self.config, config_path)
+            self.supervisor = Supervisor(self.config)
             info = ServerInfo(
                 id=None,
                 model=Path(model).name,
@@ -411,11 +421,12 @@ class Server:
         self.frontend.serve(should_stop)
 
     def close(self) -> None:
-        """Stop every process and remove the sockets, the KV pool and the runtime files."""
+        """Stop every process, close the sockets and free the KV pool."""
         supervisor: Any = getattr(self, "supervisor", None)
         if supervisor is not None:
             supervisor.stop_all()
         if self.frontend is not None:
             self.frontend.close()
-        self.kv_path.unlink(missing_ok=True)
-        shutil.rmtree(self.runtime_dir, ignore_errors=True)
+        os.close(self.kv_fd)
+        if self.socket_dir is not None:
+            shutil.rmtree(self.socket_dir, ignore_errors=True)

@@ -9,7 +9,6 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Iterable
-from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -32,7 +31,9 @@ class ServerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     model: str
     endpoint: str
-    runtime_dir: str
+    ipc_base: str
+    """Prefix of the workers' ipc endpoints (the Linux abstract namespace where there is one:
+    sockets without files)."""
     threads: int
     prefill_threads: int
     max_batch: int
@@ -47,7 +48,7 @@ class ServerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     def inbox(self, name: str) -> str:
         """The ipc endpoint of the process called `name` (e.g. "decode", "tokenizer-0")."""
-        return f"ipc://{self.runtime_dir}/{name}"
+        return f"{self.ipc_base}/{name}"
 
     def tokenizer_names(self) -> list[str]:
         """The names of the tokenizer workers."""
@@ -58,14 +59,14 @@ class ServerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         return [f"prefill-{i}" for i in range(self.prefill_workers)]
 
 
-def write_config(config: ServerConfig, path: Path) -> None:
-    """Store the configuration where workers read it."""
-    path.write_bytes(msgspec.msgpack.encode(config))
+def encode_config(config: ServerConfig) -> str:
+    """The configuration as the text a worker gets on its command line."""
+    return msgspec.json.encode(config).decode()
 
 
-def read_config(path: str | os.PathLike[str]) -> ServerConfig:
-    """The configuration the supervisor wrote."""
-    return msgspec.msgpack.decode(Path(path).read_bytes(), type=ServerConfig)
+def decode_config(text: str) -> ServerConfig:
+    """The configuration the supervisor passed."""
+    return msgspec.json.decode(text, type=ServerConfig)
 
 
 class Mailbox:
@@ -124,11 +125,7 @@ def kv_layout(spec: KvPoolSpec) -> KvLayout:
 
 def map_kv_pool(spec: KvPoolSpec, model_config: ModelConfig) -> Any:
     """The shared KV pool as a `_core.KvPool` over the memory every worker maps."""
-    fd = os.open(spec.path, os.O_RDWR)
-    try:
-        memory = mmap.mmap(fd, spec.nbytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-    finally:
-        os.close(fd)
+    memory = mmap.mmap(spec.fd, spec.nbytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
     return kv_layout(spec).new_pool(model_config, memory)
 
 
@@ -173,19 +170,19 @@ class Worker:
 
 
 def run_worker(worker_type: Callable[[ServerConfig, str, int], Worker]) -> None:
-    """The entry point of a worker process: `python -m workers.NAME CONFIG NAME EPOCH`.
+    """The entry point of a worker process: `python -m workers.MODULE NAME EPOCH CONFIG`.
 
     SIGTERM ends the worker cleanly; SIGINT is left to the supervisor, which stops everything
     in order.
     """
     parser = argparse.ArgumentParser()
-    parser.add_argument("config")
     parser.add_argument("name")
     parser.add_argument("epoch", type=int)
+    parser.add_argument("config", type=decode_config)
     args = parser.parse_args()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    worker = worker_type(read_config(args.config), args.name, args.epoch)
+    worker = worker_type(args.config, args.name, args.epoch)
     try:
         worker.run()
     finally:

@@ -7,10 +7,9 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 from pygemma4.protocol import WorkerState
-from workers.runtime import ServerConfig
+from workers.runtime import ServerConfig, encode_config
 
 # A worker that dies this soon after it started is restarted only after the same delay, so
 # that one failing at load does not spin.
@@ -46,9 +45,9 @@ class WorkerProcess:
 class Supervisor:
     """The worker processes of a server, described by its configuration."""
 
-    def __init__(self, config: ServerConfig, config_path: Path) -> None:
+    def __init__(self, config: ServerConfig) -> None:
         self.config = config
-        self.config_path = config_path
+        self.config_text = encode_config(config)
         self.epoch = 0
         workers = [WorkerProcess(n, "workers.tokenizer", n) for n in config.tokenizer_names()]
         workers.append(WorkerProcess("decode", "workers.decode", "kv"))
@@ -66,18 +65,19 @@ class Supervisor:
         worker.restarts += 1
         worker.ready = False
         worker.restart_at = None
-        # The runtime directory as working directory keeps a source checkout out of the
-        # worker's import path: it must load the installed package with its compiled core.
+        # The root as working directory keeps a source checkout out of the worker's import
+        # path: it must load the installed package with its compiled core.
         worker.process = subprocess.Popen(
             [
                 sys.executable,
                 "-m",
                 worker.module,
-                str(self.config_path),
                 worker.name,
                 str(worker.epoch),
+                self.config_text,
             ],
-            cwd=self.config.runtime_dir,
+            cwd="/",
+            pass_fds=(self.config.kv.fd,),
         )
         worker.started_at = time.monotonic()
 
