@@ -222,6 +222,16 @@ def inspect(model: Path, as_json: bool, tensors: bool, template: bool) -> None:
     help="Requests in flight before 'busy'.",
 )
 @click.option("--max-message-bytes", default=4 << 20, type=click.IntRange(min=1024))
+@click.option(
+    "--curve-secret-key",
+    type=click.Path(dir_okay=False),
+    help="Require CURVE: the server's NAME.key_secret (see `pygemma4 keygen`).",
+)
+@click.option(
+    "--curve-clients",
+    type=click.Path(file_okay=False),
+    help="With --curve-secret-key: the directory of admitted clients' NAME.key files.",
+)
 @_runs_cleanly
 def serve(
     model: Path | None,
@@ -241,8 +251,15 @@ def serve(
     from pygemma4.engine import default_threads
     from workers.frontend import Server
 
-    if endpoint.startswith("tcp://") and not _is_loopback(endpoint):
-        click.echo(f"warning: {endpoint} accepts connections from other machines", err=True)
+    if (options["curve_secret_key"] is None) != (options["curve_clients"] is None):
+        raise click.UsageError("--curve-secret-key and --curve-clients go together")
+    remote = endpoint.startswith("tcp://") and not _is_loopback(endpoint)
+    if remote and options["curve_secret_key"] is None:
+        click.echo(
+            f"warning: {endpoint} accepts connections from other machines, unauthenticated "
+            "(--curve-secret-key requires CURVE keys)",
+            err=True,
+        )
     threads = default_threads() if threads is None else threads
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # while loading: as Ctrl-C
     server = Server(
@@ -270,6 +287,23 @@ def serve(
     finally:
         server.close()
     click.echo("stopped", err=True)
+
+
+@main.command()
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("name")
+@_runs_cleanly
+def keygen(directory: Path, name: str) -> None:
+    """Make a CURVE key pair: DIRECTORY/NAME.key (public) and NAME.key_secret (owner only).
+
+    A server runs with `--curve-secret-key server.key_secret --curve-clients DIR` (DIR holding
+    the clients' NAME.key files); a client passes its own NAME.key_secret and the server's
+    public file to `Client(..., curve_secret_key=..., curve_server_key=...)`.
+    """
+    from pygemma4.curve import create_keypair
+
+    public, secret = create_keypair(directory, name)
+    click.echo(f"public key: {public}\nsecret key: {secret}")
 
 
 def _is_loopback(endpoint: str) -> bool:

@@ -30,6 +30,7 @@ import contextlib
 import itertools
 import math
 import numbers
+import os
 import threading
 from collections.abc import AsyncIterator, Coroutine, Iterable, Iterator, Mapping, Sequence
 from collections.abc import Set as AbstractSet
@@ -41,7 +42,7 @@ import msgspec
 import zmq
 import zmq.asyncio
 
-from pygemma4 import protocol
+from pygemma4 import curve, protocol
 from pygemma4.errors import Gemma4Error, require_positive
 from pygemma4.protocol import ChatMessage, FinishReason, TokenLogprobs
 from pygemma4.sampling import SamplingParams
@@ -313,17 +314,36 @@ class AsyncClient:
     limit); every request method takes a `timeout` of its own (the default, `...`, keeps the
     client's). Use it as `async with AsyncClient() as
     client:`, or call `close()`.
+
+    A server that requires CURVE takes `curve_secret_key` (this client's NAME.key_secret
+    file) and `curve_server_key` (the server's public NAME.key file); see `pygemma4 keygen`.
     """
 
     def __init__(
-        self, endpoint: str = DEFAULT_ENDPOINT, *, timeout: float | None = DEFAULT_TIMEOUT
+        self,
+        endpoint: str = DEFAULT_ENDPOINT,
+        *,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        curve_secret_key: str | os.PathLike[str] | None = None,
+        curve_server_key: str | os.PathLike[str] | None = None,
     ) -> None:
         if not isinstance(endpoint, str):
             raise TypeError(f"endpoint must be a str, got {_type_name(endpoint)}")
+        if (curve_secret_key is None) != (curve_server_key is None):
+            raise ValueError("curve_secret_key and curve_server_key go together")
         self.endpoint = endpoint
         self.timeout = _checked_timeout(timeout)
         socket = zmq.asyncio.Context.instance().socket(zmq.DEALER)
         socket.setsockopt(zmq.LINGER, 0)
+        if curve_secret_key is not None and curve_server_key is not None:
+            try:
+                public, secret = curve.load_secret(curve_secret_key)
+                socket.curve_serverkey = curve.load_public(curve_server_key)
+            except curve.CurveKeyError:
+                socket.close()
+                raise
+            socket.curve_publickey = public
+            socket.curve_secretkey = secret
         try:
             socket.connect(endpoint)
         except zmq.ZMQError as e:
@@ -759,9 +779,20 @@ class Client:
     """
 
     def __init__(
-        self, endpoint: str = DEFAULT_ENDPOINT, *, timeout: float | None = DEFAULT_TIMEOUT
+        self,
+        endpoint: str = DEFAULT_ENDPOINT,
+        *,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        curve_secret_key: str | os.PathLike[str] | None = None,
+        curve_server_key: str | os.PathLike[str] | None = None,
     ) -> None:
-        self._client = AsyncClient(endpoint, timeout=timeout)
+        """See `AsyncClient`."""
+        self._client = AsyncClient(
+            endpoint,
+            timeout=timeout,
+            curve_secret_key=curve_secret_key,
+            curve_server_key=curve_server_key,
+        )
         self._lock = threading.Lock()
         self._closed = False
         self._loop = asyncio.new_event_loop()

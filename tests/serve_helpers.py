@@ -69,8 +69,17 @@ def run_serve(
 class ServeProcess:
     """A `pygemma4 serve` subprocess; `start` returns once it printed that it serves."""
 
-    def __init__(self, model: Path, workdir: Path, endpoint: str, args: tuple[str, ...]) -> None:
+    def __init__(
+        self,
+        model: Path,
+        workdir: Path,
+        endpoint: str,
+        args: tuple[str, ...],
+        client_options: dict[str, Any] | None = None,
+    ) -> None:
         self.model = model
+        self.client_options = client_options or {}
+        """What every `client()` of this server gets (CURVE keys)."""
         self.workdir = workdir
         self.endpoint = endpoint
         self.args = args
@@ -120,7 +129,7 @@ class ServeProcess:
 
     def client(self, timeout: float = 30.0) -> Client:
         """A new synchronous client of this server."""
-        return Client(self.endpoint, timeout=timeout)
+        return Client(self.endpoint, timeout=timeout, **self.client_options)
 
     def health(self) -> protocol.HealthStatus:
         """The server's health reply (its worker pids are recorded); fails at once where the
@@ -203,11 +212,16 @@ class ServeProcess:
     @classmethod
     @contextlib.contextmanager
     def running(
-        cls, model: Path, workdir: Path, *args: str, endpoint: str | None = None
+        cls,
+        model: Path,
+        workdir: Path,
+        *args: str,
+        endpoint: str | None = None,
+        client_options: dict[str, Any] | None = None,
     ) -> Iterator[ServeProcess]:
         """A started server; on exit it is stopped with SIGTERM, which must end it with code 0
         and leave nothing behind."""
-        server = cls(model, workdir, endpoint or free_tcp_endpoint(), args)
+        server = cls(model, workdir, endpoint or free_tcp_endpoint(), args, client_options)
         server.start()
         try:
             yield server

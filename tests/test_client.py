@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -32,6 +33,7 @@ from pygemma4.client import (
     ServerError,
     WorkerFailedError,
 )
+from pygemma4.curve import CurveKeyError, create_keypair
 from pygemma4.errors import Gemma4Error, SamplingParamsError
 from pygemma4.protocol import ChatMessage
 
@@ -446,3 +448,19 @@ def test_exported_lazily_without_the_compiled_core() -> None:
         "assert 'pygemma4._core' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_curve_keys_are_checked_before_connecting(tmp_path: Path, unused_endpoint: str) -> None:
+    public, secret = create_keypair(tmp_path, "alice")
+    assert secret.stat().st_mode & 0o777 == 0o600 and public.stat().st_mode & 0o777 == 0o644
+    with pytest.raises(CurveKeyError, match="exists already"):
+        create_keypair(tmp_path, "alice")
+    with pytest.raises(ValueError, match="go together"):
+        Client(unused_endpoint, curve_secret_key=secret)
+    with pytest.raises(CurveKeyError, match="no secret key"):
+        Client(unused_endpoint, curve_secret_key=public, curve_server_key=public)
+    with pytest.raises(CurveKeyError, match="no such key file"):
+        Client(unused_endpoint, curve_secret_key=secret, curve_server_key=tmp_path / "server.key")
+    (tmp_path / "junk.key").write_text("not a key\n")
+    with pytest.raises(CurveKeyError, match="not a CURVE key file"):
+        Client(unused_endpoint, curve_secret_key=secret, curve_server_key=tmp_path / "junk.key")

@@ -15,8 +15,11 @@ import asyncio
 import math
 import os
 import random
+import shutil
 import signal
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -38,7 +41,9 @@ from pygemma4 import Engine, SamplingParams, protocol
 from pygemma4.client import (
     AsyncClient,
     AsyncCompletionStream,
+    Client,
     CompletionResult,
+    RequestTimeoutError,
     ServerBusyError,
     ServerError,
     WorkerFailedError,
@@ -813,3 +818,54 @@ def test_a_stale_ipc_socket_file_does_not_stop_a_server(
         demo_model_file, tmp_path, "--threads", "1", endpoint=f"ipc://{path}"
     ) as server:
         assert server.health().ok
+
+
+def keygen(directory: Path, name: str) -> None:
+    """Make a key pair with the `pygemma4 keygen` command."""
+    result = subprocess.run(
+        [sys.executable, "-m", "pygemma4", "keygen", str(directory), name],
+        capture_output=True,
+        text=True,
+        cwd=directory.parent,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert (directory / f"{name}.key_secret").stat().st_mode & 0o777 == 0o600
+
+
+def test_curve_admits_only_clients_with_admitted_keys(
+    demo_model_file: Path, tmp_path: Path
+) -> None:
+    keys, admitted = tmp_path / "keys", tmp_path / "admitted"
+    for name in ("server", "alice", "mallory"):
+        keygen(keys, name)
+    admitted.mkdir()
+    shutil.copy(keys / "alice.key", admitted)
+    alice = {"curve_secret_key": keys / "alice.key_secret", "curve_server_key": keys / "server.key"}
+    curve_args = ("--curve-secret-key", str(keys / "server.key_secret"))
+    with ServeProcess.running(
+        demo_model_file,
+        tmp_path,
+        "--threads",
+        "1",
+        *curve_args,
+        "--curve-clients",
+        str(admitted),
+        client_options=alice,
+    ) as server:
+        with server.client(timeout=10) as client:
+            assert client.complete("Hello", 4, temperature=0).completion_tokens == 4
+        mallory = {**alice, "curve_secret_key": keys / "mallory.key_secret"}
+        for options in ({}, mallory):
+            with (
+                Client(server.endpoint, timeout=1, **options) as stranger,
+                pytest.raises(RequestTimeoutError),
+            ):
+                stranger.info()
+        assert server.health().ok
+    result = run_serve(demo_model_file, *curve_args, cwd=tmp_path)
+    assert result.returncode == 2 and "go together" in result.stderr
+    nobody = str(keys / "nobody.key_secret")
+    missing = ("--curve-secret-key", nobody, "--curve-clients", str(admitted))
+    result = run_serve(demo_model_file, "--endpoint", free_tcp_endpoint(), *missing, cwd=tmp_path)
+    assert result.returncode == 1 and "no such key file" in result.stderr, result.stderr

@@ -26,8 +26,9 @@ from typing import Any
 
 import msgspec
 import zmq
+from zmq.auth.thread import ThreadAuthenticator
 
-from pygemma4 import protocol
+from pygemma4 import curve, protocol
 from pygemma4.config import open_model
 from pygemma4.engine import default_n_ctx
 from pygemma4.errors import Gemma4Error
@@ -58,6 +59,7 @@ from workers.supervisor import Supervisor, WorkerProcess
 # ZeroMQ drops a peer that sends more than this many times that, before it is buffered whole.
 HARD_SIZE_FACTOR = 4
 LOOP_MS = 50
+ZAP_DOMAIN = "pygemma4"  # the authentication domain of the clients' endpoint
 DRAIN = 1000  # most messages taken from one socket before looking at the others
 START_TIMEOUT_S = 600.0
 
@@ -87,12 +89,15 @@ class FrontEnd:
         self.router.setsockopt(zmq.LINGER, 0)
         self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.router.setsockopt(zmq.MAXMSGSIZE, config.max_message_bytes * HARD_SIZE_FACTOR)
+        self.authenticator: ThreadAuthenticator | None = None
+        if config.curve_secret_key is not None:
+            self.require_curve(config.curve_secret_key, config.curve_clients)
         try:
             if _ipc_in_use(config.endpoint):
                 raise zmq.ZMQError(errno.EADDRINUSE)
             self.router.bind(config.endpoint)
         except zmq.ZMQError as e:
-            self.mail.close()
+            self.close()
             raise ServerStartError(f"cannot listen on {config.endpoint}: {e}") from None
         self.requests: dict[int, Tracked] = {}
         self.by_client: dict[tuple[bytes, int], int] = {}
@@ -100,6 +105,25 @@ class FrontEnd:
         self.poller = zmq.Poller()
         self.poller.register(self.router, zmq.POLLIN)
         self.poller.register(self.mail.inbox, zmq.POLLIN)
+
+    def require_curve(self, secret_key: str, clients: str | None) -> None:
+        """Admit only clients that authenticate with CURVE keys found in `clients`; without
+        a running authenticator, ZeroMQ then admits no one (it fails closed)."""
+        try:
+            public, secret = curve.load_secret(secret_key)
+            if clients is None or not Path(clients).is_dir():
+                raise curve.CurveKeyError(f"{clients}: no directory of client public keys")
+        except curve.CurveKeyError:
+            self.mail.close()
+            raise
+        self.authenticator = ThreadAuthenticator(self.mail.context)
+        self.authenticator.start()
+        self.authenticator.configure_curve(domain=ZAP_DOMAIN, location=clients)
+        self.router.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)
+        self.router.zap_domain = ZAP_DOMAIN.encode()
+        self.router.curve_publickey = public
+        self.router.curve_secretkey = secret
+        self.router.curve_server = True
 
     def wait_ready(self, progress: Callable[[int, int], None]) -> None:
         """Return once every worker has loaded; `progress(ready, total)` after each one."""
@@ -305,7 +329,9 @@ class FrontEnd:
                 self.drop(rid)
 
     def close(self) -> None:
-        """Close every socket."""
+        """Close every socket (and stop the authenticator)."""
+        if self.authenticator is not None:
+            self.authenticator.stop()
         self.mail.close()
 
 
@@ -352,6 +378,8 @@ class Server:
         max_pending: int,
         max_message_bytes: int,
         kv_tokens: int | None,
+        curve_secret_key: str | None = None,
+        curve_clients: str | None = None,
     ) -> None:
         model_file = open_model(model)
         if not carries_tokenizer(model_file.gguf.metadata):
@@ -392,6 +420,8 @@ class Server:
                 max_message_bytes=max_message_bytes,
                 kv=KvPoolSpec(kind="shm", fd=self.kv_fd, **dataclasses.asdict(layout)),
                 supervisor_pid=os.getpid(),
+                curve_secret_key=curve_secret_key,
+                curve_clients=curve_clients,
             )
             self.supervisor = Supervisor(self.config)
             info = ServerInfo(

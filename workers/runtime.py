@@ -45,6 +45,10 @@ class ServerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     max_message_bytes: int
     kv: KvPoolSpec
     supervisor_pid: int
+    curve_secret_key: str | None = None
+    """The server's CURVE secret key file: clients must then authenticate."""
+    curve_clients: str | None = None
+    """The directory of the public key files of the clients admitted under CURVE."""
 
     def inbox(self, name: str) -> str:
         """The ipc endpoint of the process called `name` (e.g. "decode", "tokenizer-0")."""
