@@ -42,12 +42,13 @@ async def one_round(endpoint: str, streams: int, prompt: list[int], max_tokens: 
 
 
 def start_server(model: str | None, endpoint: str, args: argparse.Namespace) -> subprocess.Popen:
-    command = [sys.executable, "-m", "pygemma4", "serve", "--endpoint", endpoint]
-    command += ["--threads", str(args.threads), "--max-batch", str(max(args.streams))]
+    command = [sys.executable, "-m", "pygemma4", "serve", *([model] if model else [])]
+    command += ["--endpoint", endpoint, "--threads", str(args.threads)]
+    command += ["--max-batch", str(max(args.streams))]
     command += ["--prefill-threads", str(args.prefill_threads or args.threads)]
-    if model:
-        command.insert(4, model)
-    server = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    # From the root, so that a source checkout in the working directory does not shadow the
+    # installed package with its compiled core.
+    server = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, cwd="/")
     line = server.stdout.readline()  # type: ignore[union-attr]
     if "serving" not in line:
         server.kill()

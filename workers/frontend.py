@@ -22,14 +22,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import msgspec
 import zmq
 from zmq.auth.thread import ThreadAuthenticator
 
 from pygemma4 import curve, protocol
-from pygemma4.config import open_model
+from pygemma4.config import ARCH, open_model
 from pygemma4.engine import default_n_ctx
 from pygemma4.errors import Gemma4Error
 from pygemma4.kv import DEFAULT_BLOCK_SIZE, KvLayout
@@ -403,60 +402,58 @@ class Server:
             self.socket_dir = Path(tempfile.mkdtemp(prefix="pygemma4-"))
             ipc_base = f"ipc://{self.socket_dir}"
         self.kv_fd = _anonymous_memory(layout.nbytes)
-        self.frontend: FrontEnd | None = None
+        self.config = ServerConfig(
+            model=str(Path(model).resolve()),
+            endpoint=endpoint,
+            ipc_base=ipc_base,
+            threads=threads,
+            prefill_threads=prefill_threads,
+            max_batch=max_batch,
+            n_ctx=n_ctx,
+            prefill_chunk=prefill_chunk,
+            tokenizer_workers=tokenizer_workers,
+            prefill_workers=prefill_workers,
+            max_pending=max_pending,
+            max_message_bytes=max_message_bytes,
+            kv=KvPoolSpec(kind="shm", fd=self.kv_fd, **dataclasses.asdict(layout)),
+            supervisor_pid=os.getpid(),
+            curve_secret_key=curve_secret_key,
+            curve_clients=curve_clients,
+        )
+        self.supervisor = Supervisor(self.config)
+        info = ServerInfo(
+            id=None,
+            model=Path(model).name,
+            architecture=ARCH,
+            vocab_size=config.vocab_size,
+            n_ctx=n_ctx,
+            max_batch=max_batch,
+            max_pending=max_pending,
+            max_message_bytes=max_message_bytes,
+        )
         try:
-            self.config = ServerConfig(
-                model=str(Path(model).resolve()),
-                endpoint=endpoint,
-                ipc_base=ipc_base,
-                threads=threads,
-                prefill_threads=prefill_threads,
-                max_batch=max_batch,
-                n_ctx=n_ctx,
-                prefill_chunk=prefill_chunk,
-                tokenizer_workers=tokenizer_workers,
-                prefill_workers=prefill_workers,
-                max_pending=max_pending,
-                max_message_bytes=max_message_bytes,
-                kv=KvPoolSpec(kind="shm", fd=self.kv_fd, **dataclasses.asdict(layout)),
-                supervisor_pid=os.getpid(),
-                curve_secret_key=curve_secret_key,
-                curve_clients=curve_clients,
-            )
-            self.supervisor = Supervisor(self.config)
-            info = ServerInfo(
-                id=None,
-                model=Path(model).name,
-                architecture=str(model_file.gguf.metadata.get("general.architecture", "")),
-                vocab_size=config.vocab_size,
-                n_ctx=n_ctx,
-                max_batch=max_batch,
-                max_pending=max_pending,
-                max_message_bytes=max_message_bytes,
-            )
             self.frontend = FrontEnd(self.config, self.supervisor, info)
         except BaseException:
-            self.close()
+            self._free_memory_and_sockets()
             raise
 
     def start(self, progress: Callable[[int, int], None]) -> None:
         """Start the workers and wait until they have loaded."""
         self.supervisor.start_all()
-        assert self.frontend is not None
         self.frontend.wait_ready(progress)
 
     def serve(self, should_stop: Callable[[], bool]) -> None:
         """Answer clients until `should_stop()`."""
-        assert self.frontend is not None
         self.frontend.serve(should_stop)
 
     def close(self) -> None:
         """Stop every process, close the sockets and free the KV pool."""
-        supervisor: Any = getattr(self, "supervisor", None)
-        if supervisor is not None:
-            supervisor.stop_all()
-        if self.frontend is not None:
-            self.frontend.close()
+        self.supervisor.stop_all()
+        self.frontend.close()
+        self._free_memory_and_sockets()
+
+    def _free_memory_and_sockets(self) -> None:
+        """Close the KV pool's memory file and remove the socket directory, if any."""
         os.close(self.kv_fd)
         if self.socket_dir is not None:
             shutil.rmtree(self.socket_dir, ignore_errors=True)

@@ -27,7 +27,7 @@ QUEUE_LIMIT = 100_000
 
 
 class ServerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """Everything a worker needs to know, written by the supervisor for each process."""
+    """Everything a worker needs to know, passed by the supervisor to each process."""
 
     model: str
     endpoint: str
