@@ -6,7 +6,7 @@ import os
 from collections.abc import Iterable, Iterator, Sequence
 from functools import cached_property
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -15,11 +15,15 @@ from pygemma4.config import ModelConfig, ModelFile, open_model
 from pygemma4.errors import Gemma4Error, TokenizerError, require_positive
 from pygemma4.generation import Generation, GenerationChunk, room_for_tokens
 from pygemma4.kv import BlockAllocator, KvLayout, SequenceKv
-from pygemma4.sampling import SamplingParams
+from pygemma4.sampling import SampledToken, SamplingParams
 from pygemma4.tokenizer import Tokenizer, carries_tokenizer
 
-BACKENDS = ("cpu",)
+BACKENDS = ("cpu", "cuda")
 DEFAULT_N_CTX = 4096
+
+
+class BackendUnavailableError(Gemma4Error, RuntimeError):
+    """The backend asked for cannot run here (no CUDA in this build, no driver, no device)."""
 
 
 class ContextFullError(Gemma4Error, ValueError):
@@ -43,14 +47,37 @@ def default_n_ctx(config: ModelConfig) -> int:
     return min(config.n_ctx_train, DEFAULT_N_CTX)
 
 
-def load_core_model(model_file: ModelFile, n_batch: int, threads: int) -> _core.Model:
-    """The core's model over a validated file, for calls of up to `n_batch` tokens computed
-    by `threads` threads."""
+def check_backend(backend: str, device: int = 0) -> None:
+    """Raise ValueError for an unknown backend name or device number, and
+    BackendUnavailableError, saying why, where the backend cannot run here."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}: expected one of {', '.join(BACKENDS)}")
+    if isinstance(device, bool) or not isinstance(device, int) or device < 0:
+        raise ValueError(f"device must be an integer >= 0, got {device!r}")
+    if backend == "cuda":
+        reason = _core.cuda_unavailable_reason(device)
+        if reason:
+            raise BackendUnavailableError(f"CUDA is unavailable: {reason}")
+
+
+def pool_device(backend: str, device: int) -> int:
+    """Where a KV pool for a model on `backend` lives: the CUDA device, or -1 for host memory."""
+    return device if backend == "cuda" else -1
+
+
+def load_core_model(
+    model_file: ModelFile, n_batch: int, threads: int, backend: str = "cpu", device: int = 0
+) -> _core.Model:
+    """The core's model over a validated file, for calls of up to `n_batch` tokens, computed
+    on `backend` (by `threads` threads on the CPU; on CUDA device `device`)."""
+    check_backend(backend, device)
     tensors = [
         _core.TensorEntry(t.name, t.type_id, list(t.shape), t.offset, t.nbytes)
         for t in model_file.gguf.tensors.values()
     ]
-    return _core.Model(str(model_file.gguf.path), tensors, model_file.config, n_batch, threads)
+    return _core.Model(
+        str(model_file.gguf.path), tensors, model_file.config, n_batch, threads, backend, device
+    )
 
 
 class Engine:
@@ -58,7 +85,8 @@ class Engine:
 
     `max_sequences` sequences can be held at once (each with its own KV and positions, in a
     KV pool of the engine's own, laid out as `kv_layout`); `n_batch` bounds the tokens of one
-    forward step (longer prompts are split into chunks).
+    forward step (longer prompts are split into chunks). `backend` "cuda" computes on CUDA
+    device `device` (BackendUnavailableError says why where it cannot).
     """
 
     def __init__(
@@ -69,11 +97,9 @@ class Engine:
         n_ctx: int | None = None,
         max_sequences: int = 1,
         n_batch: int = 256,
+        device: int = 0,
     ) -> None:
-        if backend not in BACKENDS:
-            raise ValueError(
-                f"unknown backend {backend!r}: this build supports {', '.join(BACKENDS)}"
-            )
+        check_backend(backend, device)
         threads = default_threads() if threads is None else threads
         require_positive("threads", threads)
         require_positive("max_sequences", max_sequences)
@@ -84,12 +110,13 @@ class Engine:
         require_positive("n_ctx", n_ctx)
         self.path = Path(path)
         self.backend = backend
+        self.device = device
         self.threads = threads
         self.n_ctx = n_ctx
         self.n_batch = n_batch
-        self._model = load_core_model(self.model_file, n_batch, threads)
+        self._model = load_core_model(self.model_file, n_batch, threads, backend, device)
         self.kv_layout = KvLayout.for_model(self.config, n_ctx, max_sequences, n_batch)
-        self._pool = self.kv_layout.new_pool(self.config)
+        self._pool = self.kv_layout.new_pool(self.config, device=pool_device(backend, device))
         self._allocator = BlockAllocator(self.kv_layout)
 
     @property
@@ -169,14 +196,20 @@ class Engine:
         with self.new_sequence() as seq:
             # The prompt as a server computes it (one process prefills all but the last token, the
             # last runs in a decode step), so that both give the same tokens.
+            # On a GPU the most likely token is chosen there when that is all the sampling
+            # needs, so the logits never cross to the host.
+            choose_on_device = self.backend == "cuda" and not generation.needs_logits
             seq._feed(prompt[:-1], "none")
-            logits = seq.append(prompt[-1:])
+            token = prompt[-1:]
             while True:
-                chunk = generation.step(logits)
+                if choose_on_device:
+                    chunk = generation.step_chosen(seq._most_likely(token))
+                else:
+                    chunk = generation.step(seq.append(token))
                 yield chunk
                 if chunk.finish_reason is not None:
                     return
-                logits = seq.append([chunk.token_id])
+                token = [chunk.token_id]
 
     def decode(self, sequences: Sequence[GenerationSequence], tokens: Sequence[int]) -> np.ndarray:
         """One batched step: appends tokens[i] to sequences[i] for all i at once (weights read
@@ -200,10 +233,14 @@ class Engine:
         return np.concatenate(logits)
 
     def _step(
-        self, feeds: Sequence[tuple[GenerationSequence, np.ndarray]], output_rows: np.ndarray
-    ) -> np.ndarray:
+        self,
+        feeds: Sequence[tuple[GenerationSequence, np.ndarray]],
+        output_rows: np.ndarray,
+        argmax: bool = False,
+    ) -> Any:
         """One forward call: each sequence's tokens at its next positions; the logits
-        [len(output_rows), vocab] of those rows of the call."""
+        [len(output_rows), vocab] of those rows of the call, or with argmax (ids, logprobs)
+        of each row's most likely token."""
         positions = []
         for seq, ids in feeds:
             seq.kv.ensure(seq._length + len(ids))
@@ -217,6 +254,7 @@ class Engine:
             np.stack([seq.kv.table_array(width) for seq, _ in feeds]),
             np.array([seq.kv.ring_set for seq, _ in feeds], dtype=np.int32),
             output_rows,
+            argmax,
         )
         for seq, ids in feeds:
             seq._length += len(ids)
@@ -263,6 +301,16 @@ class GenerationSequence:
             )
         logits = self._feed(ids, "all" if all_logits else "last")
         return logits if all_logits else logits[-1]
+
+    def _most_likely(self, token_ids: Sequence[int] | np.ndarray) -> SampledToken:
+        """Feed one token; the most likely next token and its log-probability, chosen where the
+        model computes."""
+        self.check_open()
+        ids = self.engine.check_tokens(token_ids)
+        if self._length + len(ids) > self.engine.n_ctx:
+            raise ContextFullError(f"sequence is full: context is {self.engine.n_ctx} tokens")
+        chosen, logprobs = self.engine._step([(self, ids)], np.array([0], np.int32), argmax=True)
+        return SampledToken(int(chosen[0]), float(logprobs[0]), ())
 
     def _feed(self, ids: np.ndarray, logits: Literal["all", "last", "none"]) -> np.ndarray:
         """Feed checked token ids in chunks of n_batch; the logits [k, vocab] of every token, of

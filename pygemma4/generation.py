@@ -87,10 +87,25 @@ class TokenChoice:
         self.token_ids: list[int] = []
         self._sampler = Sampler(sampling, prompt_ids)
 
+    @property
+    def needs_logits(self) -> bool:
+        """Whether `step` needs the logits; otherwise the most likely token, chosen where the
+        model computes, can be given to `step_chosen`."""
+        return self._sampler.needs_logits
+
     def step(self, logits: np.ndarray) -> tuple[SampledToken, FinishReason | None]:
         """The next token chosen from the logits after the last one, and why the
         continuation ends with it, if it does."""
-        sampled = self._sampler.sample(logits)
+        return self._advance(self._sampler.sample(logits))
+
+    def step_chosen(self, sampled: SampledToken) -> tuple[SampledToken, FinishReason | None]:
+        """Like `step`, for the most likely token already chosen (see `needs_logits`)."""
+        if self.needs_logits:
+            raise ValueError("these sampling parameters choose from the logits")
+        self._sampler.accept(sampled.token_id)
+        return self._advance(sampled)
+
+    def _advance(self, sampled: SampledToken) -> tuple[SampledToken, FinishReason | None]:
         self.token_ids.append(sampled.token_id)
         if sampled.token_id in self.stop_tokens:
             return sampled, "stop"
@@ -165,11 +180,24 @@ class Generation:
         """Whether the continuation has ended."""
         return self.finish_reason is not None
 
+    @property
+    def needs_logits(self) -> bool:
+        """Whether `step` needs the logits, or `step_chosen` can take the most likely token."""
+        return self._tokens.needs_logits
+
     def step(self, logits: np.ndarray) -> GenerationChunk:
         """Choose the next token from the model's logits after the last token."""
         if self.finished:
             raise RuntimeError("generation has already finished")
-        sampled, token_reason = self._tokens.step(logits)
+        return self._emit(*self._tokens.step(logits))
+
+    def step_chosen(self, sampled: SampledToken) -> GenerationChunk:
+        """Continue with the most likely token, chosen where the model computes."""
+        if self.finished:
+            raise RuntimeError("generation has already finished")
+        return self._emit(*self._tokens.step_chosen(sampled))
+
+    def _emit(self, sampled: SampledToken, token_reason: FinishReason | None) -> GenerationChunk:
         text, reason = self._text.push(sampled.token_id, token_reason)
         self.finish_reason = reason
         return GenerationChunk(sampled, text, reason)

@@ -85,11 +85,20 @@ class KvLayout:
         """How many full-attention blocks hold `n_positions` positions of a sequence."""
         return _ceil_div(n_positions, self.block_size)
 
-    def new_pool(self, config: ModelConfig, buffer: object = None) -> _core.KvPool:
+    def new_pool(
+        self, config: ModelConfig, buffer: object = None, device: int = -1
+    ) -> _core.KvPool:
         """A pool of this layout for a model of `config`: in `buffer` (any writable buffer of
-        at least `nbytes` bytes, such as an mmap of shared memory), or in memory of its own."""
+        at least `nbytes` bytes, such as an mmap of shared memory), or in memory of its own,
+        on CUDA device `device` where that is >= 0."""
         return _core.KvPool(
-            config, self.block_size, self.n_blocks, self.n_ring_sets, self.ring_blocks, buffer
+            config,
+            self.block_size,
+            self.n_blocks,
+            self.n_ring_sets,
+            self.ring_blocks,
+            buffer,
+            device,
         )
 
 

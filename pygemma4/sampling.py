@@ -505,6 +505,18 @@ class Sampler:
             self._seen.add_all(prompt)
             self._max_id = int(prompt.max())
 
+    @property
+    def needs_logits(self) -> bool:
+        """Whether a choice needs the whole logits row: anything but greedy without penalties
+        or top log-probabilities, which only needs the most likely token and its
+        log-probability (what a GPU can give without sending the row)."""
+        return (
+            not self.params.greedy
+            or self._repetition
+            or self._presence_frequency
+            or self.params.logprobs > 0
+        )
+
     def accept(self, token_id: int) -> None:
         """Record `token_id` as generated (chosen elsewhere, e.g. forced) for the penalties."""
         if isinstance(token_id, bool) or not isinstance(token_id, numbers.Integral):

@@ -3,6 +3,7 @@
 #include <string>
 
 #include "bindings/model_config.h"
+#include "ops/backend.h"
 
 namespace py = pybind11;
 
@@ -14,12 +15,16 @@ void PyKvPool::ReleaseView::operator()(Py_buffer* view) const {
 }
 
 PyKvPool::PyKvPool(const py::object& config, int block_size, int n_blocks, int n_ring_sets,
-                   int ring_blocks, const py::object& buffer) {
+                   int ring_blocks, const py::object& buffer, int device) {
   const ModelConfig model_config = to_model_config(config);
   const size_t needed =
       KvPool::bytes_needed(model_config, block_size, n_blocks, n_ring_sets, ring_blocks);
   void* memory = nullptr;
-  if (!buffer.is_none()) {
+  if (device >= 0) {
+    if (!buffer.is_none()) throw py::value_error("a KV pool on a CUDA device takes no buffer");
+    device_memory_ = device_memory(needed, device);
+    memory = device_memory_.get();
+  } else if (!buffer.is_none()) {
     auto view = std::make_unique<Py_buffer>();
     if (PyObject_GetBuffer(buffer.ptr(), view.get(), PyBUF_WRITABLE | PyBUF_ANY_CONTIGUOUS) != 0) {
       PyErr_Clear();
@@ -36,7 +41,7 @@ PyKvPool::PyKvPool(const py::object& config, int block_size, int n_blocks, int n
     memory = view_->buf;
   }
   pool_ = std::make_unique<KvPool>(model_config, block_size, n_blocks, n_ring_sets, ring_blocks,
-                                   memory);
+                                   memory, device < 0 ? -1 : device);
 }
 
 }  // namespace pg4
@@ -45,12 +50,12 @@ using namespace pg4;
 
 void register_kv_pool(py::module_& m) {
   py::class_<PyKvPool>(m, "KvPool")
-      .def(py::init<const py::object&, int, int, int, int, const py::object&>(), py::arg("config"),
-           py::arg("block_size"), py::arg("n_blocks"), py::arg("n_ring_sets"),
-           py::arg("ring_blocks"), py::arg("buffer") = py::none(),
+      .def(py::init<const py::object&, int, int, int, int, const py::object&, int>(),
+           py::arg("config"), py::arg("block_size"), py::arg("n_blocks"), py::arg("n_ring_sets"),
+           py::arg("ring_blocks"), py::arg("buffer") = py::none(), py::arg("device") = -1,
            "Paged K/V storage for a model of `config`, in `buffer` (any writable buffer of at "
            "least bytes_needed bytes, held while the pool lives) or, without one, in memory of "
-           "its own.")
+           "its own: host memory, or with device >= 0 zeroed memory of that CUDA device.")
       .def_static(
           "bytes_needed",
           [](const py::object& config, int block_size, int n_blocks, int n_ring_sets,
@@ -66,5 +71,6 @@ void register_kv_pool(py::module_& m) {
                              [](const PyKvPool& p) { return p.pool().n_ring_sets(); })
       .def_property_readonly("ring_blocks",
                              [](const PyKvPool& p) { return p.pool().ring_blocks(); })
-      .def_property_readonly("nbytes", [](const PyKvPool& p) { return p.pool().nbytes(); });
+      .def_property_readonly("nbytes", [](const PyKvPool& p) { return p.pool().nbytes(); })
+      .def_property_readonly("device", [](const PyKvPool& p) { return p.pool().device(); });
 }

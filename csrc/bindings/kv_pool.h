@@ -15,8 +15,9 @@ namespace pg4 {
 // points into released memory.
 class PyKvPool {
  public:
+  // device >= 0: the pool in memory of its own on that CUDA device (no buffer then).
   PyKvPool(const pybind11::object& config, int block_size, int n_blocks, int n_ring_sets,
-           int ring_blocks, const pybind11::object& buffer);
+           int ring_blocks, const pybind11::object& buffer, int device);
 
   KvPool& pool() { return *pool_; }
   const KvPool& pool() const { return *pool_; }
@@ -27,6 +28,7 @@ class PyKvPool {
   };
 
   std::unique_ptr<Py_buffer, ReleaseView> view_;  // declared first: released after the pool
+  std::shared_ptr<void> device_memory_;           // likewise
   std::unique_ptr<KvPool> pool_;
 };
 

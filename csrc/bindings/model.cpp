@@ -6,7 +6,7 @@
 #include "bindings/kv_pool.h"
 #include "bindings/model_config.h"
 #include "model/gemma4.h"
-#include "ops/cpu/cpu_ops.h"
+#include "ops/backend.h"
 
 namespace py = pybind11;
 using namespace pg4;
@@ -32,20 +32,23 @@ void register_model(py::module_& m) {
 
   py::class_<Gemma4Model>(m, "Model")
       .def(py::init([](const std::string& path, const std::vector<TensorEntry>& tensors,
-                       const py::object& config, int n_batch, int threads) {
+                       const py::object& config, int n_batch, int threads,
+                       const std::string& backend, int device) {
              if (threads < 1) throw py::value_error("threads must be at least 1");
              ModelConfig model_config = to_model_config(config);
              py::gil_scoped_release release;
              return std::make_unique<Gemma4Model>(path, tensors, std::move(model_config), n_batch,
-                                                  std::make_unique<CpuOps>(threads));
+                                                  make_ops(backend, threads, device));
            }),
            py::arg("path"), py::arg("tensors"), py::arg("config"), py::arg("n_batch"),
-           py::arg("threads"))
+           py::arg("threads"), py::arg("backend") = "cpu", py::arg("device") = 0,
+           "The model of a validated file computing on `backend` ('cpu' with `threads` threads, "
+           "or 'cuda' on `device`), for forward calls of up to n_batch tokens.")
       .def(
           "forward",
           [](Gemma4Model& model, PyKvPool& pool, const IntArray& tokens, const IntArray& positions,
              const IntArray& seqs, const IntArray& block_tables, const IntArray& ring_sets,
-             const IntArray& output_rows) {
+             const IntArray& output_rows, bool argmax) {
             if (block_tables.ndim() != 2) {
               throw py::value_error("block_tables must be a 2-D array [n_seq, width]");
             }
@@ -56,21 +59,37 @@ void register_model(py::module_& m) {
             std::vector<int32_t> t = to_vector(tokens), p = to_vector(positions),
                                  s = to_vector(seqs), b = to_vector(block_tables),
                                  r = to_vector(ring_sets), o = to_vector(output_rows);
-            std::vector<float> logits;
+            Gemma4Model::Result result;
             {
               py::gil_scoped_release release;
-              logits = model.forward(pool.pool(), t, p, s, b, width, r, o);
+              result = model.forward(
+                  pool.pool(), t, p, s, b, width, r, o,
+                  argmax ? Gemma4Model::Output::kArgmax : Gemma4Model::Output::kLogits);
+            }
+            if (argmax) {
+              py::array_t<int32_t> ids(static_cast<py::ssize_t>(o.size()));
+              py::array_t<float> logprobs(static_cast<py::ssize_t>(o.size()));
+              std::copy(result.argmax.begin(), result.argmax.end(), ids.mutable_data());
+              std::copy(result.logprobs.begin(), result.logprobs.end(), logprobs.mutable_data());
+              return py::object(py::make_tuple(ids, logprobs));
             }
             const py::ssize_t vocab = model.config().vocab_size;
             py::array_t<float> out({static_cast<py::ssize_t>(o.size()), vocab});
-            std::copy(logits.begin(), logits.end(), out.mutable_data());
-            return out;
+            std::copy(result.logits.begin(), result.logits.end(), out.mutable_data());
+            return py::object(out);
           },
           py::arg("pool"), py::arg("tokens"), py::arg("positions"), py::arg("seqs"),
           py::arg("block_tables"), py::arg("ring_sets"), py::arg("output_rows"),
+          py::arg("argmax") = false,
           "Run one batch against the pool: row i is tokens[i] at positions[i] of sequence "
           "seqs[i], whose full-attention KV lives in the blocks of block_tables[seqs[i]] (int32 "
           "[n_seq, width], -1 for none) and sliding KV in ring set ring_sets[seqs[i]]. Returns "
-          "logits [len(output_rows), vocab] float32.")
+          "logits [len(output_rows), vocab] float32, or with argmax (token ids int32, "
+          "logprobs float32): each of those rows' largest logit and its log-probability, "
+          "computed where the model computes so no logits cross to the host.")
       .def_property_readonly("n_batch", &Gemma4Model::n_batch);
+
+  m.def("cuda_built", &cuda_built, "Whether this module was compiled with the CUDA backend.");
+  m.def("cuda_unavailable_reason", &cuda_unavailable_reason, py::arg("device") = 0,
+        "Why CUDA device `device` cannot be used, or '' when it can.");
 }

@@ -59,14 +59,18 @@ size_t KvPool::bytes_needed(const ModelConfig& config, int block_size, int n_blo
 void KvPool::Unmap::operator()(void* memory) const { ::munmap(memory, bytes); }
 
 KvPool::KvPool(const ModelConfig& config, int block_size, int n_blocks, int n_ring_sets,
-               int ring_blocks, void* memory)
+               int ring_blocks, void* memory, int device)
     : block_size_(block_size),
       n_blocks_(n_blocks),
       n_ring_sets_(n_ring_sets),
       ring_blocks_(ring_blocks),
       nbytes_(bytes_needed(config, block_size, n_blocks, n_ring_sets, ring_blocks)),
+      device_(device),
       owned_(nullptr, Unmap{nbytes_}),
       layers_(config.layers.size()) {
+  if (memory == nullptr && device >= 0) {
+    throw std::invalid_argument("a KV pool on a CUDA device needs memory allocated there");
+  }
   if (memory == nullptr && nbytes_ > 0) {
     // An anonymous mapping comes zeroed and is backed only as far as it is written, so a pool
     // sized for many long sequences costs memory only for what they use.

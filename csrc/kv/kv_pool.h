@@ -31,21 +31,23 @@ class KvPool {
   static size_t bytes_needed(const ModelConfig& config, int block_size, int n_blocks,
                              int n_ring_sets, int ring_blocks);
 
-  // memory: at least bytes_needed bytes, aligned for float, outliving the pool; null for memory
-  // the pool allocates (zeroed) itself.
+  // memory: at least bytes_needed bytes, aligned for float, outliving the pool, on CUDA device
+  // `device` (-1: host memory); null for host memory the pool allocates (zeroed) itself.
   KvPool(const ModelConfig& config, int block_size, int n_blocks, int n_ring_sets, int ring_blocks,
-         void* memory);
+         void* memory, int device = -1);
 
   int block_size() const { return block_size_; }
   int n_blocks() const { return n_blocks_; }
   int n_ring_sets() const { return n_ring_sets_; }
   int ring_blocks() const { return ring_blocks_; }
   size_t nbytes() const { return nbytes_; }
+  int device() const { return device_; }  // -1: host memory
 
   // Whether the pool was laid out for a model of this configuration's KV shapes.
   bool fits(const ModelConfig& config) const;
 
   int row_floats(int layer) const { return layers_[layer].row_floats; }
+  bool sliding(int layer) const { return layers_[layer].sliding; }
 
   // Offset in floats of position pos's row in a layer's K and V stores, for a sequence with this
   // block table and ring set (both already checked by the caller).
@@ -94,6 +96,7 @@ class KvPool {
   int n_ring_sets_;
   int ring_blocks_;
   size_t nbytes_;
+  int device_;
   std::unique_ptr<void, Unmap> owned_;  // the memory, when the pool allocated it
   std::vector<LayerStore> layers_;      // indexed by layer
 };

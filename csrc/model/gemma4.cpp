@@ -49,6 +49,8 @@ Gemma4Model::Gemma4Model(const std::string& path, const std::vector<TensorEntry>
     weights_[t.name] = w;
   }
 
+  place_weights();
+
   token_embd_ = tensor("token_embd.weight");
   output_norm_ = tensor("output_norm.weight");
   output_ = config_.has_output ? tensor("output.weight") : token_embd_;
@@ -78,6 +80,7 @@ Gemma4Model::Gemma4Model(const std::string& path, const std::vector<TensorEntry>
     lw.ffn_down = tensor(p + "ffn_down.weight");
     lw.post_ffw_norm = tensor(p + "post_ffw_norm.weight");
     lw.output_scale = tensor(p + "layer_output_scale.weight", false);
+    if (lw.output_scale.present()) lw.output_scale_value = output_scales_.at(lc.index);
     if (lc.is_moe) {
       lw.moe_router = tensor(p + "ffn_gate_inp.weight");
       lw.moe_router_scale = tensor(p + "ffn_gate_inp.scale");
@@ -99,6 +102,17 @@ Gemma4Model::Gemma4Model(const std::string& path, const std::vector<TensorEntry>
     max_ff = std::max(max_ff, lc.n_ff);
   }
 
+  Ops::Limits limits;
+  limits.n_batch = n_batch_;
+  for (const auto& [name, w] : weights_) limits.max_cols = std::max(limits.max_cols, w.cols());
+  for (const LayerConfig& lc : config_.layers) {
+    limits.max_heads = std::max(limits.max_heads, lc.n_head);
+    limits.max_head_dim = std::max(limits.max_head_dim, lc.head_dim);
+  }
+  limits.n_expert_used = config_.n_expert_used;
+  limits.n_ff_expert = config_.n_ff_expert;
+  ops_->reserve(limits);
+
   const size_t n = static_cast<size_t>(n_batch_);
   const size_t embd = static_cast<size_t>(config_.n_embd);
   x_ = ops_->alloc(n * embd);
@@ -119,8 +133,24 @@ Gemma4Model::Gemma4Model(const std::string& path, const std::vector<TensorEntry>
   ple_gate_ = ops_->alloc(std::max<size_t>(1, n * config_.n_embd_per_layer));
   router_ = ops_->alloc(std::max<size_t>(1, n * config_.n_expert));
   logits_ = ops_->alloc(static_cast<size_t>(kLogitRowsPerChunk) * config_.vocab_size);
-  expert_ids_.resize(n * std::max(1, config_.n_expert_used));
-  expert_weights_.resize(n * std::max(1, config_.n_expert_used));
+  expert_ids_ = ops_->alloc_ids(n * std::max(1, config_.n_expert_used));
+  expert_weights_ = ops_->alloc(n * std::max(1, config_.n_expert_used));
+  argmax_ = ops_->alloc_ids(n);
+  logprobs_ = ops_->alloc(n);
+}
+
+void Gemma4Model::place_weights() {
+  // Scalars the model itself multiplies by are read while the weights are still host memory.
+  for (const LayerConfig& lc : config_.layers) {
+    auto it = weights_.find("blk." + std::to_string(lc.index) + ".layer_output_scale.weight");
+    if (it != weights_.end()) output_scales_[lc.index] = it->second.f32()[0];
+  }
+  std::vector<WeightPlacement> placements;
+  for (auto& [name, w] : weights_) {
+    // The per-layer-embedding table is gigabytes of which a step reads one row per token.
+    placements.push_back({&w, name == "per_layer_token_embd.weight"});
+  }
+  ops_->place_weights(file_.data(), file_.size(), placements);
 }
 
 Weight Gemma4Model::tensor(const std::string& name, bool required) const {
@@ -132,9 +162,18 @@ Weight Gemma4Model::tensor(const std::string& name, bool required) const {
   return it->second;
 }
 
-void Gemma4Model::validate_batch(const KvPool& pool, const TokenBatch& batch, int n_seq,
-                                 const std::vector<int32_t>& output_rows) const {
+void Gemma4Model::validate_batch(const KvPool& pool, const TokenBatch& batch) const {
   if (!pool.fits(config_)) throw error("the KV pool was laid out for another model");
+  if (pool.device() != ops_->device()) {
+    throw error(pool.device() < 0
+                    ? "the KV pool is in host memory; this model computes on CUDA device " +
+                          std::to_string(ops_->device())
+                    : "the KV pool is on CUDA device " + std::to_string(pool.device()) +
+                          "; this model computes " +
+                          (ops_->device() < 0 ? std::string("on the CPU")
+                                              : "on device " + std::to_string(ops_->device())));
+  }
+  const int n_seq = batch.n_seq;
   if (batch.n == 0) throw error("empty batch");
   const int block_size = pool.block_size();
   // Each sequence's first and last position in this call, to check that its rows continue one
@@ -198,8 +237,10 @@ void Gemma4Model::validate_batch(const KvPool& pool, const TokenBatch& batch, in
       }
     }
   }
-  for (int32_t row : output_rows) {
-    if (row < 0 || row >= batch.n) throw error("output row out of range");
+  for (int i = 0; i < batch.n_outputs; ++i) {
+    if (batch.output_rows[i] < 0 || batch.output_rows[i] >= batch.n) {
+      throw error("output row out of range");
+    }
   }
 }
 
@@ -224,35 +265,31 @@ void Gemma4Model::run_layer(int il, const TokenBatch& batch, KvPool& pool) {
   const int embd = config_.n_embd;
   const float eps = config_.rms_eps;
   const size_t n_embd_total = static_cast<size_t>(n) * embd;
-  const float* freq_factors = lc.is_sliding ? nullptr : rope_freqs_.f32();
+  const Rope rope{lc.n_rot, lc.rope_base, lc.is_sliding ? nullptr : rope_freqs_.f32()};
   float* x = x_.get();
   float* h = h_.get();
 
-  // Attention block.
+  // Attention block. The projections of h come first, together, so a backend converts h for
+  // its quantized products once.
   ops_->rms_norm(x, lw.attn_norm.f32(), n, embd, eps, h);
   ops_->matmul(lw.wq, h, n, q_.get());
-  ops_->rms_norm(q_.get(), lw.q_norm.f32(), n * lc.n_head, lc.head_dim, eps, q_.get());
-  ops_->rope_neox(q_.get(), batch.positions, n, lc.n_head, lc.head_dim, lc.n_rot, lc.rope_base,
-                  freq_factors);
   if (lc.has_kv) {
-    const int kv_width = lc.n_head_kv * lc.head_dim;
     ops_->matmul(lw.wk, h, n, k_.get());
-    if (lw.wv.present()) {
-      ops_->matmul(lw.wv, h, n, v_.get());
-    } else {
-      ops_->copy(v_.get(), k_.get(), static_cast<size_t>(n) * kv_width);  // V = K before the norms
+    if (lw.wv.present()) ops_->matmul(lw.wv, h, n, v_.get());
+  }
+  ops_->rms_norm_rope(q_.get(), lw.q_norm.f32(), batch.positions, n, lc.n_head, lc.head_dim, eps,
+                      rope);
+  if (lc.has_kv) {
+    if (!lw.wv.present()) {
+      // V = K before the norms.
+      ops_->copy(v_.get(), k_.get(), static_cast<size_t>(n) * lc.n_head_kv * lc.head_dim);
     }
-    ops_->rms_norm(k_.get(), lw.k_norm.f32(), n * lc.n_head_kv, lc.head_dim, eps, k_.get());
-    ops_->rms_norm(v_.get(), nullptr, n * lc.n_head_kv, lc.head_dim, eps, v_.get());
-    ops_->rope_neox(k_.get(), batch.positions, n, lc.n_head_kv, lc.head_dim, lc.n_rot, lc.rope_base,
-                    freq_factors);
-    ops_->write_kv(k_.get(), v_.get(), batch, il, pool);
+    ops_->store_kv(k_.get(), v_.get(), lw.k_norm.f32(), eps, rope, batch, lc, pool);
   }
   ops_->attention(q_.get(), batch, lc, lc.is_sliding ? config_.sliding_window : 0, pool,
                   attn_.get());
   ops_->matmul(lw.wo, attn_.get(), n, o_.get());
-  ops_->rms_norm(o_.get(), lw.post_attention_norm.f32(), n, embd, eps, o_.get());
-  ops_->add(x, o_.get(), n_embd_total);
+  ops_->rms_norm_add(o_.get(), lw.post_attention_norm.f32(), n, embd, eps, x);
 
   // Feed-forward block: the dense GELU-gated MLP, plus the expert mixture on MoE layers.
   float* ffn = ffn_.get();
@@ -268,15 +305,13 @@ void Gemma4Model::run_layer(int il, const TokenBatch& batch, KvPool& pool) {
     ops_->rms_norm(x, lw.moe_router_scale.f32(), n, embd, eps, h);
     ops_->scale(h, 1.0f / std::sqrt(static_cast<float>(embd)), n_embd_total);
     ops_->matmul(lw.moe_router, h, n, router_.get());
-    ops_->moe_route(router_.get(), n, config_.n_expert, k, expert_ids_.data(),
-                    expert_weights_.data());
+    ops_->moe_route(router_.get(), n, config_.n_expert, k, expert_ids_.get(),
+                    expert_weights_.get());
     ops_->moe_experts(lw.moe_gate_up, lw.moe_down, lw.moe_down_scale.f32(), h2_.get(),
-                      expert_ids_.data(), expert_weights_.data(), n, k, moe_.get());
-    ops_->rms_norm(moe_.get(), lw.post_ffw_norm_2.f32(), n, embd, eps, moe_.get());
-    ops_->add(ffn, moe_.get(), n_embd_total);
+                      expert_ids_.get(), expert_weights_.get(), n, k, moe_.get());
+    ops_->rms_norm_add(moe_.get(), lw.post_ffw_norm_2.f32(), n, embd, eps, ffn);
   }
-  ops_->rms_norm(ffn, lw.post_ffw_norm.f32(), n, embd, eps, ffn);
-  ops_->add(x, ffn, n_embd_total);
+  ops_->rms_norm_add(ffn, lw.post_ffw_norm.f32(), n, embd, eps, x);
 
   // Per-layer embedding: gate from the residual, times this layer's slice of the PLE input.
   if (config_.n_embd_per_layer > 0) {
@@ -285,18 +320,16 @@ void Gemma4Model::run_layer(int il, const TokenBatch& batch, KvPool& pool) {
     ops_->gelu_mul(ple_gate_.get(), P, ple_.get() + static_cast<size_t>(il) * P,
                    P * config_.n_layer, n, P, ple_gate_.get());
     ops_->matmul(lw.ple_proj, ple_gate_.get(), n, o_.get());
-    ops_->rms_norm(o_.get(), lw.ple_post_norm.f32(), n, embd, eps, o_.get());
-    ops_->add(x, o_.get(), n_embd_total);
+    ops_->rms_norm_add(o_.get(), lw.ple_post_norm.f32(), n, embd, eps, x);
   }
-  if (lw.output_scale.present()) ops_->scale(x, lw.output_scale.f32()[0], n_embd_total);
+  if (lw.output_scale.present()) ops_->scale(x, lw.output_scale_value, n_embd_total);
 }
 
-std::vector<float> Gemma4Model::forward(KvPool& pool, const std::vector<int32_t>& tokens,
-                                        const std::vector<int32_t>& positions,
-                                        const std::vector<int32_t>& seqs,
-                                        const std::vector<int32_t>& block_tables, int table_width,
-                                        const std::vector<int32_t>& ring_sets,
-                                        const std::vector<int32_t>& output_rows) {
+Gemma4Model::Result Gemma4Model::forward(
+    KvPool& pool, const std::vector<int32_t>& tokens, const std::vector<int32_t>& positions,
+    const std::vector<int32_t>& seqs, const std::vector<int32_t>& block_tables, int table_width,
+    const std::vector<int32_t>& ring_sets, const std::vector<int32_t>& output_rows,
+    Output output) {
   if (positions.size() != tokens.size() || seqs.size() != tokens.size()) {
     throw error("tokens, positions and seqs must have the same length");
   }
@@ -308,34 +341,57 @@ std::vector<float> Gemma4Model::forward(KvPool& pool, const std::vector<int32_t>
     throw error("batch of " + std::to_string(tokens.size()) + " tokens exceeds n_batch " +
                 std::to_string(n_batch_));
   }
-  TokenBatch batch;
-  batch.n = static_cast<int>(tokens.size());
-  batch.tokens = tokens.data();
-  batch.positions = positions.data();
-  batch.seqs = seqs.data();
-  batch.table_width = table_width;
-  batch.block_tables = block_tables.data();
-  batch.ring_sets = ring_sets.data();
+  if (output_rows.size() > static_cast<size_t>(n_batch_)) {
+    throw error("more output rows than n_batch " + std::to_string(n_batch_));
+  }
+  TokenBatch host;
+  host.n = static_cast<int>(tokens.size());
+  host.tokens = tokens.data();
+  host.positions = positions.data();
+  host.seqs = seqs.data();
+  host.n_seq = static_cast<int>(ring_sets.size());
+  host.table_width = table_width;
+  host.block_tables = block_tables.data();
+  host.ring_sets = ring_sets.data();
+  host.n_outputs = static_cast<int>(output_rows.size());
+  host.output_rows = output_rows.data();
   std::lock_guard<std::mutex> lock(forward_mutex_);
-  validate_batch(pool, batch, static_cast<int>(ring_sets.size()), output_rows);
+  validate_batch(pool, host);
 
+  const TokenBatch batch = ops_->stage(host);
   const int embd = config_.n_embd;
-  ops_->get_rows(token_embd_, batch.tokens, batch.n, std::sqrt(static_cast<float>(embd)), x_.get());
-  if (config_.n_embd_per_layer > 0) per_layer_inputs(batch);
-  for (int il = 0; il < config_.n_layer; ++il) run_layer(il, batch, pool);
+  // Everything up to the last layer depends on the host only through the batch's shape.
+  ops_->run_step({batch.n, batch.n_seq, batch.table_width}, [&] {
+    ops_->get_rows(token_embd_, batch.tokens, batch.n, std::sqrt(static_cast<float>(embd)),
+                   x_.get());
+    if (config_.n_embd_per_layer > 0) per_layer_inputs(batch);
+    for (int il = 0; il < config_.n_layer; ++il) run_layer(il, batch, pool);
+  });
 
   const size_t vocab = static_cast<size_t>(config_.vocab_size);
-  std::vector<float> result(output_rows.size() * vocab);
-  for (size_t first = 0; first < output_rows.size(); first += kLogitRowsPerChunk) {
-    const int rows =
-        static_cast<int>(std::min<size_t>(kLogitRowsPerChunk, output_rows.size() - first));
-    ops_->copy_rows(x_.get(), output_rows.data() + first, rows, embd, h_.get());
+  const size_t n_outputs = output_rows.size();
+  Result result;
+  if (output == Output::kLogits) result.logits.resize(n_outputs * vocab);
+  for (size_t first = 0; first < n_outputs; first += kLogitRowsPerChunk) {
+    const int rows = static_cast<int>(std::min<size_t>(kLogitRowsPerChunk, n_outputs - first));
+    ops_->copy_rows(x_.get(), batch.output_rows + first, rows, embd, h_.get());
     ops_->rms_norm(h_.get(), output_norm_.f32(), rows, embd, config_.rms_eps, h_.get());
     ops_->matmul(output_, h_.get(), rows, logits_.get());
     if (config_.final_logit_softcap > 0.0f) {
       ops_->softcap(logits_.get(), config_.final_logit_softcap, rows * vocab);
     }
-    ops_->read(logits_.get(), rows * vocab, result.data() + first * vocab);
+    if (output == Output::kLogits) {
+      ops_->read(logits_.get(), rows * vocab, result.logits.data() + first * vocab);
+    } else {
+      ops_->argmax(logits_.get(), rows, config_.vocab_size, argmax_.get() + first,
+                   logprobs_.get() + first);
+    }
+  }
+  if (output == Output::kArgmax) {
+    result.argmax.resize(n_outputs);
+    result.logprobs.resize(n_outputs);
+    ops_->read_ids(argmax_.get(), n_outputs, result.argmax.data());
+    ops_->read(logprobs_.get(), n_outputs, result.logprobs.data());
   }
   return result;
 }

@@ -34,19 +34,26 @@ class Gemma4Model {
   const ModelConfig& config() const { return config_; }
   int n_batch() const { return n_batch_; }
 
+  // What a forward call gives back for each of its output rows.
+  enum class Output { kLogits, kArgmax };
+  struct Result {
+    std::vector<float> logits;   // [n_outputs, vocab] for kLogits
+    std::vector<int32_t> argmax;  // [n_outputs] for kArgmax: the id of each row's largest logit
+    std::vector<float> logprobs;  // [n_outputs] for kArgmax: its log-probability
+  };
+
   // Runs one batch (see TokenBatch: seqs index the n_seq = ring_sets.size() sequences of this
   // call, whose block tables are the rows of block_tables, table_width ids each, -1 for none).
   // Each sequence's rows must be consecutive positions in order, and every position before them
   // must already be in the pool. Stores the batch's keys and values in the pool and returns
-  // logits [n_outputs, vocab] for the rows listed in output_rows. Everything the caller passes
+  // the logits (or their argmax) of the rows listed in output_rows. Everything the caller passes
   // (block ids included: they may come from another process) is checked before anything is
   // written: std::invalid_argument says what is wrong.
-  std::vector<float> forward(KvPool& pool, const std::vector<int32_t>& tokens,
-                             const std::vector<int32_t>& positions,
-                             const std::vector<int32_t>& seqs,
-                             const std::vector<int32_t>& block_tables, int table_width,
-                             const std::vector<int32_t>& ring_sets,
-                             const std::vector<int32_t>& output_rows);
+  Result forward(KvPool& pool, const std::vector<int32_t>& tokens,
+                 const std::vector<int32_t>& positions, const std::vector<int32_t>& seqs,
+                 const std::vector<int32_t>& block_tables, int table_width,
+                 const std::vector<int32_t>& ring_sets, const std::vector<int32_t>& output_rows,
+                 Output output = Output::kLogits);
 
  private:
   struct LayerWeights {
@@ -55,11 +62,12 @@ class Gemma4Model {
     Weight moe_router, moe_router_scale, moe_gate_up, moe_down, moe_down_scale;
     Weight post_ffw_norm_1, pre_ffw_norm_2, post_ffw_norm_2;
     Weight ple_gate, ple_proj, ple_post_norm;
+    float output_scale_value = 1.0f;  // read from the file: the model multiplies by it on the host
   };
 
   Weight tensor(const std::string& name, bool required = true) const;
-  void validate_batch(const KvPool& pool, const TokenBatch& batch, int n_seq,
-                      const std::vector<int32_t>& output_rows) const;
+  void place_weights();
+  void validate_batch(const KvPool& pool, const TokenBatch& batch) const;
   void run_layer(int il, const TokenBatch& batch, KvPool& pool);
   void per_layer_inputs(const TokenBatch& batch);
 
@@ -68,6 +76,7 @@ class Gemma4Model {
   bool has_sliding_kv_;  // whether any layer stores KV in the pool's rings
   MappedFile file_;
   std::unordered_map<std::string, Weight> weights_;
+  std::unordered_map<int, float> output_scales_;  // layer_output_scale of each layer that has one
   std::unique_ptr<Ops> ops_;
   std::mutex forward_mutex_;  // one forward at a time: the scratch buffers are shared
 
@@ -77,9 +86,8 @@ class Gemma4Model {
 
   // Scratch activations, sized for n_batch tokens.
   std::shared_ptr<float> x_, h_, h2_, q_, k_, v_, attn_, o_, gate_, up_, act_, ffn_, moe_;
-  std::shared_ptr<float> ple_, ple_gate_, router_, logits_;
-  std::vector<int32_t> expert_ids_;
-  std::vector<float> expert_weights_;
+  std::shared_ptr<float> ple_, ple_gate_, router_, logits_, expert_weights_, logprobs_;
+  std::shared_ptr<int32_t> expert_ids_, argmax_;
 };
 
 }  // namespace pg4

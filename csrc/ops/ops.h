@@ -1,10 +1,15 @@
-// The operations the Gemma 4 forward pass is written against. A backend (CPU now, CUDA later)
-// implements them over memory it owns; the model never touches activations directly.
+// The operations the Gemma 4 forward pass is written against. A backend (CPU, CUDA) implements
+// them over memory it owns; the model never touches activations directly. The fused operations
+// at the end have default definitions in terms of the primitives, which a backend overrides
+// where fusing saves passes over memory or kernel launches.
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <memory>
+#include <string>
+#include <vector>
 
 #include "common/weight.h"
 #include "kv/kv_pool.h"
@@ -14,27 +19,75 @@ namespace pg4 {
 
 // The tokens of one forward step: row i is token tokens[i] at position positions[i] of the call's
 // sequence seqs[i]; sequence s keeps its full-attention KV in the blocks of its block table
-// block_tables[s * table_width ...] and its sliding KV in ring set ring_sets[s].
+// block_tables[s * table_width ...] and its sliding KV in ring set ring_sets[s]. The logits of
+// rows output_rows[0 .. n_outputs) are wanted. The arrays live where the backend computes (see
+// Ops::stage).
 struct TokenBatch {
   int n = 0;
   const int32_t* tokens = nullptr;
   const int32_t* positions = nullptr;
   const int32_t* seqs = nullptr;
+  int n_seq = 0;
   int table_width = 0;
   const int32_t* block_tables = nullptr;
   const int32_t* ring_sets = nullptr;
+  int n_outputs = 0;
+  const int32_t* output_rows = nullptr;
 
   const int32_t* table(int seq) const {
     return block_tables + static_cast<size_t>(seq) * table_width;
   }
 };
 
+// One tensor of the model file and whether it must stay in host memory (a table of gigabytes
+// of which each step reads a few rows).
+struct WeightPlacement {
+  Weight* weight;
+  bool host_resident;
+};
+
+// The rotation of one attention input: NEOX rotation of the first n_rot dims of each head,
+// frequencies base^(-2i/n_rot), divided by freq_factors[i] when given.
+struct Rope {
+  int n_rot = 0;
+  float base = 10000.0f;
+  const float* freq_factors = nullptr;
+};
+
 class Ops {
  public:
   virtual ~Ops() = default;
 
-  // Activation memory of n floats, owned by the backend.
+  // The device the backend computes on (-1 for host memory); a KV pool must live there.
+  virtual int device() const { return -1; }
+
+  // Makes the model's weights readable where the backend computes, rewriting each Weight's data
+  // pointer; the mapping of `file_size` bytes at `file_data` holds them all and outlives the ops.
+  virtual void place_weights(const uint8_t* file_data, size_t file_size,
+                             const std::vector<WeightPlacement>& weights) {}
+  // The largest shapes the model will ask for, so that a backend can take its scratch memory up
+  // front (a captured step may not allocate).
+  struct Limits {
+    int n_batch = 1;
+    int64_t max_cols = 1;          // widest matmul input
+    int max_heads = 1;             // most query heads of a layer
+    int max_head_dim = 1;
+    int n_expert_used = 0;
+    int64_t n_ff_expert = 0;
+  };
+  virtual void reserve(const Limits& limits) {}
+
+  // Activation memory of n floats / n ids, owned by the backend.
   virtual std::shared_ptr<float> alloc(size_t n) = 0;
+  virtual std::shared_ptr<int32_t> alloc_ids(size_t n) = 0;
+
+  // The batch with its arrays copied to where the backend computes (valid until the next call).
+  virtual TokenBatch stage(const TokenBatch& host) { return host; }
+  // Runs the step `body` (everything between stage and reading the results), which depends on
+  // the host only through `shape`: a backend may record it once per shape and replay it.
+  virtual void run_step(const std::vector<int64_t>& shape, const std::function<void()>& body) {
+    body();
+  }
 
   // y[t * w.rows() + r] = dot(row r of w, x[t * w.cols() ...]) for t < n_tokens.
   virtual void matmul(const Weight& w, const float* x, int n_tokens, float* y) = 0;
@@ -44,9 +97,9 @@ class Ops {
   // out = x / rms(x) (* weight when given), per row of dim values; out may alias x.
   virtual void rms_norm(const float* x, const float* weight, int n_rows, int dim, float eps,
                         float* out) = 0;
-  // NEOX rotation of the first n_rot dims of each head; freq_factors divide the frequencies.
+  // The rotation `rope` of each of the n_head heads of every token, at its position.
   virtual void rope_neox(float* x, const int32_t* positions, int n_tokens, int n_head, int head_dim,
-                         int n_rot, float base, const float* freq_factors) = 0;
+                         const Rope& rope) = 0;
   // out[r][c] = gelu_tanh(gate[r * gate_stride + c]) * up[r * up_stride + c].
   virtual void gelu_mul(const float* gate, int gate_stride, const float* up, int up_stride,
                         int n_rows, int n_cols, float* out) = 0;
@@ -55,10 +108,16 @@ class Ops {
   // x = cap * tanh(x / cap)
   virtual void softcap(float* x, float cap, size_t n) = 0;
   virtual void copy(float* dst, const float* src, size_t n) = 0;
-  // Brings n floats of backend memory to the host.
+  // Copies `bytes` of host memory into backend memory.
+  virtual void upload(void* dst, const void* host_src, size_t bytes) = 0;
+  // Brings n floats / ids of backend memory to the host.
   virtual void read(const float* src, size_t n, float* host_dst) = 0;
+  virtual void read_ids(const int32_t* src, size_t n, int32_t* host_dst) = 0;
   virtual void copy_rows(const float* src, const int32_t* rows, int n_rows, int dim,
                          float* dst) = 0;
+  // ids[r] = the index of the largest of row r's n_cols values (the first, on ties), and
+  // logprobs[r] its log-probability under the softmax of the row.
+  virtual void argmax(const float* x, int n_rows, int n_cols, int32_t* ids, float* logprobs) = 0;
 
   // Stores the batch's keys and values ([n, n_head_kv * head_dim] each) into the pool.
   virtual void write_kv(const float* k, const float* v, const TokenBatch& batch, int layer,
@@ -76,6 +135,31 @@ class Ops {
   virtual void moe_experts(const Weight& gate_up, const Weight& down, const float* down_scale,
                            const float* x, const int32_t* expert_ids, const float* expert_weights,
                            int n_tokens, int k, float* out) = 0;
+
+  // Fused operations.
+
+  // x += rms_norm(y) * weight, per row of dim values (y may be overwritten).
+  virtual void rms_norm_add(float* y, const float* weight, int n_rows, int dim, float eps,
+                            float* x) {
+    rms_norm(y, weight, n_rows, dim, eps, y);
+    add(x, y, static_cast<size_t>(n_rows) * dim);
+  }
+  // Each head of x normalised (times weight) then rotated, in place.
+  virtual void rms_norm_rope(float* x, const float* weight, const int32_t* positions, int n_tokens,
+                             int n_head, int head_dim, float eps, const Rope& rope) {
+    rms_norm(x, weight, n_tokens * n_head, head_dim, eps, x);
+    rope_neox(x, positions, n_tokens, n_head, head_dim, rope);
+  }
+  // The keys normalised (times k_weight) and rotated, the values normalised, both stored in the
+  // pool; k and v may be overwritten.
+  virtual void store_kv(float* k, float* v, const float* k_weight, float eps, const Rope& rope,
+                        const TokenBatch& batch, const LayerConfig& layer, KvPool& pool) {
+    const int rows = batch.n * layer.n_head_kv;
+    rms_norm(k, k_weight, rows, layer.head_dim, eps, k);
+    rms_norm(v, nullptr, rows, layer.head_dim, eps, v);
+    rope_neox(k, batch.positions, batch.n, layer.n_head_kv, layer.head_dim, rope);
+    write_kv(k, v, batch, layer.index, pool);
+  }
 };
 
 }  // namespace pg4

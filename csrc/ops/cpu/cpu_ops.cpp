@@ -50,6 +50,10 @@ std::shared_ptr<float> CpuOps::alloc(size_t n) {
   return std::shared_ptr<float>(new float[n](), std::default_delete<float[]>());
 }
 
+std::shared_ptr<int32_t> CpuOps::alloc_ids(size_t n) {
+  return std::shared_ptr<int32_t>(new int32_t[n](), std::default_delete<int32_t[]>());
+}
+
 void CpuOps::matmul(const Weight& w, const float* x, int n_tokens, float* y) {
   const int64_t cols = w.cols();
   const int64_t rows = w.rows();
@@ -125,15 +129,16 @@ void CpuOps::rms_norm(const float* x, const float* weight, int n_rows, int dim, 
 }
 
 void CpuOps::rope_neox(float* x, const int32_t* positions, int n_tokens, int n_head, int head_dim,
-                       int n_rot, float base, const float* freq_factors) {
+                       const Rope& rope) {
+  const int n_rot = rope.n_rot;
   const int half = n_rot / 2;
   pool_.parallel_for(n_tokens, 1, [&](int64_t begin, int64_t end, int) {
     std::vector<float> cos_t(half), sin_t(half);
     for (int64_t t = begin; t < end; ++t) {
       const double pos = positions[t];
       for (int i = 0; i < half; ++i) {
-        double freq = std::pow(static_cast<double>(base), -2.0 * i / n_rot);
-        if (freq_factors != nullptr) freq /= freq_factors[i];
+        double freq = std::pow(static_cast<double>(rope.base), -2.0 * i / n_rot);
+        if (rope.freq_factors != nullptr) freq /= rope.freq_factors[i];
         const double angle = pos * freq;
         cos_t[i] = static_cast<float>(std::cos(angle));
         sin_t[i] = static_cast<float>(std::sin(angle));
@@ -186,7 +191,26 @@ void CpuOps::copy(float* dst, const float* src, size_t n) {
   std::memcpy(dst, src, sizeof(float) * n);
 }
 
+void CpuOps::upload(void* dst, const void* host_src, size_t bytes) {
+  std::memcpy(dst, host_src, bytes);
+}
+
 void CpuOps::read(const float* src, size_t n, float* host_dst) { copy(host_dst, src, n); }
+
+void CpuOps::read_ids(const int32_t* src, size_t n, int32_t* host_dst) {
+  std::memcpy(host_dst, src, sizeof(int32_t) * n);
+}
+
+void CpuOps::argmax(const float* x, int n_rows, int n_cols, int32_t* ids, float* logprobs) {
+  for (int r = 0; r < n_rows; ++r) {
+    const float* row = x + static_cast<int64_t>(r) * n_cols;
+    const float* best = std::max_element(row, row + n_cols);
+    double total = 0.0;
+    for (int c = 0; c < n_cols; ++c) total += std::exp(static_cast<double>(row[c] - *best));
+    ids[r] = static_cast<int32_t>(best - row);
+    logprobs[r] = static_cast<float>(-std::log(total));
+  }
+}
 
 void CpuOps::copy_rows(const float* src, const int32_t* rows, int n_rows, int dim, float* dst) {
   for (int i = 0; i < n_rows; ++i) {

@@ -15,19 +15,23 @@ class CpuOps final : public Ops {
   int n_threads() const { return pool_.size(); }
 
   std::shared_ptr<float> alloc(size_t n) override;
+  std::shared_ptr<int32_t> alloc_ids(size_t n) override;
   void matmul(const Weight& w, const float* x, int n_tokens, float* y) override;
   void get_rows(const Weight& table, const int32_t* ids, int n, float scale, float* out) override;
   void rms_norm(const float* x, const float* weight, int n_rows, int dim, float eps,
                 float* out) override;
   void rope_neox(float* x, const int32_t* positions, int n_tokens, int n_head, int head_dim,
-                 int n_rot, float base, const float* freq_factors) override;
+                 const Rope& rope) override;
   void gelu_mul(const float* gate, int gate_stride, const float* up, int up_stride, int n_rows,
                 int n_cols, float* out) override;
   void add(float* x, const float* y, size_t n) override;
   void scale(float* x, float s, size_t n) override;
   void softcap(float* x, float cap, size_t n) override;
   void copy(float* dst, const float* src, size_t n) override;
+  void upload(void* dst, const void* host_src, size_t bytes) override;
   void read(const float* src, size_t n, float* host_dst) override;
+  void read_ids(const int32_t* src, size_t n, int32_t* host_dst) override;
+  void argmax(const float* x, int n_rows, int n_cols, int32_t* ids, float* logprobs) override;
   void copy_rows(const float* src, const int32_t* rows, int n_rows, int dim, float* dst) override;
   void write_kv(const float* k, const float* v, const TokenBatch& batch, int layer,
                 KvPool& pool) override;

@@ -1,0 +1,230 @@
+// pygemma4._core.OpsCheck: single operations of a backend on numpy inputs, so that the tests can
+// run each CUDA kernel and its CPU reference on the same fresh random data and compare.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "ops/backend.h"
+#include "quant/types.h"
+
+namespace py = pybind11;
+using namespace pg4;
+
+namespace {
+
+using FloatArray = py::array_t<float, py::array::c_style | py::array::forcecast>;
+using IdArray = py::array_t<int32_t, py::array::c_style | py::array::forcecast>;
+using ByteArray = py::array_t<uint8_t, py::array::c_style | py::array::forcecast>;
+
+class OpsCheck {
+ public:
+  OpsCheck(const std::string& backend, int threads, int device)
+      : ops_(make_ops(backend, threads, device)) {}
+
+  // A weight of `type` with ne = {cols, rows, matrices} over the bytes of `data`.
+  Weight weight(int type_id, const ByteArray& data, int64_t cols, int64_t rows,
+                int64_t matrices = 1) {
+    if (!quant::is_known_type(type_id)) throw py::value_error("unknown tensor type");
+    Weight w;
+    w.type = static_cast<quant::Type>(type_id);
+    w.ne[0] = cols;
+    w.ne[1] = rows;
+    w.ne[2] = matrices;
+    w.row_bytes = quant::row_bytes(w.type, cols);
+    if (static_cast<size_t>(data.size()) != w.row_bytes * rows * matrices) {
+      throw py::value_error("weight data has the wrong size for its type and shape");
+    }
+    w.data = data.data();
+    ops_->place_weights(data.data(), data.size(), {{&w, false}});
+    return w;
+  }
+
+  std::shared_ptr<float> floats(const FloatArray& a) {
+    auto memory = ops_->alloc(a.size());
+    ops_->upload(memory.get(), a.data(), a.size() * sizeof(float));
+    return memory;
+  }
+
+  std::shared_ptr<int32_t> ids(const IdArray& a) {
+    auto memory = ops_->alloc_ids(a.size());
+    ops_->upload(memory.get(), a.data(), a.size() * sizeof(int32_t));
+    return memory;
+  }
+
+  FloatArray result(const std::shared_ptr<float>& memory, std::vector<py::ssize_t> shape) {
+    FloatArray out(shape);
+    ops_->read(memory.get(), out.size(), out.mutable_data());
+    return out;
+  }
+
+  void reserve(int n_batch, int64_t cols, int n_head = 1, int head_dim = 1, int k = 0,
+               int64_t n_ff_expert = 0) {
+    Ops::Limits limits;
+    limits.n_batch = n_batch;
+    limits.max_cols = cols;
+    limits.max_heads = n_head;
+    limits.max_head_dim = head_dim;
+    limits.n_expert_used = k;
+    limits.n_ff_expert = n_ff_expert;
+    ops_->reserve(limits);
+  }
+
+  Ops& ops() { return *ops_; }
+
+ private:
+  std::unique_ptr<Ops> ops_;
+};
+
+Rope rope_of(int n_rot, float base, const float* freq_factors) {
+  return Rope{n_rot, base, freq_factors};
+}
+
+}  // namespace
+
+void register_ops_check(py::module_& m) {
+  py::class_<OpsCheck>(m, "OpsCheck",
+                       "Single operations of one backend on numpy inputs (for the kernel tests).")
+      .def(py::init<const std::string&, int, int>(), py::arg("backend"), py::arg("threads") = 1,
+           py::arg("device") = 0)
+      .def(
+          "matmul",
+          [](OpsCheck& c, int type_id, const ByteArray& weights, int64_t cols, int64_t rows,
+             const FloatArray& x) {
+            const int n = static_cast<int>(x.size() / cols);
+            c.reserve(n, cols);
+            const Weight w = c.weight(type_id, weights, cols, rows);
+            auto in = c.floats(x);
+            auto out = c.ops().alloc(static_cast<size_t>(n) * rows);
+            c.ops().matmul(w, in.get(), n, out.get());
+            return c.result(out, {n, rows});
+          },
+          py::arg("type_id"), py::arg("weights"), py::arg("cols"), py::arg("rows"), py::arg("x"))
+      .def(
+          "get_rows",
+          [](OpsCheck& c, int type_id, const ByteArray& table, int64_t cols, int64_t rows,
+             const IdArray& ids, float scale) {
+            const Weight w = c.weight(type_id, table, cols, rows);
+            auto id = c.ids(ids);
+            auto out = c.ops().alloc(ids.size() * cols);
+            c.ops().get_rows(w, id.get(), static_cast<int>(ids.size()), scale, out.get());
+            return c.result(out, {ids.size(), cols});
+          },
+          py::arg("type_id"), py::arg("table"), py::arg("cols"), py::arg("rows"), py::arg("ids"),
+          py::arg("scale"))
+      .def(
+          "rms_norm",
+          [](OpsCheck& c, const FloatArray& x, std::optional<FloatArray> weight, float eps,
+             std::optional<FloatArray> add_to) {
+            const int dim = static_cast<int>(x.shape(x.ndim() - 1));
+            const int rows = static_cast<int>(x.size() / dim);
+            auto in = c.floats(x);
+            std::shared_ptr<float> w = weight ? c.floats(*weight) : nullptr;
+            if (add_to) {
+              auto target = c.floats(*add_to);
+              c.ops().rms_norm_add(in.get(), w.get(), rows, dim, eps, target.get());
+              return c.result(target, {rows, dim});
+            }
+            auto out = c.ops().alloc(x.size());
+            c.ops().rms_norm(in.get(), w.get(), rows, dim, eps, out.get());
+            return c.result(out, {rows, dim});
+          },
+          py::arg("x"), py::arg("weight"), py::arg("eps"), py::arg("add_to") = py::none())
+      .def(
+          "norm_rope",
+          [](OpsCheck& c, const FloatArray& x, std::optional<FloatArray> weight,
+             const IdArray& positions, int n_head, int head_dim, float eps, int n_rot, float base,
+             std::optional<FloatArray> freq_factors) {
+            const int n = static_cast<int>(positions.size());
+            auto in = c.floats(x);
+            auto pos = c.ids(positions);
+            std::shared_ptr<float> ff = freq_factors ? c.floats(*freq_factors) : nullptr;
+            const Rope rope = rope_of(n_rot, base, ff.get());
+            if (weight) {
+              auto w = c.floats(*weight);
+              c.ops().rms_norm_rope(in.get(), w.get(), pos.get(), n, n_head, head_dim, eps, rope);
+            } else {
+              c.ops().rope_neox(in.get(), pos.get(), n, n_head, head_dim, rope);
+            }
+            return c.result(in, {n, static_cast<py::ssize_t>(n_head) * head_dim});
+          },
+          py::arg("x"), py::arg("weight"), py::arg("positions"), py::arg("n_head"),
+          py::arg("head_dim"), py::arg("eps"), py::arg("n_rot"), py::arg("base"),
+          py::arg("freq_factors") = py::none(),
+          "With a weight: each head normalised then rotated; without: rotated only.")
+      .def(
+          "gelu_mul",
+          [](OpsCheck& c, const FloatArray& gate, const FloatArray& up) {
+            const int cols = static_cast<int>(gate.shape(1)), rows = static_cast<int>(gate.shape(0));
+            auto g = c.floats(gate), u = c.floats(up);
+            auto out = c.ops().alloc(gate.size());
+            c.ops().gelu_mul(g.get(), cols, u.get(), cols, rows, cols, out.get());
+            return c.result(out, {rows, cols});
+          },
+          py::arg("gate"), py::arg("up"))
+      .def(
+          "elementwise",
+          [](OpsCheck& c, const std::string& op, const FloatArray& x, float value,
+             std::optional<FloatArray> y) {
+            auto in = c.floats(x);
+            if (op == "add") {
+              if (!y) throw py::value_error("add needs y");
+              auto other = c.floats(*y);
+              c.ops().add(in.get(), other.get(), x.size());
+            } else if (op == "scale") {
+              c.ops().scale(in.get(), value, x.size());
+            } else if (op == "softcap") {
+              c.ops().softcap(in.get(), value, x.size());
+            } else {
+              throw py::value_error("unknown element-wise op '" + op + "'");
+            }
+            return c.result(in, {x.size()});
+          },
+          py::arg("op"), py::arg("x"), py::arg("value") = 0.0f, py::arg("y") = py::none())
+      .def(
+          "argmax",
+          [](OpsCheck& c, const FloatArray& x) {
+            const int rows = static_cast<int>(x.shape(0)), cols = static_cast<int>(x.shape(1));
+            auto in = c.floats(x);
+            auto ids = c.ops().alloc_ids(rows);
+            auto logprobs = c.ops().alloc(rows);
+            c.ops().argmax(in.get(), rows, cols, ids.get(), logprobs.get());
+            IdArray out_ids(rows);
+            c.ops().read_ids(ids.get(), rows, out_ids.mutable_data());
+            return py::make_tuple(out_ids, c.result(logprobs, {rows}));
+          },
+          py::arg("x"))
+      .def(
+          "moe",
+          [](OpsCheck& c, const FloatArray& router_logits, int k, int gate_up_type,
+             const ByteArray& gate_up, int down_type, const ByteArray& down,
+             const FloatArray& down_scale, const FloatArray& x) {
+            const int n = static_cast<int>(x.shape(0));
+            const int64_t n_embd = x.shape(1);
+            const int n_expert = static_cast<int>(router_logits.shape(1));
+            const int64_t n_ff = static_cast<int64_t>(
+                down.size() / n_expert / n_embd / quant::type_info(static_cast<quant::Type>(down_type)).block_bytes *
+                quant::type_info(static_cast<quant::Type>(down_type)).block_size);
+            c.reserve(n, n_embd, 1, 1, k, n_ff);
+            const Weight gu = c.weight(gate_up_type, gate_up, n_embd, 2 * n_ff, n_expert);
+            const Weight dn = c.weight(down_type, down, n_ff, n_embd, n_expert);
+            auto logits = c.floats(router_logits);
+            auto scale = c.floats(down_scale);
+            auto in = c.floats(x);
+            auto ids = c.ops().alloc_ids(static_cast<size_t>(n) * k);
+            auto weights = c.ops().alloc(static_cast<size_t>(n) * k);
+            auto out = c.ops().alloc(x.size());
+            c.ops().moe_route(logits.get(), n, n_expert, k, ids.get(), weights.get());
+            c.ops().moe_experts(gu, dn, scale.get(), in.get(), ids.get(), weights.get(), n, k,
+                                out.get());
+            IdArray out_ids({n, k});
+            c.ops().read_ids(ids.get(), out_ids.size(), out_ids.mutable_data());
+            return py::make_tuple(out_ids, c.result(weights, {n, k}), c.result(out, {n, n_embd}));
+          },
+          py::arg("router_logits"), py::arg("k"), py::arg("gate_up_type"), py::arg("gate_up"),
+          py::arg("down_type"), py::arg("down"), py::arg("down_scale"), py::arg("x"),
+          "Route then run the chosen experts: (expert ids, their weights, output).");
+}

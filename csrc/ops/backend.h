@@ -1,0 +1,26 @@
+// Choosing a backend: the ops of the CPU or of a CUDA device, and why CUDA cannot be had.
+#pragma once
+
+#include <cstddef>
+#include <memory>
+#include <string>
+
+#include "ops/ops.h"
+
+namespace pg4 {
+
+// Whether this module was compiled with the CUDA backend.
+bool cuda_built();
+
+// Empty when CUDA device `device` can be used; otherwise why not (not built with CUDA, no
+// driver, no such device, ...).
+std::string cuda_unavailable_reason(int device);
+
+// The ops of backend "cpu" (computing with `threads` threads) or "cuda" (on `device`); throws
+// std::invalid_argument for another name and std::runtime_error saying why CUDA is unavailable.
+std::unique_ptr<Ops> make_ops(const std::string& backend, int threads, int device);
+
+// `bytes` of zeroed memory on CUDA device `device`, freed with the last reference.
+std::shared_ptr<void> device_memory(size_t bytes, int device);
+
+}  // namespace pg4
