@@ -39,7 +39,7 @@ class OpsCheck {
       throw py::value_error("weight data has the wrong size for its type and shape");
     }
     w.data = data.data();
-    ops_->place_weights(data.data(), data.size(), {{&w, false}});
+    ops_->place_weights({{&w, false}}, nullptr);
     return w;
   }
 

@@ -150,7 +150,7 @@ void Gemma4Model::place_weights() {
     // The per-layer-embedding table is gigabytes of which a step reads one row per token.
     placements.push_back({&w, name == "per_layer_token_embd.weight"});
   }
-  ops_->place_weights(file_.data(), file_.size(), placements);
+  ops_->place_weights(placements, &file_);
 }
 
 Weight Gemma4Model::tensor(const std::string& name, bool required) const {

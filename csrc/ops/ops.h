@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "common/weight.h"
+#include "gguf/mapped_file.h"
 #include "kv/kv_pool.h"
 #include "model/config.h"
 
@@ -62,9 +63,9 @@ class Ops {
   virtual int device() const { return -1; }
 
   // Makes the model's weights readable where the backend computes, rewriting each Weight's data
-  // pointer; the mapping of `file_size` bytes at `file_data` holds them all and outlives the ops.
-  virtual void place_weights(const uint8_t* file_data, size_t file_size,
-                             const std::vector<WeightPlacement>& weights) {}
+  // pointer. They point into `file` (outliving the ops), or into other host memory when it is
+  // null.
+  virtual void place_weights(const std::vector<WeightPlacement>& weights, const MappedFile* file) {}
   // The largest shapes the model will ask for, so that a backend can take its scratch memory up
   // front (a captured step may not allocate).
   struct Limits {

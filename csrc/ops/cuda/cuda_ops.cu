@@ -1,6 +1,10 @@
 #include "ops/cuda/cuda_ops.h"
 
+#include <fcntl.h>
+#include <unistd.h>
+
 #include <algorithm>
+#include <cerrno>
 #include <cstdlib>
 #include <cstring>
 #include <stdexcept>
@@ -16,7 +20,50 @@ namespace pg4::cuda {
 namespace {
 
 constexpr size_t kWeightAlign = 256;
+constexpr size_t kStagingBytes = 64 << 20;
+
+// Reads bytes that lie in a mapped file through the file, or copies them from host memory.
+class WeightReader {
+ public:
+  explicit WeightReader(const MappedFile* file) : file_(file) {
+    if (file_ != nullptr) {
+      fd_ = ::open(file_->path().c_str(), O_RDONLY | O_CLOEXEC);
+      if (fd_ < 0) {
+        throw std::runtime_error("cannot reopen '" + file_->path() + "': " + std::strerror(errno));
+      }
+    }
+  }
+  ~WeightReader() {
+    if (fd_ >= 0) ::close(fd_);
+  }
+  WeightReader(const WeightReader&) = delete;
+  WeightReader& operator=(const WeightReader&) = delete;
+
+  void read(const uint8_t* src, size_t bytes, uint8_t* dst) const {
+    if (file_ == nullptr) {
+      std::memcpy(dst, src, bytes);
+      return;
+    }
+    off_t at = static_cast<off_t>(src - file_->data());
+    while (bytes > 0) {
+      const ssize_t got = ::pread(fd_, dst, bytes, at);
+      if (got <= 0) {
+        if (got < 0 && errno == EINTR) continue;
+        throw std::runtime_error("cannot read '" + file_->path() + "'" +
+                                 (got < 0 ? std::string(": ") + std::strerror(errno) : ""));
+      }
+      dst += got;
+      at += got;
+      bytes -= static_cast<size_t>(got);
+    }
+  }
+
+ private:
+  const MappedFile* file_;
+  int fd_ = -1;
+};
 constexpr int kMaxSplits = 32;
+constexpr int kMaxDecodeBatch = 8;
 
 size_t aligned(size_t n) { return (n + kWeightAlign - 1) / kWeightAlign * kWeightAlign; }
 
@@ -83,7 +130,6 @@ CudaOps::~CudaOps() {
   cudaSetDevice(device_);
   cudaStreamSynchronize(stream_);
   clear_graphs();
-  if (registered_ != nullptr) cudaHostUnregister(const_cast<uint8_t*>(registered_));
   cudaStreamDestroy(stream_);
 }
 
@@ -99,56 +145,46 @@ std::shared_ptr<T> CudaOps::device_array(size_t n) {
   });
 }
 
-void CudaOps::place_weights(const uint8_t* file_data, size_t file_size,
-                            const std::vector<WeightPlacement>& weights) {
+void CudaOps::place_weights(const std::vector<WeightPlacement>& weights,
+                            const MappedFile* file) {
   use_device(device_);
-  if (registered_ != nullptr) {
-    throw std::logic_error("the CUDA backend's weights are placed once");
-  }
-  // Locking the file's pages makes the copies below straight DMA and lets kernels read the
-  // host-resident tables in place. Where the system refuses (a locked-memory limit, say), the
-  // copies go through the runtime's staging and host-resident tables get page-locked copies.
-  if (cudaHostRegister(const_cast<uint8_t*>(file_data), file_size,
-                       cudaHostRegisterMapped | cudaHostRegisterReadOnly) == cudaSuccess) {
-    registered_ = file_data;
-  } else {
-    cudaGetLastError();
-  }
+  // The bytes are read from the file with read calls rather than through the mapping: touching
+  // gigabytes of a mapping page by page was measured orders of magnitude slower in a virtual
+  // machine (an E4B file did not load in minutes). Tensors that move go through a page-locked
+  // staging buffer; host-resident tables are read into page-locked memory mapped for the
+  // device, where kernels gather their rows across the bus.
+  WeightReader reader(file);
+  void* staging_memory = nullptr;
+  PG4_CUDA_CHECK(cudaMallocHost(&staging_memory, kStagingBytes));
+  std::unique_ptr<void, cudaError_t (*)(void*)> staging(staging_memory, cudaFreeHost);
   size_t total = 0;
   for (const WeightPlacement& p : weights) {
     if (!p.host_resident) total += aligned(weight_bytes(*p.weight));
   }
-  weights_ = device_array<uint8_t>(total);
+  uint8_t* device_copy = weights_.emplace_back(device_array<uint8_t>(total)).get();
   size_t offset = 0;
   for (const WeightPlacement& p : weights) {
     Weight& w = *p.weight;
     const size_t bytes = weight_bytes(w);
     if (p.host_resident) {
-      const uint8_t* host = w.data;
-      if (registered_ == nullptr) {
-        void* pinned = nullptr;
-        PG4_CUDA_CHECK(cudaHostAlloc(&pinned, bytes, cudaHostAllocMapped));
-        std::memcpy(pinned, w.data, bytes);
-        pinned_copies_.emplace_back(static_cast<uint8_t*>(pinned),
-                                    [](uint8_t* q) { cudaFreeHost(q); });
-        host = static_cast<uint8_t*>(pinned);
-      }
+      void* pinned = nullptr;
+      PG4_CUDA_CHECK(cudaHostAlloc(&pinned, bytes, cudaHostAllocMapped));
+      pinned_tables_.emplace_back(static_cast<uint8_t*>(pinned),
+                                  [](uint8_t* q) { cudaFreeHost(q); });
+      reader.read(w.data, bytes, static_cast<uint8_t*>(pinned));
       void* mapped = nullptr;
-      PG4_CUDA_CHECK(cudaHostGetDevicePointer(&mapped, const_cast<uint8_t*>(host), 0));
+      PG4_CUDA_CHECK(cudaHostGetDevicePointer(&mapped, pinned, 0));
       w.data = static_cast<const uint8_t*>(mapped);
-    } else {
-      uint8_t* dst = weights_.get() + offset;
-      PG4_CUDA_CHECK(cudaMemcpyAsync(dst, w.data, bytes, cudaMemcpyHostToDevice, stream_));
-      w.data = dst;
-      offset += aligned(bytes);
+      continue;
     }
-  }
-  PG4_CUDA_CHECK(cudaStreamSynchronize(stream_));
-  const bool reads_host = std::any_of(weights.begin(), weights.end(),
-                                      [](const WeightPlacement& p) { return p.host_resident; });
-  if (registered_ != nullptr && !reads_host) {
-    cudaHostUnregister(const_cast<uint8_t*>(registered_));
-    registered_ = nullptr;
+    uint8_t* dst = device_copy + offset;
+    for (size_t done = 0; done < bytes; done += kStagingBytes) {
+      const size_t n = std::min(kStagingBytes, bytes - done);
+      reader.read(w.data + done, n, static_cast<uint8_t*>(staging_memory));
+      PG4_CUDA_CHECK(cudaMemcpy(dst + done, staging_memory, n, cudaMemcpyHostToDevice));
+    }
+    w.data = dst;
+    offset += aligned(bytes);
   }
 }
 
@@ -156,7 +192,8 @@ void CudaOps::reserve(const Limits& limits) {
   limits_ = limits;
   const size_t n = static_cast<size_t>(limits.n_batch);
   acts_ = device_array<ActBlock>(n * (limits.max_cols / kWarp + 1));
-  max_partials_ = std::max<size_t>(n * limits.max_heads, static_cast<size_t>(4) * n_sms_);
+  max_partials_ = std::max<size_t>(n * limits.max_heads, static_cast<size_t>(4) * n_sms_) *
+                  kMaxDecodeBatch;
   partials_ = device_array<float>(max_partials_ * (limits.max_head_dim + 2));
   if (limits.n_expert_used > 0) {
     const size_t pairs = n * limits.n_expert_used;
@@ -211,9 +248,11 @@ TokenBatch CudaOps::stage(const TokenBatch& host) {
   batch.tokens = put(host.tokens, n);
   batch.positions = put(host.positions, n);
   batch.seqs = put(host.seqs, n);
+  // What a captured step reads lies where the step's shape alone puts it; the output rows,
+  // read after the step, come last.
   batch.ring_sets = put(host.ring_sets, n_seq);
-  batch.output_rows = put(host.output_rows, n_out);
   batch.block_tables = put(host.block_tables, table);
+  batch.output_rows = put(host.output_rows, n_out);
   PG4_CUDA_CHECK(
       cudaMemcpyAsync(d, h, total * sizeof(int32_t), cudaMemcpyHostToDevice, stream_));
   return batch;
@@ -374,11 +413,13 @@ void CudaOps::store_kv(float* k, float* v, const float* k_weight, float eps, con
 void CudaOps::attention(const float* q, const TokenBatch& batch, const LayerConfig& layer,
                         int window, const KvPool& pool, float* out) {
   wrote();
-  // Enough blocks to fill the device: split each head's positions when the batch is small.
+  // Enough blocks to fill the device: each head's positions are split when the batch is small.
+  // Every decode-sized batch takes the split count of one token, so that a sequence's rows come
+  // out the same (to the bit) whatever else shares its step.
   const size_t heads = static_cast<size_t>(batch.n) * layer.n_head;
   const size_t wanted = static_cast<size_t>(4) * n_sms_;
-  int splits = static_cast<int>(std::clamp<size_t>(wanted / std::max<size_t>(heads, 1), 1,
-                                                   kMaxSplits));
+  const size_t sharing = batch.n <= kMaxDecodeBatch ? static_cast<size_t>(layer.n_head) : heads;
+  int splits = static_cast<int>(std::clamp<size_t>(wanted / sharing, 1, kMaxSplits));
   while (splits > 1 && heads * splits > max_partials_) --splits;
   cuda::attention(q, batch, layer.n_head, layer.n_head_kv, layer.head_dim, window,
                   kv_view(const_cast<KvPool&>(pool), layer.kv_source), splits, partials_.get(),

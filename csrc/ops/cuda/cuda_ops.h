@@ -21,8 +21,7 @@ class CudaOps final : public Ops {
   CudaOps& operator=(const CudaOps&) = delete;
 
   int device() const override { return device_; }
-  void place_weights(const uint8_t* file_data, size_t file_size,
-                     const std::vector<WeightPlacement>& weights) override;
+  void place_weights(const std::vector<WeightPlacement>& weights, const MappedFile* file) override;
   void reserve(const Limits& limits) override;
   std::shared_ptr<float> alloc(size_t n) override;
   std::shared_ptr<int32_t> alloc_ids(size_t n) override;
@@ -77,10 +76,8 @@ class CudaOps final : public Ops {
   cudaStream_t stream_ = nullptr;
   bool use_graphs_ = true;
 
-  const uint8_t* registered_ = nullptr;  // the model file, page-locked while the ops live
-  std::shared_ptr<uint8_t> weights_;     // device copy of every other tensor
-  std::vector<std::shared_ptr<uint8_t>> pinned_copies_;  // host-resident tensors, when the
-                                                         // file itself could not be locked
+  std::vector<std::shared_ptr<uint8_t>> weights_;        // device copies of the tensors
+  std::vector<std::shared_ptr<uint8_t>> pinned_tables_;  // page-locked host-resident tensors
 
   Limits limits_;
   std::shared_ptr<ActBlock> acts_, expert_acts_;

@@ -83,12 +83,19 @@ __global__ void __launch_bounds__(kWarpsPerBlock* kWarp)
   const uint8_t* weight_row = slot.weights + row * row_bytes;
   const ActBlock* act = acts + slot.first_act * units;
   float acc[NT] = {};
-  for (int u = lane; u < units; u += kWarp) {
-    Unit unit;
-    load_unit<T>(weight_row, u, unit);
+  // Two units in flight per lane: the loads of the second overlap the first's arithmetic. The
+  // sums keep the order of one unit at a time.
+  for (int u = lane; u < units; u += 2 * kWarp) {
+    const bool second = u + kWarp < units;
+    Unit first_unit, second_unit;
+    load_unit<T>(weight_row, u, first_unit);
+    if (second) load_unit<T>(weight_row, u + kWarp, second_unit);
 #pragma unroll
     for (int t = 0; t < NT; ++t) {
-      if (t < slot.n_tokens) acc[t] += unit_dot(unit, act[static_cast<int64_t>(t) * units + u]);
+      if (t >= slot.n_tokens) continue;
+      const ActBlock* a = act + static_cast<int64_t>(t) * units + u;
+      acc[t] += unit_dot(first_unit, a[0]);
+      if (second) acc[t] += unit_dot(second_unit, a[kWarp]);
     }
   }
 #pragma unroll
