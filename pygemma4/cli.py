@@ -66,6 +66,16 @@ def _sampling_options(command: Callable[..., None]) -> Callable[..., None]:
     return command
 
 
+def _backend_options(command: Callable[..., None]) -> Callable[..., None]:
+    """Add --backend and --device; they arrive as keyword arguments of those names."""
+    command = click.option(
+        "--device", default=0, type=click.IntRange(min=0), help="CUDA device (with --backend cuda)."
+    )(command)
+    return click.option(
+        "--backend", default="cpu", type=click.Choice(["cpu", "cuda"]), help="Where to compute."
+    )(command)
+
+
 @click.group()
 @click.version_option(package_name="pygemma4")
 def main() -> None:
@@ -80,6 +90,7 @@ def main() -> None:
 @_sampling_options
 @click.option("--ignore-eos", is_flag=True, help="Go on past end-of-generation tokens.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
+@_backend_options
 @click.option("--threads", type=click.IntRange(min=1), help="CPU threads [default: all].")
 @click.option("--n-ctx", type=click.IntRange(min=1), help="Context length [default: 4096].")
 @_runs_cleanly
@@ -90,6 +101,8 @@ def generate(
     max_tokens: int,
     ignore_eos: bool,
     as_json: bool,
+    backend: str,
+    device: int,
     threads: int | None,
     n_ctx: int | None,
     **sampling_options: Any,
@@ -118,7 +131,7 @@ def generate(
         except UnicodeDecodeError as e:
             _fail(f"standard input is not UTF-8 text: {e.reason} at byte {e.start}")
     model_path = _model_path(model)
-    engine = Engine(model_path, threads=threads, n_ctx=n_ctx)
+    engine = Engine(model_path, backend=backend, device=device, threads=threads, n_ctx=n_ctx)
     tokenizer = engine.tokenizer
     if chat:
         messages = [{"role": "system", "content": system}] if system is not None else []
@@ -199,6 +212,7 @@ def inspect(model: Path, as_json: bool, tensors: bool, template: bool) -> None:
     default="tcp://127.0.0.1:5555",
     help="Where clients connect (tcp://HOST:PORT or ipc://PATH); loopback unless told.",
 )
+@_backend_options
 @click.option("--threads", type=click.IntRange(min=1), help="Decode threads [default: all].")
 @click.option("--prefill-threads", type=click.IntRange(min=1), help="[default: --threads].")
 @click.option(

@@ -86,11 +86,16 @@ class KvLayout:
         return _ceil_div(n_positions, self.block_size)
 
     def new_pool(
-        self, config: ModelConfig, buffer: object = None, device: int = -1
+        self,
+        config: ModelConfig,
+        buffer: object = None,
+        device: int = -1,
+        ipc_handle: bytes | None = None,
     ) -> _core.KvPool:
         """A pool of this layout for a model of `config`: in `buffer` (any writable buffer of
         at least `nbytes` bytes, such as an mmap of shared memory), or in memory of its own,
-        on CUDA device `device` where that is >= 0."""
+        on CUDA device `device` where that is >= 0 (the pool another process exported, given
+        its `ipc_handle`)."""
         return _core.KvPool(
             config,
             self.block_size,
@@ -99,6 +104,7 @@ class KvLayout:
             self.ring_blocks,
             buffer,
             device,
+            ipc_handle,
         )
 
 

@@ -346,15 +346,20 @@ Internal = (
 class KvPoolSpec(_Strict):
     """Where the shared KV pool lives and how it is cut into blocks."""
 
-    kind: Literal["shm"]
-    fd: int
-    """A descriptor of the pool's memory file that every worker inherits, under this number,
-    from the supervisor (the file has no name, so nothing is left behind whatever happens)."""
+    kind: Literal["shm", "cuda_ipc"]
     block_size: int
     n_blocks: int
     n_ring_sets: int
     ring_blocks: int
     nbytes: int
+    fd: int = -1
+    """shm: a descriptor of the pool's memory file that every worker inherits, under this
+    number, from the supervisor (the file has no name, so nothing is left behind whatever
+    happens)."""
+    ipc_handle: bytes = b""
+    """cuda_ipc: the handle of the supervisor's allocation on `device`, which each worker
+    opens (it is freed when the supervisor exits)."""
+    device: int = -1
 
 
 # --- Encoding --------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
 from quant_samples import WEIGHT_TYPES, random_weights
+from serve_helpers import ServeProcess, run_serve
 
 from pygemma4 import Engine, _core
 from pygemma4.engine import BackendUnavailableError
@@ -296,3 +297,33 @@ def test_a_host_pool_is_refused_by_a_cuda_model(fixtures_dir):
             np.array([0], np.int32),
             np.array([0], np.int32),
         )
+
+
+# --- serving --------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not CUDA_REASON, reason="this machine can run CUDA")
+def test_serving_on_cuda_without_a_gpu_is_an_error_line(demo_model_file, tmp_path):
+    done = run_serve(demo_model_file, "--backend", "cuda", cwd=tmp_path)
+    assert done.returncode == 1
+    assert "error: CUDA is unavailable: " in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.cuda
+@needs_gpu
+def test_serving_on_cuda_gives_the_engines_tokens(fixtures_dir, tmp_path):
+    # The workers share a KV pool on the GPU, opened through its CUDA IPC handle.
+    model = fixtures_dir / "gemma4-tiny-e" / "model-Q4_K_M.gguf"
+    engine = engine_for(fixtures_dir, "gemma4-tiny-e", "Q4_K_M", "cuda")
+    ref = np.load(fixtures_dir / "gemma4-tiny-e" / "ref.npz")
+    with ServeProcess.running(model, tmp_path, "--backend", "cuda", "--max-batch", "4") as server:
+        client = server.client()
+        try:
+            for i in range(N_PROMPTS):
+                ids = ref[f"ids{i}"].tolist()
+                expected = engine.generate(ids, 16, stop_tokens=())
+                result = client.complete(ids, 16, ignore_eos=True, temperature=0)
+                assert list(result.token_ids) == expected, f"prompt {i}"
+        finally:
+            client.close()

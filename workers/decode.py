@@ -62,7 +62,9 @@ class DecodeWorker(Worker):
         super().__init__(config, name, peers)
         self.epoch = epoch
         model = open_model(config.model)
-        self.model = load_core_model(model, config.max_batch, config.threads)
+        self.model = load_core_model(
+            model, config.max_batch, config.threads, config.backend, config.device
+        )
         self.pool = map_kv_pool(config.kv, model.config)
         self.layout = kv_layout(config.kv)
         self.allocator = BlockAllocator(self.layout)

@@ -29,7 +29,7 @@ from zmq.auth.thread import ThreadAuthenticator
 
 from pygemma4 import curve, protocol
 from pygemma4.config import ARCH, open_model
-from pygemma4.engine import default_n_ctx
+from pygemma4.engine import check_backend, default_n_ctx
 from pygemma4.errors import Gemma4Error
 from pygemma4.kv import DEFAULT_BLOCK_SIZE, KvLayout
 from pygemma4.protocol import (
@@ -369,6 +369,8 @@ class Server:
         endpoint: str,
         threads: int,
         prefill_threads: int,
+        backend: str = "cpu",
+        device: int = 0,
         max_batch: int,
         n_ctx: int | None,
         prefill_chunk: int,
@@ -380,6 +382,7 @@ class Server:
         curve_secret_key: str | None = None,
         curve_clients: str | None = None,
     ) -> None:
+        check_backend(backend, device)
         model_file = open_model(model)
         if not carries_tokenizer(model_file.gguf.metadata):
             raise ServerStartError(f"{model}: the file carries no tokenizer, which serving needs")
@@ -401,11 +404,27 @@ class Server:
         else:
             self.socket_dir = Path(tempfile.mkdtemp(prefix="pygemma4-"))
             ipc_base = f"ipc://{self.socket_dir}"
-        self.kv_fd = _anonymous_memory(layout.nbytes)
+        # The pool lives as long as this process: in a nameless memory file the workers inherit,
+        # or on the GPU in an allocation they open by its IPC handle.
+        self.kv_fd: int | None = None
+        self.kv_pool = None
+        if backend == "cuda":
+            self.kv_pool = layout.new_pool(config, device=device)
+            kv = KvPoolSpec(
+                kind="cuda_ipc",
+                ipc_handle=self.kv_pool.ipc_handle(),
+                device=device,
+                **dataclasses.asdict(layout),
+            )
+        else:
+            self.kv_fd = _anonymous_memory(layout.nbytes)
+            kv = KvPoolSpec(kind="shm", fd=self.kv_fd, **dataclasses.asdict(layout))
         self.config = ServerConfig(
             model=str(Path(model).resolve()),
             endpoint=endpoint,
             ipc_base=ipc_base,
+            backend=backend,
+            device=device,
             threads=threads,
             prefill_threads=prefill_threads,
             max_batch=max_batch,
@@ -415,7 +434,7 @@ class Server:
             prefill_workers=prefill_workers,
             max_pending=max_pending,
             max_message_bytes=max_message_bytes,
-            kv=KvPoolSpec(kind="shm", fd=self.kv_fd, **dataclasses.asdict(layout)),
+            kv=kv,
             supervisor_pid=os.getpid(),
             curve_secret_key=curve_secret_key,
             curve_clients=curve_clients,
@@ -453,7 +472,9 @@ class Server:
         self._free_memory_and_sockets()
 
     def _free_memory_and_sockets(self) -> None:
-        """Close the KV pool's memory file and remove the socket directory, if any."""
-        os.close(self.kv_fd)
+        """Free the KV pool and remove the socket directory, if any."""
+        if self.kv_fd is not None:
+            os.close(self.kv_fd)
+        self.kv_pool = None
         if self.socket_dir is not None:
             shutil.rmtree(self.socket_dir, ignore_errors=True)

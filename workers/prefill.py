@@ -38,7 +38,9 @@ class PrefillWorker(Worker):
     def __init__(self, config: ServerConfig, name: str, epoch: int) -> None:
         super().__init__(config, name, ["frontend", "decode"])
         model = open_model(config.model)
-        self.model = load_core_model(model, config.prefill_chunk, config.prefill_threads)
+        self.model = load_core_model(
+            model, config.prefill_chunk, config.prefill_threads, config.backend, config.device
+        )
         self.pool = map_kv_pool(config.kv, model.config)
         self.jobs: deque[Job] = deque()
 

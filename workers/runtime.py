@@ -34,6 +34,8 @@ class ServerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     ipc_base: str
     """Prefix of the workers' ipc endpoints (the Linux abstract namespace where there is one:
     sockets without files)."""
+    backend: str
+    device: int
     threads: int
     prefill_threads: int
     max_batch: int
@@ -128,7 +130,12 @@ def kv_layout(spec: KvPoolSpec) -> KvLayout:
 
 
 def map_kv_pool(spec: KvPoolSpec, model_config: ModelConfig) -> Any:
-    """The shared KV pool as a `_core.KvPool` over the memory every worker maps."""
+    """The shared KV pool as a `_core.KvPool` over the memory every worker maps (or, on a GPU,
+    opens)."""
+    if spec.kind == "cuda_ipc":
+        return kv_layout(spec).new_pool(
+            model_config, device=spec.device, ipc_handle=spec.ipc_handle
+        )
     memory = mmap.mmap(spec.fd, spec.nbytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
     return kv_layout(spec).new_pool(model_config, memory)
 

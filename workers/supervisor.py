@@ -77,7 +77,7 @@ class Supervisor:
                 self.config_text,
             ],
             cwd="/",
-            pass_fds=(self.config.kv.fd,),
+            pass_fds=(self.config.kv.fd,) if self.config.kv.kind == "shm" else (),
         )
         worker.started_at = time.monotonic()
 

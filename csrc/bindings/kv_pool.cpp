@@ -15,15 +15,20 @@ void PyKvPool::ReleaseView::operator()(Py_buffer* view) const {
 }
 
 PyKvPool::PyKvPool(const py::object& config, int block_size, int n_blocks, int n_ring_sets,
-                   int ring_blocks, const py::object& buffer, int device) {
+                   int ring_blocks, const py::object& buffer, int device,
+                   const py::object& ipc_handle) {
   const ModelConfig model_config = to_model_config(config);
   const size_t needed =
       KvPool::bytes_needed(model_config, block_size, n_blocks, n_ring_sets, ring_blocks);
   void* memory = nullptr;
   if (device >= 0) {
     if (!buffer.is_none()) throw py::value_error("a KV pool on a CUDA device takes no buffer");
-    device_memory_ = device_memory(needed, device);
+    device_memory_ = ipc_handle.is_none()
+                         ? device_memory(needed, device)
+                         : open_device_memory(ipc_handle.cast<std::string>(), device);
     memory = device_memory_.get();
+  } else if (!ipc_handle.is_none()) {
+    throw py::value_error("an ipc_handle opens a pool on a CUDA device: give its device");
   } else if (!buffer.is_none()) {
     auto view = std::make_unique<Py_buffer>();
     if (PyObject_GetBuffer(buffer.ptr(), view.get(), PyBUF_WRITABLE | PyBUF_ANY_CONTIGUOUS) != 0) {
@@ -44,18 +49,29 @@ PyKvPool::PyKvPool(const py::object& config, int block_size, int n_blocks, int n
                                    memory, device < 0 ? -1 : device);
 }
 
+py::bytes PyKvPool::ipc_handle() const {
+  if (!device_memory_) throw py::value_error("only a pool on a CUDA device has an IPC handle");
+  return py::bytes(export_device_memory(device_memory_.get(), pool_->device()));
+}
+
 }  // namespace pg4
 
 using namespace pg4;
 
 void register_kv_pool(py::module_& m) {
   py::class_<PyKvPool>(m, "KvPool")
-      .def(py::init<const py::object&, int, int, int, int, const py::object&, int>(),
+      .def(py::init<const py::object&, int, int, int, int, const py::object&, int,
+                    const py::object&>(),
            py::arg("config"), py::arg("block_size"), py::arg("n_blocks"), py::arg("n_ring_sets"),
            py::arg("ring_blocks"), py::arg("buffer") = py::none(), py::arg("device") = -1,
+           py::arg("ipc_handle") = py::none(),
            "Paged K/V storage for a model of `config`, in `buffer` (any writable buffer of at "
            "least bytes_needed bytes, held while the pool lives) or, without one, in memory of "
-           "its own: host memory, or with device >= 0 zeroed memory of that CUDA device.")
+           "its own: host memory, or with device >= 0 zeroed memory of that CUDA device, or "
+           "with an ipc_handle too the device pool another process exported.")
+      .def("ipc_handle", &PyKvPool::ipc_handle,
+           "The bytes by which another process opens this CUDA pool (KvPool(..., device=d, "
+           "ipc_handle=h)).")
       .def_static(
           "bytes_needed",
           [](const py::object& config, int block_size, int n_blocks, int n_ring_sets,

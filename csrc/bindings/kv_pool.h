@@ -15,9 +15,14 @@ namespace pg4 {
 // points into released memory.
 class PyKvPool {
  public:
-  // device >= 0: the pool in memory of its own on that CUDA device (no buffer then).
+  // device >= 0: the pool on that CUDA device (no buffer then), in memory of its own or, given
+  // ipc_handle, in the pool another process exported.
   PyKvPool(const pybind11::object& config, int block_size, int n_blocks, int n_ring_sets,
-           int ring_blocks, const pybind11::object& buffer, int device);
+           int ring_blocks, const pybind11::object& buffer, int device,
+           const pybind11::object& ipc_handle);
+
+  // The handle by which other processes open this pool (device pools of their own memory).
+  pybind11::bytes ipc_handle() const;
 
   KvPool& pool() { return *pool_; }
   const KvPool& pool() const { return *pool_; }

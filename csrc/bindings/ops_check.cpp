@@ -158,7 +158,8 @@ void register_ops_check(py::module_& m) {
       .def(
           "gelu_mul",
           [](OpsCheck& c, const FloatArray& gate, const FloatArray& up) {
-            const int cols = static_cast<int>(gate.shape(1)), rows = static_cast<int>(gate.shape(0));
+            const int cols = static_cast<int>(gate.shape(1)),
+                      rows = static_cast<int>(gate.shape(0));
             auto g = c.floats(gate), u = c.floats(up);
             auto out = c.ops().alloc(gate.size());
             c.ops().gelu_mul(g.get(), cols, u.get(), cols, rows, cols, out.get());
@@ -206,7 +207,8 @@ void register_ops_check(py::module_& m) {
             const int64_t n_embd = x.shape(1);
             const int n_expert = static_cast<int>(router_logits.shape(1));
             const int64_t n_ff = static_cast<int64_t>(
-                down.size() / n_expert / n_embd / quant::type_info(static_cast<quant::Type>(down_type)).block_bytes *
+                down.size() / n_expert / n_embd /
+                quant::type_info(static_cast<quant::Type>(down_type)).block_bytes *
                 quant::type_info(static_cast<quant::Type>(down_type)).block_size);
             c.reserve(n, n_embd, 1, 1, k, n_ff);
             const Weight gu = c.weight(gate_up_type, gate_up, n_embd, 2 * n_ff, n_expert);

@@ -325,11 +325,12 @@ void Gemma4Model::run_layer(int il, const TokenBatch& batch, KvPool& pool) {
   if (lw.output_scale.present()) ops_->scale(x, lw.output_scale_value, n_embd_total);
 }
 
-Gemma4Model::Result Gemma4Model::forward(
-    KvPool& pool, const std::vector<int32_t>& tokens, const std::vector<int32_t>& positions,
-    const std::vector<int32_t>& seqs, const std::vector<int32_t>& block_tables, int table_width,
-    const std::vector<int32_t>& ring_sets, const std::vector<int32_t>& output_rows,
-    Output output) {
+Gemma4Model::Result Gemma4Model::forward(KvPool& pool, const std::vector<int32_t>& tokens,
+                                         const std::vector<int32_t>& positions,
+                                         const std::vector<int32_t>& seqs,
+                                         const std::vector<int32_t>& block_tables, int table_width,
+                                         const std::vector<int32_t>& ring_sets,
+                                         const std::vector<int32_t>& output_rows, Output output) {
   if (positions.size() != tokens.size() || seqs.size() != tokens.size()) {
     throw error("tokens, positions and seqs must have the same length");
   }

@@ -37,7 +37,7 @@ class Gemma4Model {
   // What a forward call gives back for each of its output rows.
   enum class Output { kLogits, kArgmax };
   struct Result {
-    std::vector<float> logits;   // [n_outputs, vocab] for kLogits
+    std::vector<float> logits;    // [n_outputs, vocab] for kLogits
     std::vector<int32_t> argmax;  // [n_outputs] for kArgmax: the id of each row's largest logit
     std::vector<float> logprobs;  // [n_outputs] for kArgmax: its log-probability
   };

@@ -31,13 +31,19 @@ std::string cuda_unavailable_reason(int device) {
 #endif
 }
 
+namespace {
+void require_cuda(int device) {
+  const std::string reason = cuda_unavailable_reason(device);
+  if (!reason.empty()) throw std::runtime_error("CUDA is unavailable: " + reason);
+}
+}  // namespace
+
 std::unique_ptr<Ops> make_ops(const std::string& backend, int threads, int device) {
   if (backend == "cpu") return std::make_unique<CpuOps>(threads);
   if (backend != "cuda") {
     throw std::invalid_argument("unknown backend '" + backend + "': expected 'cpu' or 'cuda'");
   }
-  const std::string reason = cuda_unavailable_reason(device);
-  if (!reason.empty()) throw std::runtime_error("CUDA is unavailable: " + reason);
+  require_cuda(device);
 #if defined(PG4_WITH_CUDA)
   return cuda::make_ops(device);
 #else
@@ -46,10 +52,27 @@ std::unique_ptr<Ops> make_ops(const std::string& backend, int threads, int devic
 }
 
 std::shared_ptr<void> device_memory(size_t bytes, int device) {
-  const std::string reason = cuda_unavailable_reason(device);
-  if (!reason.empty()) throw std::runtime_error("CUDA is unavailable: " + reason);
+  require_cuda(device);
 #if defined(PG4_WITH_CUDA)
   return cuda::device_memory(bytes, device);
+#else
+  return nullptr;
+#endif
+}
+
+std::string export_device_memory(const void* memory, int device) {
+  require_cuda(device);
+#if defined(PG4_WITH_CUDA)
+  return cuda::export_memory(memory, device);
+#else
+  return "";
+#endif
+}
+
+std::shared_ptr<void> open_device_memory(const std::string& handle, int device) {
+  require_cuda(device);
+#if defined(PG4_WITH_CUDA)
+  return cuda::open_memory(handle, device);
 #else
   return nullptr;
 #endif

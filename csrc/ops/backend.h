@@ -23,4 +23,9 @@ std::unique_ptr<Ops> make_ops(const std::string& backend, int threads, int devic
 // `bytes` of zeroed memory on CUDA device `device`, freed with the last reference.
 std::shared_ptr<void> device_memory(size_t bytes, int device);
 
+// The handle by which other processes open the device_memory allocation at `memory`, and the
+// allocation another process exported, open in this one until the last reference goes.
+std::string export_device_memory(const void* memory, int device);
+std::shared_ptr<void> open_device_memory(const std::string& handle, int device);
+
 }  // namespace pg4

@@ -70,8 +70,8 @@ class Ops {
   // front (a captured step may not allocate).
   struct Limits {
     int n_batch = 1;
-    int64_t max_cols = 1;          // widest matmul input
-    int max_heads = 1;             // most query heads of a layer
+    int64_t max_cols = 1;  // widest matmul input
+    int max_heads = 1;     // most query heads of a layer
     int max_head_dim = 1;
     int n_expert_used = 0;
     int64_t n_ff_expert = 0;

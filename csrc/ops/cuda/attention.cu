@@ -21,11 +21,10 @@ __device__ __forceinline__ size_t kv_row(const KvView& kv, const TokenBatch& bat
                                          int pos) {
   const int block = pos / kv.block_size;
   const size_t stored =
-      kv.sliding ? static_cast<size_t>(batch.ring_sets[seq]) * kv.ring_blocks +
-                       block % kv.ring_blocks
-                 : static_cast<size_t>(batch.block_tables[static_cast<size_t>(seq) *
-                                                              batch.table_width +
-                                                          block]);
+      kv.sliding
+          ? static_cast<size_t>(batch.ring_sets[seq]) * kv.ring_blocks + block % kv.ring_blocks
+          : static_cast<size_t>(
+                batch.block_tables[static_cast<size_t>(seq) * batch.table_width + block]);
   return (stored * kv.block_size + pos % kv.block_size) * kv.row_floats;
 }
 
@@ -55,8 +54,8 @@ __global__ void store_kv_kernel(const float* k, const float* v, bool normalise,
 
 template <int kDimsPerLane>
 __global__ void __launch_bounds__(kAttentionWarps* kWarp)
-    attention_kernel(const float* q, TokenBatch batch, int n_head, int group, KvView kv,
-                     int window, int splits, float* partials, float* out) {
+    attention_kernel(const float* q, TokenBatch batch, int n_head, int group, KvView kv, int window,
+                     int splits, float* partials, float* out) {
   constexpr int kHeadDim = kDimsPerLane * kWarp;
   const int h = blockIdx.x, i = blockIdx.y, split = blockIdx.z;
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
@@ -146,8 +145,8 @@ __global__ void combine_splits(const float* partials, int splits, int head_dim, 
 }  // namespace
 
 KvView kv_view(KvPool& pool, int layer) {
-  return {pool.keys(layer),  pool.values(layer), pool.row_floats(layer),
-          pool.sliding(layer), pool.block_size(), pool.ring_blocks()};
+  return {pool.keys(layer),    pool.values(layer), pool.row_floats(layer),
+          pool.sliding(layer), pool.block_size(),  pool.ring_blocks()};
 }
 
 void store_kv(const float* k, const float* v, bool normalise, const float* k_weight, float eps,
@@ -167,14 +166,24 @@ void attention(const float* q, const TokenBatch& batch, int n_head, int n_head_k
   const int group = n_head / n_head_kv;
   auto launch = [&](auto kernel) {
     kernel<<<grid, kAttentionWarps * kWarp, 0, stream>>>(q, batch, n_head, group, kv, window,
-                                                          splits, partials, out);
+                                                         splits, partials, out);
   };
   switch (head_dim) {
-    case 32: launch(attention_kernel<1>); break;
-    case 64: launch(attention_kernel<2>); break;
-    case 128: launch(attention_kernel<4>); break;
-    case 256: launch(attention_kernel<8>); break;
-    case 512: launch(attention_kernel<16>); break;
+    case 32:
+      launch(attention_kernel<1>);
+      break;
+    case 64:
+      launch(attention_kernel<2>);
+      break;
+    case 128:
+      launch(attention_kernel<4>);
+      break;
+    case 256:
+      launch(attention_kernel<8>);
+      break;
+    case 512:
+      launch(attention_kernel<16>);
+      break;
     default:
       throw std::invalid_argument("no CUDA attention kernel for head_dim " +
                                   std::to_string(head_dim));

@@ -1,5 +1,3 @@
-#include "ops/cuda/cuda_ops.h"
-
 #include <fcntl.h>
 #include <unistd.h>
 
@@ -12,6 +10,7 @@
 
 #include "ops/cuda/check.h"
 #include "ops/cuda/cuda_backend.h"
+#include "ops/cuda/cuda_ops.h"
 #include "ops/cuda/quant_units.cuh"
 #include "ops/cuda/warp.cuh"
 
@@ -83,7 +82,8 @@ std::string unavailable_reason(int device) {
   const cudaError_t status = cudaGetDeviceCount(&count);
   if (status != cudaSuccess) {
     cudaGetLastError();  // clear it: the module keeps working on the CPU
-    return std::string("no usable CUDA driver or device (") + cudaGetErrorString(status) + ")";
+    return std::string("no NVIDIA driver or GPU found (the CUDA runtime says: ") +
+           cudaGetErrorString(status) + ")";
   }
   if (device < 0 || device >= count) {
     return "there is no CUDA device " + std::to_string(device) + " (this machine has " +
@@ -118,6 +118,29 @@ std::shared_ptr<void> device_memory(size_t bytes, int device) {
   return owned;
 }
 
+std::string export_memory(const void* memory, int device) {
+  use_device(device);
+  cudaIpcMemHandle_t handle;
+  PG4_CUDA_CHECK(cudaIpcGetMemHandle(&handle, const_cast<void*>(memory)));
+  return std::string(handle.reserved, sizeof handle.reserved);
+}
+
+std::shared_ptr<void> open_memory(const std::string& handle, int device) {
+  cudaIpcMemHandle_t ipc;
+  if (handle.size() != sizeof ipc.reserved) {
+    throw std::invalid_argument("a CUDA IPC handle has " + std::to_string(sizeof ipc.reserved) +
+                                " bytes, not " + std::to_string(handle.size()));
+  }
+  std::memcpy(ipc.reserved, handle.data(), handle.size());
+  use_device(device);
+  void* memory = nullptr;
+  PG4_CUDA_CHECK(cudaIpcOpenMemHandle(&memory, ipc, cudaIpcMemLazyEnablePeerAccess));
+  return std::shared_ptr<void>(memory, [device](void* p) {
+    cudaSetDevice(device);
+    cudaIpcCloseMemHandle(p);
+  });
+}
+
 CudaOps::CudaOps(int device) : device_(device) {
   use_device(device_);
   PG4_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
@@ -145,8 +168,7 @@ std::shared_ptr<T> CudaOps::device_array(size_t n) {
   });
 }
 
-void CudaOps::place_weights(const std::vector<WeightPlacement>& weights,
-                            const MappedFile* file) {
+void CudaOps::place_weights(const std::vector<WeightPlacement>& weights, const MappedFile* file) {
   use_device(device_);
   // The bytes are read from the file with read calls rather than through the mapping: touching
   // gigabytes of a mapping page by page was measured orders of magnitude slower in a virtual
@@ -192,13 +214,14 @@ void CudaOps::reserve(const Limits& limits) {
   limits_ = limits;
   const size_t n = static_cast<size_t>(limits.n_batch);
   acts_ = device_array<ActBlock>(n * (limits.max_cols / kWarp + 1));
-  max_partials_ = std::max<size_t>(n * limits.max_heads, static_cast<size_t>(4) * n_sms_) *
-                  kMaxDecodeBatch;
+  max_partials_ =
+      std::max<size_t>(n * limits.max_heads, static_cast<size_t>(4) * n_sms_) * kMaxDecodeBatch;
   partials_ = device_array<float>(max_partials_ * (limits.max_head_dim + 2));
   if (limits.n_expert_used > 0) {
     const size_t pairs = n * limits.n_expert_used;
     const size_t ff = static_cast<size_t>(limits.n_ff_expert);
-    expert_acts_ = device_array<ActBlock>(pairs * (std::max<size_t>(ff, limits.max_cols) / kWarp + 1));
+    expert_acts_ =
+        device_array<ActBlock>(pairs * (std::max<size_t>(ff, limits.max_cols) / kWarp + 1));
     expert_hidden_ = device_array<float>(pairs * 2 * ff);
     expert_activated_ = device_array<float>(pairs * ff);
     expert_out_ = device_array<float>(pairs * limits.max_cols);
@@ -253,8 +276,7 @@ TokenBatch CudaOps::stage(const TokenBatch& host) {
   batch.ring_sets = put(host.ring_sets, n_seq);
   batch.block_tables = put(host.block_tables, table);
   batch.output_rows = put(host.output_rows, n_out);
-  PG4_CUDA_CHECK(
-      cudaMemcpyAsync(d, h, total * sizeof(int32_t), cudaMemcpyHostToDevice, stream_));
+  PG4_CUDA_CHECK(cudaMemcpyAsync(d, h, total * sizeof(int32_t), cudaMemcpyHostToDevice, stream_));
   return batch;
 }
 
@@ -366,8 +388,7 @@ void CudaOps::softcap(float* x, float cap, size_t n) {
 
 void CudaOps::copy(float* dst, const float* src, size_t n) {
   wrote();
-  PG4_CUDA_CHECK(
-      cudaMemcpyAsync(dst, src, n * sizeof(float), cudaMemcpyDeviceToDevice, stream_));
+  PG4_CUDA_CHECK(cudaMemcpyAsync(dst, src, n * sizeof(float), cudaMemcpyDeviceToDevice, stream_));
 }
 
 void CudaOps::upload(void* dst, const void* host_src, size_t bytes) {
@@ -400,8 +421,7 @@ void CudaOps::argmax(const float* x, int n_rows, int n_cols, int32_t* ids, float
 void CudaOps::write_kv(const float* k, const float* v, const TokenBatch& batch, int layer,
                        KvPool& pool) {
   const int row = pool.row_floats(layer);
-  cuda::store_kv(k, v, false, nullptr, 0.0f, Rope{}, batch, 1, row, kv_view(pool, layer),
-                 stream_);
+  cuda::store_kv(k, v, false, nullptr, 0.0f, Rope{}, batch, 1, row, kv_view(pool, layer), stream_);
 }
 
 void CudaOps::store_kv(float* k, float* v, const float* k_weight, float eps, const Rope& rope,
@@ -422,12 +442,12 @@ void CudaOps::attention(const float* q, const TokenBatch& batch, const LayerConf
   int splits = static_cast<int>(std::clamp<size_t>(wanted / sharing, 1, kMaxSplits));
   while (splits > 1 && heads * splits > max_partials_) --splits;
   cuda::attention(q, batch, layer.n_head, layer.n_head_kv, layer.head_dim, window,
-                  kv_view(const_cast<KvPool&>(pool), layer.kv_source), splits, partials_.get(),
-                  out, stream_);
+                  kv_view(const_cast<KvPool&>(pool), layer.kv_source), splits, partials_.get(), out,
+                  stream_);
 }
 
-void CudaOps::moe_route(const float* logits, int n_tokens, int n_expert, int k,
-                        int32_t* expert_ids, float* expert_weights) {
+void CudaOps::moe_route(const float* logits, int n_tokens, int n_expert, int k, int32_t* expert_ids,
+                        float* expert_weights) {
   cuda::moe_route(logits, n_tokens, n_expert, k, expert_ids, expert_weights, stream_);
 }
 

@@ -87,8 +87,8 @@ class CudaOps final : public Ops {
   int converted_n_ = 0;
   int64_t converted_cols_ = 0;
 
-  std::shared_ptr<int32_t> staged_;     // the batch's arrays on the device
-  std::shared_ptr<int32_t> staging_;    // and their page-locked host copy
+  std::shared_ptr<int32_t> staged_;   // the batch's arrays on the device
+  std::shared_ptr<int32_t> staging_;  // and their page-locked host copy
   size_t staged_capacity_ = 0;
 
   std::map<std::vector<int64_t>, cudaGraphExec_t> graphs_;

@@ -18,7 +18,8 @@ constexpr int kWarpsPerBlock = 4;
 constexpr int kMaxWarpTokens = 8;  // batches up to this take the warp-per-row kernels
 
 __global__ void quantize_kernel(const float* x, int64_t n_blocks, ActBlock* out) {
-  const int64_t block = static_cast<int64_t>(blockIdx.x) * (blockDim.x / kWarp) + threadIdx.x / kWarp;
+  const int64_t block =
+      static_cast<int64_t>(blockIdx.x) * (blockDim.x / kWarp) + threadIdx.x / kWarp;
   if (block >= n_blocks) return;
   const int lane = threadIdx.x % kWarp;
   const float v = x[block * kWarp + lane];
@@ -108,8 +109,8 @@ __global__ void __launch_bounds__(kWarpsPerBlock* kWarp)
 template <quant::Type T, int NT>
 __global__ void __launch_bounds__(kWarpsPerBlock* kWarp)
     matvec_float(const uint8_t* w, size_t row_bytes, size_t matrix_bytes, int64_t rows,
-                 int64_t cols, const float* x, int n_tokens, const int32_t* expert_ids,
-                 int act_div, float* y) {
+                 int64_t cols, const float* x, int n_tokens, const int32_t* expert_ids, int act_div,
+                 float* y) {
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp;
   if (row >= rows) return;
   const int lane = threadIdx.x % kWarp;
@@ -137,8 +138,8 @@ constexpr int kTileRows = 64, kTileTokens = 64, kTileUnits = 4, kTileThreads = 2
 
 template <quant::Type T>
 __global__ void __launch_bounds__(kTileThreads)
-    matmul_tiled(const uint8_t* w, size_t row_bytes, int64_t rows, int units,
-                 const ActBlock* acts, int n_tokens, float* y) {
+    matmul_tiled(const uint8_t* w, size_t row_bytes, int64_t rows, int units, const ActBlock* acts,
+                 int n_tokens, float* y) {
   __shared__ Unit weight_tile[kTileUnits][kTileRows];
   __shared__ ActBlock act_tile[kTileUnits][kTileTokens];
   const int tid = threadIdx.x;
@@ -229,8 +230,8 @@ void matmul_quantized(const Weight& w, const ActBlock* acts, int n_tokens, float
     dispatch_quantized(w.type, [&]<quant::Type T>() {
       const dim3 grid(static_cast<unsigned>((rows + kTileRows - 1) / kTileRows),
                       static_cast<unsigned>((n_tokens + kTileTokens - 1) / kTileTokens));
-      matmul_tiled<T><<<grid, kTileThreads, 0, stream>>>(w.data, w.row_bytes, rows, units, acts,
-                                                         n_tokens, y);
+      matmul_tiled<T>
+          <<<grid, kTileThreads, 0, stream>>>(w.data, w.row_bytes, rows, units, acts, n_tokens, y);
     });
   } else {
     dispatch_quantized(w.type, [&]<quant::Type T>() {
@@ -263,8 +264,7 @@ void matmul_experts(const Weight& w, const ActBlock* acts, const float* x, int a
   if (is_float_type(w.type)) {
     dispatch_float(w.type, [&]<quant::Type T>() {
       matvec_float<T, 1><<<grid, kWarpsPerBlock * kWarp, 0, stream>>>(
-          w.data, w.row_bytes, matrix_bytes(w), rows, w.cols(), x, n_pairs, expert_ids, act_div,
-          y);
+          w.data, w.row_bytes, matrix_bytes(w), rows, w.cols(), x, n_pairs, expert_ids, act_div, y);
     });
   } else {
     dispatch_quantized(w.type, [&]<quant::Type T>() {

@@ -56,8 +56,8 @@ __global__ void route_kernel(const float* logits, int n_tokens, int n_expert, in
 }
 
 __global__ void combine_kernel(const float* y, const int32_t* expert_ids,
-                               const float* expert_weights, const float* down_scale, int k,
-                               int dim, float* out) {
+                               const float* expert_weights, const float* down_scale, int k, int dim,
+                               float* out) {
   const int t = blockIdx.x;
   for (int c = threadIdx.x; c < dim; c += blockDim.x) {
     float sum = 0.0f;

@@ -33,9 +33,8 @@ __global__ void rms_norm_kernel(const float* x, const float* weight, int dim, fl
 }
 
 // One block per head row: normalised into shared memory, then rotated back into place.
-__global__ void norm_rope_kernel(float* x, const float* weight, bool norm,
-                                 const int32_t* positions, int n_head, int head_dim, float eps,
-                                 Rope rope) {
+__global__ void norm_rope_kernel(float* x, const float* weight, bool norm, const int32_t* positions,
+                                 int n_head, int head_dim, float eps, Rope rope) {
   extern __shared__ float row[];
   float* v = x + static_cast<int64_t>(blockIdx.x) * head_dim;
   const float inv = norm ? inverse_rms(v, head_dim, eps) : 1.0f;

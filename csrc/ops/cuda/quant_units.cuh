@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cuda_fp16.h>
+
 #include <cstdint>
 
 #include "quant/types.h"
@@ -24,7 +25,9 @@ __device__ __forceinline__ uint32_t u16_at(const uint8_t* p) {
   return *reinterpret_cast<const uint16_t*>(p);
 }
 // Four bytes at an address aligned for two.
-__device__ __forceinline__ uint32_t u32_at2(const uint8_t* p) { return u16_at(p) | u16_at(p + 2) << 16; }
+__device__ __forceinline__ uint32_t u32_at2(const uint8_t* p) {
+  return u16_at(p) | u16_at(p + 2) << 16;
+}
 __device__ __forceinline__ uint32_t u32_at(const uint8_t* p) {
   return *reinterpret_cast<const uint32_t*>(p);
 }
@@ -220,8 +223,7 @@ struct Format<quant::Type::Q6_K> {
 template <quant::Type T>
 __device__ __forceinline__ void load_unit(const uint8_t* row, int index, Unit& u) {
   using F = Format<T>;
-  Format<T>::unit(row + (index / F::kUnitsPerBlock) * F::kBlockBytes, index % F::kUnitsPerBlock,
-                  u);
+  Format<T>::unit(row + (index / F::kUnitsPerBlock) * F::kBlockBytes, index % F::kUnitsPerBlock, u);
 }
 
 // Element j of a row of a float format.
@@ -242,17 +244,38 @@ template <typename Fn>
 void dispatch_quantized(quant::Type type, Fn&& fn) {
   using quant::Type;
   switch (type) {
-    case Type::Q4_0: fn.template operator()<Type::Q4_0>(); break;
-    case Type::Q4_1: fn.template operator()<Type::Q4_1>(); break;
-    case Type::Q5_0: fn.template operator()<Type::Q5_0>(); break;
-    case Type::Q5_1: fn.template operator()<Type::Q5_1>(); break;
-    case Type::Q8_0: fn.template operator()<Type::Q8_0>(); break;
-    case Type::Q2_K: fn.template operator()<Type::Q2_K>(); break;
-    case Type::Q3_K: fn.template operator()<Type::Q3_K>(); break;
-    case Type::Q4_K: fn.template operator()<Type::Q4_K>(); break;
-    case Type::Q5_K: fn.template operator()<Type::Q5_K>(); break;
-    case Type::Q6_K: fn.template operator()<Type::Q6_K>(); break;
-    default: throw std::invalid_argument("no CUDA kernel for this quantized type");
+    case Type::Q4_0:
+      fn.template operator()<Type::Q4_0>();
+      break;
+    case Type::Q4_1:
+      fn.template operator()<Type::Q4_1>();
+      break;
+    case Type::Q5_0:
+      fn.template operator()<Type::Q5_0>();
+      break;
+    case Type::Q5_1:
+      fn.template operator()<Type::Q5_1>();
+      break;
+    case Type::Q8_0:
+      fn.template operator()<Type::Q8_0>();
+      break;
+    case Type::Q2_K:
+      fn.template operator()<Type::Q2_K>();
+      break;
+    case Type::Q3_K:
+      fn.template operator()<Type::Q3_K>();
+      break;
+    case Type::Q4_K:
+      fn.template operator()<Type::Q4_K>();
+      break;
+    case Type::Q5_K:
+      fn.template operator()<Type::Q5_K>();
+      break;
+    case Type::Q6_K:
+      fn.template operator()<Type::Q6_K>();
+      break;
+    default:
+      throw std::invalid_argument("no CUDA kernel for this quantized type");
   }
 }
 
@@ -260,10 +283,17 @@ template <typename Fn>
 void dispatch_float(quant::Type type, Fn&& fn) {
   using quant::Type;
   switch (type) {
-    case Type::F32: fn.template operator()<Type::F32>(); break;
-    case Type::F16: fn.template operator()<Type::F16>(); break;
-    case Type::BF16: fn.template operator()<Type::BF16>(); break;
-    default: throw std::invalid_argument("no CUDA kernel for this float type");
+    case Type::F32:
+      fn.template operator()<Type::F32>();
+      break;
+    case Type::F16:
+      fn.template operator()<Type::F16>();
+      break;
+    case Type::BF16:
+      fn.template operator()<Type::BF16>();
+      break;
+    default:
+      throw std::invalid_argument("no CUDA kernel for this float type");
   }
 }
 

@@ -139,8 +139,8 @@ void get_rows(const Weight& table, const int32_t* ids, int n, float scale, float
   if (n == 0) return;
   if (is_float_type(table.type)) {
     dispatch_float(table.type, [&]<quant::Type T>() {
-      get_rows_float<T><<<n, kThreads, 0, stream>>>(table.data, table.row_bytes, table.cols(), ids,
-                                                    scale, out);
+      get_rows_float<T>
+          <<<n, kThreads, 0, stream>>>(table.data, table.row_bytes, table.cols(), ids, scale, out);
     });
   } else {
     dispatch_quantized(table.type, [&]<quant::Type T>() {
