@@ -33,6 +33,7 @@ __all__ = [
     "ModelFile",
     "model_config",
     "open_model",
+    "tensor_shapes",
 ]
 
 ARCH = "gemma4"
@@ -418,13 +419,12 @@ def _build_config(meta: _Metadata, tensors: dict[str, TensorInfo]) -> ModelConfi
 # -- tensors -----------------------------------------------------------------------------------
 
 
-def _expected_tensors(
-    config: ModelConfig, tensors: dict[str, TensorInfo]
-) -> dict[str, tuple[int, ...]]:
-    """Every tensor the file must hold, with its shape in GGUF ne order.
+def tensor_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor of a Gemma 4 model with this configuration, named as llama.cpp's converter
+    names it, with its shape in GGUF ne order (row length first).
 
-    Optional tensors are included where the file has them: output.weight, attn_v (as
-    has_v_proj records) and layer_output_scale.
+    output.weight and attn_v are included where the configuration has them (has_output,
+    has_v_proj); the optional layer_output_scale.weight is included for every layer.
     """
     E, V, P, L = config.n_embd, config.vocab_size, config.n_embd_per_layer, config.n_layer
     shapes: dict[str, tuple[int, ...]] = {
@@ -479,9 +479,20 @@ def _expected_tensors(
                 b + "proj.weight": (P, E),
                 b + "post_norm.weight": (E,),
             }
-        if b + "layer_output_scale.weight" in tensors:
-            shapes[b + "layer_output_scale.weight"] = (1,)
+        shapes[b + "layer_output_scale.weight"] = (1,)
     return shapes
+
+
+def _expected_tensors(
+    config: ModelConfig, tensors: dict[str, TensorInfo]
+) -> dict[str, tuple[int, ...]]:
+    """Every tensor the file must hold, with its shape in GGUF ne order: `tensor_shapes`, with
+    layer_output_scale only where the file has it."""
+    return {
+        name: shape
+        for name, shape in tensor_shapes(config).items()
+        if not name.endswith(".layer_output_scale.weight") or name in tensors
+    }
 
 
 def _check_tensors(config: ModelConfig, tensors: dict[str, TensorInfo]) -> None:

@@ -13,9 +13,6 @@ every time it is generated.
 
 from __future__ import annotations
 
-import contextlib
-import os
-import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +21,7 @@ import numpy as np
 from gguf import GGMLQuantizationType, GGUFWriter, TokenType
 from gguf.quants import quantize
 
+from .cache import cache_root, cached_file
 from .config import ARCH
 
 __all__ = ["DEMO_SHAPE", "ModelShape", "demo_model_path", "write_random_model"]
@@ -31,6 +29,9 @@ __all__ = ["DEMO_SHAPE", "ModelShape", "demo_model_path", "write_random_model"]
 # Bump when the generated file changes, so that stale cached copies are not used.
 DEMO_FILE_NAME = "pygemma4-demo-v1.gguf"
 SEED = 4
+
+# Tokens, scores, token types and merges.
+Vocabulary = tuple[list[str], list[float], list[int], list[str]]
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,8 @@ SOFTCAP = 30.0
 SPECIAL_TOKENS = ("<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<|turn>", "<turn|>")
 PAD_ID, EOS_ID, BOS_ID, UNK_ID = 0, 1, 2, 3
 SPACE = "\u2581"  # how the vocabulary spells a space
+# Printable ASCII, a space and a newline: one token each, after the byte tokens.
+CHARACTERS = (*(chr(c) for c in range(0x21, 0x7F)), SPACE, "\n")
 N_MERGES = 320
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
@@ -115,32 +118,9 @@ def demo_model_path() -> Path:
     file is written under a temporary name and then renamed into place, so processes that race
     to create it each see either no file or a complete one.
     """
-    cache = _cache_dir()
-    path = cache / DEMO_FILE_NAME
-    if path.is_file():
-        return path
-    cache.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=".pygemma4-demo-", suffix=".tmp", dir=cache)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        write_random_model(tmp, DEMO_SHAPE)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        tmp.chmod(0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
-    return path
-
-
-def _cache_dir() -> Path:
-    configured = os.environ.get("PYGEMMA4_CACHE")
-    if configured:
-        return Path(configured).expanduser()
-    return Path.home() / ".cache" / "pygemma4"
+    return cached_file(
+        cache_root() / DEMO_FILE_NAME, lambda tmp: write_random_model(tmp, DEMO_SHAPE)
+    )
 
 
 # -- vocabulary --------------------------------------------------------------------------------
@@ -172,16 +152,19 @@ def _learn_merges(text: str, n_merges: int) -> list[tuple[str, str]]:
     return merges
 
 
-def _vocabulary() -> tuple[list[str], list[float], list[int], list[str]]:
+def base_vocabulary() -> tuple[list[str], list[int]]:
+    """The tokens a random model's vocabulary starts with, and their token types: the special
+    tokens (SPECIAL_TOKENS, control tokens), the 256 byte tokens, then CHARACTERS."""
+    tokens = [*SPECIAL_TOKENS, *(f"<0x{b:02X}>" for b in range(256)), *CHARACTERS]
+    types = [int(TokenType.CONTROL)] * len(SPECIAL_TOKENS)
+    types += [int(TokenType.BYTE)] * 256 + [int(TokenType.NORMAL)] * len(CHARACTERS)
+    return tokens, types
+
+
+def _vocabulary() -> Vocabulary:
     """Tokens, scores, token types and merges of the demo vocabulary."""
     text = SPACE.join(_MERGE_TEXT.split())
-    tokens = list(SPECIAL_TOKENS)
-    types = [TokenType.CONTROL] * len(tokens)
-    tokens += [f"<0x{b:02X}>" for b in range(256)]
-    types += [TokenType.BYTE] * 256
-    chars = [chr(c) for c in range(0x21, 0x7F)] + [SPACE, "\n"]
-    tokens += chars
-    types += [TokenType.NORMAL] * len(chars)
+    tokens, types = base_vocabulary()
     scores = [0.0] * len(tokens)
     known = set(tokens)
     merges = _learn_merges(text, N_MERGES)
@@ -190,9 +173,24 @@ def _vocabulary() -> tuple[list[str], list[float], list[int], list[str]]:
         if piece not in known:
             known.add(piece)
             tokens.append(piece)
-            types.append(TokenType.NORMAL)
+            types.append(int(TokenType.NORMAL))
             scores.append(-float(rank + 1))
-    return tokens, scores, [int(t) for t in types], [f"{a} {b}" for a, b in merges]
+    return tokens, scores, types, [f"{a} {b}" for a, b in merges]
+
+
+def add_tokenizer_metadata(writer: GGUFWriter, vocabulary: Vocabulary) -> None:
+    """Add a vocabulary (tokens, scores, token types, merges) to `writer` as the metadata of a
+    Gemma 4 BPE tokenizer, with the special token ids of SPECIAL_TOKENS."""
+    tokens, scores, token_types, merges = vocabulary
+    writer.add_string("tokenizer.ggml.model", "gemma4")
+    writer.add_array("tokenizer.ggml.tokens", tokens)
+    writer.add_array("tokenizer.ggml.scores", scores)
+    writer.add_array("tokenizer.ggml.token_type", token_types)
+    writer.add_array("tokenizer.ggml.merges", merges)
+    writer.add_uint32("tokenizer.ggml.bos_token_id", BOS_ID)
+    writer.add_uint32("tokenizer.ggml.eos_token_id", EOS_ID)
+    writer.add_uint32("tokenizer.ggml.unknown_token_id", UNK_ID)
+    writer.add_uint32("tokenizer.ggml.padding_token_id", PAD_ID)
 
 
 # -- weights -----------------------------------------------------------------------------------
@@ -242,8 +240,8 @@ def write_random_model(
     """
     if len(shape.sliding) != shape.n_layer:
         raise ValueError("the sliding-window pattern needs one entry per layer")
-    tokens, scores, token_types, merges = _vocabulary()
-    vocab = len(tokens)
+    vocabulary = _vocabulary()
+    vocab = len(vocabulary[0])
     n_ff = [
         shape.n_ff * 2 if il >= shape.n_layer - shape.n_shared_kv else shape.n_ff
         for il in range(shape.n_layer)
@@ -273,15 +271,7 @@ def write_random_model(
     writer.add_uint32(a + "rope.dimension_count_swa", shape.head_dim_swa)
     writer.add_float32(a + "final_logit_softcapping", SOFTCAP)
     writer.add_uint32(a + "embedding_length_per_layer_input", shape.n_embd_per_layer)
-    writer.add_string("tokenizer.ggml.model", "gemma4")
-    writer.add_array("tokenizer.ggml.tokens", tokens)
-    writer.add_array("tokenizer.ggml.scores", scores)
-    writer.add_array("tokenizer.ggml.token_type", token_types)
-    writer.add_array("tokenizer.ggml.merges", merges)
-    writer.add_uint32("tokenizer.ggml.bos_token_id", BOS_ID)
-    writer.add_uint32("tokenizer.ggml.eos_token_id", EOS_ID)
-    writer.add_uint32("tokenizer.ggml.unknown_token_id", UNK_ID)
-    writer.add_uint32("tokenizer.ggml.padding_token_id", PAD_ID)
+    add_tokenizer_metadata(writer, vocabulary)
     writer.add_bool("tokenizer.ggml.add_bos_token", True)
     writer.add_string("tokenizer.chat_template", CHAT_TEMPLATE)
 

@@ -30,14 +30,12 @@ writes one (without OUT: into the cache, see `synthetic_model_path`).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import hashlib
 import math
 import os
 import struct
 import sys
-import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -48,8 +46,10 @@ import numpy as np
 from gguf import GGMLQuantizationType, GGUFEndian, GGUFValueType, GGUFWriter, TokenType
 from gguf.constants import GGML_QUANT_SIZES
 
+from .cache import cache_root, cached_file, write_atomically
 from .chat import GEMMA4_TEMPLATE
-from .config import ARCH
+from .config import ARCH, LayerConfig, ModelConfig, tensor_shapes
+from .demo import SPACE, Vocabulary, add_tokenizer_metadata, base_vocabulary
 
 __all__ = [
     "SYNTHETIC_MODELS",
@@ -139,6 +139,48 @@ class SyntheticModel:
     @property
     def head_dim_per_layer(self) -> tuple[int, ...]:
         return tuple(self.head_dim_swa if s else self.head_dim_full for s in self.sliding)
+
+    def model_config(self) -> ModelConfig:
+        """The configuration pygemma4.config derives from this model's file."""
+
+        def f32(value: float) -> float:  # the file holds these as float32
+            return float(np.float32(value))
+
+        sliding = self.sliding
+        has_kv = [il < self.first_shared_layer for il in range(self.n_layer)]
+        layers = tuple(
+            LayerConfig(
+                index=il,
+                is_sliding=sliding[il],
+                n_head=self.n_head,
+                n_head_kv=self.n_head_kv_per_layer[il],
+                head_dim=self.head_dim_per_layer[il],
+                # Every dimension is rotated; full layers' partial rotation is in rope_freqs.
+                n_rot=self.head_dim_per_layer[il],
+                rope_base=f32(self.rope_base_swa if sliding[il] else self.rope_base_full),
+                n_ff=self.n_ff_per_layer[il],
+                has_kv=has_kv[il],
+                kv_source=max(j for j in range(il + 1) if has_kv[j] and sliding[j] == sliding[il]),
+                has_v_proj=has_kv[il] and (sliding[il] or self.full_has_v),
+                is_moe=self.n_expert > 0,
+            )
+            for il in range(self.n_layer)
+        )
+        return ModelConfig(
+            n_layer=self.n_layer,
+            n_embd=self.n_embd,
+            vocab_size=self.vocab_size,
+            n_ctx_train=self.context_length,
+            rms_eps=f32(self.rms_eps),
+            final_logit_softcap=f32(self.final_logit_softcap),
+            sliding_window=self.sliding_window,
+            n_embd_per_layer=self.n_embd_per_layer,
+            n_expert=self.n_expert,
+            n_expert_used=self.n_expert_used,
+            n_ff_expert=self.n_ff_expert,
+            has_output=False,  # tied embeddings
+            layers=layers,
+        )
 
 
 SYNTHETIC_MODELS: Mapping[str, SyntheticModel] = MappingProxyType(
@@ -309,63 +351,6 @@ class TensorSpec:
         return self.n_elements // block_size * type_size
 
 
-def _tensor_shapes(model: SyntheticModel) -> dict[str, tuple[int, ...]]:
-    """Every tensor of the model in GGUF ne order, as llama.cpp's converter names them."""
-    E, V, P, L = model.n_embd, model.vocab_size, model.n_embd_per_layer, model.n_layer
-    shapes: dict[str, tuple[int, ...]] = {
-        "token_embd.weight": (E, V),
-        "output_norm.weight": (E,),
-        "rope_freqs.weight": (model.head_dim_full // 2,),
-    }
-    if P:
-        shapes["per_layer_token_embd.weight"] = (P * L, V)
-        shapes["per_layer_model_proj.weight"] = (E, P * L)
-        shapes["per_layer_proj_norm.weight"] = (P,)
-    n_ff = model.n_ff_per_layer
-    for il, (sliding, hd, n_kv) in enumerate(
-        zip(model.sliding, model.head_dim_per_layer, model.n_head_kv_per_layer, strict=True)
-    ):
-        b = f"blk.{il}."
-        q_dim, kv_dim = model.n_head * hd, n_kv * hd
-        shapes |= {
-            b + "attn_norm.weight": (E,),
-            b + "attn_q.weight": (E, q_dim),
-            b + "attn_q_norm.weight": (hd,),
-            b + "attn_output.weight": (q_dim, E),
-            b + "post_attention_norm.weight": (E,),
-            b + "ffn_norm.weight": (E,),
-            b + "ffn_gate.weight": (E, n_ff[il]),
-            b + "ffn_up.weight": (E, n_ff[il]),
-            b + "ffn_down.weight": (n_ff[il], E),
-            b + "post_ffw_norm.weight": (E,),
-            b + "layer_output_scale.weight": (1,),
-        }
-        if il < model.first_shared_layer:
-            shapes[b + "attn_k.weight"] = (E, kv_dim)
-            shapes[b + "attn_k_norm.weight"] = (hd,)
-            if sliding or model.full_has_v:
-                shapes[b + "attn_v.weight"] = (E, kv_dim)
-        if model.n_expert:
-            X, F = model.n_expert, model.n_ff_expert
-            shapes |= {
-                b + "ffn_gate_inp.weight": (E, X),
-                b + "ffn_gate_inp.scale": (E,),
-                b + "ffn_gate_up_exps.weight": (E, 2 * F, X),
-                b + "ffn_down_exps.weight": (F, E, X),
-                b + "ffn_down_exps.scale": (X,),
-                b + "pre_ffw_norm_2.weight": (E,),
-                b + "post_ffw_norm_1.weight": (E,),
-                b + "post_ffw_norm_2.weight": (E,),
-            }
-        if P:
-            shapes |= {
-                b + "inp_gate.weight": (E, P),
-                b + "proj.weight": (P, E),
-                b + "post_norm.weight": (E,),
-            }
-    return dict(sorted(shapes.items(), key=lambda item: _llama_order(item[0])))
-
-
 def _llama_order(name: str) -> tuple[int, str]:
     """llama.cpp's tensor order (its loader's weight_name_comparer): by block number, tensors
     outside blocks first, then by name. Quantized files are written in this order, and the
@@ -388,7 +373,9 @@ def synthetic_tensors(
     """
     if isinstance(model, str):
         model = resolve_model(model)
-    shapes = _tensor_shapes(model)
+    shapes = dict(
+        sorted(tensor_shapes(model.model_config()).items(), key=lambda item: _llama_order(item[0]))
+    )
     if mix == "Q4_K_M":
         types = q4_k_m_tensor_types(
             shapes, n_layer=model.n_layer, n_expert=model.n_expert, float_type=float_type
@@ -538,25 +525,19 @@ def _fallback(name: str, row: int, wanted: T) -> T:
 
 # -- vocabulary --------------------------------------------------------------------------------
 
-SPECIAL_TOKENS = ("<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<|turn>", "<turn|>")
-PAD_ID, EOS_ID, BOS_ID, UNK_ID = 0, 1, 2, 3
-SPACE = "\u2581"
-_CHARACTERS = tuple(chr(c) for c in range(0x21, 0x7F)) + (SPACE, "\n")
 # Merged pieces are spelled with these: spaces and lower-case letters.
 _PIECE_ALPHABET = (SPACE, *"abcdefghijklmnopqrstuvwxyz")
-MIN_VOCAB = len(SPECIAL_TOKENS) + 256 + len(_CHARACTERS)
+MIN_VOCAB = len(base_vocabulary()[0])
 
 
-def _vocabulary(size: int) -> tuple[list[str], list[float], list[int], list[str]]:
+def _vocabulary(size: int) -> Vocabulary:
     """Tokens, scores, token types and merges of a vocabulary of exactly `size` tokens.
 
-    Control tokens, the 256 byte tokens, printable ASCII, then pieces over spaces and lower-case
-    letters, each the merge of a shorter piece and one letter (every pair, then every triple,
-    ...), so that every piece is reachable by the merges, shortest first.
+    Control tokens, the 256 byte tokens, printable ASCII (`base_vocabulary`), then pieces over
+    spaces and lower-case letters, each the merge of a shorter piece and one letter (every pair,
+    then every triple, ...), so that every piece is reachable by the merges, shortest first.
     """
-    tokens = list(SPECIAL_TOKENS) + [f"<0x{b:02X}>" for b in range(256)] + list(_CHARACTERS)
-    types = [int(TokenType.CONTROL)] * len(SPECIAL_TOKENS)
-    types += [int(TokenType.BYTE)] * 256 + [int(TokenType.NORMAL)] * len(_CHARACTERS)
+    tokens, types = base_vocabulary()
     n_pieces = size - len(tokens)
     pieces: list[str] = []
     merges: list[str] = []
@@ -741,16 +722,7 @@ def _metadata(writer: GGUFWriter, model: SyntheticModel, mix: str) -> None:
     w.add_uint32(a + "rope.dimension_count", model.head_dim_full)
     w.add_uint32(a + "rope.dimension_count_swa", model.head_dim_swa)
 
-    tokens, scores, token_types, merges = _vocabulary(model.vocab_size)
-    w.add_string("tokenizer.ggml.model", "gemma4")
-    w.add_array("tokenizer.ggml.tokens", tokens)
-    w.add_array("tokenizer.ggml.scores", scores)
-    w.add_array("tokenizer.ggml.token_type", token_types)
-    w.add_array("tokenizer.ggml.merges", merges)
-    w.add_uint32("tokenizer.ggml.bos_token_id", BOS_ID)
-    w.add_uint32("tokenizer.ggml.eos_token_id", EOS_ID)
-    w.add_uint32("tokenizer.ggml.unknown_token_id", UNK_ID)
-    w.add_uint32("tokenizer.ggml.padding_token_id", PAD_ID)
+    add_tokenizer_metadata(w, _vocabulary(model.vocab_size))
     w.add_string("tokenizer.chat_template", GEMMA4_TEMPLATE)
     w.add_bool("tokenizer.ggml.add_space_prefix", False)
     w.add_bool("tokenizer.ggml.add_bos_token", True)
@@ -817,24 +789,12 @@ def write_synthetic_model(
     model = resolve_model(name, **overrides)
     specs = synthetic_tensors(model, mix)
     path = Path(path)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}-", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        _write(tmp, model, specs, mix, seed, layout_only)
-        tmp.chmod(0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
+    # Left to the system to flush, as any file a command writes; the cache, which trusts a file
+    # by its name alone, flushes its own (synthetic_model_path).
+    write_atomically(
+        path, lambda tmp: _write(tmp, model, specs, mix, seed, layout_only), durable=False
+    )
     return path
-
-
-def _cache_dir() -> Path:
-    configured = os.environ.get("PYGEMMA4_CACHE")
-    root = Path(configured).expanduser() if configured else Path.home() / ".cache" / "pygemma4"
-    return root / "synthetic"
 
 
 def cache_file_name(name: str, seed: int = 0, mix: str = "Q4_K_M", **overrides: object) -> str:
@@ -860,24 +820,12 @@ def synthetic_model_path(
     The file is written under a temporary name, flushed to disk and renamed into place, so an
     interrupted write never leaves a file that could be taken for the model.
     """
-    cache = Path(cache_dir) if cache_dir is not None else _cache_dir()
+    cache = Path(cache_dir) if cache_dir is not None else cache_root() / "synthetic"
     path = cache / cache_file_name(name, seed, mix, **overrides)
-    if path.is_file():
-        return path
-    cache.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}-", suffix=".tmp", dir=cache)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        write_synthetic_model(name, tmp, seed=seed, mix=mix, **overrides)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
-    return path
+    model = resolve_model(name, **overrides)
+    return cached_file(
+        path, lambda tmp: _write(tmp, model, synthetic_tensors(model, mix), mix, seed, False)
+    )
 
 
 # -- summary -----------------------------------------------------------------------------------

@@ -203,6 +203,8 @@ def test_full_size_file_passes_validation_with_the_real_shapes(tmp_path: Path, n
     model = SYNTHETIC_MODELS[name]
     loaded = open_model(path)
     config = loaded.config
+    # The configuration the tensor shapes were derived from is the one the loader derives.
+    assert config == model.model_config()
     assert (config.n_layer, config.n_embd, config.vocab_size) == (model.n_layer, model.n_embd, V)
     assert config.n_ctx_train == model.context_length
     assert (config.sliding_window, config.final_logit_softcap) == (model.sliding_window, 30.0)

@@ -31,13 +31,33 @@ MappedFile::MappedFile(const std::string& path) : path_(path) {
   }
   size_ = static_cast<size_t>(st.st_size);
   void* p = ::mmap(nullptr, size_, PROT_READ, MAP_PRIVATE, fd, 0);
-  ::close(fd);  // the mapping keeps the file referenced
-  if (p == MAP_FAILED) throw os_error("cannot map", path);
+  if (p == MAP_FAILED) {
+    ::close(fd);
+    throw os_error("cannot map", path);
+  }
   data_ = static_cast<const uint8_t*>(p);
+  fd_ = fd;
 }
 
 MappedFile::~MappedFile() {
   if (data_ != nullptr) ::munmap(const_cast<uint8_t*>(data_), size_);
+  if (fd_ >= 0) ::close(fd_);
+}
+
+void MappedFile::read(const uint8_t* at, size_t bytes, uint8_t* dst) const {
+  if (at < data_ || bytes > size_ || static_cast<size_t>(at - data_) > size_ - bytes) {
+    throw std::out_of_range("read outside the file '" + path_ + "'");
+  }
+  off_t offset = static_cast<off_t>(at - data_);
+  while (bytes > 0) {
+    const ssize_t got = ::pread(fd_, dst, bytes, offset);
+    if (got < 0 && errno == EINTR) continue;
+    if (got < 0) throw os_error("cannot read", path_);
+    if (got == 0) throw std::runtime_error("'" + path_ + "' ended early");
+    dst += got;
+    offset += got;
+    bytes -= static_cast<size_t>(got);
+  }
 }
 
 }  // namespace pg4

@@ -1,8 +1,4 @@
-#include <fcntl.h>
-#include <unistd.h>
-
 #include <algorithm>
-#include <cerrno>
 #include <cstdlib>
 #include <cstring>
 #include <stdexcept>
@@ -20,47 +16,6 @@ namespace {
 
 constexpr size_t kWeightAlign = 256;
 constexpr size_t kStagingBytes = 64 << 20;
-
-// Reads bytes that lie in a mapped file through the file, or copies them from host memory.
-class WeightReader {
- public:
-  explicit WeightReader(const MappedFile* file) : file_(file) {
-    if (file_ != nullptr) {
-      fd_ = ::open(file_->path().c_str(), O_RDONLY | O_CLOEXEC);
-      if (fd_ < 0) {
-        throw std::runtime_error("cannot reopen '" + file_->path() + "': " + std::strerror(errno));
-      }
-    }
-  }
-  ~WeightReader() {
-    if (fd_ >= 0) ::close(fd_);
-  }
-  WeightReader(const WeightReader&) = delete;
-  WeightReader& operator=(const WeightReader&) = delete;
-
-  void read(const uint8_t* src, size_t bytes, uint8_t* dst) const {
-    if (file_ == nullptr) {
-      std::memcpy(dst, src, bytes);
-      return;
-    }
-    off_t at = static_cast<off_t>(src - file_->data());
-    while (bytes > 0) {
-      const ssize_t got = ::pread(fd_, dst, bytes, at);
-      if (got <= 0) {
-        if (got < 0 && errno == EINTR) continue;
-        throw std::runtime_error("cannot read '" + file_->path() + "'" +
-                                 (got < 0 ? std::string(": ") + std::strerror(errno) : ""));
-      }
-      dst += got;
-      at += got;
-      bytes -= static_cast<size_t>(got);
-    }
-  }
-
- private:
-  const MappedFile* file_;
-  int fd_ = -1;
-};
 constexpr int kMaxSplits = 32;
 constexpr int kMaxDecodeBatch = 8;
 
@@ -68,6 +23,15 @@ size_t aligned(size_t n) { return (n + kWeightAlign - 1) / kWeightAlign * kWeigh
 
 size_t weight_bytes(const Weight& w) {
   return static_cast<size_t>(w.ne[1]) * w.ne[2] * w.ne[3] * w.row_bytes;
+}
+
+// Copies host bytes that lie in `file` (when given) through it, or else from memory.
+void read_host(const MappedFile* file, const uint8_t* src, size_t bytes, uint8_t* dst) {
+  if (file != nullptr) {
+    file->read(src, bytes, dst);
+  } else {
+    std::memcpy(dst, src, bytes);
+  }
 }
 
 // Keeps subsequent runtime calls of this thread on the ops' device.
@@ -170,12 +134,10 @@ std::shared_ptr<T> CudaOps::device_array(size_t n) {
 
 void CudaOps::place_weights(const std::vector<WeightPlacement>& weights, const MappedFile* file) {
   use_device(device_);
-  // The bytes are read from the file with read calls rather than through the mapping: touching
-  // gigabytes of a mapping page by page was measured orders of magnitude slower in a virtual
-  // machine (an E4B file did not load in minutes). Tensors that move go through a page-locked
-  // staging buffer; host-resident tables are read into page-locked memory mapped for the
-  // device, where kernels gather their rows across the bus.
-  WeightReader reader(file);
+  // Tensors that move go through a page-locked staging buffer; host-resident tables are read
+  // into page-locked memory mapped for the device, where kernels gather their rows across the
+  // bus. Both are read from the file (see MappedFile::read: through the mapping an E4B file
+  // did not load in minutes).
   void* staging_memory = nullptr;
   PG4_CUDA_CHECK(cudaMallocHost(&staging_memory, kStagingBytes));
   std::unique_ptr<void, cudaError_t (*)(void*)> staging(staging_memory, cudaFreeHost);
@@ -193,7 +155,7 @@ void CudaOps::place_weights(const std::vector<WeightPlacement>& weights, const M
       PG4_CUDA_CHECK(cudaHostAlloc(&pinned, bytes, cudaHostAllocMapped));
       pinned_tables_.emplace_back(static_cast<uint8_t*>(pinned),
                                   [](uint8_t* q) { cudaFreeHost(q); });
-      reader.read(w.data, bytes, static_cast<uint8_t*>(pinned));
+      read_host(file, w.data, bytes, static_cast<uint8_t*>(pinned));
       void* mapped = nullptr;
       PG4_CUDA_CHECK(cudaHostGetDevicePointer(&mapped, pinned, 0));
       w.data = static_cast<const uint8_t*>(mapped);
@@ -202,7 +164,7 @@ void CudaOps::place_weights(const std::vector<WeightPlacement>& weights, const M
     uint8_t* dst = device_copy + offset;
     for (size_t done = 0; done < bytes; done += kStagingBytes) {
       const size_t n = std::min(kStagingBytes, bytes - done);
-      reader.read(w.data + done, n, static_cast<uint8_t*>(staging_memory));
+      read_host(file, w.data + done, n, static_cast<uint8_t*>(staging_memory));
       PG4_CUDA_CHECK(cudaMemcpy(dst + done, staging_memory, n, cudaMemcpyHostToDevice));
     }
     w.data = dst;

@@ -52,24 +52,47 @@ __device__ __forceinline__ float unit_dot(const Unit& u, const ActBlock& a) {
          u.o[0] * a.sum[0] + u.o[1] * a.sum[1];
 }
 
-// Where a warp's weight row, activations and outputs are: for plain products blockIdx.y picks a
-// tile of NT tokens; for expert products it picks the pair, whose expert picks the matrix.
-struct Slot {
-  const uint8_t* weights;
-  int64_t first_act;  // activation row of the slot's first token
+// What one warp computes: a weight row against a few activation rows. For plain products
+// blockIdx.y picks a tile of NT tokens; for expert products it picks the pair, whose expert
+// picks the matrix.
+struct WarpTask {
+  int64_t row;
+  const uint8_t* weight_row;
+  int64_t first_act;  // activation row of the task's first token
   int64_t first_out;  // output row of the same
   int n_tokens;
 };
 
-__device__ __forceinline__ Slot slot_of(const uint8_t* w, size_t matrix_bytes,
-                                        const int32_t* expert_ids, int act_div, int n_tokens,
-                                        int nt) {
+// The warp's task; false for a warp past the last row.
+__device__ __forceinline__ bool warp_task(const uint8_t* w, size_t row_bytes, size_t matrix_bytes,
+                                          int64_t rows, const int32_t* expert_ids, int act_div,
+                                          int n_tokens, int nt, WarpTask& task) {
+  task.row = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp;
+  if (task.row >= rows) return false;
   const int slot = blockIdx.y;
   if (expert_ids != nullptr) {
-    return {w + static_cast<size_t>(expert_ids[slot]) * matrix_bytes, slot / act_div, slot, 1};
+    w += static_cast<size_t>(expert_ids[slot]) * matrix_bytes;
+    task.first_act = slot / act_div;
+    task.first_out = slot;
+    task.n_tokens = 1;
+  } else {
+    task.first_act = task.first_out = static_cast<int64_t>(slot) * nt;
+    task.n_tokens = min(nt, n_tokens - slot * nt);
   }
-  const int first = slot * nt;
-  return {w, first, first, min(nt, n_tokens - first)};
+  task.weight_row = w + task.row * row_bytes;
+  return true;
+}
+
+// Each lane's partial sums, summed over the warp and stored.
+template <int NT>
+__device__ __forceinline__ void store_sums(const float (&acc)[NT], const WarpTask& task,
+                                           int64_t rows, float* y) {
+#pragma unroll
+  for (int t = 0; t < NT; ++t) {
+    const float sum = warp_sum(acc[t]);
+    if (threadIdx.x % kWarp == 0 && t < task.n_tokens)
+      y[(task.first_out + t) * rows + task.row] = sum;
+  }
 }
 
 template <quant::Type T, int NT>
@@ -77,33 +100,28 @@ __global__ void __launch_bounds__(kWarpsPerBlock* kWarp)
     matvec_quantized(const uint8_t* w, size_t row_bytes, size_t matrix_bytes, int64_t rows,
                      int units, const ActBlock* acts, int n_tokens, const int32_t* expert_ids,
                      int act_div, float* y) {
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp;
-  if (row >= rows) return;
-  const int lane = threadIdx.x % kWarp;
-  const Slot slot = slot_of(w, matrix_bytes, expert_ids, act_div, n_tokens, NT);
-  const uint8_t* weight_row = slot.weights + row * row_bytes;
-  const ActBlock* act = acts + slot.first_act * units;
+  WarpTask task;
+  if (!warp_task(w, row_bytes, matrix_bytes, rows, expert_ids, act_div, n_tokens, NT, task)) {
+    return;
+  }
+  const ActBlock* act = acts + task.first_act * units;
   float acc[NT] = {};
   // Two units in flight per lane: the loads of the second overlap the first's arithmetic. The
   // sums keep the order of one unit at a time.
-  for (int u = lane; u < units; u += 2 * kWarp) {
+  for (int u = threadIdx.x % kWarp; u < units; u += 2 * kWarp) {
     const bool second = u + kWarp < units;
     Unit first_unit, second_unit;
-    load_unit<T>(weight_row, u, first_unit);
-    if (second) load_unit<T>(weight_row, u + kWarp, second_unit);
+    load_unit<T>(task.weight_row, u, first_unit);
+    if (second) load_unit<T>(task.weight_row, u + kWarp, second_unit);
 #pragma unroll
     for (int t = 0; t < NT; ++t) {
-      if (t >= slot.n_tokens) continue;
+      if (t >= task.n_tokens) continue;
       const ActBlock* a = act + static_cast<int64_t>(t) * units + u;
       acc[t] += unit_dot(first_unit, a[0]);
       if (second) acc[t] += unit_dot(second_unit, a[kWarp]);
     }
   }
-#pragma unroll
-  for (int t = 0; t < NT; ++t) {
-    const float sum = warp_sum(acc[t]);
-    if (lane == 0 && t < slot.n_tokens) y[(slot.first_out + t) * rows + row] = sum;
-  }
+  store_sums(acc, task, rows, y);
 }
 
 template <quant::Type T, int NT>
@@ -111,25 +129,20 @@ __global__ void __launch_bounds__(kWarpsPerBlock* kWarp)
     matvec_float(const uint8_t* w, size_t row_bytes, size_t matrix_bytes, int64_t rows,
                  int64_t cols, const float* x, int n_tokens, const int32_t* expert_ids, int act_div,
                  float* y) {
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp;
-  if (row >= rows) return;
-  const int lane = threadIdx.x % kWarp;
-  const Slot slot = slot_of(w, matrix_bytes, expert_ids, act_div, n_tokens, NT);
-  const uint8_t* weight_row = slot.weights + row * row_bytes;
-  const float* in = x + slot.first_act * cols;
+  WarpTask task;
+  if (!warp_task(w, row_bytes, matrix_bytes, rows, expert_ids, act_div, n_tokens, NT, task)) {
+    return;
+  }
+  const float* in = x + task.first_act * cols;
   float acc[NT] = {};
-  for (int64_t j = lane; j < cols; j += kWarp) {
-    const float wj = float_at<T>(weight_row, j);
+  for (int64_t j = threadIdx.x % kWarp; j < cols; j += kWarp) {
+    const float wj = float_at<T>(task.weight_row, j);
 #pragma unroll
     for (int t = 0; t < NT; ++t) {
-      if (t < slot.n_tokens) acc[t] += wj * in[t * cols + j];
+      if (t < task.n_tokens) acc[t] += wj * in[t * cols + j];
     }
   }
-#pragma unroll
-  for (int t = 0; t < NT; ++t) {
-    const float sum = warp_sum(acc[t]);
-    if (lane == 0 && t < slot.n_tokens) y[(slot.first_out + t) * rows + row] = sum;
-  }
+  store_sums(acc, task, rows, y);
 }
 
 // The tiled product: a block of 256 threads computes 64 rows x 64 tokens; every thread 4 rows

@@ -37,14 +37,7 @@ __global__ void route_kernel(const float* logits, int n_tokens, int n_expert, in
         best_e = e;
       }
     }
-    for (int offset = kWarp / 2; offset > 0; offset /= 2) {
-      const float p = __shfl_xor_sync(0xffffffffu, best, offset);
-      const int e = __shfl_xor_sync(0xffffffffu, best_e, offset);
-      if (p > best || (p == best && e < best_e)) {
-        best = p;
-        best_e = e;
-      }
-    }
+    warp_argmax(best, best_e);
     if (lane == 0) {
       expert_ids[t * k + j] = best_e;
       expert_weights[t * k + j] = best;

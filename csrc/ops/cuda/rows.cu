@@ -95,14 +95,7 @@ __global__ void __launch_bounds__(kArgmaxThreads)
       best_index = j;
     }
   }
-  for (int offset = kWarp / 2; offset > 0; offset /= 2) {
-    const float v = __shfl_xor_sync(0xffffffffu, best, offset);
-    const int index = __shfl_xor_sync(0xffffffffu, best_index, offset);
-    if (v > best || (v == best && index < best_index)) {
-      best = v;
-      best_index = index;
-    }
-  }
+  warp_argmax(best, best_index);
   __shared__ float values[kWarp];
   __shared__ int indices[kWarp];
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
@@ -114,14 +107,7 @@ __global__ void __launch_bounds__(kArgmaxThreads)
   const int n_warps = blockDim.x / kWarp;
   best = lane < n_warps ? values[lane] : -FLT_MAX;
   best_index = lane < n_warps ? indices[lane] : n_cols;
-  for (int offset = kWarp / 2; offset > 0; offset /= 2) {
-    const float v = __shfl_xor_sync(0xffffffffu, best, offset);
-    const int index = __shfl_xor_sync(0xffffffffu, best_index, offset);
-    if (v > best || (v == best && index < best_index)) {
-      best = v;
-      best_index = index;
-    }
-  }
+  warp_argmax(best, best_index);
   // Every warp now holds the maximum; the softmax's normaliser relative to it follows.
   float total = 0.0f;
   for (int j = threadIdx.x; j < n_cols; j += blockDim.x) total += expf(row[j] - best);

@@ -18,6 +18,18 @@ __device__ __forceinline__ float warp_max(float v) {
   return v;
 }
 
+// The largest (value, index) pair across the warp, in every lane: ties go to the lower index.
+__device__ __forceinline__ void warp_argmax(float& value, int& index) {
+  for (int offset = kWarp / 2; offset > 0; offset /= 2) {
+    const float other_value = __shfl_xor_sync(0xffffffffu, value, offset);
+    const int other_index = __shfl_xor_sync(0xffffffffu, index, offset);
+    if (other_value > value || (other_value == value && other_index < index)) {
+      value = other_value;
+      index = other_index;
+    }
+  }
+}
+
 // The sum over the whole block (blockDim.x a multiple of 32, at most 1024), in every thread.
 __device__ __forceinline__ float block_sum(float v) {
   __shared__ float partial[kWarp];
