@@ -292,6 +292,11 @@ class GenerationSequence:
     def append(self, token_ids: Sequence[int] | np.ndarray, all_logits: bool = False) -> np.ndarray:
         """Feed tokens; returns the logits after the last one [vocab], or for every fed
         token [len, vocab] with all_logits."""
+        logits = self._feed(self._room_for(token_ids), "all" if all_logits else "last")
+        return logits if all_logits else logits[-1]
+
+    def _room_for(self, token_ids: Sequence[int] | np.ndarray) -> np.ndarray:
+        """The ids as int32, after checking that the sequence is open and has room for them."""
         self.check_open()
         ids = self.engine.check_tokens(token_ids)
         if self._length + len(ids) > self.engine.n_ctx:
@@ -299,16 +304,12 @@ class GenerationSequence:
                 f"sequence of {self._length + len(ids)} tokens is longer than the context "
                 f"({self.engine.n_ctx})"
             )
-        logits = self._feed(ids, "all" if all_logits else "last")
-        return logits if all_logits else logits[-1]
+        return ids
 
     def _most_likely(self, token_ids: Sequence[int] | np.ndarray) -> SampledToken:
         """Feed one token; the most likely next token and its log-probability, chosen where the
         model computes."""
-        self.check_open()
-        ids = self.engine.check_tokens(token_ids)
-        if self._length + len(ids) > self.engine.n_ctx:
-            raise ContextFullError(f"sequence is full: context is {self.engine.n_ctx} tokens")
+        ids = self._room_for(token_ids)
         chosen, logprobs = self.engine._step([(self, ids)], np.array([0], np.int32), argmax=True)
         return SampledToken(int(chosen[0]), float(logprobs[0]), ())
 

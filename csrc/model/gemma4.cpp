@@ -49,6 +49,12 @@ Gemma4Model::Gemma4Model(const std::string& path, const std::vector<TensorEntry>
     weights_[t.name] = w;
   }
 
+  // The scalars the model itself multiplies by are read while the weights are host memory.
+  std::unordered_map<int, float> output_scales;
+  for (const LayerConfig& lc : config_.layers) {
+    auto it = weights_.find("blk." + std::to_string(lc.index) + ".layer_output_scale.weight");
+    if (it != weights_.end()) output_scales[lc.index] = it->second.f32()[0];
+  }
   place_weights();
 
   token_embd_ = tensor("token_embd.weight");
@@ -80,7 +86,7 @@ Gemma4Model::Gemma4Model(const std::string& path, const std::vector<TensorEntry>
     lw.ffn_down = tensor(p + "ffn_down.weight");
     lw.post_ffw_norm = tensor(p + "post_ffw_norm.weight");
     lw.output_scale = tensor(p + "layer_output_scale.weight", false);
-    if (lw.output_scale.present()) lw.output_scale_value = output_scales_.at(lc.index);
+    if (lw.output_scale.present()) lw.output_scale_value = output_scales.at(lc.index);
     if (lc.is_moe) {
       lw.moe_router = tensor(p + "ffn_gate_inp.weight");
       lw.moe_router_scale = tensor(p + "ffn_gate_inp.scale");
@@ -140,11 +146,6 @@ Gemma4Model::Gemma4Model(const std::string& path, const std::vector<TensorEntry>
 }
 
 void Gemma4Model::place_weights() {
-  // Scalars the model itself multiplies by are read while the weights are still host memory.
-  for (const LayerConfig& lc : config_.layers) {
-    auto it = weights_.find("blk." + std::to_string(lc.index) + ".layer_output_scale.weight");
-    if (it != weights_.end()) output_scales_[lc.index] = it->second.f32()[0];
-  }
   std::vector<WeightPlacement> placements;
   for (auto& [name, w] : weights_) {
     // The per-layer-embedding table is gigabytes of which a step reads one row per token.

@@ -76,7 +76,6 @@ class Gemma4Model {
   bool has_sliding_kv_;  // whether any layer stores KV in the pool's rings
   MappedFile file_;
   std::unordered_map<std::string, Weight> weights_;
-  std::unordered_map<int, float> output_scales_;  // layer_output_scale of each layer that has one
   std::unique_ptr<Ops> ops_;
   std::mutex forward_mutex_;  // one forward at a time: the scratch buffers are shared
 
