@@ -17,7 +17,6 @@ namespace {
 constexpr size_t kWeightAlign = 256;
 constexpr size_t kStagingBytes = 64 << 20;
 constexpr int kMaxSplits = 32;
-constexpr int kMaxDecodeBatch = 8;
 
 size_t aligned(size_t n) { return (n + kWeightAlign - 1) / kWeightAlign * kWeightAlign; }
 
@@ -177,7 +176,7 @@ void CudaOps::reserve(const Limits& limits) {
   const size_t n = static_cast<size_t>(limits.n_batch);
   acts_ = device_array<ActBlock>(n * (limits.max_cols / kWarp + 1));
   max_partials_ =
-      std::max<size_t>(n * limits.max_heads, static_cast<size_t>(4) * n_sms_) * kMaxDecodeBatch;
+      std::max<size_t>(n * limits.max_heads, static_cast<size_t>(4) * n_sms_) * kDecodeBatch;
   partials_ = device_array<float>(max_partials_ * (limits.max_head_dim + 2));
   if (limits.n_expert_used > 0) {
     const size_t pairs = n * limits.n_expert_used;
@@ -400,7 +399,7 @@ void CudaOps::attention(const float* q, const TokenBatch& batch, const LayerConf
   // out the same (to the bit) whatever else shares its step.
   const size_t heads = static_cast<size_t>(batch.n) * layer.n_head;
   const size_t wanted = static_cast<size_t>(4) * n_sms_;
-  const size_t sharing = batch.n <= kMaxDecodeBatch ? static_cast<size_t>(layer.n_head) : heads;
+  const size_t sharing = batch.n <= kDecodeBatch ? static_cast<size_t>(layer.n_head) : heads;
   int splits = static_cast<int>(std::clamp<size_t>(wanted / sharing, 1, kMaxSplits));
   while (splits > 1 && heads * splits > max_partials_) --splits;
   cuda::attention(q, batch, layer.n_head, layer.n_head_kv, layer.head_dim, window,

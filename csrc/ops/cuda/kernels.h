@@ -12,6 +12,11 @@
 
 namespace pg4::cuda {
 
+// Batches of up to this many tokens are decode steps: the products run one warp per weight row
+// and attention splits positions as for one token, so each row's result is the same whatever
+// else shares its step.
+constexpr int kDecodeBatch = 8;
+
 // Activations converted for the int8 products: 32 values as int8 with their scale d, and
 // d * (sum of the quants) of each half, for the formats whose elements carry an offset.
 struct alignas(16) ActBlock {

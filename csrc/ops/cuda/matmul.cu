@@ -15,7 +15,6 @@ namespace pg4::cuda {
 namespace {
 
 constexpr int kWarpsPerBlock = 4;
-constexpr int kMaxWarpTokens = 8;  // batches up to this take the warp-per-row kernels
 
 __global__ void quantize_kernel(const float* x, int64_t n_blocks, ActBlock* out) {
   const int64_t block =
@@ -218,7 +217,7 @@ void with_token_tile(int n, Fn&& fn) {
   } else if (n <= 4) {
     fn.template operator()<4>();
   } else {
-    fn.template operator()<kMaxWarpTokens>();
+    fn.template operator()<kDecodeBatch>();
   }
 }
 
@@ -239,7 +238,7 @@ void matmul_quantized(const Weight& w, const ActBlock* acts, int n_tokens, float
                       cudaStream_t stream) {
   const int64_t rows = w.rows();
   const int units = static_cast<int>(w.cols() / kWarp);
-  if (n_tokens > kMaxWarpTokens) {
+  if (n_tokens > kDecodeBatch) {
     dispatch_quantized(w.type, [&]<quant::Type T>() {
       const dim3 grid(static_cast<unsigned>((rows + kTileRows - 1) / kTileRows),
                       static_cast<unsigned>((n_tokens + kTileTokens - 1) / kTileTokens));
