@@ -172,11 +172,11 @@ void CudaOps::place_weights(const std::vector<WeightPlacement>& weights, const M
 }
 
 void CudaOps::reserve(const Limits& limits) {
-  limits_ = limits;
   const size_t n = static_cast<size_t>(limits.n_batch);
   acts_ = device_array<ActBlock>(n * (limits.max_cols / kWarp + 1));
+  // Prefill batches split no head; a decode batch splits each into at most 4 * SMs / heads.
   max_partials_ =
-      std::max<size_t>(n * limits.max_heads, static_cast<size_t>(4) * n_sms_) * kDecodeBatch;
+      std::max<size_t>(n * limits.max_heads, static_cast<size_t>(kDecodeBatch) * 4 * n_sms_);
   partials_ = device_array<float>(max_partials_ * (limits.max_head_dim + 2));
   if (limits.n_expert_used > 0) {
     const size_t pairs = n * limits.n_expert_used;

@@ -79,7 +79,6 @@ class CudaOps final : public Ops {
   std::vector<std::shared_ptr<uint8_t>> weights_;        // device copies of the tensors
   std::vector<std::shared_ptr<uint8_t>> pinned_tables_;  // page-locked host-resident tensors
 
-  Limits limits_;
   std::shared_ptr<ActBlock> acts_, expert_acts_;
   std::shared_ptr<float> partials_, expert_hidden_, expert_activated_, expert_out_;
   size_t max_partials_ = 0;
