@@ -174,7 +174,8 @@ void CudaOps::place_weights(const std::vector<WeightPlacement>& weights, const M
 void CudaOps::reserve(const Limits& limits) {
   const size_t n = static_cast<size_t>(limits.n_batch);
   acts_ = device_array<ActBlock>(n * (limits.max_cols / kWarp + 1));
-  // Prefill batches split no head; a decode batch splits each into at most 4 * SMs / heads.
+  // attention() splits a batch's heads into at most max(heads, 4 * SMs) pieces, and a decode
+  // batch's at most kDecodeBatch times the pieces of one token.
   max_partials_ =
       std::max<size_t>(n * limits.max_heads, static_cast<size_t>(kDecodeBatch) * 4 * n_sms_);
   partials_ = device_array<float>(max_partials_ * (limits.max_head_dim + 2));
