@@ -171,7 +171,7 @@ def test_moe_routing_and_experts_match_cpu(backends, qtype):
     down = random_weights(rng, qtype, n_expert * n_embd, n_ff).reshape(-1)
     scale = rng.uniform(0.5, 2, n_expert).astype(np.float32)
     x = rng.standard_normal((n, n_embd)).astype(np.float32) * 1e-3  # keeps the products finite
-    args = (logits, k, int(qtype), gate_up, int(qtype), down, scale, x)
+    args = (logits, k, int(qtype), gate_up, int(qtype), down, n_ff, scale, x)
     want_ids, want_w, want = cpu.moe(*args)
     got_ids, got_w, got = gpu.moe(*args)
     np.testing.assert_array_equal(got_ids, want_ids)

@@ -201,15 +201,11 @@ void register_ops_check(py::module_& m) {
       .def(
           "moe",
           [](OpsCheck& c, const FloatArray& router_logits, int k, int gate_up_type,
-             const ByteArray& gate_up, int down_type, const ByteArray& down,
+             const ByteArray& gate_up, int down_type, const ByteArray& down, int64_t n_ff,
              const FloatArray& down_scale, const FloatArray& x) {
             const int n = static_cast<int>(x.shape(0));
             const int64_t n_embd = x.shape(1);
             const int n_expert = static_cast<int>(router_logits.shape(1));
-            const int64_t n_ff = static_cast<int64_t>(
-                down.size() / n_expert / n_embd /
-                quant::type_info(static_cast<quant::Type>(down_type)).block_bytes *
-                quant::type_info(static_cast<quant::Type>(down_type)).block_size);
             c.reserve(n, n_embd, 1, 1, k, n_ff);
             const Weight gu = c.weight(gate_up_type, gate_up, n_embd, 2 * n_ff, n_expert);
             const Weight dn = c.weight(down_type, down, n_ff, n_embd, n_expert);
@@ -227,6 +223,8 @@ void register_ops_check(py::module_& m) {
             return py::make_tuple(out_ids, c.result(weights, {n, k}), c.result(out, {n, n_embd}));
           },
           py::arg("router_logits"), py::arg("k"), py::arg("gate_up_type"), py::arg("gate_up"),
-          py::arg("down_type"), py::arg("down"), py::arg("down_scale"), py::arg("x"),
-          "Route then run the chosen experts: (expert ids, their weights, output).");
+          py::arg("down_type"), py::arg("down"), py::arg("n_ff"), py::arg("down_scale"),
+          py::arg("x"),
+          "Route then run the chosen experts (gate_up and down stacked per expert, n_ff wide "
+          "inside): (expert ids, their weights, output).");
 }
