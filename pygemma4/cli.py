@@ -303,6 +303,166 @@ def serve(
     click.echo("stopped", err=True)
 
 
+class _BenchGroup(click.Group):
+    """`bench MODEL ...` is `bench model MODEL ...`: words other than a subcommand's name go
+    to the model benchmark."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ctx.help_option_names:
+            args = ["model", *args]
+        return super().parse_args(ctx, args)
+
+
+class _IntList(click.ParamType):
+    """Comma-separated whole numbers, at least `minimum` each (the option may also repeat)."""
+
+    name = "N[,N...]"
+
+    def __init__(self, minimum: int) -> None:
+        self.minimum = minimum
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, tuple):
+            return value
+        try:
+            numbers = tuple(int(part) for part in str(value).split(","))
+        except ValueError:
+            self.fail(f"{value!r} is not a comma-separated list of whole numbers", param, ctx)
+        if any(n < self.minimum for n in numbers):
+            self.fail(f"{value!r}: each number must be at least {self.minimum}", param, ctx)
+        return numbers
+
+
+def _synthetic_names() -> list[str]:
+    from pygemma4.synthetic import SYNTHETIC_MODELS
+
+    return list(SYNTHETIC_MODELS)
+
+
+def _bench_model_path(model: Path | None, synthetic: str | None) -> Path:
+    """MODEL, or the cached synthetic model (written first where it is not cached yet)."""
+    if (model is None) == (synthetic is None):
+        raise click.UsageError("name a MODEL or --synthetic NAME (one of the two)")
+    if model is not None:
+        return model
+    from rich.console import Console
+
+    from pygemma4.synthetic import cache_file_name, synthetic_model_path
+
+    with Console(stderr=True).status(f"writing the synthetic model {cache_file_name(synthetic)}"):
+        return synthetic_model_path(synthetic)
+
+
+@main.group(cls=_BenchGroup)
+def bench() -> None:
+    """Measure speed: `pygemma4 bench MODEL` (the engine) or `pygemma4 bench serve` (a
+    server under load).
+
+    `pygemma4 bench MODEL` is short for `pygemma4 bench model MODEL`.
+    """
+
+
+@bench.command("model", context_settings={"show_default": True})
+@click.argument("model", required=False, type=click.Path(path_type=Path))
+@click.option(
+    "--synthetic",
+    type=click.Choice(_synthetic_names()),
+    help="Instead of MODEL: a cached GGUF with that model's real shapes and Q4_K_M types, "
+    "random weights (written on first use).",
+)
+@click.option(
+    "-p",
+    "--n-prompt",
+    "prompt_sizes",
+    type=_IntList(0),
+    multiple=True,
+    default=["512"],
+    help="Prompt sizes to prefill (0: no prefill test).",
+)
+@click.option(
+    "-n",
+    "--n-gen",
+    "decode_tokens",
+    type=click.IntRange(min=0),
+    default=128,
+    help="Tokens to decode (0: no decode test).",
+)
+@click.option(
+    "--batch",
+    "batches",
+    type=_IntList(1),
+    multiple=True,
+    default=["1"],
+    help="Sequences decoded at once (several: a decode test each).",
+)
+@click.option("-r", "--repetitions", type=click.IntRange(min=1), default=5)
+@click.option("--warmup", type=click.IntRange(min=0), default=1, help="Unmeasured runs first.")
+@_backend_options
+@click.option("-t", "--threads", type=click.IntRange(min=1), help="CPU threads [default: all].")
+@click.option(
+    "--compare", type=click.Choice(["llamacpp"]), help="Measure llama.cpp too, interleaved."
+)
+@click.option("--seed", type=int, default=0, help="Seed of the token ids fed.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write JSON.")
+@_runs_cleanly
+def bench_model(
+    model: Path | None,
+    synthetic: str | None,
+    prompt_sizes: tuple[tuple[int, ...], ...],
+    decode_tokens: int,
+    batches: tuple[tuple[int, ...], ...],
+    repetitions: int,
+    warmup: int,
+    backend: str,
+    device: int,
+    threads: int | None,
+    compare: str | None,
+    seed: int,
+    json_path: str | None,
+) -> None:
+    """Prefill and decode tokens/s of MODEL (a Gemma 4 GGUF), load time and peak memory,
+    in the manner of llama-bench; with --compare llamacpp beside llama.cpp on the same file,
+    threads and token ids."""
+    from rich.console import Console
+
+    from pygemma4.benchmark.model_bench import BenchPlan
+    from pygemma4.benchmark.model_bench import bench_model as run
+    from pygemma4.benchmark.report import print_model_bench, write_json
+    from pygemma4.engine import default_threads
+
+    def flat(lists: tuple[tuple[int, ...], ...]) -> tuple[int, ...]:
+        return tuple(dict.fromkeys(n for numbers in lists for n in numbers))
+
+    try:
+        plan = BenchPlan(
+            prompt_sizes=flat(prompt_sizes),
+            decode_tokens=decode_tokens,
+            batches=flat(batches),
+            repetitions=repetitions,
+            warmup=warmup,
+            seed=seed,
+        )
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+    path = _bench_model_path(model, synthetic)
+    console = Console()
+    engines = ("pygemma4", "llamacpp") if compare else ("pygemma4",)
+    with Console(stderr=True).status("starting") as status:
+        result = run(
+            path,
+            plan,
+            engines,
+            backend=backend,
+            device=device,
+            threads=default_threads() if threads is None else threads,
+            synthetic=synthetic,
+            progress=status.update,
+        )
+    print_model_bench(result, console)
+    if json_path is not None:
+        write_json(json_path, result.to_json())
+
+
 @main.command()
 @click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
 @click.argument("name")

@@ -33,6 +33,39 @@ TOKEN_TYPE_NAMES = {
 }
 
 
+def decode_read_share(
+    name: str, n_dims: int, has_output: bool, n_expert_used: int, n_expert: int
+) -> float:
+    """The share of tensor `name` that one decode step of one sequence reads, for bandwidth
+    figures: all of every matrix (2-D and 3-D tensors), except the gathered embedding tables
+    (per_layer_token_embd always; token_embd where a separate `output` matrix is the LM head,
+    else it is the tied LM head and read whole) and, of expert tensors (3-D), the
+    n_expert_used experts a token is routed to. Vectors (norms, scales: a few hundred KB) are
+    left out."""
+    if n_dims < 2 or name == "per_layer_token_embd.weight":
+        return 0.0
+    if name == "token_embd.weight" and has_output:
+        return 0.0
+    return n_expert_used / n_expert if n_dims == 3 else 1.0
+
+
+def decode_read_bytes(path: str | os.PathLike[str]) -> int:
+    """Bytes of weights one decode step of one sequence reads from the model file at `path`
+    (see decode_read_share)."""
+    model = open_model(path)
+    tensors, config = model.gguf.tensors, model.config
+    has_output = "output.weight" in tensors
+    return round(
+        sum(
+            t.nbytes
+            * decode_read_share(
+                t.name, len(t.shape), has_output, config.n_expert_used, config.n_expert
+            )
+            for t in tensors.values()
+        )
+    )
+
+
 def describe_model(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Everything `pygemma4 inspect` shows about the file, as JSON-compatible values.
 

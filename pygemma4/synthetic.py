@@ -50,6 +50,7 @@ from .cache import cache_root, cached_file, write_atomically
 from .chat import GEMMA4_TEMPLATE
 from .config import ARCH, LayerConfig, ModelConfig, tensor_shapes
 from .demo import SPACE, Vocabulary, add_tokenizer_metadata, base_vocabulary
+from .model_info import decode_read_share
 
 __all__ = [
     "SYNTHETIC_MODELS",
@@ -836,10 +837,8 @@ def synthetic_model_summary(name: str, mix: str = "Q4_K_M", **overrides: object)
 
     - parameters / tensor_bytes: every tensor (the file is tensor_bytes plus the metadata);
     - decode_parameters / decode_bytes: what one decode step of one sequence reads, for
-      bandwidth figures: every matrix (2-D and 3-D tensors) except per_layer_token_embd, whose
-      rows are gathered, with token_embd counted once as the (tied) LM head, and the expert
-      tensors of MoE layers only for the n_expert_used experts a token is routed to. Vectors
-      (norms, scales) are left out; they are a few hundred KB.
+      bandwidth figures (`model_info.decode_read_share`: every matrix but the gathered
+      per-layer embeddings, the tied embedding once as the LM head, the routed experts only);
     - bytes_by_type: tensor bytes per tensor type.
     """
     model = resolve_model(name, **overrides)
@@ -849,11 +848,9 @@ def synthetic_model_summary(name: str, mix: str = "Q4_K_M", **overrides: object)
     by_type: dict[str, int] = {}
     for spec in specs:
         by_type[spec.type.name] = by_type.get(spec.type.name, 0) + spec.nbytes
-        if len(spec.ne) < 2 or spec.name == "per_layer_token_embd.weight":
-            continue
-        share = 1.0
-        if len(spec.ne) == 3:  # experts: the used ones are read
-            share = model.n_expert_used / model.n_expert
+        share = decode_read_share(
+            spec.name, len(spec.ne), False, model.n_expert_used, model.n_expert
+        )
         decode_parameters += round(spec.n_elements * share)
         decode_bytes += spec.nbytes * share
     return {

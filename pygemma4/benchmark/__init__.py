@@ -1,0 +1,12 @@
+"""Speed measurement: the figures `pygemma4 bench` prints.
+
+- `stats`: summaries of repeated measurements (mean ± standard deviation, percentiles);
+- `runners`: one engine (pygemma4, or llama.cpp through llama-cpp-python) loading a GGUF and
+  timing prefill and decode on given tokens;
+- `isolation`: a runner in a process of its own, so each engine's load time and peak memory
+  are its own while the runs of two engines interleave;
+- `model_bench`: the llama-bench-style measurement of one or two engines on a model file;
+- `load`: a load of concurrent requests against a running server (time to first token,
+  inter-token latency, throughput);
+- `report`: the tables on the terminal and the JSON files.
+"""

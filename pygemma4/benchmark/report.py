@@ -1,0 +1,120 @@
+"""The benchmark figures for people (rich tables) and for programs (JSON files)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from pygemma4.benchmark.model_bench import BenchResult
+from pygemma4.benchmark.stats import Percentiles, Spread
+
+SYNTHETIC_NOTICE = (
+    "synthetic {name}: the real model's tensor shapes and Q4_K_M types with random weights; "
+    "its numerics are noise, only its speed means anything"
+)
+
+
+def write_json(path: str | os.PathLike[str], document: dict[str, Any]) -> None:
+    """Write `document` to `path` as indented JSON."""
+    Path(path).write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+
+
+def _bytes(n: float) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
+
+
+def _count(n: float) -> str:
+    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.1f} M"
+
+
+def _spread(s: Spread, digits: int = 2) -> str:
+    return f"{s.mean:.{digits}f} ± {s.std:.{digits}f}"
+
+
+def _ratio(r: float | None) -> str:
+    return "" if r is None else f"{r:.2f}x"
+
+
+def model_bench_table(result: BenchResult) -> Table:
+    """One row per test (and load time, peak memory), one column per engine, and the ratio
+    of pygemma4 to llama.cpp where both ran."""
+    model = result.model
+    where = "CPU" if result.backend == "cpu" else f"CUDA device {result.device}"
+    title = (
+        f"{model.name} {model.file_type} · {_bytes(model.file_bytes)} · "
+        f"{_count(model.parameters)} params · {where} · {result.threads} threads"
+    )
+    table = Table(title=title, title_justify="left")
+    table.add_column("test", no_wrap=True)
+    for engine in result.engines:
+        table.add_column(f"{engine.title} t/s", justify="right", no_wrap=True)
+    compared = len(result.engines) > 1
+    if compared:
+        table.add_column(" / ".join(e.title for e in result.engines), justify="right")
+    for test in result.plan.tests:
+        table.add_row(
+            test.name,
+            *(_spread(e.tokens_per_s[test.name]) for e in result.engines),
+            *([_ratio(result.ratio(test.name))] if compared else []),
+        )
+    table.add_section()
+    loads = [e.load_s for e in result.engines]
+    peaks = [e.peak_rss_bytes for e in result.engines]
+    table.add_row(
+        "load (s)",
+        *(f"{s:.2f}" for s in loads),
+        *([_ratio(loads[0] / loads[1])] if compared else []),
+    )
+    table.add_row(
+        "peak memory (RSS)",
+        *(_bytes(p) for p in peaks),
+        *([_ratio(peaks[0] / peaks[1])] if compared else []),
+    )
+    return table
+
+
+def model_bench_notes(result: BenchResult) -> list[str]:
+    """The lines under the table: how the figures were taken, the weight bandwidth of
+    decode, what was skipped and why."""
+    plan = result.plan
+    notes = []
+    if result.model.synthetic:
+        notes.append(SYNTHETIC_NOTICE.format(name=result.model.synthetic))
+    notes.append(
+        f"tokens/s: mean ± standard deviation over {plan.repetitions} runs after "
+        f"{plan.warmup} warm-up run(s); every engine fed the same token ids (seed {plan.seed})"
+        + ("; the engines' runs interleaved" if len(result.engines) > 1 else "")
+    )
+    if plan.decode_tokens and result.model.decode_bytes:
+        for engine in result.engines:
+            for test in plan.tests:
+                if test.kind != "decode":
+                    continue
+                steps_per_s = engine.tokens_per_s[test.name].mean / test.sequences
+                notes.append(
+                    f"{engine.title} {test.name}: "
+                    f"{steps_per_s * result.model.decode_bytes / 1e9:.1f} GB/s of weights "
+                    f"({_bytes(result.model.decode_bytes)} read per step)"
+                )
+    for engine, reason in result.skipped.items():
+        notes.append(f"{engine} skipped: {reason}")
+    return notes
+
+
+def print_model_bench(result: BenchResult, console: Console) -> None:
+    """The table and its notes."""
+    console.print(model_bench_table(result))
+    for note in model_bench_notes(result):
+        console.print(note, style="dim", highlight=False)
+
+
+def percentiles_ms(p: Percentiles | None) -> tuple[str, str, str]:
+    """p50, p90, p99 in milliseconds (dashes where nothing was measured)."""
+    if p is None:
+        return ("-", "-", "-")
+    return (f"{p.p50 * 1e3:.1f}", f"{p.p90 * 1e3:.1f}", f"{p.p99 * 1e3:.1f}")

@@ -1,0 +1,240 @@
+"""`pygemma4 bench MODEL`: the model benchmark, its engines' runners and their processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pygemma4 import Engine
+from pygemma4.benchmark.isolation import IsolatedRunner, RunnerFailedError
+from pygemma4.benchmark.model_bench import BenchPlan, BenchTest, bench_model, bench_workload
+from pygemma4.benchmark.runners import BOS, LlamaCppRunner, Pygemma4Runner, RunnerSpec
+from pygemma4.benchmark.stats import Percentiles, Spread
+from pygemma4.model_info import decode_read_bytes
+from pygemma4.synthetic import cache_file_name, write_synthetic_model
+
+MODEL = "gemma4-tiny-e/model-Q4_K_M.gguf"
+
+
+@pytest.fixture(scope="module")
+def model_file(fixtures_dir: Path) -> Path:
+    return fixtures_dir / MODEL
+
+
+def run_bench(
+    *args: str, cwd: Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "pygemma4", "bench", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,  # away from the source tree, so the installed package is imported
+        env={**os.environ, "COLUMNS": "120", **(env or {})},
+        timeout=300,
+        check=False,
+    )
+
+
+def test_bench_measures_every_test_and_writes_json(tmp_path: Path, model_file: Path) -> None:
+    out = tmp_path / "bench.json"
+    result = run_bench(
+        str(model_file), "-p", "8,16", "-n", "4", "--batch", "1,2", "-r", "2", "-t", "1",
+        "--json", str(out), cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    for name in ("pp8", "pp16", "tg4", "tg4 x2", "load (s)", "peak memory"):
+        assert name in result.stdout
+    assert "over 2 runs after 1 warm-up" in result.stdout
+    document = json.loads(out.read_text())
+    assert document["model"]["decode_bytes"] == decode_read_bytes(model_file)
+    assert document["model"]["file_type"] == "Q4_K_M"
+    assert document["plan"]["batches"] == [1, 2]
+    (engine,) = document["engines"]
+    assert engine["engine"] == "pygemma4"
+    assert engine["load_s"] > 0 and engine["peak_rss_bytes"] > 10**6
+    assert set(engine["tokens_per_s"]) == {"pp8", "pp16", "tg4", "tg4 x2"}
+    for figure in engine["tokens_per_s"].values():
+        assert figure["runs"] == 2 and figure["mean"] > 0 and figure["std"] >= 0
+    assert document["ratios"] == {} and document["skipped"] == {}
+
+
+def test_compare_runs_llama_cpp_on_the_same_work(tmp_path: Path, model_file: Path) -> None:
+    out = tmp_path / "bench.json"
+    result = run_bench(
+        str(model_file), "-p", "16", "-n", "4", "--batch", "1,3", "-r", "2", "-t", "1",
+        "--compare", "llamacpp", "--json", str(out), cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "llama.cpp t/s" in result.stdout and "interleaved" in result.stdout
+    document = json.loads(out.read_text())
+    figures = {e["engine"]: e["tokens_per_s"] for e in document["engines"]}
+    assert set(figures) == {"pygemma4", "llamacpp"}
+    for test in ("pp16", "tg4", "tg4 x3"):
+        expected = figures["pygemma4"][test]["mean"] / figures["llamacpp"][test]["mean"]
+        assert document["ratios"][test] == pytest.approx(expected)
+        assert figures["llamacpp"][test]["runs"] == 2
+
+
+def test_runs_interleave_after_the_warm_ups(model_file: Path) -> None:
+    messages: list[str] = []
+    plan = BenchPlan(prompt_sizes=(8,), decode_tokens=2, repetitions=2, warmup=1)
+    result = bench_model(
+        model_file, plan, ("pygemma4", "llamacpp"), threads=1, progress=messages.append
+    )
+    runs = [m for m in messages if m.startswith("pp8")]
+    assert runs == [
+        "pp8: pygemma4 warm-up 1/1",
+        "pp8: llama.cpp warm-up 1/1",
+        "pp8: pygemma4 run 1/2",
+        "pp8: llama.cpp run 1/2",
+        "pp8: pygemma4 run 2/2",
+        "pp8: llama.cpp run 2/2",
+    ]
+    assert all(e.tokens_per_s["pp8"].runs == 2 for e in result.engines)
+
+
+def test_the_workload_is_the_same_for_every_engine_and_seeded() -> None:
+    plan = BenchPlan(prompt_sizes=(5, 9), decode_tokens=3, batches=(1, 4), seed=7)
+    prompts, steps = bench_workload(plan, vocab_size=50)
+    again = bench_workload(plan, vocab_size=50)
+    assert prompts == again[0] and all(np.array_equal(steps[b], again[1][b]) for b in steps)
+    assert {n: len(p) for n, p in prompts.items()} == {5: 5, 9: 9}
+    assert all(p[0] == BOS and min(p[1:]) >= 3 and max(p) < 50 for p in prompts.values())
+    assert steps[1].shape == (1, 3) and steps[4].shape == (4, 3)
+    other = bench_workload(BenchPlan(prompt_sizes=(5, 9), seed=8), vocab_size=50)[0]
+    assert other != prompts
+
+
+def test_llama_cpp_runner_feeds_every_sequence_its_positions(model_file: Path) -> None:
+    import llama_cpp
+
+    spec = RunnerSpec("llamacpp", model_file, max_prompt=16, max_decode=5, max_sequences=3)
+    runner = LlamaCppRunner(spec)
+    try:
+        runner.decode(np.full((3, 5), 40, dtype=np.int32))
+        ends = [llama_cpp.llama_memory_seq_pos_max(runner._memory, s) for s in range(3)]
+        assert ends == [5, 5, 5]  # BOS at 0, then 5 steps
+        assert runner.prefill([BOS, *range(10, 25)]) > 0
+        ends = [llama_cpp.llama_memory_seq_pos_max(runner._memory, s) for s in range(3)]
+        assert ends == [15, -1, -1]  # cleared first, then one sequence of 16
+    finally:
+        runner.close()
+
+
+def test_pygemma4_runner_frees_its_sequences(model_file: Path) -> None:
+    spec = RunnerSpec("pygemma4", model_file, max_prompt=16, max_decode=4, max_sequences=2)
+    runner = Pygemma4Runner(spec)
+    engine: Engine = runner.engine
+    assert runner.decode(np.full((2, 4), 40, dtype=np.int32)) > 0
+    assert runner.prefill([BOS, *range(10, 25)]) > 0
+    with engine.new_sequence(), engine.new_sequence():
+        pass  # both slots are free again
+
+
+def test_an_error_in_a_run_is_reported_and_the_runner_goes_on(model_file: Path) -> None:
+    spec = RunnerSpec("pygemma4", model_file, max_prompt=8, max_decode=2)
+    with IsolatedRunner(spec) as runner:
+        with pytest.raises(RunnerFailedError, match="pygemma4: .*10000"):
+            runner.prefill([BOS, 10000])
+        assert runner.prefill([BOS, 10, 11]) > 0
+
+
+def test_a_runner_whose_process_dies_is_reported(model_file: Path) -> None:
+    spec = RunnerSpec("pygemma4", model_file, max_prompt=8, max_decode=2)
+    with IsolatedRunner(spec) as runner:
+        os.kill(runner._process.pid, signal.SIGKILL)
+        with pytest.raises(RunnerFailedError, match="process died .*signal 9"):
+            runner.prefill([BOS, 10, 11])
+
+
+def test_llama_cpp_not_installed_is_skipped_with_the_reason(
+    tmp_path: Path, model_file: Path
+) -> None:
+    # A package of that name which cannot be imported, ahead of the installed one: exactly
+    # what Python sees where llama-cpp-python is not installed.
+    shadow = tmp_path / "shadow" / "llama_cpp"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError('No module named llama_cpp')\n")
+    result = run_bench(
+        str(model_file), "-p", "8", "-n", "2", "-r", "1", "-t", "1", "--compare", "llamacpp",
+        cwd=tmp_path, env={"PYTHONPATH": str(shadow.parent)},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "llamacpp skipped: llama.cpp: llama-cpp-python is not installed" in result.stdout
+    assert "pygemma4 t/s" in result.stdout and "llama.cpp t/s" not in result.stdout
+
+
+def test_synthetic_models_come_from_the_cache_and_say_they_are_noise(tmp_path: Path) -> None:
+    # A layout-only file under the cache's name: the real E2B shapes and types, all zeros,
+    # written in moments (a full one takes minutes and gigabytes).
+    cached = tmp_path / "synthetic" / cache_file_name("e2b")
+    cached.parent.mkdir()
+    write_synthetic_model("e2b", cached, layout_only=True)
+    result = run_bench(
+        "--synthetic", "e2b", "-p", "2", "-n", "1", "-r", "1", "--warmup", "0", "-t", "2",
+        cwd=tmp_path, env={"PYGEMMA4_CACHE": str(tmp_path)},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "synthetic e2b" in result.stdout and "numerics are noise" in result.stdout
+    assert "3.41 GB" in result.stdout and "GB/s of weights" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ((), "Usage: python -m pygemma4 bench [OPTIONS] COMMAND"),
+        (("model",), "name a MODEL or --synthetic NAME"),
+        (("MODEL", "--synthetic", "e2b"), "name a MODEL or --synthetic NAME"),
+        (("MODEL", "-p", "a,b"), "'a,b' is not a comma-separated list"),
+        (("MODEL", "--batch", "0"), "each number must be at least 1"),
+        (("MODEL", "-p", "0", "-n", "0"), "nothing to measure"),
+        (("MODEL", "-r", "0"), "0 is not in the range x>=1"),
+        (("MODEL", "--compare", "vllm"), "'vllm' is not 'llamacpp'"),
+    ],
+)
+def test_bad_options_are_usage_errors(
+    tmp_path: Path, model_file: Path, args: tuple[str, ...], message: str
+) -> None:
+    args = tuple(str(model_file) if a == "MODEL" else a for a in args)
+    result = run_bench(*args, cwd=tmp_path)
+    assert result.returncode == 2
+    assert message in result.stderr
+
+
+def test_bad_files_are_one_line_errors(tmp_path: Path) -> None:
+    missing = run_bench(str(tmp_path / "missing.gguf"), cwd=tmp_path)
+    not_gguf = tmp_path / "notes.gguf"
+    not_gguf.write_text("not a model")
+    wrong = run_bench(str(not_gguf), cwd=tmp_path)
+    for result in (missing, wrong):
+        assert result.returncode == 1
+        assert result.stderr.startswith("error: ") and "Traceback" not in result.stderr
+
+
+def test_bench_tests_are_named_as_llama_bench_names_them() -> None:
+    assert BenchTest("prefill", 512).name == "pp512"
+    assert BenchTest("decode", 128).name == "tg128"
+    assert BenchTest("decode", 128, 8).name == "tg128 x8"
+    assert BenchTest("decode", 128, 8).tokens_per_run == 1024
+
+
+def test_spread_and_percentiles() -> None:
+    spread = Spread.of([1.0, 2.0, 3.0, 6.0])
+    assert spread.mean == 3.0 and spread.runs == 4
+    assert spread.std == pytest.approx(np.std([1, 2, 3, 6], ddof=1))
+    assert Spread.of([5.0]).std == 0.0
+    assert spread.ratio(Spread.of([1.5])) == 2.0
+    with pytest.raises(ValueError):
+        Spread.of([])
+    values = np.random.default_rng(0).exponential(size=101).tolist()
+    p = Percentiles.of(values)
+    assert p is not None and p.count == 101
+    assert [p.p50, p.p90, p.p99] == pytest.approx(np.percentile(values, [50, 90, 99]))
+    assert Percentiles.of([]) is None
