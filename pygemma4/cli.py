@@ -339,12 +339,8 @@ def _synthetic_names() -> list[str]:
     return list(SYNTHETIC_MODELS)
 
 
-def _bench_model_path(model: Path | None, synthetic: str | None) -> Path:
-    """MODEL, or the cached synthetic model (written first where it is not cached yet)."""
-    if (model is None) == (synthetic is None):
-        raise click.UsageError("name a MODEL or --synthetic NAME (one of the two)")
-    if model is not None:
-        return model
+def _synthetic_path(synthetic: str) -> Path:
+    """The cached synthetic model (written first where it is not cached yet)."""
     from rich.console import Console
 
     from pygemma4.synthetic import cache_file_name, synthetic_model_path
@@ -444,7 +440,9 @@ def bench_model(
         )
     except ValueError as e:
         raise click.UsageError(str(e)) from None
-    path = _bench_model_path(model, synthetic)
+    if (model is None) == (synthetic is None):
+        raise click.UsageError("name a MODEL or --synthetic NAME (one of the two)")
+    path = model if synthetic is None else _synthetic_path(synthetic)
     console = Console()
     engines = ("pygemma4", "llamacpp") if compare else ("pygemma4",)
     with Console(stderr=True).status("starting") as status:
@@ -461,6 +459,132 @@ def bench_model(
     print_model_bench(result, console)
     if json_path is not None:
         write_json(json_path, result.to_json())
+
+
+@bench.command("serve", context_settings={"show_default": True})
+@click.argument("model", required=False, type=click.Path(path_type=Path))
+@click.option(
+    "--synthetic",
+    type=click.Choice(_synthetic_names()),
+    help="Instead of MODEL: serve the cached synthetic model of that name.",
+)
+@click.option("--endpoint", help="Measure the server there instead of starting one.")
+@click.option("--requests", default=32, type=click.IntRange(min=1), help="Requests measured.")
+@click.option("--concurrency", default=8, type=click.IntRange(min=1), help="Requests in flight.")
+@click.option("--prompt-tokens", default=128, type=click.IntRange(min=1))
+@click.option("--output-tokens", default=128, type=click.IntRange(min=1))
+@click.option(
+    "--warmup",
+    type=click.IntRange(min=0),
+    help="Unmeasured requests first, as many at once [default: --concurrency].",
+)
+@click.option("--seed", type=int, default=0, help="Seed of the prompts' token ids.")
+@click.option(
+    "--timeout", default=600.0, type=click.FloatRange(min=0, min_open=True),
+    help="Seconds a request may take.",
+)  # fmt: skip
+@_backend_options
+@click.option("--threads", type=click.IntRange(min=1), help="The server's decode threads.")
+@click.option("--prefill-threads", type=click.IntRange(min=1), help="[default: --threads].")
+@click.option(
+    "--max-batch", type=click.IntRange(min=1), help="[default: --concurrency] for the server."
+)
+@click.option("--n-ctx", type=click.IntRange(min=1), help="The server's context per sequence.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write JSON.")
+@click.pass_context
+@_runs_cleanly
+def bench_serve(
+    ctx: click.Context,
+    model: Path | None,
+    synthetic: str | None,
+    endpoint: str | None,
+    requests: int,
+    concurrency: int,
+    prompt_tokens: int,
+    output_tokens: int,
+    warmup: int | None,
+    seed: int,
+    timeout: float,
+    json_path: str | None,
+    **server_options: Any,
+) -> None:
+    """Load a server with streamed requests: time to first token, inter-token latency
+    (p50/p90/p99), output tokens/s, requests/s and errors.
+
+    Starts `pygemma4 serve` on MODEL (the demo model without one, or --synthetic) and stops
+    it after, or measures the server already at --endpoint. Each request is a prompt of
+    --prompt-tokens random token ids asking for exactly --output-tokens greedy tokens.
+    """
+    import contextlib
+
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    from pygemma4.benchmark.load import LoadSpec, run_load
+    from pygemma4.benchmark.report import print_load, write_json
+    from pygemma4.benchmark.server_process import started_server
+
+    started_options = [
+        name
+        for name in ("model", "synthetic", *server_options)
+        if ctx.get_parameter_source(name) is click.core.ParameterSource.COMMANDLINE
+    ]
+    if endpoint is not None and started_options:
+        names = ", ".join(name.replace("_", "-") for name in started_options)
+        raise click.UsageError(f"--endpoint measures a running server: {names} cannot apply")
+    if model is not None and synthetic is not None:
+        raise click.UsageError("name a MODEL or --synthetic NAME, not both")
+    measured = LoadSpec(requests, concurrency, prompt_tokens, output_tokens, seed, timeout)
+    warmup = concurrency if warmup is None else warmup
+    console = Console()
+    with contextlib.ExitStack() as stack:
+        if endpoint is None:
+            path = _synthetic_path(synthetic) if synthetic else _model_path(model and str(model))
+            args = _server_args(server_options, concurrency)
+            with Console(stderr=True).status(f"starting pygemma4 serve {path.name}"):
+                endpoint = stack.enter_context(started_server(path, args=args))
+        progress = stack.enter_context(
+            Progress(
+                "{task.description}",
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                "{task.fields[errors]} errors",
+                console=Console(stderr=True),
+            )
+        )
+        if warmup:
+            warm = progress.add_task("warm-up", total=warmup, errors=0)
+            run_load(
+                endpoint,
+                LoadSpec(warmup, warmup, prompt_tokens, output_tokens, seed + 1, timeout),
+                lambda record: progress.update(warm, advance=1, errors=0),
+            )
+        task = progress.add_task("requests", total=requests, errors=0)
+        errors = 0
+
+        def done(record: Any) -> None:
+            nonlocal errors
+            errors += not record.ok
+            progress.update(task, advance=1, errors=errors)
+
+        result = run_load(endpoint, measured, done)
+    print_load(result, warmup, console)
+    if json_path is not None:
+        write_json(json_path, {**result.to_json(records=True), "warmup_requests": warmup})
+    if result.completed == 0:
+        _fail("every request failed")
+
+
+def _server_args(options: dict[str, Any], concurrency: int) -> list[str]:
+    """`pygemma4 serve` options for the bench's own server: those given, and a batch as
+    large as the concurrency unless told otherwise."""
+    options = {**options, "max_batch": options["max_batch"] or concurrency}
+    args = []
+    for name, value in options.items():
+        if value is not None:
+            args += [f"--{name.replace('_', '-')}", str(value)]
+    return args
 
 
 @main.command()

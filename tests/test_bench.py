@@ -1,4 +1,5 @@
-"""`pygemma4 bench MODEL`: the model benchmark, its engines' runners and their processes."""
+"""`pygemma4 bench`: the model benchmark, its engines' runners and their processes, and
+`bench serve` run as a real process against real servers."""
 
 from __future__ import annotations
 
@@ -15,8 +16,10 @@ import pytest
 from pygemma4 import Engine
 from pygemma4.benchmark.isolation import IsolatedRunner, RunnerFailedError
 from pygemma4.benchmark.model_bench import BenchPlan, BenchTest, bench_model, bench_workload
-from pygemma4.benchmark.runners import BOS, LlamaCppRunner, Pygemma4Runner, RunnerSpec
+from pygemma4.benchmark.runners import LlamaCppRunner, Pygemma4Runner, RunnerSpec
+from pygemma4.benchmark.server_process import started_server
 from pygemma4.benchmark.stats import Percentiles, Spread
+from pygemma4.benchmark.tokens import BOS
 from pygemma4.model_info import decode_read_bytes
 from pygemma4.synthetic import cache_file_name, write_synthetic_model
 
@@ -106,7 +109,7 @@ def test_the_workload_is_the_same_for_every_engine_and_seeded() -> None:
     again = bench_workload(plan, vocab_size=50)
     assert prompts == again[0] and all(np.array_equal(steps[b], again[1][b]) for b in steps)
     assert {n: len(p) for n, p in prompts.items()} == {5: 5, 9: 9}
-    assert all(p[0] == BOS and min(p[1:]) >= 3 and max(p) < 50 for p in prompts.values())
+    assert all(p[0] == BOS and min(p[1:]) >= 12 and max(p) < 37 for p in prompts.values())
     assert steps[1].shape == (1, 3) and steps[4].shape == (4, 3)
     other = bench_workload(BenchPlan(prompt_sizes=(5, 9), seed=8), vocab_size=50)[0]
     assert other != prompts
@@ -238,3 +241,62 @@ def test_spread_and_percentiles() -> None:
     assert p is not None and p.count == 101
     assert [p.p50, p.p90, p.p99] == pytest.approx(np.percentile(values, [50, 90, 99]))
     assert Percentiles.of([]) is None
+
+
+# --- bench serve -----------------------------------------------------------------------------
+
+
+def test_bench_serve_starts_a_server_and_measures_a_load(
+    tmp_path: Path, demo_model_file: Path
+) -> None:
+    out = tmp_path / "load.json"
+    result = run_bench(
+        "serve", str(demo_model_file), "--requests", "6", "--concurrency", "2",
+        "--prompt-tokens", "8", "--output-tokens", "6", "--threads", "1", "--json", str(out),
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    for text in ("time to first token", "inter-token latency", "tokens/s", "0 errors"):
+        assert text in result.stdout
+    assert "requests" in result.stderr and "6/6" in result.stderr  # the progress bar
+    document = json.loads(out.read_text())
+    assert document["completed"] == 6 and document["errors"] == 0
+    assert document["output_tokens"] == 36 and document["warmup_requests"] == 2
+    assert document["server"]["max_batch"] == 2  # the concurrency, unless told otherwise
+    assert len(document["records"]) == 6 and document["ttft_s"]["count"] == 6
+
+
+def test_bench_serve_measures_a_running_server(tmp_path: Path, demo_model_file: Path) -> None:
+    with started_server(demo_model_file, args=["--threads", "1", "--n-ctx", "16"]) as endpoint:
+        served = run_bench(
+            "serve", "--endpoint", endpoint, "--requests", "3", "--concurrency", "1",
+            "--prompt-tokens", "4", "--output-tokens", "4", "--warmup", "0", cwd=tmp_path,
+        )  # fmt: skip
+        refused = run_bench(
+            "serve", "--endpoint", endpoint, "--requests", "2", "--prompt-tokens", "32",
+            "--warmup", "0", cwd=tmp_path,
+        )  # fmt: skip
+    assert served.returncode == 0, served.stderr
+    assert "3 of 3 requests completed" in served.stdout
+    assert refused.returncode == 1
+    assert "2 x ServerError: context_length" in refused.stdout
+    assert "error: every request failed" in refused.stderr
+
+
+def test_bench_serve_refuses_options_that_cannot_apply(
+    tmp_path: Path, demo_model_file: Path
+) -> None:
+    both = run_bench("serve", "--endpoint", "ipc:///nowhere", "--threads", "2", cwd=tmp_path)
+    assert both.returncode == 2 and "--endpoint measures a running server: threads" in both.stderr
+    model_and_synthetic = run_bench(
+        "serve", str(demo_model_file), "--synthetic", "e2b", cwd=tmp_path
+    )
+    assert model_and_synthetic.returncode == 2
+    assert "not both" in model_and_synthetic.stderr
+
+
+def test_bench_serve_with_no_server_there_says_so(tmp_path: Path) -> None:
+    endpoint = f"ipc://{tmp_path}/nobody"
+    result = run_bench("serve", "--endpoint", endpoint, "--warmup", "0", cwd=tmp_path)
+    assert result.returncode == 1
+    assert f"error: no pygemma4 server answers at {endpoint}" in result.stderr

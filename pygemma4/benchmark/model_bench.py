@@ -19,12 +19,11 @@ from typing import Any
 import numpy as np
 
 from pygemma4.benchmark.isolation import IsolatedRunner
-from pygemma4.benchmark.runners import BOS, ENGINE_TITLES, RunnerSpec, RunnerUnavailableError
+from pygemma4.benchmark.runners import ENGINE_TITLES, RunnerSpec, RunnerUnavailableError
 from pygemma4.benchmark.stats import Spread
+from pygemma4.benchmark.tokens import BOS, random_ids
 from pygemma4.config import open_model
 from pygemma4.model_info import decode_read_bytes
-
-FIRST_ORDINARY_TOKEN = 3  # after <pad>, <eos>, <bos>
 
 
 @dataclass(frozen=True)
@@ -295,18 +294,13 @@ def bench_model(
 def bench_workload(
     plan: BenchPlan, vocab_size: int
 ) -> tuple[dict[int, list[int]], dict[int, np.ndarray]]:
-    """The token ids every engine is fed: a prompt per prefill size (BOS, then ordinary ids)
+    """The token ids every engine is fed: a prompt per prefill size (BOS, then random ids)
     and decode steps [sequences, decode_tokens] per batch, from one seeded generator."""
     rng = np.random.default_rng(plan.seed)
     prompts = {
-        n: [BOS, *rng.integers(FIRST_ORDINARY_TOKEN, vocab_size, n - 1).tolist()]
-        for n in plan.prompt_sizes
-        if n > 0
+        n: [BOS, *random_ids(rng, vocab_size, n - 1).tolist()] for n in plan.prompt_sizes if n > 0
     }
-    steps = {
-        b: rng.integers(FIRST_ORDINARY_TOKEN, vocab_size, (b, plan.decode_tokens), dtype=np.int32)
-        for b in plan.batches
-    }
+    steps = {b: random_ids(rng, vocab_size, (b, plan.decode_tokens)) for b in plan.batches}
     return prompts, steps
 
 

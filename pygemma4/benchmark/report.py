@@ -10,6 +10,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from pygemma4.benchmark.load import LoadResult
 from pygemma4.benchmark.model_bench import BenchResult
 from pygemma4.benchmark.stats import Percentiles, Spread
 
@@ -118,3 +119,34 @@ def percentiles_ms(p: Percentiles | None) -> tuple[str, str, str]:
     if p is None:
         return ("-", "-", "-")
     return (f"{p.p50 * 1e3:.1f}", f"{p.p90 * 1e3:.1f}", f"{p.p99 * 1e3:.1f}")
+
+
+def print_load(result: LoadResult, warmup: int, console: Console) -> None:
+    """The figures of a load on a server: throughput, latency percentiles, errors."""
+    spec, server = result.spec, result.server
+    title = (
+        f"{Path(server.model).name} served · {spec.requests} requests, {spec.concurrency} at "
+        f"a time · prompt {spec.prompt_tokens} tokens, output {spec.output_tokens} tokens"
+    )
+    table = Table(title=title, title_justify="left")
+    table.add_column("figure", no_wrap=True)
+    for name in ("p50", "p90", "p99"):
+        table.add_column(name, justify="right", no_wrap=True)
+    table.add_row("time to first token (ms)", *percentiles_ms(result.ttft))
+    table.add_row("inter-token latency (ms)", *percentiles_ms(result.itl))
+    table.add_row("request latency (ms)", *percentiles_ms(result.latency))
+    console.print(table)
+    console.print(
+        f"output {result.output_tokens_per_s:.1f} tokens/s · {result.requests_per_s:.2f} "
+        f"requests/s · {result.completed} of {len(result.records)} requests completed in "
+        f"{result.wall_s:.2f} s · {result.errors} errors",
+        highlight=False,
+    )
+    console.print(
+        f"after {warmup} unmeasured warm-up requests; times taken at the client, from sending "
+        "a request to each streamed chunk (a chunk of k tokens counts as k tokens evenly apart)",
+        style="dim",
+        highlight=False,
+    )
+    for message, count in result.error_messages.items():
+        console.print(f"{count} x {message}", style="red", highlight=False)

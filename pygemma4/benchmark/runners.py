@@ -26,9 +26,9 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from pygemma4.benchmark.tokens import BOS
 from pygemma4.errors import Gemma4Error
 
-BOS = 2  # Gemma's <bos>; every sequence starts with it
 ENGINES = ("pygemma4", "llamacpp")
 ENGINE_TITLES = {"pygemma4": "pygemma4", "llamacpp": "llama.cpp"}
 
@@ -230,7 +230,6 @@ def close_runner(runner: Runner) -> None:
 
 
 __all__ = [
-    "BOS",
     "ENGINES",
     "ENGINE_TITLES",
     "LlamaCppRunner",
