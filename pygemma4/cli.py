@@ -15,6 +15,9 @@ import click
 from pygemma4.errors import Gemma4Error, SamplingParamsError
 
 if TYPE_CHECKING:
+    from rich.progress import Progress
+
+    from pygemma4.benchmark.load import RequestRecord
     from pygemma4.generation import GenerationChunk
     from pygemma4.sampling import SampledToken
     from pygemma4.tokenizer import Tokenizer
@@ -398,7 +401,7 @@ def bench() -> None:
 @click.option(
     "--compare", type=click.Choice(["llamacpp"]), help="Measure llama.cpp too, interleaved."
 )
-@click.option("--seed", type=int, default=0, help="Seed of the token ids fed.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, help="Seed of the token ids fed.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write JSON.")
 @_runs_cleanly
 def bench_model(
@@ -478,7 +481,9 @@ def bench_model(
     type=click.IntRange(min=0),
     help="Unmeasured requests first, as many at once [default: --concurrency].",
 )
-@click.option("--seed", type=int, default=0, help="Seed of the prompts' token ids.")
+@click.option(
+    "--seed", type=click.IntRange(min=0), default=0, help="Seed of the prompts' token ids."
+)
 @click.option(
     "--timeout", default=600.0, type=click.FloatRange(min=0, min_open=True),
     help="Seconds a request may take.",
@@ -554,26 +559,28 @@ def bench_serve(
             )
         )
         if warmup:
-            warm = progress.add_task("warm-up", total=warmup, errors=0)
-            run_load(
-                endpoint,
-                LoadSpec(warmup, warmup, prompt_tokens, output_tokens, seed + 1, timeout),
-                lambda record: progress.update(warm, advance=1, errors=0),
-            )
-        task = progress.add_task("requests", total=requests, errors=0)
-        errors = 0
-
-        def done(record: Any) -> None:
-            nonlocal errors
-            errors += not record.ok
-            progress.update(task, advance=1, errors=errors)
-
-        result = run_load(endpoint, measured, done)
+            warm = LoadSpec(warmup, warmup, prompt_tokens, output_tokens, seed + 1, timeout)
+            run_load(endpoint, warm, _progress_bar(progress, "warm-up", warmup))
+        result = run_load(endpoint, measured, _progress_bar(progress, "requests", requests))
     print_load(result, warmup, console)
     if json_path is not None:
         write_json(json_path, {**result.to_json(records=True), "warmup_requests": warmup})
     if result.completed == 0:
         _fail("every request failed")
+
+
+def _progress_bar(progress: Progress, name: str, total: int) -> Callable[[RequestRecord], None]:
+    """A bar of `total` requests on `progress`, and the callback that advances it as each
+    request ends, counting those that failed."""
+    task = progress.add_task(name, total=total, errors=0)
+    errors = 0
+
+    def request_done(record: RequestRecord) -> None:
+        nonlocal errors
+        errors += not record.ok
+        progress.update(task, advance=1, errors=errors)
+
+    return request_done
 
 
 def _server_args(options: dict[str, Any], concurrency: int) -> list[str]:

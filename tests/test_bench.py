@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pygemma4 import Engine
+from pygemma4 import Engine, _core
 from pygemma4.benchmark.isolation import IsolatedRunner, RunnerFailedError
 from pygemma4.benchmark.model_bench import BenchPlan, BenchTest, bench_model, bench_workload
 from pygemma4.benchmark.runners import LlamaCppRunner, Pygemma4Runner, RunnerSpec
@@ -170,7 +170,7 @@ def test_llama_cpp_not_installed_is_skipped_with_the_reason(
         cwd=tmp_path, env={"PYTHONPATH": str(shadow.parent)},
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
-    assert "llamacpp skipped: llama.cpp: llama-cpp-python is not installed" in result.stdout
+    assert "llama.cpp skipped: llama-cpp-python is not installed" in result.stdout
     assert "pygemma4 t/s" in result.stdout and "llama.cpp t/s" not in result.stdout
 
 
@@ -209,6 +209,15 @@ def test_bad_options_are_usage_errors(
     result = run_bench(*args, cwd=tmp_path)
     assert result.returncode == 2
     assert message in result.stderr
+
+
+@pytest.mark.skipif(not _core.cuda_unavailable_reason(0), reason="CUDA can be used here")
+def test_a_backend_that_cannot_run_here_is_a_one_line_error(
+    tmp_path: Path, model_file: Path
+) -> None:
+    result = run_bench(str(model_file), "--backend", "cuda", cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: CUDA is unavailable: ")
 
 
 def test_bad_files_are_one_line_errors(tmp_path: Path) -> None:

@@ -125,7 +125,10 @@ class IsolatedRunner:
         return self._call(Decode(steps))
 
     def _call(self, call: Prefill | Decode) -> float:
-        self._connection.send(call)
+        try:
+            self._connection.send(call)
+        except ConnectionError:  # the child's end is closed: it is gone
+            raise self._died() from None
         reply = self._receive()
         self.peak_rss_bytes = reply.peak_rss_bytes
         return reply.seconds
@@ -133,20 +136,23 @@ class IsolatedRunner:
     def _receive(self) -> Measured:
         while not self._connection.poll(POLL_S):
             if not self._process.is_alive():
-                raise RunnerFailedError(
-                    f"{self.title}'s benchmark process died ({_exit_reason(self._process)})"
-                )
+                raise self._died()
         try:
             reply = self._connection.recv()
         except (EOFError, ConnectionResetError):
-            self._process.join(STOP_TIMEOUT_S)
-            raise RunnerFailedError(
-                f"{self.title}'s benchmark process died ({_exit_reason(self._process)})"
-            ) from None
+            raise self._died() from None
         if isinstance(reply, Failed):
-            error = RunnerUnavailableError if reply.unavailable else RunnerFailedError
-            raise error(f"{self.title}: {reply.message}")
+            if reply.unavailable:  # its message names what is missing
+                raise RunnerUnavailableError(reply.message)
+            raise RunnerFailedError(f"{self.title}: {reply.message}")
         return reply
+
+    def _died(self) -> RunnerFailedError:
+        """The error for a child that is gone, with how it ended."""
+        self._process.join(STOP_TIMEOUT_S)
+        return RunnerFailedError(
+            f"{self.title}'s benchmark process died ({_exit_reason(self._process)})"
+        )
 
     def close(self) -> None:
         """Stop the child (it frees its engine) and wait for it; kill it if it does not go."""

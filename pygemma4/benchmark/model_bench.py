@@ -23,6 +23,7 @@ from pygemma4.benchmark.runners import ENGINE_TITLES, RunnerSpec, RunnerUnavaila
 from pygemma4.benchmark.stats import Spread
 from pygemma4.benchmark.tokens import BOS, random_ids
 from pygemma4.config import open_model
+from pygemma4.engine import check_backend
 from pygemma4.model_info import decode_read_bytes
 
 
@@ -216,8 +217,9 @@ def bench_model(
     progress: Progress | None = None,
 ) -> BenchResult:
     """Measure `plan` with each engine on `model`. An engine other than pygemma4 that cannot
-    run here (not installed) is skipped with the reason in `skipped`; an error in a run
-    raises."""
+    run here (not installed) is skipped with the reason in `skipped`; a backend that cannot
+    run here, or an error in a run, raises."""
+    check_backend(backend, device)  # here, before any engine's process starts
     report = progress or (lambda _: None)
     summary = ModelSummary.of(model, synthetic)
     tests = plan.tests

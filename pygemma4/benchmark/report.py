@@ -12,6 +12,7 @@ from rich.table import Table
 
 from pygemma4.benchmark.load import LoadResult
 from pygemma4.benchmark.model_bench import BenchResult
+from pygemma4.benchmark.runners import ENGINE_TITLES
 from pygemma4.benchmark.stats import Percentiles, Spread
 
 SYNTHETIC_NOTICE = (
@@ -103,7 +104,7 @@ def model_bench_notes(result: BenchResult) -> list[str]:
                     f"({_bytes(result.model.decode_bytes)} read per step)"
                 )
     for engine, reason in result.skipped.items():
-        notes.append(f"{engine} skipped: {reason}")
+        notes.append(f"{ENGINE_TITLES[engine]} skipped: {reason}")
     return notes
 
 
@@ -114,7 +115,7 @@ def print_model_bench(result: BenchResult, console: Console) -> None:
         console.print(note, style="dim", highlight=False)
 
 
-def percentiles_ms(p: Percentiles | None) -> tuple[str, str, str]:
+def _percentiles_ms(p: Percentiles | None) -> tuple[str, str, str]:
     """p50, p90, p99 in milliseconds (dashes where nothing was measured)."""
     if p is None:
         return ("-", "-", "-")
@@ -132,9 +133,9 @@ def print_load(result: LoadResult, warmup: int, console: Console) -> None:
     table.add_column("figure", no_wrap=True)
     for name in ("p50", "p90", "p99"):
         table.add_column(name, justify="right", no_wrap=True)
-    table.add_row("time to first token (ms)", *percentiles_ms(result.ttft))
-    table.add_row("inter-token latency (ms)", *percentiles_ms(result.itl))
-    table.add_row("request latency (ms)", *percentiles_ms(result.latency))
+    table.add_row("time to first token (ms)", *_percentiles_ms(result.ttft))
+    table.add_row("inter-token latency (ms)", *_percentiles_ms(result.itl))
+    table.add_row("request latency (ms)", *_percentiles_ms(result.latency))
     console.print(table)
     console.print(
         f"output {result.output_tokens_per_s:.1f} tokens/s · {result.requests_per_s:.2f} "
