@@ -24,6 +24,7 @@ from pygemma4.benchmark.runners import (
     RunnerSpec,
     RunnerUnavailableError,
     close_runner,
+    import_engine,
     load_runner,
 )
 from pygemma4.errors import Gemma4Error
@@ -74,10 +75,11 @@ def _peak_rss_bytes() -> int:
 def _serve(spec: RunnerSpec, connection: Connection) -> None:
     """The child: load the runner, report the load, then answer calls until told to stop."""
     try:
-        start = time.perf_counter()
         try:
+            import_engine(spec.engine)
+            start = time.perf_counter()
             runner = load_runner(spec)
-        except (Gemma4Error, OSError) as e:
+        except (Gemma4Error, ValueError, OSError) as e:
             connection.send(Failed(str(e), isinstance(e, RunnerUnavailableError)))
             return
         connection.send(Measured(time.perf_counter() - start, _peak_rss_bytes()))

@@ -72,6 +72,22 @@ class Runner(Protocol):
     def decode(self, steps: np.ndarray) -> float: ...
 
 
+def import_engine(engine: str) -> Any:
+    """The Python module of `engine` (pygemma4.engine, or llama_cpp), imported; a runner's
+    load is timed after this, so that it counts the model's loading alone."""
+    if engine == "pygemma4":
+        import pygemma4.engine
+
+        return pygemma4.engine
+    try:
+        import llama_cpp
+    except ImportError:
+        raise RunnerUnavailableError(
+            "llama-cpp-python is not installed (pip install llama-cpp-python)"
+        ) from None
+    return llama_cpp
+
+
 def load_runner(spec: RunnerSpec) -> Runner:
     """Load `spec.model` in `spec.engine`; RunnerUnavailableError says why an engine cannot."""
     if spec.engine == "pygemma4":
@@ -83,9 +99,7 @@ class Pygemma4Runner:
     """pygemma4's Engine, through its public sequence API."""
 
     def __init__(self, spec: RunnerSpec) -> None:
-        from pygemma4.engine import Engine
-
-        self.engine = Engine(
+        self.engine = import_engine("pygemma4").Engine(
             spec.model,
             backend=spec.backend,
             device=spec.device,
@@ -121,12 +135,7 @@ class LlamaCppRunner:
     on; every layer on the GPU for backend "cuda", where the build can offload)."""
 
     def __init__(self, spec: RunnerSpec) -> None:
-        try:
-            import llama_cpp
-        except ImportError:
-            raise RunnerUnavailableError(
-                "llama-cpp-python is not installed (pip install llama-cpp-python)"
-            ) from None
+        llama_cpp = import_engine("llamacpp")
         self._api: Any = llama_cpp
         if spec.backend == "cuda" and not llama_cpp.llama_supports_gpu_offload():
             raise RunnerUnavailableError(
@@ -238,5 +247,6 @@ __all__ = [
     "RunnerSpec",
     "RunnerUnavailableError",
     "close_runner",
+    "import_engine",
     "load_runner",
 ]
