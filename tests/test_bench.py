@@ -66,6 +66,13 @@ def test_bench_measures_every_test_and_writes_json(tmp_path: Path, model_file: P
     for figure in engine["tokens_per_s"].values():
         assert figure["runs"] == 2 and figure["mean"] > 0 and figure["std"] >= 0
     assert document["ratios"] == {} and document["skipped"] == {}
+    bandwidth = document["decode_weight_bytes_per_s"]["pygemma4"]
+    assert bandwidth["tg4"] == pytest.approx(
+        engine["tokens_per_s"]["tg4"]["mean"] * document["model"]["decode_bytes"]
+    )
+    assert bandwidth["tg4 x2"] == pytest.approx(
+        engine["tokens_per_s"]["tg4 x2"]["mean"] / 2 * document["model"]["decode_bytes"]
+    )
 
 
 def test_compare_runs_llama_cpp_on_the_same_work(tmp_path: Path, model_file: Path) -> None:

@@ -186,6 +186,12 @@ class BenchResult:
             return None
         return by_engine[engine][test].ratio(by_engine[other][test])
 
+    def weight_bytes_per_s(self, engine: EngineResult, test: BenchTest) -> float:
+        """Bytes of weights per second that `engine`'s decode `test` read: a step reads the
+        model's decode_bytes whatever the number of sequences."""
+        steps_per_s = engine.tokens_per_s[test.name].mean / test.sequences
+        return steps_per_s * self.model.decode_bytes
+
     def to_json(self) -> dict[str, Any]:
         tests = [t.name for t in self.plan.tests]
         return {
@@ -199,6 +205,14 @@ class BenchResult:
             "engines": [e.to_json() for e in self.engines],
             "skipped": self.skipped,
             "ratios": {t: r for t in tests if (r := self.ratio(t)) is not None},
+            "decode_weight_bytes_per_s": {
+                e.engine: {
+                    t.name: self.weight_bytes_per_s(e, t)
+                    for t in self.plan.tests
+                    if t.kind == "decode"
+                }
+                for e in self.engines
+            },
         }
 
 

@@ -92,15 +92,12 @@ def model_bench_notes(result: BenchResult) -> list[str]:
         f"{plan.warmup} warm-up run(s); every engine fed the same token ids (seed {plan.seed})"
         + ("; the engines' runs interleaved" if len(result.engines) > 1 else "")
     )
-    if plan.decode_tokens and result.model.decode_bytes:
-        for engine in result.engines:
-            for test in plan.tests:
-                if test.kind != "decode":
-                    continue
-                steps_per_s = engine.tokens_per_s[test.name].mean / test.sequences
+    for engine in result.engines:
+        for test in plan.tests:
+            if test.kind == "decode":
                 notes.append(
                     f"{engine.title} {test.name}: "
-                    f"{steps_per_s * result.model.decode_bytes / 1e9:.1f} GB/s of weights "
+                    f"{result.weight_bytes_per_s(engine, test) / 1e9:.1f} GB/s of weights "
                     f"({_bytes(result.model.decode_bytes)} read per step)"
                 )
     for engine, reason in result.skipped.items():
