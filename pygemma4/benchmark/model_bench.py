@@ -263,10 +263,10 @@ def bench_model(
         seconds: dict[str, dict[str, list[float]]] = {e: {} for e in runners}
         for test in tests:
             for round_index in range(plan.warmup + plan.repetitions):
-                warm = round_index >= plan.warmup
+                measured = round_index >= plan.warmup
                 what = (
                     f"run {round_index - plan.warmup + 1}/{plan.repetitions}"
-                    if warm
+                    if measured
                     else f"warm-up {round_index + 1}/{plan.warmup}"
                 )
                 for engine, runner in runners.items():
@@ -275,7 +275,7 @@ def bench_model(
                         taken = runner.prefill(prompts[test.tokens])
                     else:
                         taken = runner.decode(decode_steps[test.sequences])
-                    if warm:
+                    if measured:
                         seconds[engine].setdefault(test.name, []).append(taken)
         results = [
             EngineResult(
