@@ -20,7 +20,7 @@ from pygemma4.benchmark.runners import LlamaCppRunner, Pygemma4Runner, RunnerSpe
 from pygemma4.benchmark.server_process import started_server
 from pygemma4.benchmark.stats import Percentiles, Spread
 from pygemma4.benchmark.tokens import BOS
-from pygemma4.model_info import decode_read_bytes
+from pygemma4.model_info import decode_read_bytes, decode_read_share
 from pygemma4.synthetic import cache_file_name, write_synthetic_model
 
 MODEL = "gemma4-tiny-e/model-Q4_K_M.gguf"
@@ -316,3 +316,12 @@ def test_bench_serve_with_no_server_there_says_so(tmp_path: Path) -> None:
     result = run_bench("serve", "--endpoint", endpoint, "--warmup", "0", cwd=tmp_path)
     assert result.returncode == 1
     assert f"error: no pygemma4 server answers at {endpoint}" in result.stderr
+
+
+def test_what_a_decode_step_reads_of_each_tensor() -> None:
+    assert decode_read_share("blk.0.attn_q.weight", 2, False, 0, 0) == 1.0
+    assert decode_read_share("blk.0.attn_norm.weight", 1, False, 0, 0) == 0.0
+    assert decode_read_share("per_layer_token_embd.weight", 2, False, 0, 0) == 0.0
+    assert decode_read_share("token_embd.weight", 2, False, 0, 0) == 1.0  # the tied LM head
+    assert decode_read_share("token_embd.weight", 2, True, 0, 0) == 0.0  # rows gathered
+    assert decode_read_share("blk.0.ffn_gate_up_exps.weight", 3, False, 8, 128) == 1 / 16
