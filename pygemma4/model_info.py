@@ -9,7 +9,7 @@ import os
 from collections import defaultdict
 from typing import Any
 
-from pygemma4.config import open_model
+from pygemma4.config import ModelFile, open_model
 from pygemma4.errors import TokenizerError
 from pygemma4.gguf_file import type_name
 from pygemma4.tokenizer import (
@@ -49,10 +49,9 @@ def decode_read_share(
     return n_expert_used / n_expert if n_dims == 3 else 1.0
 
 
-def decode_read_bytes(path: str | os.PathLike[str]) -> int:
-    """Bytes of weights one decode step of one sequence reads from the model file at `path`
-    (see decode_read_share)."""
-    model = open_model(path)
+def decode_read_bytes(model: ModelFile) -> int:
+    """Bytes of weights one decode step of one sequence reads from the open model file
+    `model` (see decode_read_share)."""
     tensors, config = model.gguf.tensors, model.config
     has_output = "output.weight" in tensors
     return round(

@@ -20,6 +20,7 @@ from pygemma4.benchmark.runners import LlamaCppRunner, Pygemma4Runner, RunnerSpe
 from pygemma4.benchmark.server_process import started_server
 from pygemma4.benchmark.stats import Percentiles, Spread
 from pygemma4.benchmark.tokens import BOS
+from pygemma4.config import open_model
 from pygemma4.model_info import decode_read_bytes, decode_read_share
 from pygemma4.synthetic import cache_file_name, write_synthetic_model
 
@@ -56,7 +57,7 @@ def test_bench_measures_every_test_and_writes_json(tmp_path: Path, model_file: P
         assert name in result.stdout
     assert "over 2 runs after 1 warm-up" in result.stdout
     document = json.loads(out.read_text())
-    assert document["model"]["decode_bytes"] == decode_read_bytes(model_file)
+    assert document["model"]["decode_bytes"] == decode_read_bytes(open_model(model_file))
     assert document["model"]["file_type"] == "Q4_K_M"
     assert document["plan"]["batches"] == [1, 2]
     (engine,) = document["engines"]

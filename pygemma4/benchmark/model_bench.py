@@ -147,7 +147,7 @@ class ModelSummary:
             file_bytes=gguf.file_size,
             parameters=sum(int(np.prod(t.shape)) for t in gguf.tensors.values()),
             file_type=type_label,
-            decode_bytes=decode_read_bytes(path),
+            decode_bytes=decode_read_bytes(model),
             vocab_size=model.config.vocab_size,
             synthetic=synthetic,
         )
