@@ -188,6 +188,12 @@ def test_bad_engine_arguments(fixtures_dir, tmp_path):
         Engine(not_gguf)
 
 
+def test_unknown_cpu_kernel_set_is_rejected(fixtures_dir, monkeypatch):
+    monkeypatch.setenv("PYGEMMA4_CPU_KERNELS", "sse9")
+    with pytest.raises(ValueError, match="PYGEMMA4_CPU_KERNELS: unknown CPU kernel set 'sse9'"):
+        Engine(fixtures_dir / MODEL)
+
+
 @pytest.fixture(scope="module")
 def demo_engine(demo_model_file):
     """The demo model: random weights that, unlike the fixtures', give varied continuations."""

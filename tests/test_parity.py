@@ -1,14 +1,17 @@
 """Whole-model numbers against the outside references in ../shared/fixtures.
 
-f32 GGUF vs Hugging Face fp32 logits; every quantized GGUF vs llama.cpp on the same file.
+f32 GGUF vs Hugging Face fp32 logits; every quantized GGUF vs llama.cpp on the same file. Each
+runs on every CPU kernel set the build has (PYGEMMA4_CPU_KERNELS), the scalar fallback included.
 """
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
-from pygemma4 import Engine
+from pygemma4 import Engine, _core
 
 E_TYPES = ["f32", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0"]
 MOE_TYPES = ["Q8_0", "Q4_K_M"]
@@ -16,18 +19,30 @@ HF_TOLERANCE = 0.005
 N_PROMPTS = 3
 N_GREEDY = 24
 
-_engines: dict[tuple[str, str], Engine] = {}
+ISAS = _core.cpu_isas()
+
+_engines: dict[tuple[str, str, str], Engine] = {}
 
 
-def engine_for(fixtures_dir, model: str, qtype: str) -> Engine:
-    key = (model, qtype)
+def engine_for(fixtures_dir, model: str, qtype: str, isa: str) -> Engine:
+    """The engine of a fixture file computing with the kernels of `isa`."""
+    key = (model, qtype, isa)
     if key not in _engines:
-        _engines[key] = Engine(fixtures_dir / model / f"model-{qtype}.gguf", threads=2)
+        saved = os.environ.get("PYGEMMA4_CPU_KERNELS")
+        os.environ["PYGEMMA4_CPU_KERNELS"] = isa
+        try:
+            _engines[key] = Engine(fixtures_dir / model / f"model-{qtype}.gguf", threads=2)
+        finally:
+            if saved is None:
+                del os.environ["PYGEMMA4_CPU_KERNELS"]
+            else:
+                os.environ["PYGEMMA4_CPU_KERNELS"] = saved
     return _engines[key]
 
 
-def test_f32_matches_huggingface(fixtures_dir, parity_report):
-    engine = engine_for(fixtures_dir, "gemma4-tiny-e", "f32")
+@pytest.mark.parametrize("isa", ISAS)
+def test_f32_matches_huggingface(fixtures_dir, parity_report, isa):
+    engine = engine_for(fixtures_dir, "gemma4-tiny-e", "f32", isa)
     ref = np.load(fixtures_dir / "gemma4-tiny-e" / "ref.npz")
     worst = 0.0
     for i in range(N_PROMPTS):
@@ -38,15 +53,16 @@ def test_f32_matches_huggingface(fixtures_dir, parity_report):
         worst = max(worst, delta)
         assert delta <= HF_TOLERANCE, f"prompt {i}: max |dlogit| {delta} vs Hugging Face"
         np.testing.assert_array_equal(logits.argmax(-1), expected.argmax(-1))
-    parity_report("gemma4-tiny-e f32 vs Hugging Face", worst)
+    parity_report(f"gemma4-tiny-e f32 vs Hugging Face ({isa})", worst)
 
 
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize(
     ("model", "qtype"),
     [("gemma4-tiny-e", t) for t in E_TYPES] + [("gemma4-tiny-moe", t) for t in MOE_TYPES],
 )
-def test_matches_llama_cpp(fixtures_dir, parity_report, model, qtype):
-    engine = engine_for(fixtures_dir, model, qtype)
+def test_matches_llama_cpp(fixtures_dir, parity_report, model, qtype, isa):
+    engine = engine_for(fixtures_dir, model, qtype, isa)
     ref = np.load(fixtures_dir / model / "ref.npz")
     llama = np.load(fixtures_dir / model / "llama_ref.npz")
     worst = 0.0
@@ -60,4 +76,4 @@ def test_matches_llama_cpp(fixtures_dir, parity_report, model, qtype):
         )
         greedy = engine.generate(ids, N_GREEDY, stop_tokens=())
         assert greedy == llama[f"{qtype}/greedy{i}"].tolist(), f"greedy differs on prompt {i}"
-    parity_report(f"{model} {qtype} vs llama.cpp", worst)
+    parity_report(f"{model} {qtype} vs llama.cpp ({isa})", worst)

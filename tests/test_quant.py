@@ -208,9 +208,12 @@ def dot_lengths(qtype: T) -> list[int]:
     return [size * k for k in (1, 2, 3, 5, 8, 16)]
 
 
-@pytest.mark.parametrize("scalar", [False, True], ids=["simd", "scalar"])
+ISAS = _core.cpu_isas()
+
+
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("qtype", WEIGHT_TYPES, ids=lambda t: t.name)
-def test_vec_dot_matches_float64_reference(qtype: T, scalar: bool) -> None:
+def test_vec_dot_matches_float64_reference(qtype: T, isa: str) -> None:
     rng = np.random.default_rng(1000 + int(qtype))
     act_type = ACTIVATION[qtype]
     for n in dot_lengths(qtype):
@@ -218,21 +221,22 @@ def test_vec_dot_matches_float64_reference(qtype: T, scalar: bool) -> None:
             row = random_weights(rng, qtype, 1, n)[0]
             x = (rng.standard_normal(n) * 10.0 ** rng.uniform(-3, 3)).astype(np.float32)
             act = _core.quantize_activation(int(act_type), x)
-            got = _core.vec_dot(int(qtype), row, act, n, scalar=scalar)
+            got = _core.vec_dot(int(qtype), row, act, n, isa=isa)
             want, magnitude = expected_dot(qtype, row, act, n)
             assert abs(got - want) <= 1e-5 * magnitude, (n, trial, got, want)
 
 
+@pytest.mark.parametrize("isa", ISAS[1:])
 @pytest.mark.parametrize("qtype", WEIGHT_TYPES, ids=lambda t: t.name)
-def test_vec_dot_simd_agrees_with_scalar(qtype: T) -> None:
+def test_vec_dot_simd_agrees_with_scalar(qtype: T, isa: str) -> None:
     rng = np.random.default_rng(2000 + int(qtype))
     act_type = ACTIVATION[qtype]
     n = 64 * max(block_size(qtype), 32)
     for _ in range(8):
         row = random_weights(rng, qtype, 1, n)[0]
         act = _core.quantize_activation(int(act_type), rng.standard_normal(n).astype(np.float32))
-        simd = _core.vec_dot(int(qtype), row, act, n)
-        scalar = _core.vec_dot(int(qtype), row, act, n, scalar=True)
+        simd = _core.vec_dot(int(qtype), row, act, n, isa=isa)
+        scalar = _core.vec_dot(int(qtype), row, act, n, isa="scalar")
         _, magnitude = expected_dot(qtype, row, act, n)
         assert abs(simd - scalar) <= 1e-5 * magnitude
 
@@ -257,13 +261,14 @@ def test_vec_dot_fixture_rows(fixtures_dir: Path) -> None:
             x = rng.standard_normal(n).astype(np.float32)
             act = _core.quantize_activation(int(ACTIVATION[qtype]), x)
             want, magnitude = expected_dot(qtype, row, act, n)
-            for scalar in (False, True):
-                got = _core.vec_dot(int(qtype), row, act, n, scalar=scalar)
-                assert abs(got - want) <= 1e-5 * magnitude, (name, scalar)
+            for isa in ISAS:
+                got = _core.vec_dot(int(qtype), row, act, n, isa=isa)
+                assert abs(got - want) <= 1e-5 * magnitude, (name, isa)
 
 
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("qtype", WEIGHT_TYPES, ids=lambda t: t.name)
-def test_vec_dot_multi_is_vec_dot_on_each_row(qtype: T) -> None:
+def test_vec_dot_multi_is_vec_dot_on_each_row(qtype: T, isa: str) -> None:
     """The batched kernel a matmul uses gives, bit for bit, the single-row kernel's product for
     every activation row (so prefill and decode agree), whatever the batch size."""
     rng = np.random.default_rng(3000 + int(qtype))
@@ -281,8 +286,10 @@ def test_vec_dot_multi_is_vec_dot_on_each_row(qtype: T) -> None:
                     for _ in range(n_acts)
                 ]
             )
-            got = _core.vec_dot_multi(int(qtype), row, acts, n)
-            want = np.array([_core.vec_dot(int(qtype), row, act, n) for act in acts], np.float32)
+            got = _core.vec_dot_multi(int(qtype), row, acts, n, isa=isa)
+            want = np.array(
+                [_core.vec_dot(int(qtype), row, act, n, isa=isa) for act in acts], np.float32
+            )
             assert got.shape == (n_acts,)
             assert same_bits(got, want), (n, n_acts)
 

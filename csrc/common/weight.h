@@ -13,6 +13,9 @@ struct Weight {
   const uint8_t* data = nullptr;
   int64_t ne[4] = {1, 1, 1, 1};  // GGUF order: ne[0] is the row length
   size_t row_bytes = 0;
+  // The same matrix with its rows interleaved in groups of 16 (quant/interleaved.h), where the
+  // backend keeps such a copy for its matrix kernels; data still holds the file's rows.
+  const uint8_t* interleaved = nullptr;
 
   bool present() const { return data != nullptr; }
   int64_t cols() const { return ne[0]; }
@@ -25,7 +28,9 @@ struct Weight {
   // The 2-D matrix number `i` of a 3-D tensor (one expert of a stacked expert tensor).
   Weight matrix(int64_t i) const {
     Weight w = *this;
-    w.data = data + static_cast<size_t>(i) * static_cast<size_t>(ne[1]) * row_bytes;
+    const size_t offset = static_cast<size_t>(i) * static_cast<size_t>(ne[1]) * row_bytes;
+    w.data = data + offset;
+    if (interleaved != nullptr) w.interleaved = interleaved + offset;
     w.ne[2] = 1;
     return w;
   }

@@ -1,5 +1,6 @@
 #include "ops/backend.h"
 
+#include <cstdlib>
 #include <stdexcept>
 
 #include "ops/cpu/cpu_ops.h"
@@ -14,6 +15,16 @@ constexpr const char* kNotBuilt =
     "this build of pygemma4 has no CUDA backend (no CUDA toolkit was found when it was compiled, "
     "or it was built with PYGEMMA4_CUDA=off)";
 }  // namespace
+
+quant::Isa cpu_kernels() {
+  const char* name = std::getenv(kCpuKernelsVariable);
+  if (name == nullptr || *name == '\0') return quant::widest_isa();
+  try {
+    return quant::parse_isa(name);
+  } catch (const std::invalid_argument& e) {
+    throw std::invalid_argument(std::string(kCpuKernelsVariable) + ": " + e.what());
+  }
+}
 
 bool cuda_built() {
 #if defined(PG4_WITH_CUDA)
@@ -39,7 +50,7 @@ void require_cuda(int device) {
 }  // namespace
 
 std::unique_ptr<Ops> make_ops(const std::string& backend, int threads, int device) {
-  if (backend == "cpu") return std::make_unique<CpuOps>(threads);
+  if (backend == "cpu") return std::make_unique<CpuOps>(threads, cpu_kernels());
   if (backend != "cuda") {
     throw std::invalid_argument("unknown backend '" + backend + "': expected 'cpu' or 'cuda'");
   }

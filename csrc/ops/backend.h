@@ -6,8 +6,17 @@
 #include <string>
 
 #include "ops/ops.h"
+#include "quant/quant.h"
 
 namespace pg4 {
+
+// The environment variable that limits the CPU backend to a narrower kernel set ("scalar",
+// "avx2", "avx512"), to run and check the model on each path the build has.
+constexpr const char* kCpuKernelsVariable = "PYGEMMA4_CPU_KERNELS";
+
+// The kernel set the CPU backend uses: the widest built unless kCpuKernelsVariable names one;
+// throws std::invalid_argument for a name that is not a set this build has.
+quant::Isa cpu_kernels();
 
 // Whether this module was compiled with the CUDA backend.
 bool cuda_built();

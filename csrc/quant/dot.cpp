@@ -1,5 +1,5 @@
-// Picks the kernels for a weight type: the widest instruction set the build targets that has one,
-// falling back to the scalar reference.
+// Picks the kernels for a weight type: the widest instruction set, up to the one asked for, that
+// the build targets and that has one, falling back to the scalar reference.
 #include "quant/dot.h"
 
 #include <stdexcept>
@@ -9,14 +9,20 @@ namespace pg4::quant {
 
 namespace {
 
-detail::Kernels best_kernels(Type weight_type) {
+constexpr const char* kIsaNames[] = {"scalar", "avx2", "avx512"};
+
+detail::Kernels best_kernels(Type weight_type, Isa isa) {
 #if defined(PG4_QUANT_AVX512)
-  const detail::Kernels avx512 = detail::avx512_kernels(weight_type);
-  if (avx512.one != nullptr) return avx512;
+  if (isa >= Isa::kAvx512) {
+    const detail::Kernels avx512 = detail::avx512_kernels(weight_type);
+    if (avx512.one != nullptr) return avx512;
+  }
 #endif
 #if defined(PG4_QUANT_AVX2)
-  const detail::Kernels avx2 = detail::avx2_kernels(weight_type);
-  if (avx2.one != nullptr) return avx2;
+  if (isa >= Isa::kAvx2) {
+    const detail::Kernels avx2 = detail::avx2_kernels(weight_type);
+    if (avx2.one != nullptr) return avx2;
+  }
 #endif
   return detail::scalar_kernels(weight_type);
 }
@@ -30,16 +36,39 @@ detail::Kernels checked(Type weight_type, detail::Kernels kernels) {
 
 }  // namespace
 
-VecDotFn vec_dot_fn(Type weight_type) {
-  return checked(weight_type, best_kernels(weight_type)).one;
+Isa widest_isa() {
+#if defined(PG4_QUANT_AVX512)
+  return Isa::kAvx512;
+#elif defined(PG4_QUANT_AVX2)
+  return Isa::kAvx2;
+#else
+  return Isa::kScalar;
+#endif
 }
 
-VecDotFn vec_dot_fn_scalar(Type weight_type) {
-  return checked(weight_type, detail::scalar_kernels(weight_type)).one;
+std::vector<Isa> built_isas() {
+  std::vector<Isa> isas;
+  for (int i = 0; i <= static_cast<int>(widest_isa()); ++i) isas.push_back(static_cast<Isa>(i));
+  return isas;
 }
 
-VecDotMultiFn vec_dot_multi_fn(Type weight_type) {
-  return checked(weight_type, best_kernels(weight_type)).multi;
+const char* isa_name(Isa isa) { return kIsaNames[static_cast<int>(isa)]; }
+
+Isa parse_isa(const std::string& name) {
+  std::string known;
+  for (Isa isa : built_isas()) {
+    if (name == isa_name(isa)) return isa;
+    known += std::string(known.empty() ? "" : ", ") + isa_name(isa);
+  }
+  throw std::invalid_argument("unknown CPU kernel set '" + name + "': this build has " + known);
+}
+
+VecDotFn vec_dot_fn(Type weight_type, Isa isa) {
+  return checked(weight_type, best_kernels(weight_type, isa)).one;
+}
+
+VecDotMultiFn vec_dot_multi_fn(Type weight_type, Isa isa) {
+  return checked(weight_type, best_kernels(weight_type, isa)).multi;
 }
 
 }  // namespace pg4::quant

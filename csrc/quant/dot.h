@@ -4,6 +4,7 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "quant/interleaved.h"
 #include "quant/quant.h"
 
 // The x86 paths are chosen when the build targets them (-march=native on the build machine).
@@ -90,6 +91,9 @@ Kernels avx2_kernels(Type weight_type);
 #endif
 #if defined(PG4_QUANT_AVX512)
 Kernels avx512_kernels(Type weight_type);
+#if defined(__AVX512VNNI__)
+InterleavedDotFn avx512_interleaved_kernel(Type weight_type);
+#endif
 #endif
 
 }  // namespace pg4::quant::detail

@@ -5,6 +5,7 @@
 #include <cstring>
 #include <limits>
 
+#include "quant/interleaved.h"
 #include "quant/quant.h"
 
 namespace pg4 {
@@ -44,7 +45,39 @@ inline float gelu_tanh(float x) {
 
 }  // namespace
 
-CpuOps::CpuOps(int n_threads) : pool_(n_threads) {}
+CpuOps::CpuOps(int n_threads, quant::Isa isa) : pool_(n_threads), isa_(isa) {}
+
+void CpuOps::place_weights(const std::vector<WeightPlacement>& weights, const MappedFile* file) {
+  constexpr int kRows = quant::kInterleavedRows;
+  for (const WeightPlacement& placement : weights) {
+    Weight& w = *placement.weight;
+    // A host-resident table is only gathered from, never multiplied.
+    if (placement.host_resident || w.rows() % kRows != 0 ||
+        quant::interleaved_dot_fn(w.type, isa_) == nullptr) {
+      continue;
+    }
+    const int64_t n_groups = w.count() / w.cols() / kRows;
+    const size_t group_bytes = kRows * w.row_bytes;
+    std::unique_ptr<uint8_t[]> copy(new uint8_t[n_groups * group_bytes]);  // not zeroed
+    uint8_t* dst = copy.get();
+    constexpr int64_t kGroupsPerRead = 64;
+    pool_.parallel_for(n_groups, kGroupsPerRead, [&](int64_t begin, int64_t end, int) {
+      std::vector<uint8_t> rows((end - begin) * group_bytes);
+      const uint8_t* src = w.data + begin * group_bytes;
+      if (file != nullptr) {
+        file->read(src, rows.size(), rows.data());
+      } else {
+        std::memcpy(rows.data(), src, rows.size());
+      }
+      for (int64_t g = begin; g < end; ++g) {
+        quant::interleave_rows(w.type, rows.data() + (g - begin) * group_bytes, w.row_bytes,
+                               w.cols(), dst + g * group_bytes);
+      }
+    });
+    w.interleaved = dst;
+    interleaved_.push_back(std::move(copy));
+  }
+}
 
 std::shared_ptr<float> CpuOps::alloc(size_t n) {
   return std::shared_ptr<float>(new float[n](), std::default_delete<float[]>());
@@ -66,7 +99,11 @@ void CpuOps::matmul(const Weight& w, const float* x, int n_tokens, float* y) {
       quant::quantize_activation_row(act_type, x + t * cols, acts + t * act_row_bytes, cols);
     }
   });
-  const quant::VecDotMultiFn dot = quant::vec_dot_multi_fn(w.type);
+  if (w.interleaved != nullptr) {
+    matmul_interleaved(w, acts, act_row_bytes, n_tokens, y);
+    return;
+  }
+  const quant::VecDotMultiFn dot = quant::vec_dot_multi_fn(w.type, isa_);
   // A batch is cut into groups of tokens whose converted activations stay in L1 (a multiple of
   // 8, what the fused kernels take at once; 8 where even those do not fit) and tiles of rows
   // whose weights stay in L2 while every group passes over them: each weight block is unpacked
@@ -92,6 +129,36 @@ void CpuOps::matmul(const Weight& w, const float* x, int n_tokens, float* y) {
         for (int64_t r = r0; r < r1; ++r) {
           dot(cols, w.row(r), acts + t0 * act_row_bytes, act_row_bytes, nt, column);
           for (int t = 0; t < nt; ++t) y[static_cast<int64_t>(t0 + t) * rows + r] = column[t];
+        }
+      }
+    }
+  });
+}
+
+void CpuOps::matmul_interleaved(const Weight& w, const uint8_t* acts, size_t act_row_bytes,
+                                int n_tokens, float* y) {
+  constexpr int kRows = quant::kInterleavedRows;
+  constexpr int kTile = quant::kInterleavedTile;
+  const quant::InterleavedDotFn dot = quant::interleaved_dot_fn(w.type, isa_);
+  const int64_t cols = w.cols();
+  const int64_t rows = w.rows();
+  const size_t group_bytes = kRows * w.row_bytes;
+  // Tokens are taken in chunks whose activations stay in L2 while every group of the thread's
+  // band passes over them; within a chunk each group (a few KB) stays in L1 across its tiles.
+  constexpr size_t kChunkBytes = 256 * 1024;
+  const int fit = static_cast<int>(kChunkBytes / act_row_bytes);
+  const int chunk = std::max(kTile, fit - fit % kTile);
+  // One contiguous band of groups per thread, as in matmul.
+  const int64_t n_groups = rows / kRows;
+  const int64_t threads = pool_.size();
+  const int64_t grain = (n_groups + threads - 1) / threads;
+  pool_.parallel_for(n_groups, grain, [&](int64_t begin, int64_t end, int) {
+    for (int t0 = 0; t0 < n_tokens; t0 += chunk) {
+      const int t1 = std::min(n_tokens, t0 + chunk);
+      for (int64_t g = begin; g < end; ++g) {
+        for (int t = t0; t < t1; t += kTile) {
+          dot(cols, w.interleaved + g * group_bytes, acts + t * act_row_bytes, act_row_bytes,
+              std::min(kTile, t1 - t), y + t * rows + g * kRows, static_cast<size_t>(rows));
         }
       }
     }
@@ -246,7 +313,7 @@ void CpuOps::attention(const float* q, const TokenBatch& batch, const LayerConfi
   }
   // The SIMD float dot of the quant layer: a plain loop would stay scalar (a float sum may not
   // be reordered), and q·k over every stored position dominates attention at long context.
-  const quant::VecDotFn dot_f32 = quant::vec_dot_fn(quant::Type::F32);
+  const quant::VecDotFn dot_f32 = quant::vec_dot_fn(quant::Type::F32, isa_);
   attention_scratch_.resize(static_cast<size_t>(pool_.size()) * max_span);
   pool_.parallel_for(
       static_cast<int64_t>(batch.n) * n_head, 1, [&](int64_t begin, int64_t end, int thread) {

@@ -1,18 +1,26 @@
 // The CPU backend: every op over host memory, split across a persistent thread pool.
 #pragma once
 
+#include <memory>
 #include <vector>
 
 #include "ops/cpu/thread_pool.h"
 #include "ops/ops.h"
+#include "quant/quant.h"
 
 namespace pg4 {
 
 class CpuOps final : public Ops {
  public:
-  explicit CpuOps(int n_threads);
+  // Computes with n_threads threads and the kernels of `isa` (or the next narrower set that has
+  // one for a type).
+  CpuOps(int n_threads, quant::Isa isa);
 
   int n_threads() const { return pool_.size(); }
+
+  // Keeps an interleaved copy of each matrix that has an interleaved kernel (read from `file`
+  // with read calls, so the mapping's pages are never faulted in for them).
+  void place_weights(const std::vector<WeightPlacement>& weights, const MappedFile* file) override;
 
   std::shared_ptr<float> alloc(size_t n) override;
   std::shared_ptr<int32_t> alloc_ids(size_t n) override;
@@ -44,7 +52,12 @@ class CpuOps final : public Ops {
                    int n_tokens, int k, float* out) override;
 
  private:
+  void matmul_interleaved(const Weight& w, const uint8_t* acts, size_t act_row_bytes, int n_tokens,
+                          float* y);
+
   ThreadPool pool_;
+  quant::Isa isa_;
+  std::vector<std::unique_ptr<uint8_t[]>> interleaved_;  // the interleaved copies of matrices
   std::vector<uint8_t> activation_scratch_;  // activations converted for the current matmul
   std::vector<float> attention_scratch_;     // per-thread score rows
 };
