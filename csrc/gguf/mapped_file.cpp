@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <cstdint>
 #include <cstring>
 #include <stdexcept>
 
@@ -58,6 +59,18 @@ void MappedFile::read(const uint8_t* at, size_t bytes, uint8_t* dst) const {
     offset += got;
     bytes -= static_cast<size_t>(got);
   }
+}
+
+void MappedFile::keep_resident(const uint8_t* at, size_t bytes) const {
+  if (at < data_ || bytes > size_ || static_cast<size_t>(at - data_) > size_ - bytes) {
+    throw std::out_of_range("range outside the file '" + path_ + "'");
+  }
+  const auto page = static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(at) & ~(page - 1);
+  const size_t length = reinterpret_cast<uintptr_t>(at) + bytes - begin;
+  void* start = reinterpret_cast<void*>(begin);
+  // Without the privilege or the limit to lock that much, reading ahead is the best left.
+  if (::mlock(start, length) != 0) ::madvise(start, length, MADV_WILLNEED);
 }
 
 }  // namespace pg4

@@ -23,6 +23,11 @@ class MappedFile {
   // measured far slower in a virtual machine). Throws std::runtime_error naming the problem.
   void read(const uint8_t* at, size_t bytes, uint8_t* dst) const;
 
+  // Locks the pages showing [at, at + bytes) in memory, read in, where the process may lock
+  // that much (else asks the kernel to read them ahead): a table gathered a few rows per step
+  // must not fault its rows back in from disk once the system has evicted them as cold.
+  void keep_resident(const uint8_t* at, size_t bytes) const;
+
  private:
   std::string path_;
   int fd_ = -1;

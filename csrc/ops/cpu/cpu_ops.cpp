@@ -51,9 +51,12 @@ void CpuOps::place_weights(const std::vector<WeightPlacement>& weights, const Ma
   constexpr int kRows = quant::kInterleavedRows;
   for (const WeightPlacement& placement : weights) {
     Weight& w = *placement.weight;
-    // A host-resident table is only gathered from, never multiplied.
-    if (placement.host_resident || w.rows() % kRows != 0 ||
-        quant::interleaved_dot_fn(w.type, isa_) == nullptr) {
+    if (placement.host_resident) {
+      // Only gathered from, never multiplied.
+      if (file != nullptr) file->keep_resident(w.data, w.count() / w.cols() * w.row_bytes);
+      continue;
+    }
+    if (w.rows() % kRows != 0 || quant::interleaved_dot_fn(w.type, isa_) == nullptr) {
       continue;
     }
     const int64_t n_groups = w.count() / w.cols() / kRows;

@@ -19,7 +19,8 @@ class CpuOps final : public Ops {
   int n_threads() const { return pool_.size(); }
 
   // Keeps an interleaved copy of each matrix that has an interleaved kernel (read from `file`
-  // with read calls, so the mapping's pages are never faulted in for them).
+  // with read calls, so the mapping's pages are never faulted in for them), and the
+  // host-resident tables resident.
   void place_weights(const std::vector<WeightPlacement>& weights, const MappedFile* file) override;
 
   std::shared_ptr<float> alloc(size_t n) override;
