@@ -74,6 +74,8 @@ def test_bench_measures_every_test_and_writes_json(tmp_path: Path, model_file: P
     assert bandwidth["tg4 x2"] == pytest.approx(
         engine["tokens_per_s"]["tg4 x2"]["mean"] / 2 * document["model"]["decode_bytes"]
     )
+    # The read ceiling of this machine: above a plain copy's worst case, below any DRAM's best.
+    assert 1e8 < document["memory_read_bytes_per_s"] < 1e13
 
 
 def test_compare_runs_llama_cpp_on_the_same_work(tmp_path: Path, model_file: Path) -> None:
@@ -195,6 +197,10 @@ def test_synthetic_models_come_from_the_cache_and_say_they_are_noise(tmp_path: P
     assert result.returncode == 0, result.stderr
     assert "synthetic e2b" in result.stdout and "numerics are noise" in result.stdout
     assert "3.41 GB" in result.stdout and "GB/s of weights" in result.stdout
+    assert (
+        "memory read bandwidth:" in result.stdout
+        and "of the memory read bandwidth" in result.stdout
+    )
 
 
 @pytest.mark.parametrize(
@@ -326,3 +332,9 @@ def test_what_a_decode_step_reads_of_each_tensor() -> None:
     assert decode_read_share("token_embd.weight", 2, False, 0, 0) == 1.0  # the tied LM head
     assert decode_read_share("token_embd.weight", 2, True, 0, 0) == 0.0  # rows gathered
     assert decode_read_share("blk.0.ffn_gate_up_exps.weight", 3, False, 8, 128) == 1 / 16
+
+
+def test_memory_read_bandwidth_rejects_bad_arguments() -> None:
+    for threads, size, passes in ((0, 1 << 20, 1), (1, 1 << 20, 0), (1, 1000, 1)):
+        with pytest.raises(ValueError, match="memory_read_bandwidth needs"):
+            _core.memory_read_bandwidth(threads, size, passes)

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from pygemma4 import _core
 from pygemma4.benchmark.isolation import IsolatedRunner
 from pygemma4.benchmark.runners import ENGINE_TITLES, RunnerSpec, RunnerUnavailableError
 from pygemma4.benchmark.stats import Spread
@@ -178,6 +179,9 @@ class BenchResult:
     skipped: dict[str, str]  # engine -> why it did not run
     started: str
     machine: dict[str, Any]
+    # Bytes/s that the run's threads read from memory, measured before the engines started
+    # (CPU backend only): the ceiling of a decode step, which reads every weight once.
+    memory_read_bytes_per_s: float | None = None
 
     def ratio(self, test: str, engine: str = "pygemma4", other: str = "llamacpp") -> float | None:
         """`engine`'s tokens/s over `other`'s in test `test`, where both ran it."""
@@ -191,6 +195,13 @@ class BenchResult:
         model's decode_bytes whatever the number of sequences."""
         steps_per_s = engine.tokens_per_s[test.name].mean / test.sequences
         return steps_per_s * self.model.decode_bytes
+
+    def memory_bandwidth_share(self, engine: EngineResult, test: BenchTest) -> float | None:
+        """The weight bandwidth of `engine`'s decode `test` over the measured memory read
+        bandwidth (CPU only)."""
+        if self.memory_read_bytes_per_s is None:
+            return None
+        return self.weight_bytes_per_s(engine, test) / self.memory_read_bytes_per_s
 
     def to_json(self) -> dict[str, Any]:
         tests = [t.name for t in self.plan.tests]
@@ -213,6 +224,7 @@ class BenchResult:
                 }
                 for e in self.engines
             },
+            "memory_read_bytes_per_s": self.memory_read_bytes_per_s,
         }
 
 
@@ -235,6 +247,10 @@ def bench_model(
     run here, or an error in a run, raises."""
     check_backend(backend, device)  # here, before any engine's process starts
     report = progress or (lambda _: None)
+    memory_read = None
+    if backend == "cpu":
+        report(f"measuring memory read bandwidth ({threads} threads)")
+        memory_read = _core.memory_read_bandwidth(threads)
     summary = ModelSummary.of(model, synthetic)
     tests = plan.tests
     prompts, decode_steps = bench_workload(plan, summary.vocab_size)
@@ -304,6 +320,7 @@ def bench_model(
         skipped=skipped,
         started=started,
         machine=machine_description(),
+        memory_read_bytes_per_s=memory_read,
     )
 
 

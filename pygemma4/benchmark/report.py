@@ -92,13 +92,20 @@ def model_bench_notes(result: BenchResult) -> list[str]:
         f"{plan.warmup} warm-up run(s); every engine fed the same token ids (seed {plan.seed})"
         + ("; the engines' runs interleaved" if len(result.engines) > 1 else "")
     )
+    if result.memory_read_bytes_per_s is not None:
+        notes.append(
+            f"memory read bandwidth: {result.memory_read_bytes_per_s / 1e9:.1f} GB/s "
+            f"({result.threads} threads streaming 1 GiB, best of 5, before the engines started)"
+        )
     for engine in result.engines:
         for test in plan.tests:
             if test.kind == "decode":
+                share = result.memory_bandwidth_share(engine, test)
                 notes.append(
                     f"{engine.title} {test.name}: "
                     f"{result.weight_bytes_per_s(engine, test) / 1e9:.1f} GB/s of weights "
                     f"({_bytes(result.model.decode_bytes)} read per step)"
+                    + (f" = {share:.0%} of the memory read bandwidth" if share is not None else "")
                 )
     for engine, reason in result.skipped.items():
         notes.append(f"{ENGINE_TITLES[engine]} skipped: {reason}")
