@@ -1,5 +1,5 @@
-"""Random GGUF weight rows for the kernel tests: the weight types the core reads, and valid
-blocks of each with random quant bits and finite scales."""
+"""Random GGUF weight rows for the kernel tests (the weight types the core reads, and valid
+blocks of each with random quant bits and finite scales), and bitwise comparison of results."""
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES
@@ -39,3 +39,8 @@ def random_weights(rng: np.random.Generator, qtype: T, n_rows: int, n: int) -> n
         scale = rng.uniform(-1, 1, n_blocks) * np.exp2(rng.integers(-20, 4, n_blocks))
         blocks[:, offset : offset + 2] = scale.astype(np.float16).view(np.uint8).reshape(-1, 2)
     return blocks.reshape(n_rows, -1)
+
+
+def same_bits(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether two float32 arrays hold the same bits (so -0.0 and 0.0, or two NaNs, count)."""
+    return a.dtype == b.dtype == np.float32 and np.array_equal(a.view(np.uint32), b.view(np.uint32))

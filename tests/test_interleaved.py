@@ -5,16 +5,12 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as T
 from gguf import quants
-from quant_samples import random_weights
+from quant_samples import random_weights, same_bits
 
 from pygemma4 import _core
 
 INTERLEAVED_TYPES = [T.Q4_K, T.Q6_K]
 ROWS = 16
-
-
-def same_bits(a: np.ndarray, b: np.ndarray) -> bool:
-    return a.dtype == b.dtype == np.float32 and np.array_equal(a.view(np.uint32), b.view(np.uint32))
 
 
 def activations(rng: np.random.Generator, count: int, n: int) -> np.ndarray:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as T
-from quant_samples import FLOAT_TYPES, WEIGHT_TYPES, block_size, random_weights
+from quant_samples import FLOAT_TYPES, WEIGHT_TYPES, block_size, random_weights, same_bits
 
 from pygemma4 import _core
 
@@ -25,10 +25,6 @@ ACTIVATION = {
 }  # fmt: skip
 
 Q8_K_BYTES = 4 + 256 + 32
-
-
-def same_bits(a: np.ndarray, b: np.ndarray) -> bool:
-    return a.dtype == b.dtype == np.float32 and np.array_equal(a.view(np.uint32), b.view(np.uint32))
 
 
 # --- dequantization -----------------------------------------------------------------------------

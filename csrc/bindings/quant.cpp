@@ -133,16 +133,16 @@ py::array_t<uint8_t> interleave_rows(int type_id, ByteArray rows, int64_t n) {
   return out;
 }
 
-size_t checked_group_bytes(quant::Type type, int64_t n, size_t available_bytes) {
+void check_group_bytes(quant::Type type, int64_t n, size_t available_bytes) {
   checked_row_length(type, n, SIZE_MAX);
-  const size_t bytes = quant::kInterleavedRows * quant::row_bytes(type, n);
-  if (bytes > available_bytes) throw py::value_error("buffer too small for a group of 16 rows");
-  return bytes;
+  if (quant::kInterleavedRows * quant::row_bytes(type, n) > available_bytes) {
+    throw py::value_error("buffer too small for a group of 16 rows");
+  }
 }
 
 py::array_t<uint8_t> deinterleave_row(int type_id, ByteArray group, int row, int64_t n) {
   const auto type = interleaved_type(type_id);
-  checked_group_bytes(type, n, static_cast<size_t>(group.size()));
+  check_group_bytes(type, n, static_cast<size_t>(group.size()));
   if (row < 0 || row >= quant::kInterleavedRows) throw py::value_error("row must be in 0..15");
   py::array_t<uint8_t> out(static_cast<py::ssize_t>(quant::row_bytes(type, n)));
   quant::deinterleave_row(type, group.data(), row, n, out.mutable_data());
@@ -154,7 +154,7 @@ py::array_t<uint8_t> deinterleave_row(int type_id, ByteArray group, int row, int
 py::array_t<float> interleaved_dot(int type_id, ByteArray group, ByteArray activations, int64_t n,
                                    bool reference) {
   const auto type = interleaved_type(type_id);
-  checked_group_bytes(type, n, static_cast<size_t>(group.size()));
+  check_group_bytes(type, n, static_cast<size_t>(group.size()));
   if (activations.ndim() != 2) {
     throw py::value_error("activations must be a 2-D array, one activation row per row");
   }

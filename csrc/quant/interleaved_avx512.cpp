@@ -82,6 +82,17 @@ inline void step(const Tile<T>& tile, int64_t i, int col, __m512i w, __m512i* ac
   }
 }
 
+// tot[t] += acc[t] * scale for every token (tot = acc * scale when `first`): a sub-block's
+// sums weighted by its scales, exact in int32.
+template <int T>
+inline void add_scaled(const __m512i* acc, __m512i scale, __m512i* tot, bool first) {
+#pragma GCC unroll 8
+  for (int t = 0; t < T; ++t) {
+    const __m512i scaled = _mm512_mullo_epi32(acc[t], scale);
+    tot[t] = first ? scaled : _mm512_add_epi32(tot[t], scaled);
+  }
+}
+
 template <int T>
 void q4_k_tile(int64_t n, const uint8_t* group, const uint8_t* acts, size_t stride, float* out,
                size_t out_stride) {
@@ -114,11 +125,7 @@ void q4_k_tile(int64_t n, const uint8_t* group, const uint8_t* acts, size_t stri
 #pragma GCC unroll 4
       for (int h = 0; h < 4; ++h) step(tile, i, col + 16 + 4 * h, high[h], acc, false);
       const __m512i scale = lane_byte(j < 4 ? scales_low : scales_high, j % 4);
-#pragma GCC unroll 8
-      for (int t = 0; t < T; ++t) {
-        const __m512i scaled = _mm512_mullo_epi32(acc[t], scale);
-        tot[t] = j == 0 ? scaled : _mm512_add_epi32(tot[t], scaled);
-      }
+      add_scaled<T>(acc, scale, tot, j == 0);
     }
     const __m512i w1 = load512(b.scale_words[1]);
     const __m512i mins_low = _mm512_and_si512(w1, low6);
@@ -180,11 +187,7 @@ void q6_k_tile(int64_t n, const uint8_t* group, const uint8_t* acts, size_t stri
            acc, false);
       const __m512i scale =
           _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b.scales[j])));
-#pragma GCC unroll 8
-      for (int t = 0; t < T; ++t) {
-        const __m512i scaled = _mm512_mullo_epi32(acc[t], scale);
-        tot[t] = j == 0 ? scaled : _mm512_add_epi32(tot[t], scaled);
-      }
+      add_scaled<T>(acc, scale, tot, j == 0);
     }
     // The offset of the quants: sum_j scale_j * bsum_j, two sub-blocks per int16 pair.
 #pragma GCC unroll 8
