@@ -36,12 +36,14 @@ if TYPE_CHECKING:
         GenerationSequence,
         NoFreeSequenceError,
     )
+    from pygemma4.runner import ModelRunner, RollbackError
 
 # The engine needs the compiled core, and the client ZeroMQ: loading them on first use keeps the
 # file-level modules (GGUF reading, config, tokenizer, sampling, demo model) importable where the
 # extension is not built, and `import pygemma4` light.
 _LAZY_MODULES = {
     "engine": ("ContextFullError", "Engine", "GenerationSequence", "NoFreeSequenceError"),
+    "runner": ("ModelRunner", "RollbackError"),
     "client": (
         "AsyncClient",
         "BadReplyError",
@@ -80,9 +82,11 @@ __all__ = [
     "LayerConfig",
     "ModelConfig",
     "ModelFile",
+    "ModelRunner",
     "NoFreeSequenceError",
     "RequestCancelledError",
     "RequestTimeoutError",
+    "RollbackError",
     "SamplingParams",
     "SamplingParamsError",
     "ServerBusyError",

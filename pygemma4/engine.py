@@ -6,24 +6,27 @@ import os
 from collections.abc import Iterable, Iterator, Sequence
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Literal
 
 import numpy as np
 
-from pygemma4 import _core
 from pygemma4.config import ModelConfig, ModelFile, open_model
 from pygemma4.errors import Gemma4Error, TokenizerError, require_positive
 from pygemma4.generation import Generation, GenerationChunk, room_for_tokens
 from pygemma4.kv import BlockAllocator, KvLayout, SequenceKv
-from pygemma4.sampling import SampledToken, SamplingParams
+from pygemma4.runner import (
+    Feed,
+    FeedResult,
+    ModelRunner,
+    Outputs,
+    check_backend,
+    default_threads,
+    next_token,
+    pool_device,
+)
+from pygemma4.sampling import SamplingParams
 from pygemma4.tokenizer import Tokenizer, carries_tokenizer
 
-BACKENDS = ("cpu", "cuda")
 DEFAULT_N_CTX = 4096
-
-
-class BackendUnavailableError(Gemma4Error, RuntimeError):
-    """The backend asked for cannot run here (no CUDA in this build, no driver, no device)."""
 
 
 class ContextFullError(Gemma4Error, ValueError):
@@ -34,50 +37,9 @@ class NoFreeSequenceError(Gemma4Error, RuntimeError):
     """Every sequence slot of the engine is in use."""
 
 
-def default_threads() -> int:
-    """The number of CPUs this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # platforms without affinity masks
-        return os.cpu_count() or 1
-
-
 def default_n_ctx(config: ModelConfig) -> int:
     """The context per sequence when none is asked for: the model's, up to DEFAULT_N_CTX."""
     return min(config.n_ctx_train, DEFAULT_N_CTX)
-
-
-def check_backend(backend: str, device: int = 0) -> None:
-    """Raise ValueError for an unknown backend name or device number, and
-    BackendUnavailableError, saying why, where the backend cannot run here."""
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}: expected one of {', '.join(BACKENDS)}")
-    if isinstance(device, bool) or not isinstance(device, int) or device < 0:
-        raise ValueError(f"device must be an integer >= 0, got {device!r}")
-    if backend == "cuda":
-        reason = _core.cuda_unavailable_reason(device)
-        if reason:
-            raise BackendUnavailableError(f"CUDA is unavailable: {reason}")
-
-
-def pool_device(backend: str, device: int) -> int:
-    """Where a KV pool for a model on `backend` lives: the CUDA device, or -1 for host memory."""
-    return device if backend == "cuda" else -1
-
-
-def load_core_model(
-    model_file: ModelFile, n_batch: int, threads: int, backend: str = "cpu", device: int = 0
-) -> _core.Model:
-    """The core's model over a validated file, for calls of up to `n_batch` tokens, computed
-    on `backend` (by `threads` threads on the CPU; on CUDA device `device`)."""
-    check_backend(backend, device)
-    tensors = [
-        _core.TensorEntry(t.name, t.type_id, list(t.shape), t.offset, t.nbytes)
-        for t in model_file.gguf.tensors.values()
-    ]
-    return _core.Model(
-        str(model_file.gguf.path), tensors, model_file.config, n_batch, threads, backend, device
-    )
 
 
 class Engine:
@@ -114,9 +76,9 @@ class Engine:
         self.threads = threads
         self.n_ctx = n_ctx
         self.n_batch = n_batch
-        self._model = load_core_model(self.model_file, n_batch, threads, backend, device)
         self.kv_layout = KvLayout.for_model(self.config, n_ctx, max_sequences, n_batch)
-        self._pool = self.kv_layout.new_pool(self.config, device=pool_device(backend, device))
+        pool = self.kv_layout.new_pool(self.config, device=pool_device(backend, device))
+        self.runner = ModelRunner(self.model_file, pool, n_batch, threads, backend, device)
         self._allocator = BlockAllocator(self.kv_layout)
 
     @property
@@ -196,20 +158,15 @@ class Engine:
         with self.new_sequence() as seq:
             # The prompt as a server computes it (one process prefills all but the last token, the
             # last runs in a decode step), so that both give the same tokens.
-            # On a GPU the most likely token is chosen there when that is all the sampling
-            # needs, so the logits never cross to the host.
-            choose_on_device = self.backend == "cuda" and not generation.needs_logits
             seq._feed(prompt[:-1], "none")
             token = prompt[-1:]
             while True:
-                if choose_on_device:
-                    chunk = generation.step_chosen(seq._most_likely(token))
-                else:
-                    chunk = generation.step(seq.append(token))
+                feed = Feed(seq.kv, token, greedy=not generation.needs_logits)
+                chunk = next_token(self.runner.decode([feed])[0], generation)
                 yield chunk
                 if chunk.finish_reason is not None:
                     return
-                token = [chunk.token_id]
+                token = np.array([chunk.token_id], dtype=np.int32)
 
     def decode(self, sequences: Sequence[GenerationSequence], tokens: Sequence[int]) -> np.ndarray:
         """One batched step: appends tokens[i] to sequences[i] for all i at once (weights read
@@ -219,46 +176,14 @@ class Engine:
         if len({id(seq) for seq in sequences}) != len(sequences):
             raise ValueError("a sequence appears twice in one decode step")
         ids = self.check_tokens(tokens)
-        logits = []
-        for first in range(0, len(sequences), self.n_batch):
-            group = sequences[first : first + self.n_batch]
-            for seq in group:
-                seq.check_open()
-                if seq.engine is not self:
-                    raise ValueError("a sequence of another engine")
-                if seq.length + 1 > self.n_ctx:
-                    raise ContextFullError(f"sequence is full: context is {self.n_ctx} tokens")
-            feeds = [(seq, ids[first + i : first + i + 1]) for i, seq in enumerate(group)]
-            logits.append(self._step(feeds, np.arange(len(group), dtype=np.int32)))
-        return np.concatenate(logits)
-
-    def _step(
-        self,
-        feeds: Sequence[tuple[GenerationSequence, np.ndarray]],
-        output_rows: np.ndarray,
-        argmax: bool = False,
-    ) -> Any:
-        """One forward call: each sequence's tokens at its next positions; the logits
-        [len(output_rows), vocab] of those rows of the call, or with argmax (ids, logprobs)
-        of each row's most likely token."""
-        positions = []
-        for seq, ids in feeds:
-            seq.kv.ensure(seq._length + len(ids))
-            positions.append(np.arange(seq._length, seq._length + len(ids), dtype=np.int32))
-        width = max(len(seq.kv.block_table) for seq, _ in feeds)
-        logits = self._model.forward(
-            self._pool,
-            np.concatenate([ids for _, ids in feeds]),
-            np.concatenate(positions),
-            np.repeat(np.arange(len(feeds), dtype=np.int32), [len(ids) for _, ids in feeds]),
-            np.stack([seq.kv.table_array(width) for seq, _ in feeds]),
-            np.array([seq.kv.ring_set for seq, _ in feeds], dtype=np.int32),
-            output_rows,
-            argmax,
-        )
-        for seq, ids in feeds:
-            seq._length += len(ids)
-        return logits
+        for seq in sequences:
+            seq.check_open()
+            if seq.engine is not self:
+                raise ValueError("a sequence of another engine")
+            if seq.length + 1 > self.n_ctx:
+                raise ContextFullError(f"sequence is full: context is {self.n_ctx} tokens")
+        feeds = [Feed(seq.kv, ids[i : i + 1]) for i, seq in enumerate(sequences)]
+        return np.concatenate([result.logits for result in self.runner.decode(feeds)])
 
     def check_tokens(self, token_ids: Sequence[int] | np.ndarray) -> np.ndarray:
         """The ids as int32, after checking they are a non-empty list of valid token ids."""
@@ -280,14 +205,13 @@ class GenerationSequence:
     def __init__(self, engine: Engine, kv: SequenceKv) -> None:
         self.engine = engine
         self.kv = kv
-        self._length = 0
         self._open = True
 
     @property
     def length(self) -> int:
         """Tokens in the sequence so far."""
         self.check_open()
-        return self._length
+        return self.kv.length
 
     def append(self, token_ids: Sequence[int] | np.ndarray, all_logits: bool = False) -> np.ndarray:
         """Feed tokens; returns the logits after the last one [vocab], or for every fed
@@ -295,39 +219,29 @@ class GenerationSequence:
         logits = self._feed(self._room_for(token_ids), "all" if all_logits else "last")
         return logits if all_logits else logits[-1]
 
+    def rollback(self, length: int) -> None:
+        """Forget the tokens from position `length` on, so that the next ones appended continue
+        from there (RollbackError when the sliding-window KV before `length` is gone)."""
+        self.check_open()
+        self.engine.runner.rollback(self.kv, length)
+
     def _room_for(self, token_ids: Sequence[int] | np.ndarray) -> np.ndarray:
         """The ids as int32, after checking that the sequence is open and has room for them."""
         self.check_open()
         ids = self.engine.check_tokens(token_ids)
-        if self._length + len(ids) > self.engine.n_ctx:
+        if self.kv.length + len(ids) > self.engine.n_ctx:
             raise ContextFullError(
-                f"sequence of {self._length + len(ids)} tokens is longer than the context "
+                f"sequence of {self.kv.length + len(ids)} tokens is longer than the context "
                 f"({self.engine.n_ctx})"
             )
         return ids
 
-    def _most_likely(self, token_ids: Sequence[int] | np.ndarray) -> SampledToken:
-        """Feed one token; the most likely next token and its log-probability, chosen where the
-        model computes."""
-        ids = self._room_for(token_ids)
-        chosen, logprobs = self.engine._step([(self, ids)], np.array([0], np.int32), argmax=True)
-        return SampledToken(int(chosen[0]), float(logprobs[0]), ())
-
-    def _feed(self, ids: np.ndarray, logits: Literal["all", "last", "none"]) -> np.ndarray:
+    def _feed(self, ids: np.ndarray, outputs: Outputs) -> np.ndarray:
         """Feed checked token ids in chunks of n_batch; the logits [k, vocab] of every token, of
         the last one, or of none."""
-        n_batch = self.engine.n_batch
-        out = [np.empty((0, self.engine.vocab_size), dtype=np.float32)]
-        for first in range(0, len(ids), n_batch):
-            chunk = ids[first : first + n_batch]
-            if logits == "all":
-                rows = np.arange(len(chunk), dtype=np.int32)
-            elif logits == "last" and first + len(chunk) == len(ids):
-                rows = np.array([len(chunk) - 1], dtype=np.int32)
-            else:
-                rows = np.empty(0, dtype=np.int32)
-            out.append(self.engine._step([(self, chunk)], rows))
-        return np.concatenate(out)
+        result: FeedResult = self.engine.runner.prefill(Feed(self.kv, ids, outputs))
+        assert result.logits is not None
+        return result.logits
 
     def check_open(self) -> None:
         """Raise if the sequence was closed."""

@@ -182,20 +182,44 @@ class BlockAllocator:
 
 
 class SequenceKv:
-    """One sequence's place in the pool: a ring set, and a block table (block ids, position p in
-    `block_table[p // block_size]`) grown on demand."""
+    """One sequence's place in the pool: a ring set, a block table (block ids, position p in
+    `block_table[p // block_size]`) grown on demand, and how many positions it holds.
 
-    def __init__(self, allocator: BlockAllocator) -> None:
+    With an allocator the sequence owns its place, a ring set taken from it and blocks as it
+    grows. Without one it writes into `block_table` and `ring_set` of a place another process
+    owns (holding `length` positions already), which it can neither grow nor release."""
+
+    def __init__(
+        self,
+        allocator: BlockAllocator | None = None,
+        *,
+        block_table: Iterable[int] = (),
+        ring_set: int = -1,
+        length: int = 0,
+    ) -> None:
         self.allocator = allocator
-        self.ring_set = allocator.allocate_ring_set()
-        self.block_table: list[int] = []
+        self.ring_set = ring_set if allocator is None else allocator.allocate_ring_set()
+        self.block_table: list[int] = list(block_table)
+        self.length = length
+        """Positions of the sequence in the pool."""
+        self.written_end = length
+        """One past the furthest position ever written (rolled-back ones included): what the
+        sliding-window rings may have overwritten."""
         self._released = False
+
+    def advance(self, n_positions: int) -> None:
+        """Count `n_positions` more positions as written after the last."""
+        self.length += n_positions
+        self.written_end = max(self.written_end, self.length)
 
     def ensure(self, n_positions: int) -> None:
         """Grow the block table to hold `n_positions` positions (KvExhaustedError, taking no
-        blocks, when the allocator has too few)."""
+        blocks, when the allocator has too few). Without an allocator the table is its owner's
+        to size: the core refuses a call that writes past it."""
         if self._released:
             raise Gemma4Error("the sequence's KV was released")
+        if self.allocator is None:
+            return
         missing = self.allocator.layout.blocks_for(n_positions) - len(self.block_table)
         if missing > 0:
             self.block_table.extend(self.allocator.allocate(missing))
@@ -204,8 +228,9 @@ class SequenceKv:
         """Give the blocks and the ring set back to the allocator (once; later calls do nothing)."""
         if not self._released:
             self._released = True
-            self.allocator.free(self.block_table)
-            self.allocator.free_ring_set(self.ring_set)
+            if self.allocator is not None:
+                self.allocator.free(self.block_table)
+                self.allocator.free_ring_set(self.ring_set)
             self.block_table = []
 
     def table_array(self, width: int) -> np.ndarray:

@@ -14,8 +14,8 @@ from quant_samples import WEIGHT_TYPES, random_weights, same_bits
 from serve_helpers import ServeProcess, run_serve
 
 from pygemma4 import Engine, _core
-from pygemma4.engine import BackendUnavailableError
 from pygemma4.kv import KvLayout
+from pygemma4.runner import BackendUnavailableError, ForwardBatch
 from pygemma4.sampling import SamplingParams
 
 CUDA_REASON = _core.cuda_unavailable_reason(0)
@@ -288,15 +288,16 @@ def test_a_host_pool_is_refused_by_a_cuda_model(fixtures_dir):
     engine = engine_for(fixtures_dir, "gemma4-tiny-e", "Q4_K_M", "cuda")
     host_pool = KvLayout.for_model(engine.config, 64, 1, 16).new_pool(engine.config)
     with pytest.raises(ValueError, match="KV pool is in host memory"):
-        engine._model.forward(
-            host_pool,
-            np.array([1], np.int32),
-            np.array([0], np.int32),
-            np.array([0], np.int32),
-            np.zeros((1, 4), np.int32),
-            np.array([0], np.int32),
-            np.array([0], np.int32),
+        batch = ForwardBatch(
+            tokens=np.array([1], np.int32),
+            positions=np.array([0], np.int32),
+            seqs=np.array([0], np.int32),
+            block_tables=np.zeros((1, 4), np.int32),
+            ring_sets=np.array([0], np.int32),
+            logit_rows=np.array([0], np.int32),
+            argmax_rows=np.empty(0, np.int32),
         )
+        engine.runner.model.forward(host_pool, batch)
 
 
 # --- serving --------------------------------------------------------------------------------------

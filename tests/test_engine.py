@@ -78,13 +78,15 @@ def test_generation_feeds_the_last_prompt_token_on_its_own(fixtures_dir, prompts
     token alone, then one token per step."""
     engine = Engine(fixtures_dir / MODEL, threads=2, n_batch=16)
     calls = []
-    step = engine._step
+    forward = engine.runner.forward
 
-    def record(feeds, output_rows):
-        calls.append((sum(len(ids) for _, ids in feeds), len(output_rows)))
-        return step(feeds, output_rows)
+    def record(feeds):
+        calls.append(
+            (sum(len(f.tokens) for f in feeds), sum(len(f.output_offsets()) for f in feeds))
+        )
+        return forward(feeds)
 
-    monkeypatch.setattr(engine, "_step", record)
+    monkeypatch.setattr(engine.runner, "forward", record)
     prompt = prompts[1][:40]
     engine.generate(prompt, 3, stop_tokens=())
     assert calls == [(16, 0), (16, 0), (7, 0), (1, 1), (1, 1), (1, 1)]

@@ -10,6 +10,7 @@ import pytest
 
 from pygemma4 import Engine, _core, open_model
 from pygemma4.kv import KvLayout
+from pygemma4.runner import ForwardBatch
 
 MODEL = "gemma4-tiny-e/model-Q4_K_M.gguf"
 MOE_MODEL = "gemma4-tiny-moe/model-Q4_K_M.gguf"
@@ -18,7 +19,8 @@ N_BATCH = 48
 
 @pytest.fixture(scope="module")
 def engine(fixtures_dir) -> Engine:
-    """The core model comes from an engine (engine._model); the tests bring their own pools."""
+    """The core model comes from an engine (engine.runner.model); the tests bring their own
+    pools."""
     return Engine(fixtures_dir / MODEL, threads=2, n_ctx=128, n_batch=N_BATCH)
 
 
@@ -41,15 +43,22 @@ def run(engine, pool, seqs_tokens, starts, tables, ring_sets, outputs="last"):
     )
     seqs = np.repeat(np.arange(len(seqs_tokens), dtype=np.int32), [len(t) for t in seqs_tokens])
     rows = np.cumsum([len(t) for t in seqs_tokens], dtype=np.int32) - 1
-    return engine._model.forward(
+    return forward(
+        engine,
         pool,
         tokens,
         positions,
         seqs,
-        np.asarray(tables, dtype=np.int32),
-        np.asarray(ring_sets, dtype=np.int32),
-        rows if outputs == "last" else np.empty(0, dtype=np.int32),
+        tables,
+        ring_sets,
+        rows if outputs == "last" else [],
     )
+
+
+def forward(engine, pool, tokens, positions, seqs, tables, ring_sets, logit_rows, argmax_rows=()):
+    """The core's forward over a batch of these arrays; the logits of `logit_rows`."""
+    batch = ForwardBatch(tokens, positions, seqs, tables, ring_sets, logit_rows, argmax_rows)
+    return engine.runner.model.forward(pool, batch)[0]
 
 
 def table(blocks, width=32):
@@ -176,14 +185,15 @@ def test_forward_rejects_bad_tables_before_writing(engine, layout, prompt, chang
         "output_rows": [2],
     } | change
     with pytest.raises(ValueError, match=message):
-        engine._model.forward(
+        forward(
+            engine,
             pool,
-            np.asarray(call["tokens"], np.int32),
-            np.asarray(call["positions"], np.int32),
-            np.asarray(call["seqs"], np.int32),
-            np.asarray(call["tables"], np.int32),
-            np.asarray(call["ring_sets"], np.int32),
-            np.asarray(call["output_rows"], np.int32),
+            call["tokens"],
+            call["positions"],
+            call["seqs"],
+            call["tables"],
+            call["ring_sets"],
+            call["output_rows"],
         )
     np.testing.assert_array_equal(run(engine, pool, [prompt[8:9]], [8], [blocks], [0]), want)
 
@@ -205,19 +215,18 @@ def test_forward_rejects_malformed_calls(engine, fixtures_dir, layout):
     pool = layout.new_pool(engine.config)
     one = np.array([5], np.int32)
     rows = np.array([0], np.int32)
-    forward = engine._model.forward
     with pytest.raises(ValueError, match="2-D"):
-        forward(pool, one, [0], [0], table([0]), [0], rows)
+        forward(engine, pool, one, [0], [0], table([0]), [0], rows)
     with pytest.raises(ValueError, match="one ring set per table"):
-        forward(pool, one, [0], [0], [table([0])], [0, 1], rows)
+        forward(engine, pool, one, [0], [0], [table([0])], [0, 1], rows)
     with pytest.raises(ValueError, match="same length"):
-        forward(pool, one, [0, 1], [0], [table([0])], [0], rows)
+        forward(engine, pool, one, [0, 1], [0], [table([0])], [0], rows)
     with pytest.raises(ValueError, match="empty batch"):
-        forward(pool, [], [], [], [table([0])], [0], [])
+        forward(engine, pool, [], [], [], [table([0])], [0], [])
     with pytest.raises(ValueError, match="exceeds n_batch"):
         n = N_BATCH + 1
-        forward(pool, [5] * n, np.arange(n), [0] * n, [table(range(13))], [0], rows)
+        forward(engine, pool, [5] * n, np.arange(n), [0] * n, [table(range(13))], [0], rows)
     moe_config = open_model(fixtures_dir / MOE_MODEL).config
     moe_pool = KvLayout.for_model(moe_config, 16, 1, 4).new_pool(moe_config)
     with pytest.raises(ValueError, match="another model"):
-        forward(moe_pool, one, [0], [0], [table([0])], [0], rows)
+        forward(engine, moe_pool, one, [0], [0], [table([0])], [0], rows)

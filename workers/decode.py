@@ -18,7 +18,6 @@ import numpy as np
 
 from pygemma4 import protocol
 from pygemma4.config import open_model
-from pygemma4.engine import load_core_model
 from pygemma4.generation import TokenChoice
 from pygemma4.kv import BlockAllocator, SequenceKv
 from pygemma4.protocol import (
@@ -30,6 +29,7 @@ from pygemma4.protocol import (
     StepOutputs,
     TokenOutput,
 )
+from pygemma4.runner import Feed, ModelRunner, next_token
 from workers.runtime import (
     ServerConfig,
     Worker,
@@ -46,8 +46,6 @@ class Sequence:
     request: Generate
     kv: SequenceKv
     choice: TokenChoice
-    length: int = 0
-    """Positions of the sequence already in the KV cache."""
     next_token: int = 0
     """The token the next step feeds."""
     aborted: bool = False
@@ -62,10 +60,14 @@ class DecodeWorker(Worker):
         super().__init__(config, name, peers)
         self.epoch = epoch
         model = open_model(config.model)
-        self.model = load_core_model(
-            model, config.max_batch, config.threads, config.backend, config.device
+        self.runner = ModelRunner(
+            model,
+            map_kv_pool(config.kv, model.config),
+            config.max_batch,
+            config.threads,
+            config.backend,
+            config.device,
         )
-        self.pool = map_kv_pool(config.kv, model.config)
         self.layout = kv_layout(config.kv)
         self.allocator = BlockAllocator(self.layout)
         self.waiting: deque[Generate] = deque()
@@ -128,7 +130,7 @@ class DecodeWorker(Worker):
             self.fail(request, "bad_request", str(e))
             return
         prompt = request.prompt_ids
-        sequence = Sequence(request, kv, choice, length=len(prompt) - 1, next_token=prompt[-1])
+        sequence = Sequence(request, kv, choice, next_token=prompt[-1])
         if len(prompt) == 1:
             self.running[request.rid] = sequence
             return
@@ -160,6 +162,7 @@ class DecodeWorker(Worker):
             sequence.kv.release()
             self.fail(sequence.request, "internal", f"prefill failed: {done.error}")
         else:
+            sequence.kv.advance(len(sequence.request.prompt_ids) - 1)
             self.running[done.rid] = sequence
 
     def abort(self, rids: set[int]) -> None:
@@ -175,26 +178,20 @@ class DecodeWorker(Worker):
     def step(self) -> None:
         """Decode one token for every running sequence."""
         sequences = list(self.running.values())
-        width = max(len(s.kv.block_table) for s in sequences)
-        logits = self.model.forward(
-            self.pool,
-            np.array([s.next_token for s in sequences], dtype=np.int32),
-            np.array([s.length for s in sequences], dtype=np.int32),
-            np.arange(len(sequences), dtype=np.int32),
-            np.stack([s.kv.table_array(width) for s in sequences]),
-            np.array([s.kv.ring_set for s in sequences], dtype=np.int32),
-            np.arange(len(sequences), dtype=np.int32),
-        )
+        feeds = [
+            Feed(s.kv, np.array([s.next_token], dtype=np.int32), greedy=not s.choice.needs_logits)
+            for s in sequences
+        ]
+        results = self.runner.decode(feeds)
         outputs: dict[int, list[TokenOutput]] = {}
-        for sequence, row in zip(sequences, logits, strict=True):
+        for sequence, result in zip(sequences, results, strict=True):
             rid = sequence.request.rid
             try:
-                sampled, reason = sequence.choice.step(row)
+                sampled, reason = next_token(result, sequence.choice)
             except Exception as e:  # a sampler failure ends its request, never the worker
                 self.running.pop(rid).kv.release()
                 self.fail(sequence.request, "internal", f"sampling failed: {e}")
                 continue
-            sequence.length += 1
             sequence.next_token = sampled.token_id
             outputs.setdefault(sequence.request.tokenizer, []).append(
                 TokenOutput(

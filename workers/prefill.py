@@ -14,8 +14,9 @@ import numpy as np
 
 from pygemma4 import protocol
 from pygemma4.config import open_model
-from pygemma4.engine import load_core_model
+from pygemma4.kv import SequenceKv
 from pygemma4.protocol import PrefillDone, PrefillJob
+from pygemma4.runner import Feed, ModelRunner
 from workers.runtime import (
     ServerConfig,
     Worker,
@@ -26,10 +27,27 @@ from workers.runtime import (
 
 @dataclass
 class Job:
-    """A prefill job and how much of it is written."""
+    """A prefill job, and the place in the pool its tokens are written to."""
 
     message: PrefillJob
-    done: int = 0
+    kv: SequenceKv
+
+    @classmethod
+    def of(cls, message: PrefillJob) -> Job:
+        """The job of a message: its tokens go into the blocks it names, from its `start`."""
+        kv = SequenceKv(
+            block_table=message.block_table, ring_set=message.ring_set, length=message.start
+        )
+        return cls(message, kv)
+
+    @property
+    def done(self) -> int:
+        """Tokens of the job written so far."""
+        return self.kv.length - self.message.start
+
+    def rest(self) -> np.ndarray:
+        """The tokens not yet written."""
+        return np.array(self.message.token_ids[self.done :], dtype=np.int32)
 
 
 class PrefillWorker(Worker):
@@ -38,10 +56,14 @@ class PrefillWorker(Worker):
     def __init__(self, config: ServerConfig, name: str, epoch: int) -> None:
         super().__init__(config, name, ["frontend", "decode"])
         model = open_model(config.model)
-        self.model = load_core_model(
-            model, config.prefill_chunk, config.prefill_threads, config.backend, config.device
+        self.runner = ModelRunner(
+            model,
+            map_kv_pool(config.kv, model.config),
+            config.prefill_chunk,
+            config.prefill_threads,
+            config.backend,
+            config.device,
         )
-        self.pool = map_kv_pool(config.kv, model.config)
         self.jobs: deque[Job] = deque()
 
     def busy(self) -> bool:
@@ -51,7 +73,7 @@ class PrefillWorker(Worker):
     def handle(self, message: protocol.Internal) -> None:
         """Queue a job."""
         if isinstance(message, PrefillJob):
-            self.jobs.append(Job(message))
+            self.jobs.append(Job.of(message))
 
     def work(self) -> None:
         """Run the next chunk of the queued jobs."""
@@ -60,50 +82,26 @@ class PrefillWorker(Worker):
 
     def run_chunk(self) -> None:
         """One forward call over the next `prefill_chunk` tokens of the queued jobs."""
-        budget = self.config.prefill_chunk
-        packed: list[tuple[Job, int]] = []
-        for job in self.jobs:
-            take = min(budget, len(job.message.token_ids) - job.done)
-            packed.append((job, take))
-            budget -= take
-            if budget == 0:
-                break
+        jobs = list(self.jobs)
+        feeds = self.runner.next_prefill([(job.kv, job.rest()) for job in jobs])
+        packed = list(zip(jobs, feeds, strict=False))
         if not self.forward(packed) and len(packed) > 1:
             # The core checks a whole call before writing anything: run the jobs one by one
             # so that only the one it refuses fails.
             for part in packed:
                 self.forward([part])
 
-    def forward(self, packed: list[tuple[Job, int]]) -> bool:
-        """Write the next tokens of each packed job; a job whose call the core refuses
-        fails when it is alone in it. Whether the call ran."""
-        tokens, positions, seqs = [], [], []
-        for index, (job, take) in enumerate(packed):
-            first = job.message.start + job.done
-            tokens.extend(job.message.token_ids[job.done : job.done + take])
-            positions.extend(range(first, first + take))
-            seqs.extend([index] * take)
-        width = max(len(job.message.block_table) for job, _ in packed)
-        tables = np.full((len(packed), width), -1, dtype=np.int32)
-        for index, (job, _) in enumerate(packed):
-            tables[index, : len(job.message.block_table)] = job.message.block_table
+    def forward(self, packed: list[tuple[Job, Feed]]) -> bool:
+        """Write the packed feeds of their jobs; a job whose call the core refuses fails when it
+        is alone in it. Whether the call ran."""
         try:
-            self.model.forward(
-                self.pool,
-                np.array(tokens, dtype=np.int32),
-                np.array(positions, dtype=np.int32),
-                np.array(seqs, dtype=np.int32),
-                tables,
-                np.array([job.message.ring_set for job, _ in packed], dtype=np.int32),
-                np.empty(0, dtype=np.int32),
-            )
+            self.runner.forward([feed for _, feed in packed])
         except ValueError as e:
             if len(packed) == 1:
                 self.jobs.remove(packed[0][0])
                 self.answer(packed[0][0], str(e))
             return False
-        for job, take in packed:
-            job.done += take
+        for job, _ in packed:
             if job.done == len(job.message.token_ids):
                 self.jobs.remove(job)
                 self.answer(job, None)

@@ -46,47 +46,47 @@ void register_model(py::module_& m) {
            "or 'cuda' on `device`), for forward calls of up to n_batch tokens.")
       .def(
           "forward",
-          [](Gemma4Model& model, PyKvPool& pool, const IntArray& tokens, const IntArray& positions,
-             const IntArray& seqs, const IntArray& block_tables, const IntArray& ring_sets,
-             const IntArray& output_rows, bool argmax) {
-            if (block_tables.ndim() != 2) {
+          [](Gemma4Model& model, PyKvPool& pool, const py::object& batch) {
+            const IntArray tables = batch.attr("block_tables").cast<IntArray>();
+            const IntArray ring_sets = batch.attr("ring_sets").cast<IntArray>();
+            if (tables.ndim() != 2) {
               throw py::value_error("block_tables must be a 2-D array [n_seq, width]");
             }
-            if (ring_sets.ndim() != 1 || ring_sets.shape(0) != block_tables.shape(0)) {
+            if (ring_sets.ndim() != 1 || ring_sets.shape(0) != tables.shape(0)) {
               throw py::value_error("ring_sets must be a 1-D array of one ring set per table");
             }
-            const int width = static_cast<int>(block_tables.shape(1));
-            std::vector<int32_t> t = to_vector(tokens), p = to_vector(positions),
-                                 s = to_vector(seqs), b = to_vector(block_tables),
-                                 r = to_vector(ring_sets), o = to_vector(output_rows);
+            Gemma4Model::Batch in;
+            in.tokens = to_vector(batch.attr("tokens").cast<IntArray>());
+            in.positions = to_vector(batch.attr("positions").cast<IntArray>());
+            in.seqs = to_vector(batch.attr("seqs").cast<IntArray>());
+            in.block_tables = to_vector(tables);
+            in.table_width = static_cast<int>(tables.shape(1));
+            in.ring_sets = to_vector(ring_sets);
+            in.logit_rows = to_vector(batch.attr("logit_rows").cast<IntArray>());
+            in.argmax_rows = to_vector(batch.attr("argmax_rows").cast<IntArray>());
             Gemma4Model::Result result;
             {
               py::gil_scoped_release release;
-              result = model.forward(
-                  pool.pool(), t, p, s, b, width, r, o,
-                  argmax ? Gemma4Model::Output::kArgmax : Gemma4Model::Output::kLogits);
-            }
-            if (argmax) {
-              py::array_t<int32_t> ids(static_cast<py::ssize_t>(o.size()));
-              py::array_t<float> logprobs(static_cast<py::ssize_t>(o.size()));
-              std::copy(result.argmax.begin(), result.argmax.end(), ids.mutable_data());
-              std::copy(result.logprobs.begin(), result.logprobs.end(), logprobs.mutable_data());
-              return py::object(py::make_tuple(ids, logprobs));
+              result = model.forward(pool.pool(), in);
             }
             const py::ssize_t vocab = model.config().vocab_size;
-            py::array_t<float> out({static_cast<py::ssize_t>(o.size()), vocab});
-            std::copy(result.logits.begin(), result.logits.end(), out.mutable_data());
-            return py::object(out);
+            py::array_t<float> logits({static_cast<py::ssize_t>(in.logit_rows.size()), vocab});
+            std::copy(result.logits.begin(), result.logits.end(), logits.mutable_data());
+            py::array_t<int32_t> tokens(static_cast<py::ssize_t>(result.argmax.size()));
+            py::array_t<float> logprobs(static_cast<py::ssize_t>(result.logprobs.size()));
+            std::copy(result.argmax.begin(), result.argmax.end(), tokens.mutable_data());
+            std::copy(result.logprobs.begin(), result.logprobs.end(), logprobs.mutable_data());
+            return py::make_tuple(logits, tokens, logprobs);
           },
-          py::arg("pool"), py::arg("tokens"), py::arg("positions"), py::arg("seqs"),
-          py::arg("block_tables"), py::arg("ring_sets"), py::arg("output_rows"),
-          py::arg("argmax") = false,
-          "Run one batch against the pool: row i is tokens[i] at positions[i] of sequence "
-          "seqs[i], whose full-attention KV lives in the blocks of block_tables[seqs[i]] (int32 "
-          "[n_seq, width], -1 for none) and sliding KV in ring set ring_sets[seqs[i]]. Returns "
-          "logits [len(output_rows), vocab] float32, or with argmax (token ids int32, "
-          "logprobs float32): each of those rows' largest logit and its log-probability, "
-          "computed where the model computes so no logits cross to the host.")
+          py::arg("pool"), py::arg("batch"),
+          "Run one batch against the pool. `batch` (a pygemma4.runner.ForwardBatch) gives int32 "
+          "arrays: row i is tokens[i] at positions[i] of sequence seqs[i], whose full-attention "
+          "KV lives in the blocks of block_tables[seqs[i]] ([n_seq, width], -1 for none) and "
+          "sliding KV in ring set ring_sets[seqs[i]]. Returns (logits float32 "
+          "[len(logit_rows), vocab], tokens int32 [len(argmax_rows)], logprobs float32 "
+          "[len(argmax_rows)]): the logits of the logit rows, and for each argmax row its most "
+          "likely token and that token's log-probability, chosen where the model computes so "
+          "that no logits cross to the host.")
       .def_property_readonly("n_batch", &Gemma4Model::n_batch);
 
   m.def("cuda_built", &cuda_built, "Whether this module was compiled with the CUDA backend.");

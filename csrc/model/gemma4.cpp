@@ -326,35 +326,35 @@ void Gemma4Model::run_layer(int il, const TokenBatch& batch, KvPool& pool) {
   if (lw.output_scale.present()) ops_->scale(x, lw.output_scale_value, n_embd_total);
 }
 
-Gemma4Model::Result Gemma4Model::forward(KvPool& pool, const std::vector<int32_t>& tokens,
-                                         const std::vector<int32_t>& positions,
-                                         const std::vector<int32_t>& seqs,
-                                         const std::vector<int32_t>& block_tables, int table_width,
-                                         const std::vector<int32_t>& ring_sets,
-                                         const std::vector<int32_t>& output_rows, Output output) {
-  if (positions.size() != tokens.size() || seqs.size() != tokens.size()) {
+Gemma4Model::Result Gemma4Model::forward(KvPool& pool, const Batch& in) {
+  const size_t n_tokens = in.tokens.size();
+  if (in.positions.size() != n_tokens || in.seqs.size() != n_tokens) {
     throw error("tokens, positions and seqs must have the same length");
   }
-  if (table_width < 0 ||
-      block_tables.size() != ring_sets.size() * static_cast<size_t>(table_width)) {
+  if (in.table_width < 0 ||
+      in.block_tables.size() != in.ring_sets.size() * static_cast<size_t>(in.table_width)) {
     throw error("block_tables must hold table_width ids for each sequence of ring_sets");
   }
-  if (tokens.size() > static_cast<size_t>(n_batch_)) {
-    throw error("batch of " + std::to_string(tokens.size()) + " tokens exceeds n_batch " +
+  if (n_tokens > static_cast<size_t>(n_batch_)) {
+    throw error("batch of " + std::to_string(n_tokens) + " tokens exceeds n_batch " +
                 std::to_string(n_batch_));
   }
-  if (output_rows.size() > static_cast<size_t>(n_batch_)) {
+  const size_t n_logit_rows = in.logit_rows.size(), n_argmax_rows = in.argmax_rows.size();
+  if (n_logit_rows + n_argmax_rows > static_cast<size_t>(n_batch_)) {
     throw error("more output rows than n_batch " + std::to_string(n_batch_));
   }
+  // The logit rows, then the argmax rows: the backend stages one list of output rows.
+  std::vector<int32_t> output_rows(in.logit_rows);
+  output_rows.insert(output_rows.end(), in.argmax_rows.begin(), in.argmax_rows.end());
   TokenBatch host;
-  host.n = static_cast<int>(tokens.size());
-  host.tokens = tokens.data();
-  host.positions = positions.data();
-  host.seqs = seqs.data();
-  host.n_seq = static_cast<int>(ring_sets.size());
-  host.table_width = table_width;
-  host.block_tables = block_tables.data();
-  host.ring_sets = ring_sets.data();
+  host.n = static_cast<int>(n_tokens);
+  host.tokens = in.tokens.data();
+  host.positions = in.positions.data();
+  host.seqs = in.seqs.data();
+  host.n_seq = static_cast<int>(in.ring_sets.size());
+  host.table_width = in.table_width;
+  host.block_tables = in.block_tables.data();
+  host.ring_sets = in.ring_sets.data();
   host.n_outputs = static_cast<int>(output_rows.size());
   host.output_rows = output_rows.data();
   std::lock_guard<std::mutex> lock(forward_mutex_);
@@ -371,29 +371,33 @@ Gemma4Model::Result Gemma4Model::forward(KvPool& pool, const std::vector<int32_t
   });
 
   const size_t vocab = static_cast<size_t>(config_.vocab_size);
-  const size_t n_outputs = output_rows.size();
   Result result;
-  if (output == Output::kLogits) result.logits.resize(n_outputs * vocab);
-  for (size_t first = 0; first < n_outputs; first += kLogitRowsPerChunk) {
-    const int rows = static_cast<int>(std::min<size_t>(kLogitRowsPerChunk, n_outputs - first));
+  result.logits.resize(n_logit_rows * vocab);
+  // The head over output rows [first, first + rows) of the staged list, into logits_.
+  auto head = [&](size_t first, int rows) {
     ops_->copy_rows(x_.get(), batch.output_rows + first, rows, embd, h_.get());
     ops_->rms_norm(h_.get(), output_norm_.f32(), rows, embd, config_.rms_eps, h_.get());
     ops_->matmul(output_, h_.get(), rows, logits_.get());
     if (config_.final_logit_softcap > 0.0f) {
       ops_->softcap(logits_.get(), config_.final_logit_softcap, rows * vocab);
     }
-    if (output == Output::kLogits) {
-      ops_->read(logits_.get(), rows * vocab, result.logits.data() + first * vocab);
-    } else {
-      ops_->argmax(logits_.get(), rows, config_.vocab_size, argmax_.get() + first,
-                   logprobs_.get() + first);
-    }
+  };
+  for (size_t first = 0; first < n_logit_rows; first += kLogitRowsPerChunk) {
+    const int rows = static_cast<int>(std::min<size_t>(kLogitRowsPerChunk, n_logit_rows - first));
+    head(first, rows);
+    ops_->read(logits_.get(), rows * vocab, result.logits.data() + first * vocab);
   }
-  if (output == Output::kArgmax) {
-    result.argmax.resize(n_outputs);
-    result.logprobs.resize(n_outputs);
-    ops_->read_ids(argmax_.get(), n_outputs, result.argmax.data());
-    ops_->read(logprobs_.get(), n_outputs, result.logprobs.data());
+  for (size_t first = 0; first < n_argmax_rows; first += kLogitRowsPerChunk) {
+    const int rows = static_cast<int>(std::min<size_t>(kLogitRowsPerChunk, n_argmax_rows - first));
+    head(n_logit_rows + first, rows);
+    ops_->argmax(logits_.get(), rows, config_.vocab_size, argmax_.get() + first,
+                 logprobs_.get() + first);
+  }
+  if (n_argmax_rows > 0) {
+    result.argmax.resize(n_argmax_rows);
+    result.logprobs.resize(n_argmax_rows);
+    ops_->read_ids(argmax_.get(), n_argmax_rows, result.argmax.data());
+    ops_->read(logprobs_.get(), n_argmax_rows, result.logprobs.data());
   }
   return result;
 }

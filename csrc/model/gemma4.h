@@ -34,26 +34,30 @@ class Gemma4Model {
   const ModelConfig& config() const { return config_; }
   int n_batch() const { return n_batch_; }
 
-  // What a forward call gives back for each of its output rows.
-  enum class Output { kLogits, kArgmax };
+  // One forward call, as the host describes it: row i is tokens[i] at positions[i] of the call's
+  // sequence seqs[i]; sequence s keeps its full-attention KV in the blocks of its row of
+  // block_tables (table_width ids each, -1 for none) and its sliding KV in ring set ring_sets[s].
+  // The logits of the rows in logit_rows come back whole; of the rows in argmax_rows only the
+  // most likely token and its log-probability, chosen where the model computes.
+  struct Batch {
+    std::vector<int32_t> tokens, positions, seqs;
+    std::vector<int32_t> block_tables;
+    int table_width = 0;
+    std::vector<int32_t> ring_sets;
+    std::vector<int32_t> logit_rows, argmax_rows;
+  };
   struct Result {
-    std::vector<float> logits;    // [n_outputs, vocab] for kLogits
-    std::vector<int32_t> argmax;  // [n_outputs] for kArgmax: the id of each row's largest logit
-    std::vector<float> logprobs;  // [n_outputs] for kArgmax: its log-probability
+    std::vector<float> logits;    // [logit_rows, vocab]
+    std::vector<int32_t> argmax;  // [argmax_rows]: the id of each row's largest logit
+    std::vector<float> logprobs;  // [argmax_rows]: its log-probability
   };
 
-  // Runs one batch (see TokenBatch: seqs index the n_seq = ring_sets.size() sequences of this
-  // call, whose block tables are the rows of block_tables, table_width ids each, -1 for none).
-  // Each sequence's rows must be consecutive positions in order, and every position before them
-  // must already be in the pool. Stores the batch's keys and values in the pool and returns
-  // the logits (or their argmax) of the rows listed in output_rows. Everything the caller passes
-  // (block ids included: they may come from another process) is checked before anything is
-  // written: std::invalid_argument says what is wrong.
-  Result forward(KvPool& pool, const std::vector<int32_t>& tokens,
-                 const std::vector<int32_t>& positions, const std::vector<int32_t>& seqs,
-                 const std::vector<int32_t>& block_tables, int table_width,
-                 const std::vector<int32_t>& ring_sets, const std::vector<int32_t>& output_rows,
-                 Output output = Output::kLogits);
+  // Runs one batch. Each sequence's rows must be consecutive positions in order, and every
+  // position before them must already be in the pool. Stores the batch's keys and values in the
+  // pool and returns the outputs the batch asks for. Everything the caller passes (block ids
+  // included: they may come from another process) is checked before anything is written:
+  // std::invalid_argument says what is wrong.
+  Result forward(KvPool& pool, const Batch& batch);
 
  private:
   struct LayerWeights {
