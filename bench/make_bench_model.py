@@ -17,7 +17,7 @@ from pathlib import Path
 
 import llama_cpp
 
-from pygemma4.demo import ModelShape, write_random_model
+from pygemma4.models.demo import ModelShape, write_random_model
 
 BENCH_SHAPE = ModelShape(
     n_layer=8,

@@ -22,7 +22,7 @@ from pygemma4.benchmark.stats import Percentiles, Spread
 from pygemma4.benchmark.tokens import BOS
 from pygemma4.config import open_model
 from pygemma4.model_info import decode_read_bytes, decode_read_share
-from pygemma4.synthetic import cache_file_name, write_synthetic_model
+from pygemma4.models.synthetic import cache_file_name, write_synthetic_model
 
 MODEL = "gemma4-tiny-e/model-Q4_K_M.gguf"
 

@@ -14,7 +14,7 @@ import pytest
 from gguf import GGMLQuantizationType, GGUFReader
 
 from pygemma4.config import open_model
-from pygemma4.demo import DEMO_FILE_NAME, demo_model_path
+from pygemma4.models.demo import DEMO_FILE_NAME, demo_model_path
 
 F32, F16, Q8_0 = GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.Q8_0
 
@@ -49,7 +49,7 @@ def test_default_cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
 
 
 def test_concurrent_generation(tmp_path: Path, demo_model_file: Path) -> None:
-    script = "from pygemma4.demo import demo_model_path; print(demo_model_path())"
+    script = "from pygemma4.models.demo import demo_model_path; print(demo_model_path())"
     env = {**os.environ, "PYGEMMA4_CACHE": str(tmp_path)}
     repo_root = Path(__file__).resolve().parent.parent
     procs = [

@@ -14,11 +14,11 @@ from gguf import GGUFReader
 from gguf.constants import GGML_QUANT_SIZES
 from gguf.quants import dequantize
 
-from pygemma4 import synthetic
 from pygemma4.config import open_model
 from pygemma4.engine import Engine
 from pygemma4.gguf_file import read_gguf
-from pygemma4.synthetic import (
+from pygemma4.models import synthetic
+from pygemma4.models.synthetic import (
     SYNTHETIC_MODELS,
     main,
     q4_k_m_tensor_types,

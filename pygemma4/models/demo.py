@@ -21,8 +21,8 @@ import numpy as np
 from gguf import GGMLQuantizationType, GGUFWriter, TokenType
 from gguf.quants import quantize
 
-from .cache import cache_root, cached_file
-from .config import ARCH
+from pygemma4.config import ARCH
+from pygemma4.models.file_cache import cache_root, cached_file
 
 __all__ = ["DEMO_SHAPE", "ModelShape", "demo_model_path", "write_random_model"]
 

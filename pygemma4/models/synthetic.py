@@ -22,7 +22,7 @@ Every 5th layer of e2b and every 6th of the others is a full-attention layer, an
 All: head dims 256 (sliding) / 512 (full), RoPE bases 10,000 / 1,000,000 (full layers rotate
 a quarter of their dimensions), vocabulary 262,144, final logit softcap 30, tied embeddings.
 
-    python -m pygemma4.synthetic e4b OUT.gguf
+    python -m pygemma4.models.synthetic e4b OUT.gguf
 
 writes one (without OUT: into the cache, see `synthetic_model_path`).
 """
@@ -46,11 +46,11 @@ import numpy as np
 from gguf import GGMLQuantizationType, GGUFEndian, GGUFValueType, GGUFWriter, TokenType
 from gguf.constants import GGML_QUANT_SIZES
 
-from .cache import cache_root, cached_file, write_atomically
-from .chat import GEMMA4_TEMPLATE
-from .config import ARCH, LayerConfig, ModelConfig, tensor_shapes
-from .demo import SPACE, Vocabulary, add_tokenizer_metadata, base_vocabulary
-from .model_info import decode_read_share
+from pygemma4.chat import GEMMA4_TEMPLATE
+from pygemma4.config import ARCH, LayerConfig, ModelConfig, tensor_shapes
+from pygemma4.model_info import decode_read_share
+from pygemma4.models.demo import SPACE, Vocabulary, add_tokenizer_metadata, base_vocabulary
+from pygemma4.models.file_cache import cache_root, cached_file, write_atomically
 
 __all__ = [
     "SYNTHETIC_MODELS",
@@ -871,7 +871,7 @@ def synthetic_model_summary(name: str, mix: str = "Q4_K_M", **overrides: object)
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m pygemma4.synthetic",
+        prog="python -m pygemma4.models.synthetic",
         description="Write a full-size Gemma 4 GGUF with random weights (noise, for timing).",
     )
     parser.add_argument("model", choices=list(SYNTHETIC_MODELS))
