@@ -18,11 +18,11 @@ from pygemma4.config import open_model
 from pygemma4.engine import Engine
 from pygemma4.gguf_file import read_gguf
 from pygemma4.models import synthetic
+from pygemma4.models.shapes import model_shape
 from pygemma4.models.synthetic import (
     SYNTHETIC_MODELS,
     main,
     q4_k_m_tensor_types,
-    resolve_model,
     synthetic_model_path,
     synthetic_model_summary,
     synthetic_tensors,
@@ -100,7 +100,7 @@ def test_type_mix_is_that_of_llama_cpps_quantizer(
         str(source).encode(), str(out).encode(), ctypes.byref(params)
     )
     assert rc == 0
-    model = resolve_model(name, **overrides)
+    model = model_shape(name, **overrides)
     predicted = {s.name: s.type for s in synthetic_tensors(model, "Q4_K_M", float_type=T.F32)}
     actual = file_types(out)
     assert predicted == actual
@@ -233,17 +233,17 @@ def test_full_size_file_passes_validation_with_the_real_shapes(tmp_path: Path, n
 
 
 def test_smaller_variants_keep_valid_kv_sharing() -> None:
-    assert resolve_model("e4b", n_layer=8).n_shared_kv == 2  # layers 6 (sliding), 7 (full)
-    assert resolve_model("e2b", n_layer=7).n_shared_kv == 2
-    assert resolve_model("e4b", n_layer=3).n_shared_kv == 0  # no earlier full layer to share
+    assert model_shape("e4b", n_layer=8).n_shared_kv == 2  # layers 6 (sliding), 7 (full)
+    assert model_shape("e2b", n_layer=7).n_shared_kv == 2
+    assert model_shape("e4b", n_layer=3).n_shared_kv == 0  # no earlier full layer to share
     with pytest.raises(ValueError, match="without an earlier layer"):
-        resolve_model("e4b", n_layer=8, n_shared_kv=3)
-    with pytest.raises(ValueError, match="unknown synthetic model"):
-        resolve_model("7b")
-    with pytest.raises(ValueError, match="unknown SyntheticModel field"):
-        resolve_model("e4b", layers=4)
+        model_shape("e4b", n_layer=8, n_shared_kv=3)
+    with pytest.raises(ValueError, match="unknown model"):
+        model_shape("7b")
+    with pytest.raises(ValueError, match="unknown ModelShape field"):
+        model_shape("e4b", layers=4)
     with pytest.raises(ValueError, match="vocab_size must be at least"):
-        resolve_model("e4b", vocab_size=100)
+        model_shape("e4b", vocab_size=100)
 
 
 # -- the weights ---------------------------------------------------------------------------------
@@ -358,7 +358,7 @@ def test_summary_counts_what_a_decode_step_reads() -> None:
     e4b = synthetic_model_summary("e4b")
     specs = {s.name: s for s in synthetic_tensors("e4b")}
     assert e4b["parameters"] == sum(s.n_elements for s in specs.values())
-    vectors = sum(s.nbytes for s in specs.values() if len(s.ne) == 1)
+    vectors = sum(s.nbytes for s in specs.values() if len(s.shape) == 1)
     gathered = specs["per_layer_token_embd.weight"].nbytes
     assert e4b["decode_bytes"] == e4b["tensor_bytes"] - gathered - vectors
     assert 7.4e9 < e4b["parameters"] < 7.5e9  # the text model of "E4B, 8B with embeddings"
@@ -369,8 +369,8 @@ def test_summary_counts_what_a_decode_step_reads() -> None:
     assert 25.1e9 < moe["parameters"] < 25.3e9
     assert 3.7e9 < moe["decode_parameters"] < 3.9e9  # "A4B": 3.8B active
     specs = synthetic_tensors("26b-a4b")
-    vectors = sum(s.nbytes for s in specs if len(s.ne) == 1)
-    experts = sum(s.nbytes for s in specs if len(s.ne) == 3)
+    vectors = sum(s.nbytes for s in specs if len(s.shape) == 1)
+    experts = sum(s.nbytes for s in specs if len(s.shape) == 3)
     unused = experts * (128 - 8) / 128
     assert moe["decode_bytes"] == round(moe["tensor_bytes"] - vectors - unused)
 
