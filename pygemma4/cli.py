@@ -399,7 +399,10 @@ def bench() -> None:
 @_backend_options
 @click.option("-t", "--threads", type=click.IntRange(min=1), help="CPU threads [default: all].")
 @click.option(
-    "--compare", type=click.Choice(["llamacpp"]), help="Measure llama.cpp too, interleaved."
+    "--compare",
+    type=click.Choice(["llamacpp"]),
+    help="Measure llama.cpp too: interleaved where both engines fit in memory, else one after "
+    "the other.",
 )
 @click.option("--seed", type=click.IntRange(min=0), default=0, help="Seed of the token ids fed.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write JSON.")
