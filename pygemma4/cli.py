@@ -337,7 +337,7 @@ class _IntList(click.ParamType):
 
 
 def _synthetic_names() -> list[str]:
-    from pygemma4.synthetic import SYNTHETIC_MODELS
+    from pygemma4.models.synthetic import SYNTHETIC_MODELS
 
     return list(SYNTHETIC_MODELS)
 
@@ -346,7 +346,7 @@ def _synthetic_path(synthetic: str) -> Path:
     """The cached synthetic model (written first where it is not cached yet)."""
     from rich.console import Console
 
-    from pygemma4.synthetic import cache_file_name, synthetic_model_path
+    from pygemma4.models.synthetic import cache_file_name, synthetic_model_path
 
     with Console(stderr=True).status(f"writing the synthetic model {cache_file_name(synthetic)}"):
         return synthetic_model_path(synthetic)
@@ -399,7 +399,10 @@ def bench() -> None:
 @_backend_options
 @click.option("-t", "--threads", type=click.IntRange(min=1), help="CPU threads [default: all].")
 @click.option(
-    "--compare", type=click.Choice(["llamacpp"]), help="Measure llama.cpp too, interleaved."
+    "--compare",
+    type=click.Choice(["llamacpp"]),
+    help="Measure llama.cpp too: interleaved where both engines fit in memory, else one after "
+    "the other.",
 )
 @click.option("--seed", type=click.IntRange(min=0), default=0, help="Seed of the token ids fed.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write JSON.")
@@ -619,7 +622,7 @@ def _is_loopback(endpoint: str) -> bool:
 def _model_path(model: str | None) -> Path:
     if model is not None:
         return Path(model)
-    from pygemma4.demo import demo_model_path
+    from pygemma4.models.demo import demo_model_path
 
     path = demo_model_path()
     click.echo(DEMO_NOTICE.format(path=path), err=True)

@@ -7,9 +7,11 @@ import dataclasses
 import math
 import os
 from collections import defaultdict
-from typing import Any
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, Protocol
 
-from pygemma4.config import ModelFile, open_model
+from pygemma4.config import ModelConfig, ModelFile, open_model
 from pygemma4.errors import TokenizerError
 from pygemma4.gguf_file import type_name
 from pygemma4.tokenizer import (
@@ -33,6 +35,29 @@ TOKEN_TYPE_NAMES = {
 }
 
 
+class SizedTensor(Protocol):
+    """A tensor's name, shape (GGUF ne order) and size in bytes: a file's TensorInfo, or a
+    TensorSpec of a file to be written."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+
+    @property
+    def nbytes(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class DecodeRead:
+    """What one decode step of one sequence reads of a model's weights (see decode_read_share):
+    parameters and bytes."""
+
+    parameters: int
+    bytes: int
+
+
 def decode_read_share(
     name: str, n_dims: int, has_output: bool, n_expert_used: int, n_expert: int
 ) -> float:
@@ -49,20 +74,24 @@ def decode_read_share(
     return n_expert_used / n_expert if n_dims == 3 else 1.0
 
 
+def decode_read(tensors: Iterable[SizedTensor], config: ModelConfig) -> DecodeRead:
+    """What one decode step of one sequence reads of `tensors`, the tensors of a model of
+    `config` (each counted by decode_read_share)."""
+    parameters = 0
+    nbytes = 0.0
+    for tensor in tensors:
+        share = decode_read_share(
+            tensor.name, len(tensor.shape), config.has_output, config.n_expert_used, config.n_expert
+        )
+        parameters += round(math.prod(tensor.shape) * share)
+        nbytes += tensor.nbytes * share
+    return DecodeRead(parameters, round(nbytes))
+
+
 def decode_read_bytes(model: ModelFile) -> int:
     """Bytes of weights one decode step of one sequence reads from the open model file
     `model` (see decode_read_share)."""
-    tensors, config = model.gguf.tensors, model.config
-    has_output = "output.weight" in tensors
-    return round(
-        sum(
-            t.nbytes
-            * decode_read_share(
-                t.name, len(t.shape), has_output, config.n_expert_used, config.n_expert
-            )
-            for t in tensors.values()
-        )
-    )
+    return decode_read(model.gguf.tensors.values(), model.config).bytes
 
 
 def describe_model(path: str | os.PathLike[str]) -> dict[str, Any]:

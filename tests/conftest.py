@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from gguf import GGUFReader, GGUFValueType, GGUFWriter
 
-from pygemma4.demo import demo_model_path
+from pygemma4.models.demo import demo_model_path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 FIXTURES_DIR = REPO_ROOT.parent / "shared" / "fixtures"

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -12,17 +13,32 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from gguf import GGMLQuantizationType
 
 from pygemma4 import Engine, _core
 from pygemma4.benchmark.isolation import IsolatedRunner, RunnerFailedError
-from pygemma4.benchmark.model_bench import BenchPlan, BenchTest, bench_model, bench_workload
+from pygemma4.benchmark.model_bench import (
+    BenchPlan,
+    BenchResult,
+    BenchTest,
+    bench_model,
+    bench_workload,
+)
+from pygemma4.benchmark.report import model_bench_notes
 from pygemma4.benchmark.runners import LlamaCppRunner, Pygemma4Runner, RunnerSpec
+from pygemma4.benchmark.schedule import (
+    choose_schedule,
+    footprint_bytes,
+    memory_available_bytes,
+    repacked_bytes,
+)
 from pygemma4.benchmark.server_process import started_server
 from pygemma4.benchmark.stats import Percentiles, Spread
 from pygemma4.benchmark.tokens import BOS
 from pygemma4.config import open_model
+from pygemma4.kv import KvLayout
 from pygemma4.model_info import decode_read_bytes, decode_read_share
-from pygemma4.synthetic import cache_file_name, write_synthetic_model
+from pygemma4.models.synthetic import cache_file_name, write_synthetic_model
 
 MODEL = "gemma4-tiny-e/model-Q4_K_M.gguf"
 
@@ -87,6 +103,7 @@ def test_compare_runs_llama_cpp_on_the_same_work(tmp_path: Path, model_file: Pat
     assert result.returncode == 0, result.stderr
     assert "llama.cpp t/s" in result.stdout and "interleaved" in result.stdout
     document = json.loads(out.read_text())
+    assert document["schedule"]["kind"] == "interleaved"
     figures = {e["engine"]: e["tokens_per_s"] for e in document["engines"]}
     assert set(figures) == {"pygemma4", "llamacpp"}
     for test in ("pp16", "tg4", "tg4 x3"):
@@ -95,22 +112,113 @@ def test_compare_runs_llama_cpp_on_the_same_work(tmp_path: Path, model_file: Pat
         assert figures["llamacpp"][test]["runs"] == 2
 
 
-def test_runs_interleave_after_the_warm_ups(model_file: Path) -> None:
+def bench_both_engines(
+    model_file: Path, plan: BenchPlan, memory_available: int
+) -> tuple[BenchResult, list[str]]:
+    """bench_model on pygemma4 and llama.cpp; returns the result and the progress messages,
+    each followed by the names of the benchmark processes alive when it was reported."""
     messages: list[str] = []
-    plan = BenchPlan(prompt_sizes=(8,), decode_tokens=2, repetitions=2, warmup=1)
+
+    def progress(message: str) -> None:
+        alive = sorted(p.name for p in multiprocessing.active_children())
+        messages.append(f"{message} {alive}")
+
     result = bench_model(
-        model_file, plan, ("pygemma4", "llamacpp"), threads=1, progress=messages.append
+        model_file,
+        plan,
+        ("pygemma4", "llamacpp"),
+        threads=1,
+        progress=progress,
+        memory_available=memory_available,
     )
-    runs = [m for m in messages if m.startswith("pp8")]
-    assert runs == [
-        "pp8: pygemma4 warm-up 1/1",
-        "pp8: llama.cpp warm-up 1/1",
-        "pp8: pygemma4 run 1/2",
-        "pp8: llama.cpp run 1/2",
-        "pp8: pygemma4 run 2/2",
-        "pp8: llama.cpp run 2/2",
+    return result, messages
+
+
+def test_runs_interleave_after_the_warm_ups_where_both_engines_fit(model_file: Path) -> None:
+    plan = BenchPlan(prompt_sizes=(8,), decode_tokens=2, repetitions=2, warmup=1)
+    result, messages = bench_both_engines(model_file, plan, memory_available=1 << 50)
+    both = "['bench-llamacpp', 'bench-pygemma4']"
+    assert [m for m in messages if m.startswith(("pp8", "loading"))] == [
+        "loading model-Q4_K_M.gguf in pygemma4 []",
+        "loading model-Q4_K_M.gguf in llama.cpp ['bench-pygemma4']",
+        f"pp8: pygemma4 warm-up 1/1 {both}",
+        f"pp8: llama.cpp warm-up 1/1 {both}",
+        f"pp8: pygemma4 run 1/2 {both}",
+        f"pp8: llama.cpp run 1/2 {both}",
+        f"pp8: pygemma4 run 2/2 {both}",
+        f"pp8: llama.cpp run 2/2 {both}",
     ]
     assert all(e.tokens_per_s["pp8"].runs == 2 for e in result.engines)
+    assert result.schedule is not None and result.schedule.kind == "interleaved"
+    notes = model_bench_notes(result)
+    assert notes[0].endswith("; the engines' runs interleaved")
+    assert "fits in the 1125899.91 GB available: the runs interleaved" in notes[1]
+
+
+def test_engines_run_one_after_the_other_where_both_do_not_fit(model_file: Path) -> None:
+    plan = BenchPlan(prompt_sizes=(8,), decode_tokens=2, repetitions=2, warmup=1)
+    result, messages = bench_both_engines(model_file, plan, memory_available=10**6)
+    runs = [m for m in messages if m.startswith(("pp8", "tg2", "loading"))]
+    # pygemma4's process runs every round and is gone before llama.cpp's starts.
+    assert runs == [
+        "loading model-Q4_K_M.gguf in pygemma4 []",
+        *(
+            f"{test}: pygemma4 {what} ['bench-pygemma4']"
+            for test in ("pp8", "tg2")
+            for what in ("warm-up 1/1", "run 1/2", "run 2/2")
+        ),
+        "loading model-Q4_K_M.gguf in llama.cpp []",
+        *(
+            f"{test}: llama.cpp {what} ['bench-llamacpp']"
+            for test in ("pp8", "tg2")
+            for what in ("warm-up 1/1", "run 1/2", "run 2/2")
+        ),
+    ]
+    assert [e.engine for e in result.engines] == ["pygemma4", "llamacpp"]
+    assert all(e.tokens_per_s[t].runs == 2 for e in result.engines for t in ("pp8", "tg2"))
+    assert result.ratio("tg2") is not None
+    assert result.schedule is not None
+    needed = result.schedule.footprint_bytes
+    assert needed is not None
+    assert result.to_json()["schedule"] == {
+        "kind": "sequential",
+        "footprint_bytes": needed,
+        "available_bytes": 10**6,
+    }
+    notes = model_bench_notes(result)
+    assert notes[0].endswith("; the engines ran one after the other")
+    assert notes[1] == (
+        f"both engines' memory, estimated at {needed / 1e6:.1f} MB (the file once, and each "
+        "engine's repacked Q4_K/Q6_K matrices and KV cache), exceeds the 1.0 MB available, and "
+        "interleaved runs would evict each other's pages: each engine ran all its runs and "
+        "stopped before the next started (pygemma4, then llama.cpp)"
+    )
+
+
+def test_the_footprint_rule(model_file: Path) -> None:
+    model = open_model(model_file)
+    multiplied = [
+        t
+        for name, t in model.gguf.tensors.items()
+        if len(t.shape) >= 2 and name != "per_layer_token_embd.weight"
+    ]
+    q4_k, q6_k = GGMLQuantizationType.Q4_K, GGMLQuantizationType.Q6_K
+    repacked = sum(t.nbytes for t in multiplied if t.type_id in (q4_k, q6_k))
+    assert repacked_bytes(model) == repacked > 0
+    assert {t.type_id for t in multiplied} > {q4_k, q6_k}  # other types are not counted
+    spec = RunnerSpec("pygemma4", model_file, max_prompt=64, max_decode=16, max_sequences=4)
+    kv = KvLayout.for_model(model.config, n_ctx=64, max_sequences=4, max_chunk=64).nbytes
+    needed = footprint_bytes(model, spec)
+    assert needed == model.gguf.file_size + 2 * repacked + 2 * kv
+    assert choose_schedule(model, spec, needed).kind == "interleaved"
+    assert choose_schedule(model, spec, needed - 1).kind == "sequential"
+    unknown = choose_schedule(model, spec, None)
+    assert (unknown.kind, unknown.footprint_bytes) == ("interleaved", None)
+    on_cuda = choose_schedule(model, RunnerSpec("pygemma4", model_file, backend="cuda"), 1)
+    assert (on_cuda.kind, on_cuda.footprint_bytes) == ("interleaved", None)
+    with open("/proc/meminfo") as meminfo:
+        total = int(meminfo.readline().split()[1]) * 1024  # MemTotal
+    assert 0 < memory_available_bytes() <= total
 
 
 def test_the_workload_is_the_same_for_every_engine_and_seeded() -> None:
@@ -177,7 +285,9 @@ def test_llama_cpp_not_installed_is_skipped_with_the_reason(
     (shadow / "__init__.py").write_text("raise ImportError('No module named llama_cpp')\n")
     result = run_bench(
         str(model_file), "-p", "8", "-n", "2", "-r", "1", "-t", "1", "--compare", "llamacpp",
-        cwd=tmp_path, env={"PYTHONPATH": str(shadow.parent)},
+        cwd=tmp_path, env={"PYTHONPATH": os.pathsep.join(
+            [str(shadow.parent), *filter(None, [os.environ.get("PYTHONPATH")])]
+        )},
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "llama.cpp skipped: llama-cpp-python is not installed" in result.stdout

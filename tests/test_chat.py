@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 
 from pygemma4.chat import GEMMA4_TEMPLATE, ChatTemplate
-from pygemma4.demo import CHAT_TEMPLATE as DEMO_TEMPLATE
 from pygemma4.errors import ChatTemplateError
 from pygemma4.gguf_file import read_gguf
+from pygemma4.models.demo import CHAT_TEMPLATE as DEMO_TEMPLATE
 
 MODELS = ("gemma4-tiny-e", "gemma4-tiny-moe")
 SPECIAL_TOKEN_KEYS = {

@@ -14,7 +14,8 @@ import pytest
 from gguf import GGMLQuantizationType, GGUFReader
 
 from pygemma4.config import open_model
-from pygemma4.demo import DEMO_FILE_NAME, demo_model_path
+from pygemma4.models.demo import DEMO_FILE_NAME, demo_model_path
+from pygemma4.models.shapes import MODEL_SHAPES
 
 F32, F16, Q8_0 = GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.Q8_0
 
@@ -49,7 +50,7 @@ def test_default_cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
 
 
 def test_concurrent_generation(tmp_path: Path, demo_model_file: Path) -> None:
-    script = "from pygemma4.demo import demo_model_path; print(demo_model_path())"
+    script = "from pygemma4.models.demo import demo_model_path; print(demo_model_path())"
     env = {**os.environ, "PYGEMMA4_CACHE": str(tmp_path)}
     repo_root = Path(__file__).resolve().parent.parent
     procs = [
@@ -87,6 +88,8 @@ def test_passes_validation_with_the_documented_shape(demo_model_file: Path) -> N
     assert types == {F32, F16, Q8_0}
     for info in model.gguf.tensors.values():
         assert (info.type_id == F32) == (len(info.shape) == 1), info.name
+    # The table of model shapes describes this file.
+    assert config == MODEL_SHAPES["demo"].model_config()
 
 
 def test_proportional_rope_factors(demo_model_file: Path) -> None:

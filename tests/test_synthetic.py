@@ -6,6 +6,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -14,15 +15,15 @@ from gguf import GGUFReader
 from gguf.constants import GGML_QUANT_SIZES
 from gguf.quants import dequantize
 
-from pygemma4 import synthetic
 from pygemma4.config import open_model
 from pygemma4.engine import Engine
 from pygemma4.gguf_file import read_gguf
-from pygemma4.synthetic import (
+from pygemma4.models import synthetic
+from pygemma4.models.shapes import model_shape
+from pygemma4.models.synthetic import (
     SYNTHETIC_MODELS,
     main,
     q4_k_m_tensor_types,
-    resolve_model,
     synthetic_model_path,
     synthetic_model_summary,
     synthetic_tensors,
@@ -100,7 +101,7 @@ def test_type_mix_is_that_of_llama_cpps_quantizer(
         str(source).encode(), str(out).encode(), ctypes.byref(params)
     )
     assert rc == 0
-    model = resolve_model(name, **overrides)
+    model = model_shape(name, **overrides)
     predicted = {s.name: s.type for s in synthetic_tensors(model, "Q4_K_M", float_type=T.F32)}
     actual = file_types(out)
     assert predicted == actual
@@ -137,44 +138,30 @@ def test_type_mix_of_the_full_size_models() -> None:
 # Gemma4TextConfig defaults): layers, width, heads, KV heads sliding / full, MLP, every how many
 # layers a full-attention one, sliding window, PLE width, KV-sharing layers, K = V (no V
 # projection in full layers), experts / used / expert width, context.
-HF_CONFIGS: dict[str, dict[str, object]] = {
-    "e2b": dict(
-        layers=35, width=1536, heads=8, kv=(1, 1), n_ff=6144, period=5, window=512,
-        ple=256, shared=20, k_eq_v=False, experts=(0, 0, 0), context=131072,
-    ),
-    "e4b": dict(
-        layers=42, width=2560, heads=8, kv=(2, 2), n_ff=10240, period=6, window=512,
-        ple=256, shared=18, k_eq_v=False, experts=(0, 0, 0), context=131072,
-    ),
-    "26b-a4b": dict(
-        layers=30, width=2816, heads=16, kv=(8, 2), n_ff=2112, period=6, window=1024,
-        ple=0, shared=0, k_eq_v=True, experts=(128, 8, 704), context=262144,
-    ),
-    "31b": dict(
-        layers=60, width=5376, heads=32, kv=(16, 4), n_ff=21504, period=6, window=1024,
-        ple=0, shared=0, k_eq_v=True, experts=(0, 0, 0), context=262144,
-    ),
+HF_CONFIGS: dict[str, tuple[Any, ...]] = {
+    "e2b":     (35, 1536,  8, (1, 1),   6144, 5,  512, 256, 20, False, (0, 0, 0),     131072),
+    "e4b":     (42, 2560,  8, (2, 2),  10240, 6,  512, 256, 18, False, (0, 0, 0),     131072),
+    "26b-a4b": (30, 2816, 16, (8, 2),   2112, 6, 1024,   0,  0, True,  (128, 8, 704), 262144),
+    "31b":     (60, 5376, 32, (16, 4), 21504, 6, 1024,   0,  0, True,  (0, 0, 0),     262144),
 }  # fmt: skip
 
 
 @pytest.mark.parametrize("name", list(HF_CONFIGS))
 def test_architecture_is_the_hugging_face_config(name: str) -> None:
-    hf = HF_CONFIGS[name]
-    m = SYNTHETIC_MODELS[name]
-    assert (m.n_layer, m.n_embd, m.n_head) == (hf["layers"], hf["width"], hf["heads"])
-    assert (m.n_head_kv_swa, m.n_head_kv_full) == hf["kv"]
-    assert (m.head_dim_swa, m.head_dim_full, m.vocab_size) == (256, 512, 262144)
-    assert (m.n_ff, m.sliding_window, m.context_length) == (hf["n_ff"], hf["window"], hf["context"])
-    assert (m.n_embd_per_layer, m.n_shared_kv, m.full_has_v) == (
-        hf["ple"],
-        hf["shared"],
-        not hf["k_eq_v"],
+    layers, width, heads, kv, n_ff, period, window, ple, shared, k_eq_v, experts, context = (
+        HF_CONFIGS[name]
     )
-    assert (m.n_expert, m.n_expert_used, m.n_ff_expert) == hf["experts"]
+    m = SYNTHETIC_MODELS[name]
+    assert (m.n_layer, m.n_embd, m.n_head) == (layers, width, heads)
+    assert (m.n_head_kv_swa, m.n_head_kv_full) == kv
+    assert (m.head_dim_swa, m.head_dim_full, m.vocab_size) == (256, 512, 262144)
+    assert (m.n_ff, m.sliding_window, m.context_length) == (n_ff, window, context)
+    assert (m.n_embd_per_layer, m.n_shared_kv, m.full_has_v) == (ple, shared, not k_eq_v)
+    assert (m.n_expert, m.n_expert_used, m.n_ff_expert) == experts
     assert (m.final_logit_softcap, m.rms_eps) == (30.0, 1e-6)
     assert (m.rope_base_swa, m.rope_base_full, m.partial_rotary_full) == (1e4, 1e6, 0.25)
     full = [il for il, sliding in enumerate(m.sliding) if not sliding]
-    assert full == list(range(hf["period"] - 1, m.n_layer, hf["period"]))
+    assert full == list(range(period - 1, m.n_layer, period))
     assert full[-1] == m.n_layer - 1
 
 
@@ -233,17 +220,17 @@ def test_full_size_file_passes_validation_with_the_real_shapes(tmp_path: Path, n
 
 
 def test_smaller_variants_keep_valid_kv_sharing() -> None:
-    assert resolve_model("e4b", n_layer=8).n_shared_kv == 2  # layers 6 (sliding), 7 (full)
-    assert resolve_model("e2b", n_layer=7).n_shared_kv == 2
-    assert resolve_model("e4b", n_layer=3).n_shared_kv == 0  # no earlier full layer to share
+    assert model_shape("e4b", n_layer=8).n_shared_kv == 2  # layers 6 (sliding), 7 (full)
+    assert model_shape("e2b", n_layer=7).n_shared_kv == 2
+    assert model_shape("e4b", n_layer=3).n_shared_kv == 0  # no earlier full layer to share
     with pytest.raises(ValueError, match="without an earlier layer"):
-        resolve_model("e4b", n_layer=8, n_shared_kv=3)
-    with pytest.raises(ValueError, match="unknown synthetic model"):
-        resolve_model("7b")
-    with pytest.raises(ValueError, match="unknown SyntheticModel field"):
-        resolve_model("e4b", layers=4)
+        model_shape("e4b", n_layer=8, n_shared_kv=3)
+    with pytest.raises(ValueError, match="unknown model"):
+        model_shape("7b")
+    with pytest.raises(ValueError, match="unknown ModelShape field"):
+        model_shape("e4b", layers=4)
     with pytest.raises(ValueError, match="vocab_size must be at least"):
-        resolve_model("e4b", vocab_size=100)
+        model_shape("e4b", vocab_size=100)
 
 
 # -- the weights ---------------------------------------------------------------------------------
@@ -358,7 +345,7 @@ def test_summary_counts_what_a_decode_step_reads() -> None:
     e4b = synthetic_model_summary("e4b")
     specs = {s.name: s for s in synthetic_tensors("e4b")}
     assert e4b["parameters"] == sum(s.n_elements for s in specs.values())
-    vectors = sum(s.nbytes for s in specs.values() if len(s.ne) == 1)
+    vectors = sum(s.nbytes for s in specs.values() if len(s.shape) == 1)
     gathered = specs["per_layer_token_embd.weight"].nbytes
     assert e4b["decode_bytes"] == e4b["tensor_bytes"] - gathered - vectors
     assert 7.4e9 < e4b["parameters"] < 7.5e9  # the text model of "E4B, 8B with embeddings"
@@ -369,8 +356,8 @@ def test_summary_counts_what_a_decode_step_reads() -> None:
     assert 25.1e9 < moe["parameters"] < 25.3e9
     assert 3.7e9 < moe["decode_parameters"] < 3.9e9  # "A4B": 3.8B active
     specs = synthetic_tensors("26b-a4b")
-    vectors = sum(s.nbytes for s in specs if len(s.ne) == 1)
-    experts = sum(s.nbytes for s in specs if len(s.ne) == 3)
+    vectors = sum(s.nbytes for s in specs if len(s.shape) == 1)
+    experts = sum(s.nbytes for s in specs if len(s.shape) == 3)
     unused = experts * (128 - 8) / 128
     assert moe["decode_bytes"] == round(moe["tensor_bytes"] - vectors - unused)
 

@@ -2,12 +2,15 @@
 GGUF, their load times and peak memory.
 
 Every engine gets exactly the same token ids (drawn once from a seeded generator), runs each
-test `warmup` times unmeasured, then `repetitions` measured times; the engines' runs alternate,
-so a change in the machine's state (another process, the clock, the page cache) falls on both.
+test `warmup` times unmeasured, then `repetitions` measured times. The engines' runs alternate,
+so a change in the machine's state (another process, the clock) falls on both, unless both
+engines' memory does not fit in the machine together: then one engine runs after the other
+(`schedule`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import platform
 import time
@@ -21,9 +24,10 @@ import numpy as np
 from pygemma4 import _core
 from pygemma4.benchmark.isolation import IsolatedRunner
 from pygemma4.benchmark.runners import ENGINE_TITLES, RunnerSpec, RunnerUnavailableError
+from pygemma4.benchmark.schedule import Schedule, choose_schedule, memory_available_bytes
 from pygemma4.benchmark.stats import Spread
 from pygemma4.benchmark.tokens import BOS, random_ids
-from pygemma4.config import open_model
+from pygemma4.config import ModelFile, open_model
 from pygemma4.engine import check_backend
 from pygemma4.model_info import decode_read_bytes
 
@@ -132,11 +136,11 @@ class ModelSummary:
     synthetic: str | None = None  # the synthetic model's name: random weights
 
     @classmethod
-    def of(cls, path: Path, synthetic: str | None = None) -> ModelSummary:
+    def of(cls, model: ModelFile, synthetic: str | None = None) -> ModelSummary:
         from gguf import LlamaFileType
 
-        model = open_model(path)
         gguf = model.gguf
+        path = gguf.path
         file_type = gguf.metadata.get("general.file_type")
         try:
             type_label = LlamaFileType(file_type).name.removeprefix("MOSTLY_")
@@ -182,6 +186,8 @@ class BenchResult:
     # Bytes/s that the run's threads read from memory, measured before the engines started
     # (CPU backend only): the ceiling of a decode step, which reads every weight once.
     memory_read_bytes_per_s: float | None = None
+    # How the runs of two or more engines were ordered (None for one engine).
+    schedule: Schedule | None = None
 
     def ratio(self, test: str, engine: str = "pygemma4", other: str = "llamacpp") -> float | None:
         """`engine`'s tokens/s over `other`'s in test `test`, where both ran it."""
@@ -225,6 +231,7 @@ class BenchResult:
                 for e in self.engines
             },
             "memory_read_bytes_per_s": self.memory_read_bytes_per_s,
+            "schedule": None if self.schedule is None else self.schedule.to_json(),
         }
 
 
@@ -241,75 +248,57 @@ def bench_model(
     threads: int = 1,
     synthetic: str | None = None,
     progress: Progress | None = None,
+    memory_available: int | None = None,
 ) -> BenchResult:
     """Measure `plan` with each engine on `model`. An engine other than pygemma4 that cannot
     run here (not installed) is skipped with the reason in `skipped`; a backend that cannot
-    run here, or an error in a run, raises."""
+    run here, or an error in a run, raises.
+
+    With two or more engines, `memory_available` (bytes; default: MemAvailable now) decides
+    whether their runs interleave (see `schedule`).
+    """
     check_backend(backend, device)  # here, before any engine's process starts
     report = progress or (lambda _: None)
     memory_read = None
     if backend == "cpu":
         report(f"measuring memory read bandwidth ({threads} threads)")
         memory_read = _core.memory_read_bandwidth(threads)
-    summary = ModelSummary.of(model, synthetic)
+    model_file = open_model(model)
+    summary = ModelSummary.of(model_file, synthetic)
     tests = plan.tests
-    prompts, decode_steps = bench_workload(plan, summary.vocab_size)
+    spec = RunnerSpec(
+        "pygemma4",
+        model,
+        backend=backend,
+        device=device,
+        threads=threads,
+        max_prompt=max((t.tokens for t in tests if t.kind == "prefill"), default=1),
+        max_decode=max((t.tokens for t in tests if t.kind == "decode"), default=1),
+        max_sequences=max(t.sequences for t in tests),
+    )
+    schedule = None
+    if len(engines) > 1:
+        available = memory_available_bytes() if memory_available is None else memory_available
+        schedule = choose_schedule(model_file, spec, available)
     started = time.strftime("%Y-%m-%d %H:%M:%S %z")
-    runners: dict[str, IsolatedRunner] = {}
+    workload = bench_workload(plan, summary.vocab_size)
+    results: list[EngineResult] = []
     skipped: dict[str, str] = {}
-    try:
-        for engine in engines:
-            report(f"loading {model.name} in {ENGINE_TITLES[engine]}")
-            spec = RunnerSpec(
-                engine,
-                model,
-                backend=backend,
-                device=device,
-                threads=threads,
-                max_prompt=max((t.tokens for t in tests if t.kind == "prefill"), default=1),
-                max_decode=max((t.tokens for t in tests if t.kind == "decode"), default=1),
-                max_sequences=max(t.sequences for t in tests),
-            )
-            try:
-                runners[engine] = IsolatedRunner(spec)
-            except RunnerUnavailableError as e:
-                if engine == "pygemma4":
-                    raise
-                skipped[engine] = str(e)
-        seconds: dict[str, dict[str, list[float]]] = {e: {} for e in runners}
-        for test in tests:
-            for round_index in range(plan.warmup + plan.repetitions):
-                measured = round_index >= plan.warmup
-                what = (
-                    f"run {round_index - plan.warmup + 1}/{plan.repetitions}"
-                    if measured
-                    else f"warm-up {round_index + 1}/{plan.warmup}"
-                )
-                for engine, runner in runners.items():
-                    report(f"{test.name}: {runner.title} {what}")
-                    if test.kind == "prefill":
-                        taken = runner.prefill(prompts[test.tokens])
-                    else:
-                        taken = runner.decode(decode_steps[test.sequences])
-                    if measured:
-                        seconds[engine].setdefault(test.name, []).append(taken)
-        results = [
-            EngineResult(
-                engine,
-                runner.load_s,
-                runner.peak_rss_bytes,
-                {
-                    test.name: Spread.of(
-                        [test.tokens_per_run / s for s in seconds[engine][test.name]]
-                    )
-                    for test in tests
-                },
-            )
-            for engine, runner in runners.items()
-        ]
-    finally:
-        for runner in runners.values():
-            runner.close()
+    for phase in schedule.phases(engines) if schedule else [tuple(engines)]:
+        runners: dict[str, IsolatedRunner] = {}
+        try:
+            for engine in phase:
+                report(f"loading {model.name} in {ENGINE_TITLES[engine]}")
+                try:
+                    runners[engine] = IsolatedRunner(dataclasses.replace(spec, engine=engine))
+                except RunnerUnavailableError as e:
+                    if engine == "pygemma4":
+                        raise
+                    skipped[engine] = str(e)
+            results += _measure(runners, plan, workload, report)
+        finally:
+            for runner in runners.values():
+                runner.close()
     return BenchResult(
         model=summary,
         plan=plan,
@@ -321,12 +310,51 @@ def bench_model(
         started=started,
         machine=machine_description(),
         memory_read_bytes_per_s=memory_read,
+        schedule=schedule,
     )
 
 
-def bench_workload(
-    plan: BenchPlan, vocab_size: int
-) -> tuple[dict[int, list[int]], dict[int, np.ndarray]]:
+Workload = tuple[dict[int, list[int]], dict[int, np.ndarray]]
+
+
+def _measure(
+    runners: dict[str, IsolatedRunner], plan: BenchPlan, workload: Workload, report: Progress
+) -> list[EngineResult]:
+    """Every test of `plan` on each of `runners`: the rounds of one test in turn, and within a
+    round the runners in turn."""
+    prompts, decode_steps = workload
+    seconds: dict[str, dict[str, list[float]]] = {e: {} for e in runners}
+    for test in plan.tests:
+        for round_index in range(plan.warmup + plan.repetitions):
+            measured = round_index >= plan.warmup
+            what = (
+                f"run {round_index - plan.warmup + 1}/{plan.repetitions}"
+                if measured
+                else f"warm-up {round_index + 1}/{plan.warmup}"
+            )
+            for engine, runner in runners.items():
+                report(f"{test.name}: {runner.title} {what}")
+                if test.kind == "prefill":
+                    taken = runner.prefill(prompts[test.tokens])
+                else:
+                    taken = runner.decode(decode_steps[test.sequences])
+                if measured:
+                    seconds[engine].setdefault(test.name, []).append(taken)
+    return [
+        EngineResult(
+            engine,
+            runner.load_s,
+            runner.peak_rss_bytes,
+            {
+                test.name: Spread.of([test.tokens_per_run / s for s in seconds[engine][test.name]])
+                for test in plan.tests
+            },
+        )
+        for engine, runner in runners.items()
+    ]
+
+
+def bench_workload(plan: BenchPlan, vocab_size: int) -> Workload:
     """The token ids every engine is fed: a prompt per prefill size (BOS, then random ids)
     and decode steps [sequences, decode_tokens] per batch, from one seeded generator."""
     rng = np.random.default_rng(plan.seed)

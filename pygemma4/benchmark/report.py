@@ -13,6 +13,7 @@ from rich.table import Table
 from pygemma4.benchmark.load import LoadResult
 from pygemma4.benchmark.model_bench import BenchResult
 from pygemma4.benchmark.runners import ENGINE_TITLES
+from pygemma4.benchmark.schedule import SEQUENTIAL, Schedule
 from pygemma4.benchmark.stats import Percentiles, Spread
 
 SYNTHETIC_NOTICE = (
@@ -87,11 +88,22 @@ def model_bench_notes(result: BenchResult) -> list[str]:
     notes = []
     if result.model.synthetic:
         notes.append(SYNTHETIC_NOTICE.format(name=result.model.synthetic))
+    schedule = result.schedule if len(result.engines) > 1 else None
+    order = ""
+    if schedule is not None:
+        sequential = schedule.kind == SEQUENTIAL
+        order = (
+            "; the engines ran one after the other"
+            if sequential
+            else "; the engines' runs interleaved"
+        )
     notes.append(
         f"tokens/s: mean ± standard deviation over {plan.repetitions} runs after "
         f"{plan.warmup} warm-up run(s); every engine fed the same token ids (seed {plan.seed})"
-        + ("; the engines' runs interleaved" if len(result.engines) > 1 else "")
+        + order
     )
+    if schedule is not None:
+        notes += _schedule_notes(schedule, result)
     if result.memory_read_bytes_per_s is not None:
         notes.append(
             f"memory read bandwidth: {result.memory_read_bytes_per_s / 1e9:.1f} GB/s "
@@ -110,6 +122,27 @@ def model_bench_notes(result: BenchResult) -> list[str]:
     for engine, reason in result.skipped.items():
         notes.append(f"{ENGINE_TITLES[engine]} skipped: {reason}")
     return notes
+
+
+def _schedule_notes(schedule: Schedule, result: BenchResult) -> list[str]:
+    """Why the engines' runs interleaved or ran one engine after the other."""
+    needed, available = schedule.footprint_bytes, schedule.available_bytes
+    if needed is None or available is None:
+        if result.backend == "cpu":
+            return ["the memory available is unknown (no MemAvailable): the runs interleaved"]
+        return []  # on CUDA the weights live in device memory
+    estimate = (
+        f"both engines' memory, estimated at {_bytes(needed)} (the file once, and each "
+        "engine's repacked Q4_K/Q6_K matrices and KV cache)"
+    )
+    if schedule.kind != SEQUENTIAL:
+        return [f"{estimate}, fits in the {_bytes(available)} available: the runs interleaved"]
+    order = ", then ".join(engine.title for engine in result.engines)
+    return [
+        f"{estimate}, exceeds the {_bytes(available)} available, and interleaved runs would "
+        f"evict each other's pages: each engine ran all its runs and stopped before the next "
+        f"started ({order})"
+    ]
 
 
 def print_model_bench(result: BenchResult, console: Console) -> None:

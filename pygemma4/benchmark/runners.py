@@ -63,6 +63,11 @@ class RunnerSpec:
         """Positions one sequence needs: the longest prompt, or BOS and every decode step."""
         return max(self.max_prompt, self.max_decode + 1)
 
+    @property
+    def n_batch(self) -> int:
+        """Tokens one step takes at most: the longest prompt, or a token of every sequence."""
+        return max(self.max_prompt, self.max_sequences)
+
 
 class Runner(Protocol):
     """One engine with a model loaded."""
@@ -106,7 +111,7 @@ class Pygemma4Runner:
             threads=spec.threads,
             n_ctx=spec.n_ctx,
             max_sequences=spec.max_sequences,
-            n_batch=max(spec.max_prompt, spec.max_sequences),
+            n_batch=spec.n_batch,
         )
 
     def prefill(self, tokens: Sequence[int]) -> float:
@@ -149,7 +154,7 @@ class LlamaCppRunner:
         self._model = llama_cpp.llama_model_load_from_file(str(spec.model).encode(), model_params)
         if not self._model:
             raise RunnerUnavailableError(f"llama.cpp could not load {spec.model}")
-        self._n_batch = max(spec.max_prompt, spec.max_sequences)
+        self._n_batch = spec.n_batch
         context_params = llama_cpp.llama_context_default_params()
         context_params.n_ctx = spec.n_ctx * spec.max_sequences
         context_params.n_batch = self._n_batch
