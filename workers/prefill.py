@@ -15,8 +15,8 @@ import numpy as np
 from pygemma4 import protocol
 from pygemma4.config import open_model
 from pygemma4.engine import load_core_model
-from pygemma4.protocol import PrefillDone, PrefillJob
-from workers.runtime import (
+from pygemma4.protocol import PrefillResult, PromptToPrefill
+from pygemma4.workers.runtime import (
     ServerConfig,
     Worker,
     map_kv_pool,
@@ -28,7 +28,7 @@ from workers.runtime import (
 class Job:
     """A prefill job and how much of it is written."""
 
-    message: PrefillJob
+    message: PromptToPrefill
     done: int = 0
 
 
@@ -48,10 +48,9 @@ class PrefillWorker(Worker):
         """Whether jobs are queued."""
         return bool(self.jobs)
 
-    def handle(self, message: protocol.Internal) -> None:
+    def queue(self, prompt: PromptToPrefill) -> None:
         """Queue a job."""
-        if isinstance(message, PrefillJob):
-            self.jobs.append(Job(message))
+        self.jobs.append(Job(prompt))
 
     def work(self) -> None:
         """Run the next chunk of the queued jobs."""
@@ -112,8 +111,11 @@ class PrefillWorker(Worker):
     def answer(self, job: Job, error: str | None) -> None:
         """Tell the decode worker the job is written, or why it failed."""
         self.mail.send(
-            "decode", PrefillDone(rid=job.message.rid, epoch=job.message.epoch, error=error)
+            "decode", PrefillResult(rid=job.message.rid, epoch=job.message.epoch, error=error)
         )
+
+    takes = protocol.PrefillInbox
+    handlers = {PromptToPrefill: queue}
 
 
 if __name__ == "__main__":
