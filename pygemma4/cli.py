@@ -266,7 +266,7 @@ def serve(
     from rich.console import Console
 
     from pygemma4.engine import default_threads
-    from workers.frontend import Server
+    from pygemma4.workers.server import Server
 
     if (options["curve_secret_key"] is None) != (options["curve_clients"] is None):
         raise click.UsageError("--curve-secret-key and --curve-clients go together")

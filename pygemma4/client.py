@@ -27,16 +27,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import itertools
 import math
 import numbers
 import os
 import threading
-from collections.abc import AsyncIterator, Coroutine, Iterable, Iterator, Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Callable,
+    Coroutine,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from types import EllipsisType, TracebackType
-from typing import Any, Final, TypeVar
+from typing import Any, Concatenate, Final, ParamSpec, TypeVar
 
 import msgspec
 import zmq
@@ -76,6 +85,7 @@ DEFAULT_TIMEOUT = 60.0
 _CLOSE_LINGER_MS = 200
 
 _T = TypeVar("_T")
+_P = ParamSpec("_P")
 
 
 # --- Errors ----------------------------------------------------------------------------------
@@ -770,6 +780,56 @@ class AsyncCompletionStream:
 # --- threads ---------------------------------------------------------------------------------
 
 
+def _twin(
+    method: Callable[Concatenate[AsyncClient, _P], Any], doc: str, returns: str | None = None
+) -> Callable[[Callable[..., _T]], Callable[Concatenate[Client, _P], _T]]:
+    """Dress the decorated function as the `Client` twin of the `AsyncClient` `method`: the
+    same name and parameters, the docstring `doc`, and the same return annotation unless
+    `returns` names another."""
+
+    def dress(function: Callable[..., _T]) -> Callable[Concatenate[Client, _P], _T]:
+        signature = inspect.signature(method)
+        if returns is not None:
+            signature = signature.replace(return_annotation=returns)
+        function.__name__ = method.__name__
+        function.__qualname__ = f"Client.{method.__name__}"
+        function.__doc__ = doc
+        function.__signature__ = signature  # type: ignore[attr-defined]
+        function.__annotations__ = {
+            **method.__annotations__,
+            "return": signature.return_annotation,
+        }
+        return function
+
+    return dress
+
+
+def _blocking(
+    method: Callable[Concatenate[AsyncClient, _P], Coroutine[Any, Any, _T]],
+) -> Callable[Concatenate[Client, _P], _T]:
+    """The `Client` twin of a coroutine method of `AsyncClient`: it runs the coroutine on the
+    client's loop and waits for its outcome."""
+
+    @_twin(method, f"`AsyncClient.{method.__name__}`, blocking.")
+    def blocking(self: Client, *args: Any, **kwargs: Any) -> _T:
+        return self._run(method(self._client, *args, **kwargs))
+
+    return blocking
+
+
+def _iterating(
+    method: Callable[Concatenate[AsyncClient, _P], AsyncCompletionStream],
+) -> Callable[Concatenate[Client, _P], CompletionStream]:
+    """The `Client` twin of a method of `AsyncClient` that makes a stream: the same stream, as
+    a plain iterator."""
+
+    @_twin(method, f"`AsyncClient.{method.__name__}`, as a plain iterator.", "CompletionStream")
+    def iterating(self: Client, *args: Any, **kwargs: Any) -> CompletionStream:
+        return CompletionStream(self, method(self._client, *args, **kwargs))
+
+    return iterating
+
+
 class Client:
     """A client of a pygemma4 server for synchronous code, safe to use from many threads at
     once: an `AsyncClient` running in an event loop on a daemon thread of its own.
@@ -778,26 +838,14 @@ class Client:
     iterators. Use it as `with Client() as client:`, or call `close()`.
     """
 
-    def __init__(
-        self,
-        endpoint: str = DEFAULT_ENDPOINT,
-        *,
-        timeout: float | None = DEFAULT_TIMEOUT,
-        curve_secret_key: str | os.PathLike[str] | None = None,
-        curve_server_key: str | os.PathLike[str] | None = None,
-    ) -> None:
-        """See `AsyncClient`."""
-        self._client = AsyncClient(
-            endpoint,
-            timeout=timeout,
-            curve_secret_key=curve_secret_key,
-            curve_server_key=curve_server_key,
-        )
+    @_twin(AsyncClient.__init__, "See `AsyncClient`.")
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._client = AsyncClient(*args, **kwargs)
         self._lock = threading.Lock()
         self._closed = False
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
-            target=self._loop.run_forever, name=f"pygemma4 client {endpoint}", daemon=True
+            target=self._loop.run_forever, name=f"pygemma4 client {self.endpoint}", daemon=True
         )
         self._thread.start()
 
@@ -860,75 +908,12 @@ class Client:
             # Cancels the request when the wait was interrupted (KeyboardInterrupt); no-op else.
             future.cancel()
 
-    def complete(
-        self,
-        prompt: str | Sequence[int],
-        max_tokens: int | None = None,
-        *,
-        ignore_eos: bool = False,
-        timeout: float | None | EllipsisType = ...,
-        **sampling: Any,
-    ) -> CompletionResult:
-        """`AsyncClient.complete`, blocking."""
-        return self._run(
-            self._client.complete(
-                prompt, max_tokens, ignore_eos=ignore_eos, timeout=timeout, **sampling
-            )
-        )
-
-    def chat(
-        self,
-        messages: Iterable[Mapping[str, str] | ChatMessage],
-        max_tokens: int | None = None,
-        *,
-        ignore_eos: bool = False,
-        timeout: float | None | EllipsisType = ...,
-        **sampling: Any,
-    ) -> CompletionResult:
-        """`AsyncClient.chat`, blocking."""
-        return self._run(
-            self._client.chat(
-                messages, max_tokens, ignore_eos=ignore_eos, timeout=timeout, **sampling
-            )
-        )
-
-    def stream(
-        self,
-        prompt: str | Sequence[int],
-        max_tokens: int | None = None,
-        *,
-        ignore_eos: bool = False,
-        timeout: float | None | EllipsisType = ...,
-        **sampling: Any,
-    ) -> CompletionStream:
-        """`AsyncClient.stream`, as a plain iterator."""
-        stream = self._client.stream(
-            prompt, max_tokens, ignore_eos=ignore_eos, timeout=timeout, **sampling
-        )
-        return CompletionStream(self, stream)
-
-    def stream_chat(
-        self,
-        messages: Iterable[Mapping[str, str] | ChatMessage],
-        max_tokens: int | None = None,
-        *,
-        ignore_eos: bool = False,
-        timeout: float | None | EllipsisType = ...,
-        **sampling: Any,
-    ) -> CompletionStream:
-        """`AsyncClient.stream_chat`, as a plain iterator."""
-        stream = self._client.stream_chat(
-            messages, max_tokens, ignore_eos=ignore_eos, timeout=timeout, **sampling
-        )
-        return CompletionStream(self, stream)
-
-    def info(self, *, timeout: float | None | EllipsisType = ...) -> protocol.ServerInfo:
-        """`AsyncClient.info`, blocking."""
-        return self._run(self._client.info(timeout=timeout))
-
-    def health(self, *, timeout: float | None | EllipsisType = ...) -> protocol.HealthStatus:
-        """`AsyncClient.health`, blocking."""
-        return self._run(self._client.health(timeout=timeout))
+    complete = _blocking(AsyncClient.complete)
+    chat = _blocking(AsyncClient.chat)
+    stream = _iterating(AsyncClient.stream)
+    stream_chat = _iterating(AsyncClient.stream_chat)
+    info = _blocking(AsyncClient.info)
+    health = _blocking(AsyncClient.health)
 
 
 class CompletionStream:

@@ -22,13 +22,15 @@ Workers (PUSH sockets into each process's one PULL inbox, over `ipc://` on one h
     exchange the `Internal` messages below; they carry token ids and KV block tables, never
     tensors: the KV cache lives in a pool that the prefill and decode workers both map
     (shared memory; the `KvPoolSpec` describes it). A pool in CUDA IPC memory, or KV blocks sent
-    as raw frames after a `PrefillDone` across hosts, fit the same messages: only the
-    `KvPoolSpec.kind` and the transport of the block contents change.
+    as raw frames after a `PrefillResult` across hosts, fit the same messages: only the
+    `KvPoolSpec.kind` and the transport of the block contents change. Each process's inbox
+    takes only the messages of its union (`FrontEndInbox`, `TokenizerInbox`, `DecodeInbox`,
+    `PrefillInbox`); another message reaching it is a `MisroutedMessageError`.
 
-Request flow: client → front end (`TokenizeJob`) → tokenizer worker (`Generate`) → decode
-worker (`PrefillJob`) → prefill worker (`PrefillDone`) → decode worker, which decodes every
-running sequence together each step (`StepOutputs`) → tokenizer worker (detokenize, stop
-strings; `Outbound`) → front end → client.
+Request flow: client → front end (`AdmittedRequest`) → tokenizer worker (`TokenizedRequest`) →
+decode worker (`PromptToPrefill`) → prefill worker (`PrefillResult`) → decode worker, which
+decodes every running sequence together each step (`StepTokens`) → tokenizer worker
+(detokenize, stop strings; `EncodedReply`) → front end → client.
 """
 
 from __future__ import annotations
@@ -237,21 +239,24 @@ class _Internal(_Strict, tag_field="type"):
     pass
 
 
-class TokenizeJob(_Internal, tag="tokenize"):
-    """Front end → tokenizer worker: a new request, `rid` unique server-wide."""
+class AdmittedRequest(_Internal, tag="admitted"):
+    """Front end → tokenizer worker: a client's request, admitted under `rid`, unique
+    server-wide."""
 
     rid: int
     request: GenerationRequest
 
 
-class Forget(_Internal, tag="forget"):
-    """Front end → tokenizer worker: drop these requests' state (cancelled or failed)."""
+class EndedRequests(_Internal, tag="ended"):
+    """Front end or tokenizer worker → a worker holding these requests: they ended elsewhere
+    (cancelled, failed, or stopped by a stop string), so the worker drops them and what they
+    hold (the decode worker frees their KV); unknown ids are ignored."""
 
     rids: list[int]
 
 
-class Generate(_Internal, tag="generate"):
-    """Tokenizer worker → decode worker: a tokenized request to schedule."""
+class TokenizedRequest(_Internal, tag="tokenized"):
+    """Tokenizer worker → decode worker: a request as token ids, ready to schedule."""
 
     rid: int
     prompt_ids: list[int]
@@ -262,15 +267,9 @@ class Generate(_Internal, tag="generate"):
     """Index of the tokenizer worker that gets this request's tokens."""
 
 
-class Abort(_Internal, tag="abort"):
-    """To the decode worker: stop these requests and free their KV (unknown ids ignored)."""
-
-    rids: list[int]
-
-
-class PrefillJob(_Internal, tag="prefill"):
-    """Decode worker → prefill worker: compute `token_ids` at positions from `start` on into
-    the KV blocks given (a block table and a ring set of the shared pool)."""
+class PromptToPrefill(_Internal, tag="prompt"):
+    """Decode worker → prefill worker: prompt tokens to compute at positions from `start` on
+    into the KV blocks given (a block table and a ring set of the shared pool)."""
 
     rid: int
     epoch: int
@@ -281,8 +280,8 @@ class PrefillJob(_Internal, tag="prefill"):
     ring_set: int
 
 
-class PrefillDone(_Internal, tag="prefill_done"):
-    """Prefill worker → decode worker: the job's KV is written (or `error` says why not)."""
+class PrefillResult(_Internal, tag="prefilled"):
+    """Prefill worker → decode worker: a prompt's KV is written (or `error` says why not)."""
 
     rid: int
     epoch: int
@@ -299,21 +298,21 @@ class TokenOutput(_Strict):
     finish_reason: FinishReason | None = None
 
 
-class StepOutputs(_Internal, tag="step"):
+class StepTokens(_Internal, tag="step"):
     """Decode worker → tokenizer worker: the tokens of one step for that worker's requests."""
 
     outputs: list[TokenOutput]
 
 
-class RequestFailed(_Internal, tag="failed"):
-    """Decode worker → tokenizer worker: a request could not run."""
+class RequestFailure(_Internal, tag="failure"):
+    """Decode worker → tokenizer worker: why a request could not run."""
 
     rid: int
     code: ErrorCode
     message: str
 
 
-class Outbound(_Internal, tag="outbound"):
+class EncodedReply(_Internal, tag="reply"):
     """Tokenizer worker → front end: an encoded `ServerReply` for request `rid`; `final`
     when it ends the request."""
 
@@ -322,25 +321,19 @@ class Outbound(_Internal, tag="outbound"):
     reply: msgspec.Raw
 
 
-class Ready(_Internal, tag="ready"):
+class WorkerReady(_Internal, tag="ready"):
     """Worker → front end: the worker has loaded what it needs and serves its inbox."""
 
     name: str
     pid: int
 
 
-Internal = (
-    Ready
-    | TokenizeJob
-    | Forget
-    | Generate
-    | Abort
-    | PrefillJob
-    | PrefillDone
-    | StepOutputs
-    | RequestFailed
-    | Outbound
-)
+# What each process's inbox takes: anything else that reaches it is a misrouted message.
+FrontEndInbox = WorkerReady | EncodedReply
+TokenizerInbox = AdmittedRequest | StepTokens | RequestFailure | EndedRequests
+DecodeInbox = TokenizedRequest | PrefillResult | EndedRequests
+PrefillInbox = PromptToPrefill
+Internal = FrontEndInbox | TokenizerInbox | DecodeInbox | PrefillInbox
 
 
 class KvPoolSpec(_Strict):
@@ -396,9 +389,36 @@ def decode_reply(frame: bytes) -> ServerReply:
     return _decoded(_reply_decoder, frame)
 
 
-def decode_internal(frame: bytes) -> Internal:
-    """A message between workers (ProtocolError when it is not one)."""
-    return _decoded(_internal_decoder, frame)
+class MisroutedMessageError(ProtocolError):
+    """A valid message between workers reached a process whose inbox does not take it."""
+
+
+def message_types(inbox: typing.Any) -> tuple[type[msgspec.Struct], ...]:
+    """The message types of an inbox union (e.g. `DecodeInbox`)."""
+    return typing.get_args(inbox) or (inbox,)
+
+
+class InboxDecoder:
+    """Decodes what reaches the inbox of the process `process` as one of the messages of
+    `inbox` (one of the `...Inbox` unions)."""
+
+    def __init__(self, process: str, inbox: typing.Any) -> None:
+        self.process = process
+        self.takes = message_types(inbox)
+        self._decoder = msgspec.msgpack.Decoder(inbox)
+
+    def decode(self, frame: bytes) -> typing.Any:
+        """The message; ProtocolError when the frame is no message between workers,
+        MisroutedMessageError (naming the message and the process) when it is one this
+        inbox does not take."""
+        try:
+            return _decoded(self._decoder, frame)
+        except ProtocolError:
+            message = _decoded(_internal_decoder, frame)
+        takes = ", ".join(t.__name__ for t in self.takes)
+        raise MisroutedMessageError(
+            f"{type(message).__name__} sent to {self.process}, whose inbox takes only {takes}"
+        )
 
 
 def request_id_of(frame: bytes) -> int | None:

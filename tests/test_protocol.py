@@ -63,14 +63,33 @@ def test_replies_round_trip(reply: msgspec.Struct) -> None:
 
 def test_internal_messages_round_trip_with_an_embedded_reply() -> None:
     done = protocol.Done(id=1, finish_reason="stop", prompt_tokens=1, completion_tokens=1)
-    outbound = protocol.Outbound(rid=5, final=True, reply=msgspec.Raw(protocol.encode(done)))
-    decoded = protocol.decode_internal(protocol.encode(outbound))
-    assert isinstance(decoded, protocol.Outbound)
+    reply = protocol.EncodedReply(rid=5, final=True, reply=msgspec.Raw(protocol.encode(done)))
+    frontend = protocol.InboxDecoder("frontend", protocol.FrontEndInbox)
+    decoded = frontend.decode(protocol.encode(reply))
+    assert isinstance(decoded, protocol.EncodedReply)
     assert protocol.decode_reply(bytes(decoded.reply)) == done
-    job = protocol.PrefillJob(
+    prompt = protocol.PromptToPrefill(
         rid=1, epoch=2, token_ids=[2, 3], start=0, block_table=[4], ring_set=0
     )
-    assert protocol.decode_internal(protocol.encode(job)) == job
+    prefill = protocol.InboxDecoder("prefill-0", protocol.PrefillInbox)
+    assert prefill.decode(protocol.encode(prompt)) == prompt
+
+
+def test_an_internal_message_for_another_inbox_is_misrouted_naming_both() -> None:
+    tokenizer = protocol.InboxDecoder("tokenizer-0", protocol.TokenizerInbox)
+    frame = protocol.encode(protocol.PrefillResult(rid=1, epoch=1))
+    with pytest.raises(
+        protocol.MisroutedMessageError, match=r"^PrefillResult sent to tokenizer-0, "
+    ):
+        tokenizer.decode(frame)
+
+
+def test_an_invalid_internal_message_names_the_field_not_a_misroute() -> None:
+    decode = protocol.InboxDecoder("decode", protocol.DecodeInbox)
+    frame = msgspec.msgpack.encode({"type": "ended", "rids": ["one"]})
+    with pytest.raises(protocol.ProtocolError, match=r"\$\.rids\[0\]") as raised:
+        decode.decode(frame)
+    assert not isinstance(raised.value, protocol.MisroutedMessageError)
 
 
 def test_sampling_on_the_wire_has_exactly_the_fields_of_sampling_params() -> None:

@@ -17,25 +17,24 @@ from dataclasses import dataclass
 import numpy as np
 
 from pygemma4 import protocol
-from pygemma4.config import open_model
 from pygemma4.generation import TokenChoice
 from pygemma4.kv import BlockAllocator, SequenceKv
 from pygemma4.protocol import (
-    Abort,
-    Generate,
-    PrefillDone,
-    PrefillJob,
-    RequestFailed,
-    StepOutputs,
+    EndedRequests,
+    PrefillResult,
+    PromptToPrefill,
+    RequestFailure,
+    StepTokens,
+    TokenizedRequest,
     TokenOutput,
 )
-from pygemma4.runner import Feed, ModelRunner, next_token
-from workers.runtime import (
+from pygemma4.runner import Feed, next_token
+from pygemma4.workers.runtime import (
     ServerConfig,
     Worker,
     kv_layout,
-    map_kv_pool,
     run_worker,
+    shared_pool_runner,
 )
 
 
@@ -43,7 +42,7 @@ from workers.runtime import (
 class Sequence:
     """A request the decode worker has admitted."""
 
-    request: Generate
+    request: TokenizedRequest
     kv: SequenceKv
     choice: TokenChoice
     next_token: int = 0
@@ -59,18 +58,10 @@ class DecodeWorker(Worker):
         peers = ["frontend", *config.tokenizer_names(), *config.prefill_names()]
         super().__init__(config, name, peers)
         self.epoch = epoch
-        model = open_model(config.model)
-        self.runner = ModelRunner(
-            model,
-            map_kv_pool(config.kv, model.config),
-            config.max_batch,
-            config.threads,
-            config.backend,
-            config.device,
-        )
+        self.runner = shared_pool_runner(config, config.max_batch, config.threads)
         self.layout = kv_layout(config.kv)
         self.allocator = BlockAllocator(self.layout)
-        self.waiting: deque[Generate] = deque()
+        self.waiting: deque[TokenizedRequest] = deque()
         self.prefilling: dict[int, Sequence] = {}
         self.running: dict[int, Sequence] = {}
         self.next_prefill = 0
@@ -85,14 +76,9 @@ class DecodeWorker(Worker):
         if self.running:
             self.step()
 
-    def handle(self, message: protocol.Internal) -> None:
-        """Act on one message."""
-        if isinstance(message, Generate):
-            self.waiting.append(message)
-        elif isinstance(message, PrefillDone):
-            self.prefilled(message)
-        elif isinstance(message, Abort):
-            self.abort(set(message.rids))
+    def queue(self, request: TokenizedRequest) -> None:
+        """Queue a request to be admitted when it fits."""
+        self.waiting.append(request)
 
     def admit(self) -> None:
         """Start waiting requests, oldest first, while a batch place and their KV fit."""
@@ -114,7 +100,7 @@ class DecodeWorker(Worker):
             self.waiting.popleft()
             self.start(request, positions)
 
-    def start(self, request: Generate, positions: int) -> None:
+    def start(self, request: TokenizedRequest, positions: int) -> None:
         """Reserve a request's KV and send its prompt to be prefilled."""
         kv = SequenceKv(self.allocator)
         kv.ensure(positions)
@@ -139,7 +125,7 @@ class DecodeWorker(Worker):
         self.next_prefill += 1
         self.mail.send(
             prefill,
-            PrefillJob(
+            PromptToPrefill(
                 rid=request.rid,
                 epoch=self.epoch,
                 token_ids=prompt[:-1],
@@ -149,7 +135,7 @@ class DecodeWorker(Worker):
             ),
         )
 
-    def prefilled(self, done: PrefillDone) -> None:
+    def prefilled(self, done: PrefillResult) -> None:
         """A prompt's KV is written: the sequence joins the next step."""
         if done.epoch != self.epoch:
             return
@@ -165,9 +151,10 @@ class DecodeWorker(Worker):
             sequence.kv.advance(len(sequence.request.prompt_ids) - 1)
             self.running[done.rid] = sequence
 
-    def abort(self, rids: set[int]) -> None:
+    def abort(self, ended: EndedRequests) -> None:
         """Stop requests wherever they are; KV being prefilled is freed once the prefill
         worker is done writing it."""
+        rids = set(ended.rids)
         self.waiting = deque(r for r in self.waiting if r.rid not in rids)
         for rid in rids:
             if rid in self.running:
@@ -206,14 +193,17 @@ class DecodeWorker(Worker):
                 self.running.pop(rid).kv.release()
         names = self.config.tokenizer_names()
         for index, batch in outputs.items():
-            self.mail.send(names[index], StepOutputs(outputs=batch))
+            self.mail.send(names[index], StepTokens(outputs=batch))
 
-    def fail(self, request: Generate, code: protocol.ErrorCode, message: str) -> None:
+    def fail(self, request: TokenizedRequest, code: protocol.ErrorCode, message: str) -> None:
         """End a request with an error, through its tokenizer worker."""
         self.mail.send(
             self.config.tokenizer_names()[request.tokenizer],
-            RequestFailed(rid=request.rid, code=code, message=message),
+            RequestFailure(rid=request.rid, code=code, message=message),
         )
+
+    takes = protocol.DecodeInbox
+    handlers = {TokenizedRequest: queue, PrefillResult: prefilled, EndedRequests: abort}
 
 
 if __name__ == "__main__":

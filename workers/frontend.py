@@ -1,23 +1,16 @@
-"""The front end: the process `pygemma4 serve` runs.
+"""The front end: the router of the process `pygemma4 serve` runs.
 
 It binds the clients' endpoint (a ROUTER socket), checks every client message, tracks each
-request in flight until it ends in exactly one of done, cancelled or error, and supervises the
-workers: a worker that dies is restarted and the requests it held fail at once. `Server` sets
-up everything a server needs (internal endpoints, shared KV pool, configuration, processes) and
-removes it again.
+request in flight until it ends in exactly one of done, cancelled or error, answers health and
+info, and reacts to the workers the supervisor watches: a worker that dies is restarted and the
+requests it held fail at once. `server` sets up what it routes between.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import itertools
-import os
-import secrets
-import shutil
 import socket
-import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,31 +21,25 @@ import zmq
 from zmq.auth.thread import ThreadAuthenticator
 
 from pygemma4 import curve, protocol
-from pygemma4.config import ARCH, open_model
-from pygemma4.engine import check_backend, default_n_ctx
 from pygemma4.errors import Gemma4Error
-from pygemma4.kv import DEFAULT_BLOCK_SIZE, KvLayout
 from pygemma4.protocol import (
-    Abort,
+    AdmittedRequest,
     Cancel,
     Cancelled,
     Chat,
     Completion,
+    EncodedReply,
+    EndedRequests,
     Error,
     ErrorCode,
-    Forget,
     Health,
     HealthStatus,
     Info,
-    KvPoolSpec,
-    Outbound,
-    Ready,
     ServerInfo,
-    TokenizeJob,
+    WorkerReady,
 )
-from pygemma4.tokenizer import carries_tokenizer
-from workers.runtime import Mailbox, ServerConfig
-from workers.supervisor import Supervisor, WorkerProcess
+from pygemma4.workers.runtime import Mailbox, Process, ServerConfig
+from pygemma4.workers.supervisor import Supervisor, WorkerProcess
 
 # The front end answers messages up to `max_message_bytes` with an error naming the limit;
 # ZeroMQ drops a peer that sends more than this many times that, before it is buffered whole.
@@ -76,14 +63,14 @@ class Tracked:
     tokenizer: int
 
 
-class FrontEnd:
+class FrontEnd(Process):
     """Routes client messages to the workers and replies back, and reacts to worker deaths."""
 
     def __init__(self, config: ServerConfig, supervisor: Supervisor, info: ServerInfo) -> None:
         self.config = config
         self.supervisor = supervisor
         self.info = info
-        self.mail = Mailbox(config, "frontend", [*config.tokenizer_names(), "decode"])
+        self.mail = Mailbox(config, "frontend", [*config.tokenizer_names(), "decode"], self.takes)
         self.router = self.mail.context.socket(zmq.ROUTER)
         self.router.setsockopt(zmq.LINGER, 0)
         self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
@@ -127,13 +114,16 @@ class FrontEnd:
     def wait_ready(self, progress: Callable[[int, int], None]) -> None:
         """Return once every worker has loaded; `progress(ready, total)` after each one."""
         workers = self.supervisor.workers
-        progress(0, len(workers))
+        reported = 0
+        progress(reported, len(workers))
         deadline = time.monotonic() + START_TIMEOUT_S
-        while not all(w.ready for w in workers.values()):
+        while reported < len(workers):
             for message in self.mail.receive(LOOP_MS):
-                if isinstance(message, Ready):
-                    self.mark_ready(message)
-                    progress(sum(w.ready for w in workers.values()), len(workers))
+                self.handle(message)
+            ready = sum(w.ready for w in workers.values())
+            if ready != reported:
+                reported = ready
+                progress(ready, len(workers))
             dead = [w for w in workers.values() if w.process is not None and not w.alive()]
             if dead:
                 raise ServerStartError(
@@ -143,7 +133,7 @@ class FrontEnd:
             if time.monotonic() > deadline:
                 raise ServerStartError(f"workers not ready after {START_TIMEOUT_S:.0f} s")
 
-    def mark_ready(self, message: Ready) -> None:
+    def mark_ready(self, message: WorkerReady) -> None:
         """Note that a worker (this incarnation of it) has loaded."""
         worker = self.supervisor.workers.get(message.name)
         if worker is not None and worker.pid == message.pid:
@@ -157,7 +147,7 @@ class FrontEnd:
                 self.drain_clients()
             if self.mail.inbox in events:
                 for message in self.mail.receive(0):
-                    self.handle_internal(message)
+                    self.handle(message)
             died = self.supervisor.reap()
             if died:
                 self.fail_held(died)
@@ -246,20 +236,18 @@ class FrontEnd:
         self.requests[rid] = Tracked(identity, request.id, tokenizer)
         self.by_client[key] = rid
         self.mail.send(
-            self.config.tokenizer_names()[tokenizer], TokenizeJob(rid=rid, request=request)
+            self.config.tokenizer_names()[tokenizer], AdmittedRequest(rid=rid, request=request)
         )
 
-    def handle_internal(self, message: protocol.Internal) -> None:
-        """Act on one message from a worker."""
-        if isinstance(message, Outbound):
-            tracked = self.requests.get(message.rid)
-            if tracked is None:
-                return
-            if message.final:
-                self.forget(message.rid)
-            self.send(tracked.identity, bytes(message.reply))
-        elif isinstance(message, Ready):
-            self.mark_ready(message)
+    def pass_reply(self, message: EncodedReply) -> None:
+        """Pass a reply from a tokenizer worker on to its client (unless the request has
+        already ended here)."""
+        tracked = self.requests.get(message.rid)
+        if tracked is None:
+            return
+        if message.final:
+            self.forget(message.rid)
+        self.send(tracked.identity, bytes(message.reply))
 
     def fail_held(self, died: list[WorkerProcess]) -> None:
         """Fail, at once, every request a dead worker (or its group) held."""
@@ -267,11 +255,11 @@ class FrontEnd:
         if any(w.group == "kv" for w in died):
             rids = list(self.requests)
             for tokenizer in self.config.tokenizer_names():
-                self.mail.send(tokenizer, Forget(rids=rids))
+                self.mail.send(tokenizer, EndedRequests(rids=rids))
         else:
             lost = {self.config.tokenizer_names().index(w.name) for w in died}
             rids = [rid for rid, t in self.requests.items() if t.tokenizer in lost]
-            self.mail.send("decode", Abort(rids=rids))
+            self.mail.send("decode", EndedRequests(rids=rids))
         for rid in rids:
             tracked = self.requests[rid]
             self.end(
@@ -300,8 +288,8 @@ class FrontEnd:
         """Stop tracking a request and have the workers stop it and free its KV."""
         tracked = self.requests[rid]
         self.forget(rid)
-        self.mail.send("decode", Abort(rids=[rid]))
-        self.mail.send(self.config.tokenizer_names()[tracked.tokenizer], Forget(rids=[rid]))
+        self.mail.send("decode", EndedRequests(rids=[rid]))
+        self.mail.send(self.config.tokenizer_names()[tracked.tokenizer], EndedRequests(rids=[rid]))
 
     def forget(self, rid: int) -> None:
         """Stop tracking a request."""
@@ -333,6 +321,9 @@ class FrontEnd:
             self.authenticator.stop()
         self.mail.close()
 
+    takes = protocol.FrontEndInbox
+    handlers = {WorkerReady: mark_ready, EncodedReply: pass_reply}
+
 
 def _ipc_in_use(endpoint: str) -> bool:
     """Whether a process accepts connections on the socket file of an ipc:// endpoint: ZeroMQ
@@ -345,136 +336,3 @@ def _ipc_in_use(endpoint: str) -> bool:
         except OSError:
             return False  # no file, or a stale one nothing listens on
     return True
-
-
-def _anonymous_memory(nbytes: int) -> int:
-    """A descriptor of `nbytes` of shared memory that no path names: it is freed when the
-    last process holding it exits, however that happens."""
-    if hasattr(os, "memfd_create"):
-        fd = os.memfd_create("pygemma4-kv")
-    else:
-        fd, path = tempfile.mkstemp(prefix="pygemma4-kv-")
-        os.unlink(path)
-    os.ftruncate(fd, nbytes)
-    return fd
-
-
-class Server:
-    """Everything one `pygemma4 serve` holds; `close` leaves nothing behind."""
-
-    def __init__(
-        self,
-        model: str | os.PathLike[str],
-        *,
-        endpoint: str,
-        threads: int,
-        prefill_threads: int,
-        backend: str = "cpu",
-        device: int = 0,
-        max_batch: int,
-        n_ctx: int | None,
-        prefill_chunk: int,
-        tokenizer_workers: int,
-        prefill_workers: int,
-        max_pending: int,
-        max_message_bytes: int,
-        kv_tokens: int | None,
-        curve_secret_key: str | None = None,
-        curve_clients: str | None = None,
-    ) -> None:
-        check_backend(backend, device)
-        model_file = open_model(model)
-        if not carries_tokenizer(model_file.gguf.metadata):
-            raise ServerStartError(f"{model}: the file carries no tokenizer, which serving needs")
-        config = model_file.config
-        n_ctx = default_n_ctx(config) if n_ctx is None else n_ctx
-        layout = KvLayout.for_model(
-            config,
-            n_ctx=n_ctx,
-            max_sequences=max_batch,
-            max_chunk=prefill_chunk,
-            n_blocks=None if kv_tokens is None else -(-kv_tokens // DEFAULT_BLOCK_SIZE),
-        )
-        # Sockets in Linux's abstract namespace, like the pool's memory file, leave nothing to
-        # clean up even when this process is killed; elsewhere they are files in a private
-        # directory.
-        self.socket_dir: Path | None = None
-        if sys.platform == "linux":
-            ipc_base = f"ipc://@pygemma4-{os.getpid()}-{secrets.token_hex(4)}"
-        else:
-            self.socket_dir = Path(tempfile.mkdtemp(prefix="pygemma4-"))
-            ipc_base = f"ipc://{self.socket_dir}"
-        # The pool lives as long as this process: in a nameless memory file the workers inherit,
-        # or on the GPU in an allocation they open by its IPC handle.
-        self.kv_fd: int | None = None
-        self.kv_pool = None
-        if backend == "cuda":
-            self.kv_pool = layout.new_pool(config, device=device)
-            kv = KvPoolSpec(
-                kind="cuda_ipc",
-                ipc_handle=self.kv_pool.ipc_handle(),
-                device=device,
-                **dataclasses.asdict(layout),
-            )
-        else:
-            self.kv_fd = _anonymous_memory(layout.nbytes)
-            kv = KvPoolSpec(kind="shm", fd=self.kv_fd, **dataclasses.asdict(layout))
-        self.config = ServerConfig(
-            model=str(Path(model).resolve()),
-            endpoint=endpoint,
-            ipc_base=ipc_base,
-            backend=backend,
-            device=device,
-            threads=threads,
-            prefill_threads=prefill_threads,
-            max_batch=max_batch,
-            n_ctx=n_ctx,
-            prefill_chunk=prefill_chunk,
-            tokenizer_workers=tokenizer_workers,
-            prefill_workers=prefill_workers,
-            max_pending=max_pending,
-            max_message_bytes=max_message_bytes,
-            kv=kv,
-            supervisor_pid=os.getpid(),
-            curve_secret_key=curve_secret_key,
-            curve_clients=curve_clients,
-        )
-        self.supervisor = Supervisor(self.config)
-        info = ServerInfo(
-            id=None,
-            model=Path(model).name,
-            architecture=ARCH,
-            vocab_size=config.vocab_size,
-            n_ctx=n_ctx,
-            max_batch=max_batch,
-            max_pending=max_pending,
-            max_message_bytes=max_message_bytes,
-        )
-        try:
-            self.frontend = FrontEnd(self.config, self.supervisor, info)
-        except BaseException:
-            self._free_memory_and_sockets()
-            raise
-
-    def start(self, progress: Callable[[int, int], None]) -> None:
-        """Start the workers and wait until they have loaded."""
-        self.supervisor.start_all()
-        self.frontend.wait_ready(progress)
-
-    def serve(self, should_stop: Callable[[], bool]) -> None:
-        """Answer clients until `should_stop()`."""
-        self.frontend.serve(should_stop)
-
-    def close(self) -> None:
-        """Stop every process, close the sockets and free the KV pool."""
-        self.supervisor.stop_all()
-        self.frontend.close()
-        self._free_memory_and_sockets()
-
-    def _free_memory_and_sockets(self) -> None:
-        """Free the KV pool and remove the socket directory, if any."""
-        if self.kv_fd is not None:
-            os.close(self.kv_fd)
-        self.kv_pool = None
-        if self.socket_dir is not None:
-            shutil.rmtree(self.socket_dir, ignore_errors=True)

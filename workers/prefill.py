@@ -13,15 +13,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from pygemma4 import protocol
-from pygemma4.config import open_model
 from pygemma4.kv import SequenceKv
-from pygemma4.protocol import PrefillDone, PrefillJob
-from pygemma4.runner import Feed, ModelRunner
-from workers.runtime import (
+from pygemma4.protocol import PrefillResult, PromptToPrefill
+from pygemma4.runner import Feed
+from pygemma4.workers.runtime import (
     ServerConfig,
     Worker,
-    map_kv_pool,
     run_worker,
+    shared_pool_runner,
 )
 
 
@@ -29,11 +28,11 @@ from workers.runtime import (
 class Job:
     """A prefill job, and the place in the pool its tokens are written to."""
 
-    message: PrefillJob
+    message: PromptToPrefill
     kv: SequenceKv
 
     @classmethod
-    def of(cls, message: PrefillJob) -> Job:
+    def of(cls, message: PromptToPrefill) -> Job:
         """The job of a message: its tokens go into the blocks it names, from its `start`."""
         kv = SequenceKv(
             block_table=message.block_table, ring_set=message.ring_set, length=message.start
@@ -55,25 +54,16 @@ class PrefillWorker(Worker):
 
     def __init__(self, config: ServerConfig, name: str, epoch: int) -> None:
         super().__init__(config, name, ["frontend", "decode"])
-        model = open_model(config.model)
-        self.runner = ModelRunner(
-            model,
-            map_kv_pool(config.kv, model.config),
-            config.prefill_chunk,
-            config.prefill_threads,
-            config.backend,
-            config.device,
-        )
+        self.runner = shared_pool_runner(config, config.prefill_chunk, config.prefill_threads)
         self.jobs: deque[Job] = deque()
 
     def busy(self) -> bool:
         """Whether jobs are queued."""
         return bool(self.jobs)
 
-    def handle(self, message: protocol.Internal) -> None:
+    def queue(self, prompt: PromptToPrefill) -> None:
         """Queue a job."""
-        if isinstance(message, PrefillJob):
-            self.jobs.append(Job.of(message))
+        self.jobs.append(Job.of(prompt))
 
     def work(self) -> None:
         """Run the next chunk of the queued jobs."""
@@ -110,8 +100,11 @@ class PrefillWorker(Worker):
     def answer(self, job: Job, error: str | None) -> None:
         """Tell the decode worker the job is written, or why it failed."""
         self.mail.send(
-            "decode", PrefillDone(rid=job.message.rid, epoch=job.message.epoch, error=error)
+            "decode", PrefillResult(rid=job.message.rid, epoch=job.message.epoch, error=error)
         )
+
+    takes = protocol.PrefillInbox
+    handlers = {PromptToPrefill: queue}
 
 
 if __name__ == "__main__":

@@ -8,16 +8,17 @@ import mmap
 import os
 import signal
 import sys
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, ClassVar
 
 import msgspec
 import zmq
 
 from pygemma4 import protocol
-from pygemma4.config import ModelConfig
+from pygemma4.config import ModelConfig, open_model
 from pygemma4.kv import KvLayout
 from pygemma4.protocol import KvPoolSpec
+from pygemma4.runner import ModelRunner
 
 # How long a worker waits on its inbox before checking that its supervisor still lives.
 POLL_MS = 200
@@ -76,9 +77,12 @@ def decode_config(text: str) -> ServerConfig:
 
 
 class Mailbox:
-    """A process's one inbox (PULL, bound) and its outboxes (PUSH, connected), by name."""
+    """A process's one inbox (PULL, bound), which takes the messages of the union `takes`,
+    and its outboxes (PUSH, connected), by name."""
 
-    def __init__(self, config: ServerConfig, name: str, peers: Iterable[str]) -> None:
+    def __init__(self, config: ServerConfig, name: str, peers: Iterable[str], takes: Any) -> None:
+        self.name = name
+        self.decoder = protocol.InboxDecoder(name, takes)
         self.context = zmq.Context()
         self.inbox = self.context.socket(zmq.PULL)
         self.inbox.setsockopt(zmq.LINGER, 0)
@@ -96,9 +100,9 @@ class Mailbox:
         """Queue `message` for `peer` (delivered when it is up, even after a restart)."""
         self.outboxes[peer].send(protocol.encode(message))
 
-    def receive(self, timeout_ms: int) -> list[protocol.Internal]:
+    def receive(self, timeout_ms: int) -> list[Any]:
         """Every message waiting, after waiting up to `timeout_ms` for the first."""
-        messages: list[protocol.Internal] = []
+        messages: list[Any] = []
         if not self.inbox.poll(timeout_ms):
             return messages
         while True:
@@ -107,15 +111,47 @@ class Mailbox:
             except zmq.Again:
                 return messages
             try:
-                messages.append(protocol.decode_internal(frame))
+                messages.append(self.decoder.decode(frame))
             except protocol.ProtocolError as e:
-                # Only our own processes can reach an inbox; a bad frame is a bug to report,
-                # not a reason to stop serving.
-                print(f"pygemma4 worker: dropped a bad internal message: {e}", file=sys.stderr)
+                # Only our own processes can reach an inbox; a bad or misrouted message is a
+                # bug to report, not a reason to stop serving.
+                print(f"pygemma4 {self.name}: dropped an internal message: {e}", file=sys.stderr)
 
     def close(self) -> None:
         """Close every socket."""
         self.context.destroy(linger=0)
+
+
+Handler = Callable[[Any, Any], None]
+"""A method of a process that acts on one message (`handler(process, message)`)."""
+
+
+class Process:
+    """A server process's inbox and how it acts on what arrives there: `takes` is the union
+    of the messages its inbox takes, `handlers` the table of the method that acts on each of
+    them (checked to match `takes` when the class is made)."""
+
+    takes: ClassVar[Any]
+    handlers: ClassVar[Mapping[type, Handler]]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if not hasattr(cls, "takes") and not hasattr(cls, "handlers"):
+            return  # a base of processes, not a process
+        taken = set(protocol.message_types(getattr(cls, "takes", ())))
+        handled = set(getattr(cls, "handlers", {}))
+        if taken != handled:
+            unhandled = ", ".join(sorted(t.__name__ for t in taken - handled)) or "none"
+            not_taken = ", ".join(sorted(t.__name__ for t in handled - taken)) or "none"
+            raise TypeError(
+                f"{cls.__name__}: its handlers do not match what its inbox takes (messages "
+                f"without a handler: {unhandled}; handlers of messages it does not take: "
+                f"{not_taken})"
+            )
+
+    def handle(self, message: Any) -> None:
+        """Act on one message of the inbox."""
+        self.handlers[type(message)](self, message)
 
 
 def kv_layout(spec: KvPoolSpec) -> KvLayout:
@@ -140,25 +176,33 @@ def map_kv_pool(spec: KvPoolSpec, model_config: ModelConfig) -> Any:
     return kv_layout(spec).new_pool(model_config, memory)
 
 
+def shared_pool_runner(config: ServerConfig, n_batch: int, threads: int) -> ModelRunner:
+    """A runner of the server's model over the shared KV pool, for calls of up to `n_batch`
+    tokens computed by `threads` threads (on the CPU)."""
+    model = open_model(config.model)
+    pool = map_kv_pool(config.kv, model.config)
+    return ModelRunner(model, pool, n_batch, threads, config.backend, config.device)
+
+
 def supervisor_alive(config: ServerConfig) -> bool:
     """Whether the process that started this one still runs (a worker must not outlive it)."""
     return os.getppid() == config.supervisor_pid
 
 
-class Worker:
+class Worker(Process):
     """A worker process: its mailbox, and the loop that serves it until the supervisor goes.
 
-    Subclasses act on each message in `handle`, and do their own work between messages in
-    `work` (while `busy`, the loop does not wait for messages)."""
+    Subclasses declare what their inbox `takes` and their `handlers`, and do their own work
+    between messages in `work` (while `busy`, the loop does not wait for messages)."""
 
     def __init__(self, config: ServerConfig, name: str, peers: Iterable[str]) -> None:
         self.config = config
         self.name = name
-        self.mail = Mailbox(config, name, peers)
+        self.mail = Mailbox(config, name, peers, self.takes)
 
     def run(self) -> None:
         """Say the worker is ready, then serve its inbox as long as the supervisor runs."""
-        self.mail.send("frontend", protocol.Ready(name=self.name, pid=os.getpid()))
+        self.mail.send("frontend", protocol.WorkerReady(name=self.name, pid=os.getpid()))
         while supervisor_alive(self.config):
             for message in self.mail.receive(0 if self.busy() else POLL_MS):
                 self.handle(message)
@@ -167,10 +211,6 @@ class Worker:
     def busy(self) -> bool:
         """Whether `work` has something to do without a new message."""
         return False
-
-    def handle(self, message: protocol.Internal) -> None:
-        """Act on one message."""
-        raise NotImplementedError
 
     def work(self) -> None:
         """What the worker does between messages."""
@@ -181,7 +221,7 @@ class Worker:
 
 
 def run_worker(worker_type: Callable[[ServerConfig, str, int], Worker]) -> None:
-    """The entry point of a worker process: `python -m workers.MODULE NAME EPOCH CONFIG`.
+    """The entry point of a worker process: `python -m pygemma4.workers.MODULE NAME EPOCH CONFIG`.
 
     SIGTERM ends the worker cleanly; SIGINT is left to the supervisor, which stops everything
     in order.

@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass
 
 from pygemma4.protocol import WorkerState
-from workers.runtime import ServerConfig, encode_config
+from pygemma4.workers.runtime import ServerConfig, encode_config
 
 # A worker that dies this soon after it started is restarted only after the same delay, so
 # that one failing at load does not spin.
@@ -49,9 +49,13 @@ class Supervisor:
         self.config = config
         self.config_text = encode_config(config)
         self.epoch = 0
-        workers = [WorkerProcess(n, "workers.tokenizer", n) for n in config.tokenizer_names()]
-        workers.append(WorkerProcess("decode", "workers.decode", "kv"))
-        workers += [WorkerProcess(n, "workers.prefill", "kv") for n in config.prefill_names()]
+        workers = [
+            WorkerProcess(n, "pygemma4.workers.tokenizer", n) for n in config.tokenizer_names()
+        ]
+        workers.append(WorkerProcess("decode", "pygemma4.workers.decode", "kv"))
+        workers += [
+            WorkerProcess(n, "pygemma4.workers.prefill", "kv") for n in config.prefill_names()
+        ]
         self.workers = {w.name: w for w in workers}
 
     def start_all(self) -> None:

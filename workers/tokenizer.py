@@ -13,22 +13,21 @@ from pygemma4.config import open_model
 from pygemma4.errors import Gemma4Error
 from pygemma4.generation import FinishReason, TextStream, room_for_tokens
 from pygemma4.protocol import (
-    Abort,
+    AdmittedRequest,
     Chat,
     Completion,
+    EncodedReply,
+    EndedRequests,
     Error,
     ErrorCode,
-    Forget,
-    Generate,
-    Outbound,
-    RequestFailed,
-    StepOutputs,
-    TokenizeJob,
+    RequestFailure,
+    StepTokens,
+    TokenizedRequest,
     TokenLogprobs,
     TokenOutput,
 )
 from pygemma4.tokenizer import Tokenizer
-from workers.runtime import ServerConfig, Worker, run_worker
+from pygemma4.workers.runtime import ServerConfig, Worker, run_worker
 
 
 class RequestRefused(Gemma4Error):
@@ -64,22 +63,9 @@ class TokenizerWorker(Worker):
         self.vocab_size = model.config.vocab_size
         self.requests: dict[int, TextState] = {}
 
-    def handle(self, message: protocol.Internal) -> None:
-        """Act on one message."""
-        if isinstance(message, TokenizeJob):
-            self.start(message.rid, message.request)
-        elif isinstance(message, StepOutputs):
-            self.emit(message.outputs)
-        elif isinstance(message, RequestFailed):
-            state = self.requests.pop(message.rid, None)
-            if state is not None:
-                self.reply_error(message.rid, message.code, message.message, state.client_id)
-        elif isinstance(message, Forget):
-            for rid in message.rids:
-                self.requests.pop(rid, None)
-
-    def start(self, rid: int, request: Completion | Chat) -> None:
+    def start(self, admitted: AdmittedRequest) -> None:
         """Tokenize a request and hand it to the decode worker, or refuse it."""
+        rid, request = admitted.rid, admitted.request
         try:
             sampling = protocol.sampling_params(request.sampling)
             prompt = self.prompt_ids(request)
@@ -101,7 +87,7 @@ class TokenizerWorker(Worker):
         stop_ids = [] if request.ignore_eos else sorted(self.tokenizer.end_of_generation_ids)
         self.mail.send(
             "decode",
-            Generate(
+            TokenizedRequest(
                 rid=rid,
                 prompt_ids=prompt,
                 max_tokens=max_tokens,
@@ -146,10 +132,10 @@ class TokenizerWorker(Worker):
             )
         return requested
 
-    def emit(self, outputs: list[TokenOutput]) -> None:
+    def emit(self, step: StepTokens) -> None:
         """Turn one decode step's tokens into replies."""
         unknown: list[int] = []
-        for out in outputs:
+        for out in step.outputs:
             state = self.requests.get(out.rid)
             if state is None:
                 unknown.append(out.rid)
@@ -167,7 +153,7 @@ class TokenizerWorker(Worker):
                     unknown.append(out.rid)
                 self.finish(out.rid, state, reason)
         if unknown:
-            self.mail.send("decode", Abort(rids=unknown))
+            self.mail.send("decode", EndedRequests(rids=unknown))
 
     @staticmethod
     def logprobs_of(state: TextState, out: TokenOutput) -> list[TokenLogprobs] | None:
@@ -204,6 +190,17 @@ class TokenizerWorker(Worker):
             done.logprobs = state.token_logprobs if state.logprobs else None
         self.outbound(rid, done, final=True)
 
+    def fail(self, failure: RequestFailure) -> None:
+        """End a request the decode worker could not run."""
+        state = self.requests.pop(failure.rid, None)
+        if state is not None:
+            self.reply_error(failure.rid, failure.code, failure.message, state.client_id)
+
+    def forget(self, ended: EndedRequests) -> None:
+        """Drop the state of requests that ended elsewhere."""
+        for rid in ended.rids:
+            self.requests.pop(rid, None)
+
     def reply_error(self, rid: int, code: ErrorCode, message: str, client_id: int) -> None:
         """End a request with an error reply."""
         self.outbound(rid, Error(id=client_id, code=code, message=message), final=True)
@@ -211,8 +208,16 @@ class TokenizerWorker(Worker):
     def outbound(self, rid: int, reply: protocol.ServerReply, final: bool) -> None:
         self.mail.send(
             "frontend",
-            Outbound(rid=rid, final=final, reply=msgspec.Raw(protocol.encode(reply))),
+            EncodedReply(rid=rid, final=final, reply=msgspec.Raw(protocol.encode(reply))),
         )
+
+    takes = protocol.TokenizerInbox
+    handlers = {
+        AdmittedRequest: start,
+        StepTokens: emit,
+        RequestFailure: fail,
+        EndedRequests: forget,
+    }
 
 
 if __name__ == "__main__":

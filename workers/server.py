@@ -1,0 +1,164 @@
+"""The setup of one `pygemma4 serve`: the model's checks, the layout and memory of the shared KV
+pool, the workers' endpoints and configuration, the supervisor and the front end, and their
+removal, which leaves nothing behind."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import secrets
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from pygemma4.config import ARCH, ModelConfig, open_model
+from pygemma4.engine import check_backend, default_n_ctx
+from pygemma4.kv import DEFAULT_BLOCK_SIZE, KvLayout
+from pygemma4.protocol import KvPoolSpec, ServerInfo
+from pygemma4.tokenizer import carries_tokenizer
+from pygemma4.workers.frontend import FrontEnd, ServerStartError
+from pygemma4.workers.runtime import ServerConfig
+from pygemma4.workers.supervisor import Supervisor
+
+
+def _anonymous_memory(nbytes: int) -> int:
+    """A descriptor of `nbytes` of shared memory that no path names: it is freed when the
+    last process holding it exits, however that happens."""
+    if hasattr(os, "memfd_create"):
+        fd = os.memfd_create("pygemma4-kv")
+    else:
+        fd, path = tempfile.mkstemp(prefix="pygemma4-kv-")
+        os.unlink(path)
+    os.ftruncate(fd, nbytes)
+    return fd
+
+
+class Server:
+    """Everything one `pygemma4 serve` holds; `close` leaves nothing behind."""
+
+    def __init__(
+        self,
+        model: str | os.PathLike[str],
+        *,
+        endpoint: str,
+        threads: int,
+        prefill_threads: int,
+        backend: str = "cpu",
+        device: int = 0,
+        max_batch: int,
+        n_ctx: int | None,
+        prefill_chunk: int,
+        tokenizer_workers: int,
+        prefill_workers: int,
+        max_pending: int,
+        max_message_bytes: int,
+        kv_tokens: int | None,
+        curve_secret_key: str | None = None,
+        curve_clients: str | None = None,
+    ) -> None:
+        check_backend(backend, device)
+        model_file = open_model(model)
+        if not carries_tokenizer(model_file.gguf.metadata):
+            raise ServerStartError(f"{model}: the file carries no tokenizer, which serving needs")
+        config = model_file.config
+        n_ctx = default_n_ctx(config) if n_ctx is None else n_ctx
+        layout = KvLayout.for_model(
+            config,
+            n_ctx=n_ctx,
+            max_sequences=max_batch,
+            max_chunk=prefill_chunk,
+            n_blocks=None if kv_tokens is None else -(-kv_tokens // DEFAULT_BLOCK_SIZE),
+        )
+        self.socket_dir: Path | None = None
+        ipc_base = self._ipc_base()
+        self.kv_fd: int | None = None
+        self.kv_pool: Any = None
+        kv = self._share_kv_pool(layout, config, backend, device)
+        self.config = ServerConfig(
+            model=str(Path(model).resolve()),
+            endpoint=endpoint,
+            ipc_base=ipc_base,
+            backend=backend,
+            device=device,
+            threads=threads,
+            prefill_threads=prefill_threads,
+            max_batch=max_batch,
+            n_ctx=n_ctx,
+            prefill_chunk=prefill_chunk,
+            tokenizer_workers=tokenizer_workers,
+            prefill_workers=prefill_workers,
+            max_pending=max_pending,
+            max_message_bytes=max_message_bytes,
+            kv=kv,
+            supervisor_pid=os.getpid(),
+            curve_secret_key=curve_secret_key,
+            curve_clients=curve_clients,
+        )
+        self.supervisor = Supervisor(self.config)
+        info = ServerInfo(
+            id=None,
+            model=Path(model).name,
+            architecture=ARCH,
+            vocab_size=config.vocab_size,
+            n_ctx=n_ctx,
+            max_batch=max_batch,
+            max_pending=max_pending,
+            max_message_bytes=max_message_bytes,
+        )
+        try:
+            self.frontend = FrontEnd(self.config, self.supervisor, info)
+        except BaseException:
+            self._free_memory_and_sockets()
+            raise
+
+    def _ipc_base(self) -> str:
+        """The prefix of the workers' endpoints: sockets in Linux's abstract namespace, like
+        the pool's memory file, leave nothing to clean up even when this process is killed;
+        elsewhere they are files in a private directory (`socket_dir`)."""
+        if sys.platform == "linux":
+            return f"ipc://@pygemma4-{os.getpid()}-{secrets.token_hex(4)}"
+        self.socket_dir = Path(tempfile.mkdtemp(prefix="pygemma4-"))
+        return f"ipc://{self.socket_dir}"
+
+    def _share_kv_pool(
+        self, layout: KvLayout, config: ModelConfig, backend: str, device: int
+    ) -> KvPoolSpec:
+        """Make the KV pool the workers share, and say where it is. It lives as long as this
+        process: in a nameless memory file the workers inherit (`kv_fd`), or on the GPU in an
+        allocation (`kv_pool`) they open by its IPC handle."""
+        if backend == "cuda":
+            self.kv_pool = layout.new_pool(config, device=device)
+            return KvPoolSpec(
+                kind="cuda_ipc",
+                ipc_handle=self.kv_pool.ipc_handle(),
+                device=device,
+                **dataclasses.asdict(layout),
+            )
+        self.kv_fd = _anonymous_memory(layout.nbytes)
+        return KvPoolSpec(kind="shm", fd=self.kv_fd, **dataclasses.asdict(layout))
+
+    def start(self, progress: Callable[[int, int], None]) -> None:
+        """Start the workers and wait until they have loaded."""
+        self.supervisor.start_all()
+        self.frontend.wait_ready(progress)
+
+    def serve(self, should_stop: Callable[[], bool]) -> None:
+        """Answer clients until `should_stop()`."""
+        self.frontend.serve(should_stop)
+
+    def close(self) -> None:
+        """Stop every process, close the sockets and free the KV pool."""
+        self.supervisor.stop_all()
+        self.frontend.close()
+        self._free_memory_and_sockets()
+
+    def _free_memory_and_sockets(self) -> None:
+        """Free the KV pool and remove the socket directory, if any."""
+        if self.kv_fd is not None:
+            os.close(self.kv_fd)
+        self.kv_pool = None
+        if self.socket_dir is not None:
+            shutil.rmtree(self.socket_dir, ignore_errors=True)
