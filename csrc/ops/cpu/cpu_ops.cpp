@@ -95,8 +95,7 @@ void CpuOps::matmul(const Weight& w, const float* x, int n_tokens, float* y) {
   matmul_shared(x, n_tokens, &product, 1);
 }
 
-void CpuOps::matmul_shared(const float* x, int n_tokens, const Product* products,
-                           int n_products) {
+void CpuOps::matmul_shared(const float* x, int n_tokens, const Product* products, int n_products) {
   const int64_t cols = shared_input_width(products, n_products);
   auto activation_of = [&](int i) { return quant::type_info(products[i].weight->type).activation; };
   // The products go in groups of one activation format, each group after one conversion of x.

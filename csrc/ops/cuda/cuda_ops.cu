@@ -279,8 +279,7 @@ void CudaOps::matmul(const Weight& w, const float* x, int n_tokens, float* y) {
   matmul_shared(x, n_tokens, &product, 1);
 }
 
-void CudaOps::matmul_shared(const float* x, int n_tokens, const Product* products,
-                            int n_products) {
+void CudaOps::matmul_shared(const float* x, int n_tokens, const Product* products, int n_products) {
   const int64_t cols = shared_input_width(products, n_products);
   // Every quantized product reads the same int8 blocks, whatever its weight format.
   bool any_quantized = false;
@@ -325,17 +324,11 @@ void CudaOps::gelu_mul(const float* gate, int gate_stride, const float* up, int 
   cuda::gelu_mul(gate, gate_stride, up, up_stride, n_rows, n_cols, out, stream_);
 }
 
-void CudaOps::add(float* x, const float* y, size_t n) {
-  cuda::add(x, y, n, stream_);
-}
+void CudaOps::add(float* x, const float* y, size_t n) { cuda::add(x, y, n, stream_); }
 
-void CudaOps::scale(float* x, float s, size_t n) {
-  cuda::scale(x, s, n, stream_);
-}
+void CudaOps::scale(float* x, float s, size_t n) { cuda::scale(x, s, n, stream_); }
 
-void CudaOps::softcap(float* x, float cap, size_t n) {
-  cuda::softcap(x, cap, n, stream_);
-}
+void CudaOps::softcap(float* x, float cap, size_t n) { cuda::softcap(x, cap, n, stream_); }
 
 void CudaOps::copy(float* dst, const float* src, size_t n) {
   PG4_CUDA_CHECK(cudaMemcpyAsync(dst, src, n * sizeof(float), cudaMemcpyDeviceToDevice, stream_));
