@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from gguf import GGMLQuantizationType, GGUFValueType
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
 from .errors import GGUFError, UnsupportedModelError, located
 
@@ -45,20 +45,24 @@ class TensorFormat:
     block_bytes: int
 
 
+# The tensor types the core reads; their block geometry is the gguf package's.
 TENSOR_FORMATS: dict[int, TensorFormat] = {
-    GGMLQuantizationType.F32: TensorFormat("F32", 1, 4),
-    GGMLQuantizationType.F16: TensorFormat("F16", 1, 2),
-    GGMLQuantizationType.BF16: TensorFormat("BF16", 1, 2),
-    GGMLQuantizationType.Q4_0: TensorFormat("Q4_0", 32, 18),
-    GGMLQuantizationType.Q4_1: TensorFormat("Q4_1", 32, 20),
-    GGMLQuantizationType.Q5_0: TensorFormat("Q5_0", 32, 22),
-    GGMLQuantizationType.Q5_1: TensorFormat("Q5_1", 32, 24),
-    GGMLQuantizationType.Q8_0: TensorFormat("Q8_0", 32, 34),
-    GGMLQuantizationType.Q2_K: TensorFormat("Q2_K", 256, 84),
-    GGMLQuantizationType.Q3_K: TensorFormat("Q3_K", 256, 110),
-    GGMLQuantizationType.Q4_K: TensorFormat("Q4_K", 256, 144),
-    GGMLQuantizationType.Q5_K: TensorFormat("Q5_K", 256, 176),
-    GGMLQuantizationType.Q6_K: TensorFormat("Q6_K", 256, 210),
+    qtype: TensorFormat(qtype.name, *GGML_QUANT_SIZES[qtype])
+    for qtype in (
+        GGMLQuantizationType.F32,
+        GGMLQuantizationType.F16,
+        GGMLQuantizationType.BF16,
+        GGMLQuantizationType.Q4_0,
+        GGMLQuantizationType.Q4_1,
+        GGMLQuantizationType.Q5_0,
+        GGMLQuantizationType.Q5_1,
+        GGMLQuantizationType.Q8_0,
+        GGMLQuantizationType.Q2_K,
+        GGMLQuantizationType.Q3_K,
+        GGMLQuantizationType.Q4_K,
+        GGMLQuantizationType.Q5_K,
+        GGMLQuantizationType.Q6_K,
+    )
 }
 SUPPORTED_TENSOR_TYPES: frozenset[int] = frozenset(int(t) for t in TENSOR_FORMATS)
 

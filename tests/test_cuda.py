@@ -84,6 +84,25 @@ def test_matmul_matches_cpu(backends, qtype, n_tokens):
     assert relative_error(got, want) < limit
 
 
+@pytest.mark.parametrize("n_tokens", [1, 37])
+@pytest.mark.cuda
+@needs_gpu
+def test_matmul_shared_is_each_matmul_and_matches_cpu(backends, n_tokens):
+    cpu, gpu = backends
+    rng = np.random.default_rng(n_tokens)
+    cols = 512
+    matrices = [
+        (int(qtype), random_weights(rng, qtype, rows, cols), cols, rows)
+        for qtype, rows in ((T.Q4_K, 48), (T.F16, 20), (T.Q8_0, 36), (T.Q6_K, 64))
+    ]
+    x = rng.standard_normal((n_tokens, cols)).astype(np.float32)
+    got = gpu.matmul_shared(matrices, x)
+    want = cpu.matmul_shared(matrices, x)
+    for (type_id, weights, _, rows), product, reference in zip(matrices, got, want, strict=True):
+        assert same_bits(product, gpu.matmul(type_id, weights, cols, rows, x))
+        assert relative_error(product, reference) < 2e-2
+
+
 @pytest.mark.parametrize("qtype", WEIGHT_TYPES, ids=lambda t: t.name)
 @pytest.mark.cuda
 @needs_gpu

@@ -15,6 +15,7 @@ from conftest import GGUFLayout, put, rename, require_fixtures
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
 from gguf.quants import quantize
 
+from pygemma4 import _core
 from pygemma4.config import open_model
 from pygemma4.errors import Gemma4Error, GGUFError, UnsupportedModelError
 from pygemma4.gguf_file import SUPPORTED_TENSOR_TYPES, TENSOR_FORMATS, read_gguf
@@ -55,13 +56,14 @@ def test_demo_model_matches_gguf_reader(demo_model_file: Path) -> None:
     assert_matches_gguf_reader(demo_model_file)
 
 
-def test_tensor_formats_agree_with_gguf_package() -> None:
+def test_tensor_formats_agree_with_gguf_package_and_the_core() -> None:
     assert {0, 1, 30, 2, 3, 6, 7, 8, 10, 11, 12, 13, 14} == SUPPORTED_TENSOR_TYPES
     assert {int(t) for t in TENSOR_FORMATS} == SUPPORTED_TENSOR_TYPES
     for type_id, fmt in TENSOR_FORMATS.items():
         qtype = GGMLQuantizationType(type_id)
         assert fmt.name == qtype.name
-        assert (fmt.block_size, fmt.block_bytes) == GGML_QUANT_SIZES[qtype]
+        # The core's block structs (quant/blocks.h), by their sizes.
+        assert _core.block_geometry(type_id) == GGML_QUANT_SIZES[qtype], fmt.name
 
 
 # -- a small generic GGUF ----------------------------------------------------------------------

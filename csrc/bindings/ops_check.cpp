@@ -6,6 +6,7 @@
 
 #include <optional>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "ops/backend.h"
@@ -103,6 +104,36 @@ void register_ops_check(py::module_& m) {
             return c.result(out, {n, rows});
           },
           py::arg("type_id"), py::arg("weights"), py::arg("cols"), py::arg("rows"), py::arg("x"))
+      .def(
+          "matmul_shared",
+          [](OpsCheck& c, const std::vector<std::tuple<int, ByteArray, int64_t, int64_t>>& matrices,
+             const FloatArray& x) {
+            if (x.ndim() != 2) throw py::value_error("x must be a 2-D array, one token per row");
+            const int n = static_cast<int>(x.shape(0));
+            c.reserve(n, x.shape(1));
+            std::vector<Weight> weights;
+            std::vector<std::shared_ptr<float>> outputs;
+            std::vector<Product> products;
+            weights.reserve(matrices.size());
+            for (const auto& [type_id, data, cols, rows] : matrices) {
+              weights.push_back(c.weight(type_id, data, cols, rows));
+              outputs.push_back(c.ops().alloc(static_cast<size_t>(n) * rows));
+              products.push_back({&weights.back(), outputs.back().get()});
+            }
+            if (!weights.empty() && weights[0].cols() != x.shape(1)) {
+              throw py::value_error("x must be as wide as the first matrix");
+            }
+            auto in = c.floats(x);
+            c.ops().matmul_shared(in.get(), n, products.data(), static_cast<int>(products.size()));
+            py::list results;
+            for (size_t i = 0; i < weights.size(); ++i) {
+              results.append(c.result(outputs[i], {n, weights[i].rows()}));
+            }
+            return results;
+          },
+          py::arg("matrices"), py::arg("x"),
+          "The products of x with each (type_id, weights, cols, rows) matrix, as one "
+          "matmul_shared.")
       .def(
           "get_rows",
           [](OpsCheck& c, int type_id, const ByteArray& table, int64_t cols, int64_t rows,

@@ -80,8 +80,7 @@ const quant::TypeInfo& weight_type_info(quant::Type type) {
 float vec_dot(int type_id, ByteArray weight_row, ByteArray activation_row, int64_t n,
               const std::string& isa) {
   const auto type = checked_type(type_id);
-  const auto& info = quant::type_info(type);
-  if (!info.is_weight_type) throw py::value_error(std::string(info.name) + " is not a weight type");
+  const auto& info = weight_type_info(type);
   checked_row_length(type, n, static_cast<size_t>(weight_row.size()));
   checked_row_length(info.activation, n, static_cast<size_t>(activation_row.size()));
   const auto fn = quant::vec_dot_fn(type, isa_or_widest(isa));
@@ -93,8 +92,7 @@ float vec_dot(int type_id, ByteArray weight_row, ByteArray activation_row, int64
 py::array_t<float> vec_dot_multi(int type_id, ByteArray weight_row, ByteArray activations,
                                  int64_t n, const std::string& isa) {
   const auto type = checked_type(type_id);
-  const auto& info = quant::type_info(type);
-  if (!info.is_weight_type) throw py::value_error(std::string(info.name) + " is not a weight type");
+  const auto& info = weight_type_info(type);
   if (activations.ndim() != 2) {
     throw py::value_error("activations must be a 2-D array, one activation row per row");
   }
@@ -206,6 +204,13 @@ void register_quant(py::module_& m) {
   m.def("interleaved_dot", &interleaved_dot, py::arg("type_id"), py::arg("group"),
         py::arg("activations"), py::arg("n"), py::arg("reference") = false,
         "[rows of activations, 16]: the products of an interleaved group with 1-8 Q8_K rows.");
+  m.def(
+      "block_geometry",
+      [](int type_id) {
+        const auto& info = quant::type_info(checked_type(type_id));
+        return py::make_tuple(info.block_size, info.block_bytes);
+      },
+      py::arg("type_id"), "(elements, bytes) of one block of a GGUF tensor type.");
   m.def("row_bytes", [](int type_id, int64_t n) {
     const auto type = checked_type(type_id);
     checked_row_length(type, n, SIZE_MAX);

@@ -270,14 +270,15 @@ void Gemma4Model::run_layer(int il, const TokenBatch& batch, KvPool& pool) {
   float* x = x_.get();
   float* h = h_.get();
 
-  // Attention block. The projections of h come first, together, so a backend converts h for
-  // its quantized products once.
+  // Attention block: the projections of h, as products of one input.
   ops_->rms_norm(x, lw.attn_norm.f32(), n, embd, eps, h);
-  ops_->matmul(lw.wq, h, n, q_.get());
+  Product projections[3] = {{&lw.wq, q_.get()}};
+  int n_projections = 1;
   if (lc.has_kv) {
-    ops_->matmul(lw.wk, h, n, k_.get());
-    if (lw.wv.present()) ops_->matmul(lw.wv, h, n, v_.get());
+    projections[n_projections++] = {&lw.wk, k_.get()};
+    if (lw.wv.present()) projections[n_projections++] = {&lw.wv, v_.get()};
   }
+  ops_->matmul_shared(h, n, projections, n_projections);
   ops_->rms_norm_rope(q_.get(), lw.q_norm.f32(), batch.positions, n, lc.n_head, lc.head_dim, eps,
                       rope);
   if (lc.has_kv) {
@@ -295,8 +296,8 @@ void Gemma4Model::run_layer(int il, const TokenBatch& batch, KvPool& pool) {
   // Feed-forward block: the dense GELU-gated MLP, plus the expert mixture on MoE layers.
   float* ffn = ffn_.get();
   ops_->rms_norm(x, lw.ffn_norm.f32(), n, embd, eps, h);
-  ops_->matmul(lw.ffn_gate, h, n, gate_.get());
-  ops_->matmul(lw.ffn_up, h, n, up_.get());
+  const Product gate_up[] = {{&lw.ffn_gate, gate_.get()}, {&lw.ffn_up, up_.get()}};
+  ops_->matmul_shared(h, n, gate_up, 2);
   ops_->gelu_mul(gate_.get(), lc.n_ff, up_.get(), lc.n_ff, n, lc.n_ff, act_.get());
   ops_->matmul(lw.ffn_down, act_.get(), n, ffn);
   if (lc.is_moe) {

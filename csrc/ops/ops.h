@@ -8,6 +8,8 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <stdexcept>
+#include <string>
 #include <vector>
 
 #include "common/weight.h"
@@ -53,6 +55,26 @@ struct Rope {
   float base = 10000.0f;
   const float* freq_factors = nullptr;
 };
+
+// One of several products of the same input: y = weight · x (see Ops::matmul_shared).
+struct Product {
+  const Weight* weight;
+  float* y;
+};
+
+// The row length of the products' shared input: every weight's width (0 for no products).
+// Throws std::invalid_argument when the widths differ.
+inline int64_t shared_input_width(const Product* products, int n_products) {
+  const int64_t cols = n_products > 0 ? products[0].weight->cols() : 0;
+  for (int i = 1; i < n_products; ++i) {
+    if (products[i].weight->cols() != cols) {
+      throw std::invalid_argument("products of one input need weights of one width, not " +
+                                  std::to_string(cols) + " and " +
+                                  std::to_string(products[i].weight->cols()));
+    }
+  }
+  return cols;
+}
 
 class Ops {
  public:
@@ -137,6 +159,13 @@ class Ops {
                            int n_tokens, int k, float* out) = 0;
 
   // Fused operations.
+
+  // Each of the n_products products of x with weights of x's width, as matmul computes them
+  // (no y may overlap x): a backend converts x for them once.
+  virtual void matmul_shared(const float* x, int n_tokens, const Product* products,
+                             int n_products) {
+    for (int i = 0; i < n_products; ++i) matmul(*products[i].weight, x, n_tokens, products[i].y);
+  }
 
   // x += rms_norm(y) * weight, per row of dim values (y may be overwritten).
   virtual void rms_norm_add(float* y, const float* weight, int n_rows, int dim, float eps,

@@ -1,11 +1,19 @@
-// The byte layout of every GGUF block format, defined once. Each struct is exactly one block as it
-// lies in the file (no padding), so a row is an array of them.
+// The byte layout of every GGUF block format, defined once for the CPU and the CUDA kernels. Each
+// struct is exactly one block as it lies in the file (no padding, so a row is an array of them),
+// and the helpers below compile for the device too. Inside a row a block is only as aligned as
+// its size allows (Q6_K's 210 bytes: 2), so device code reads runs of bytes no wider than that
+// (see ops/cuda/quant_units.cuh).
 #pragma once
 
 #include <cstdint>
 #include <cstring>
 
 #include "common/half.h"
+#include "common/host_device.h"
+
+#if defined(__CUDACC__)
+#include <cuda_fp16.h>
+#endif
 
 namespace pg4::quant {
 
@@ -113,11 +121,25 @@ static_assert(sizeof(BlockQ5_K) == 176);
 static_assert(sizeof(BlockQ6_K) == 210);
 static_assert(sizeof(BlockQ8_K) == 292);
 
-inline float fp16(uint16_t h) { return half_to_float(h); }
+// The value of an fp16 field (exact, so the device's conversion gives the same float).
+PG4_HOST_DEVICE inline float fp16(uint16_t h) {
+#if defined(__CUDA_ARCH__)
+  return __half2float(__ushort_as_half(h));
+#else
+  return half_to_float(h);
+#endif
+}
+
+// Q5_0 / Q5_1: the fifth bits of the 32 elements as one little-endian word.
+PG4_HOST_DEVICE inline uint32_t high_bits(const uint8_t qh[4]) {
+  uint32_t h;
+  std::memcpy(&h, qh, sizeof h);
+  return h;
+}
 
 // The packed sub-block scales of the K formats, unpacked four bytes to a word: byte j of the
 // result is byte_of(out, j).
-inline uint8_t byte_of(const uint32_t w[4], int j) {
+PG4_HOST_DEVICE inline uint8_t byte_of(const uint32_t w[4], int j) {
   return static_cast<uint8_t>(w[j / 4] >> (8 * (j % 4)));
 }
 
@@ -125,7 +147,7 @@ inline uint8_t byte_of(const uint32_t w[4], int j) {
 // minimums. Sub-blocks 0-3 sit in the low six bits of packed bytes j (scale) and j + 4 (minimum);
 // sub-blocks 4-7 take a nibble of byte j + 4 and, as their top two bits, the top two bits of
 // bytes j - 4 (scale) and j (minimum).
-inline void k_scales_mins(const uint8_t* packed, uint32_t out[4]) {
+PG4_HOST_DEVICE inline void k_scales_mins(const uint8_t* packed, uint32_t out[4]) {
   uint32_t w[3];
   std::memcpy(w, packed, sizeof w);
   const uint32_t low6 = 0x3f3f3f3fu, low4 = 0x0f0f0f0fu, low2 = 0x03030303u;
@@ -138,7 +160,7 @@ inline void k_scales_mins(const uint8_t* packed, uint32_t out[4]) {
 // Q3_K: the sixteen 6-bit scales, still offset by 32 (the signed scale is byte - 32). Scale i
 // has its low nibble in nibble i / 8 of packed byte i % 8 and its top two bits at bit
 // 2 * (i / 4) of byte 8 + i % 4.
-inline void q3_k_scales(const uint8_t* packed, uint32_t out[4]) {
+PG4_HOST_DEVICE inline void q3_k_scales(const uint8_t* packed, uint32_t out[4]) {
   uint32_t w[3];
   std::memcpy(w, packed, sizeof w);
   const uint32_t low4 = 0x0f0f0f0fu, low2 = 0x03030303u;
@@ -146,6 +168,25 @@ inline void q3_k_scales(const uint8_t* packed, uint32_t out[4]) {
   out[1] = (w[1] & low4) | (((w[2] >> 2) & low2) << 4);
   out[2] = ((w[0] >> 4) & low4) | (((w[2] >> 4) & low2) << 4);
   out[3] = ((w[1] >> 4) & low4) | (((w[2] >> 6) & low2) << 4);
+}
+
+// The same two packings read for one sub-block at a time, byte by byte (what a device thread
+// that decodes one sub-block needs). Q4_K / Q5_K: the scale and minimum of sub-block j.
+PG4_HOST_DEVICE inline void k_scale_min(const uint8_t* packed, int j, int& scale, int& min) {
+  if (j < 4) {
+    scale = packed[j] & 63;
+    min = packed[j + 4] & 63;
+  } else {
+    scale = (packed[j + 4] & 15) | ((packed[j - 4] >> 6) << 4);
+    min = (packed[j + 4] >> 4) | ((packed[j] >> 6) << 4);
+  }
+}
+
+// Q3_K: the signed scale i (offset 32 removed).
+PG4_HOST_DEVICE inline int q3_k_scale(const uint8_t* packed, int i) {
+  const int low = (packed[i % 8] >> (4 * (i / 8))) & 15;
+  const int high = (packed[8 + i % 4] >> (2 * (i / 4))) & 3;
+  return (low | high << 4) - 32;
 }
 
 }  // namespace pg4::quant

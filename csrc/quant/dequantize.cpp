@@ -39,12 +39,6 @@ void dequantize_q4_1(const BlockQ4_1* x, float* y, int64_t nb) {
   }
 }
 
-uint32_t high_bits(const uint8_t qh[4]) {
-  uint32_t h;
-  std::memcpy(&h, qh, sizeof h);
-  return h;
-}
-
 void dequantize_q5_0(const BlockQ5_0* x, float* y, int64_t nb) {
   for (int64_t i = 0; i < nb; ++i, y += kQK) {
     const float d = fp16(x[i].d);

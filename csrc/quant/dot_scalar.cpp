@@ -1,8 +1,6 @@
 // Portable dot products, one weight row with one converted activation row. They are the reference
 // the SIMD kernels are checked against: integer products are summed exactly in int32 per block,
 // then combined with the block scales in float, in the plainest order.
-#include <cstring>
-
 #include "quant/blocks.h"
 #include "quant/dot.h"
 
@@ -71,12 +69,6 @@ float dot_q4_1(int64_t n, const void* w, const void* a) {
     sum += fp16(x[i].d) * fp16(y[i].d) * static_cast<float>(isum) + fp16(x[i].m) * fp16(y[i].s);
   }
   return sum;
-}
-
-uint32_t high_bits(const uint8_t qh[4]) {
-  uint32_t h;
-  std::memcpy(&h, qh, sizeof h);
-  return h;
 }
 
 float dot_q5_0(int64_t n, const void* w, const void* a) {

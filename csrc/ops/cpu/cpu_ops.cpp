@@ -91,21 +91,43 @@ std::shared_ptr<int32_t> CpuOps::alloc_ids(size_t n) {
 }
 
 void CpuOps::matmul(const Weight& w, const float* x, int n_tokens, float* y) {
-  const int64_t cols = w.cols();
-  const int64_t rows = w.rows();
-  const quant::Type act_type = quant::type_info(w.type).activation;
-  const size_t act_row_bytes = quant::row_bytes(act_type, cols);
-  activation_scratch_.resize(act_row_bytes * n_tokens);
-  uint8_t* acts = activation_scratch_.data();
-  pool_.parallel_for(n_tokens, 1, [&](int64_t begin, int64_t end, int) {
-    for (int64_t t = begin; t < end; ++t) {
-      quant::quantize_activation_row(act_type, x + t * cols, acts + t * act_row_bytes, cols);
+  const Product product{&w, y};
+  matmul_shared(x, n_tokens, &product, 1);
+}
+
+void CpuOps::matmul_shared(const float* x, int n_tokens, const Product* products, int n_products) {
+  const int64_t cols = shared_input_width(products, n_products);
+  auto activation_of = [&](int i) { return quant::type_info(products[i].weight->type).activation; };
+  // The products go in groups of one activation format, each group after one conversion of x.
+  for (int first = 0; first < n_products; ++first) {
+    const quant::Type act_type = activation_of(first);
+    bool converted_before = false;
+    for (int i = 0; i < first; ++i) converted_before |= activation_of(i) == act_type;
+    if (converted_before) continue;
+    const size_t act_row_bytes = quant::row_bytes(act_type, cols);
+    activation_scratch_.resize(act_row_bytes * n_tokens);
+    uint8_t* acts = activation_scratch_.data();
+    pool_.parallel_for(n_tokens, 1, [&](int64_t begin, int64_t end, int) {
+      for (int64_t t = begin; t < end; ++t) {
+        quant::quantize_activation_row(act_type, x + t * cols, acts + t * act_row_bytes, cols);
+      }
+    });
+    for (int i = first; i < n_products; ++i) {
+      if (activation_of(i) == act_type) {
+        matmul_converted(*products[i].weight, acts, act_row_bytes, n_tokens, products[i].y);
+      }
     }
-  });
+  }
+}
+
+void CpuOps::matmul_converted(const Weight& w, const uint8_t* acts, size_t act_row_bytes,
+                              int n_tokens, float* y) {
   if (w.interleaved != nullptr) {
     matmul_interleaved(w, acts, act_row_bytes, n_tokens, y);
     return;
   }
+  const int64_t cols = w.cols();
+  const int64_t rows = w.rows();
   const quant::VecDotMultiFn dot = quant::vec_dot_multi_fn(w.type, isa_);
   // A batch is cut into groups of tokens whose converted activations stay in L1 (a multiple of
   // 8, what the fused kernels take at once; 8 where even those do not fit) and tiles of rows

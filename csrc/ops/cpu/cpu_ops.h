@@ -26,6 +26,9 @@ class CpuOps final : public Ops {
   std::shared_ptr<float> alloc(size_t n) override;
   std::shared_ptr<int32_t> alloc_ids(size_t n) override;
   void matmul(const Weight& w, const float* x, int n_tokens, float* y) override;
+  // Converts x once per activation format among the weights' formats.
+  void matmul_shared(const float* x, int n_tokens, const Product* products,
+                     int n_products) override;
   void get_rows(const Weight& table, const int32_t* ids, int n, float scale, float* out) override;
   void rms_norm(const float* x, const float* weight, int n_rows, int dim, float eps,
                 float* out) override;
@@ -53,13 +56,16 @@ class CpuOps final : public Ops {
                    int n_tokens, int k, float* out) override;
 
  private:
+  // The product of w with activations already converted to its activation format.
+  void matmul_converted(const Weight& w, const uint8_t* acts, size_t act_row_bytes, int n_tokens,
+                        float* y);
   void matmul_interleaved(const Weight& w, const uint8_t* acts, size_t act_row_bytes, int n_tokens,
                           float* y);
 
   ThreadPool pool_;
   quant::Isa isa_;
   std::vector<std::unique_ptr<uint8_t[]>> interleaved_;  // the interleaved copies of matrices
-  std::vector<uint8_t> activation_scratch_;  // activations converted for the current matmul
+  std::vector<uint8_t> activation_scratch_;  // activations converted for the current products
   std::vector<float> attention_scratch_;     // per-thread score rows
 };
 

@@ -1,0 +1,39 @@
+"""The backend operations that the Ops interface defines in terms of others, on the CPU backend
+(test_cuda.py runs each op of the CUDA backend against the CPU's)."""
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as T
+from quant_samples import random_weights, same_bits
+
+from pygemma4 import _core
+
+
+@pytest.mark.parametrize("n_tokens", [1, 5, 70])
+def test_matmul_shared_gives_each_matmul_bit_for_bit(n_tokens: int) -> None:
+    ops = _core.OpsCheck("cpu", threads=2)
+    rng = np.random.default_rng(n_tokens)
+    cols = 512
+    # Activation formats Q8_K, F16, Q8_0, Q8_K again, Q8_1 and F32 in turn; 48 and 64 rows make
+    # interleaved copies of the Q4_K and Q6_K matrices, 40 rows do not.
+    shapes = ((T.Q4_K, 48), (T.F16, 20), (T.Q8_0, 36), (T.Q6_K, 64), (T.Q5_1, 8), (T.Q4_K, 40))
+    matrices = [
+        (int(qtype), random_weights(rng, qtype, rows, cols), cols, rows) for qtype, rows in shapes
+    ] + [(int(T.F32), rng.standard_normal((16, cols)).astype(np.float32).view(np.uint8), cols, 16)]
+    x = rng.standard_normal((n_tokens, cols)).astype(np.float32)
+    products = ops.matmul_shared(matrices, x)
+    assert len(products) == len(matrices)
+    for (type_id, weights, _, rows), product in zip(matrices, products, strict=True):
+        assert product.shape == (n_tokens, rows)
+        assert same_bits(product, ops.matmul(type_id, weights, cols, rows, x))
+
+
+def test_matmul_shared_needs_weights_of_one_width() -> None:
+    ops = _core.OpsCheck("cpu")
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 256)).astype(np.float32)
+    narrow = (int(T.Q8_0), random_weights(rng, T.Q8_0, 4, 256), 256, 4)
+    wide = (int(T.Q8_0), random_weights(rng, T.Q8_0, 4, 512), 512, 4)
+    with pytest.raises(ValueError, match="one width, not 256 and 512"):
+        ops.matmul_shared([narrow, wide], x)
+    assert ops.matmul_shared([], x) == []
