@@ -15,9 +15,7 @@ from pygemma4.generation import Generation, GenerationChunk, room_for_tokens
 from pygemma4.kv import BlockAllocator, KvLayout, SequenceKv
 from pygemma4.runner import (
     Feed,
-    FeedResult,
     ModelRunner,
-    Outputs,
     check_backend,
     default_threads,
     next_token,
@@ -48,7 +46,8 @@ class Engine:
     `max_sequences` sequences can be held at once (each with its own KV and positions, in a
     KV pool of the engine's own, laid out as `kv_layout`); `n_batch` bounds the tokens of one
     forward step (longer prompts are split into chunks). `backend` "cuda" computes on CUDA
-    device `device` (BackendUnavailableError says why where it cannot).
+    device `device` (BackendUnavailableError says why where it cannot). Every step runs through
+    `runner`, the same `ModelRunner` the server's workers use.
     """
 
     def __init__(
@@ -158,7 +157,7 @@ class Engine:
         with self.new_sequence() as seq:
             # The prompt as a server computes it (one process prefills all but the last token, the
             # last runs in a decode step), so that both give the same tokens.
-            seq._feed(prompt[:-1], "none")
+            self.runner.prefill(Feed(seq.kv, prompt[:-1], "none"))
             token = prompt[-1:]
             while True:
                 feed = Feed(seq.kv, token, greedy=not generation.needs_logits)
@@ -216,7 +215,10 @@ class GenerationSequence:
     def append(self, token_ids: Sequence[int] | np.ndarray, all_logits: bool = False) -> np.ndarray:
         """Feed tokens; returns the logits after the last one [vocab], or for every fed
         token [len, vocab] with all_logits."""
-        logits = self._feed(self._room_for(token_ids), "all" if all_logits else "last")
+        ids = self._room_for(token_ids)
+        feed = Feed(self.kv, ids, "all" if all_logits else "last")
+        logits = self.engine.runner.prefill(feed).logits
+        assert logits is not None  # a feed that is not greedy brings back logits
         return logits if all_logits else logits[-1]
 
     def rollback(self, length: int) -> None:
@@ -235,13 +237,6 @@ class GenerationSequence:
                 f"({self.engine.n_ctx})"
             )
         return ids
-
-    def _feed(self, ids: np.ndarray, outputs: Outputs) -> np.ndarray:
-        """Feed checked token ids in chunks of n_batch; the logits [k, vocab] of every token, of
-        the last one, or of none."""
-        result: FeedResult = self.engine.runner.prefill(Feed(self.kv, ids, outputs))
-        assert result.logits is not None
-        return result.logits
 
     def check_open(self) -> None:
         """Raise if the sequence was closed."""
