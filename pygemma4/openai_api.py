@@ -1,0 +1,319 @@
+"""The OpenAI API's requests and replies as the HTTP front end speaks them.
+
+Requests are pydantic models that FastAPI's ecosystem validates strictly: a field of the wrong
+type, a value out of range or a field OpenAI's API does not know is refused (`ApiError`, 400,
+naming the field), never guessed at or silently ignored. Replies are built as plain dicts in
+the shapes the `openai` SDK parses: `chat.completion`, `chat.completion.chunk`,
+`text_completion`, errors as `{"error": {"message", "type", "param", "code"}}`.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from pygemma4.errors import Gemma4Error, SamplingParamsError
+from pygemma4.protocol import TokenLogprobs
+from pygemma4.sampling import MAX_LOGPROBS, SamplingParams
+
+MAX_CHOICES = 128
+"""Most sequences one request may ask for (`n`, times the prompts of a completion)."""
+
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16
+"""OpenAI's default `max_tokens` for /v1/completions (chat has none: up to the context)."""
+
+
+class ApiError(Gemma4Error):
+    """A request fails with HTTP `status` and an OpenAI-shaped error body."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+
+    def body(self) -> dict[str, Any]:
+        """The error as OpenAI sends it."""
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+
+def bad_field(param: str, message: str) -> ApiError:
+    """A 400 naming the field `param`."""
+    return ApiError(400, message, param=param, code="invalid_value")
+
+
+# --- Requests --------------------------------------------------------------------------------
+
+
+class _Strict(BaseModel):
+    """Unknown fields are refused and values are not coerced from other types."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class TextPart(_Strict):
+    """One part of a multi-part message content."""
+
+    type: str
+    text: str | None = None
+
+    @field_validator("type")
+    @classmethod
+    def _text_only(cls, value: str) -> str:
+        if value != "text":
+            raise ValueError(f"content parts of type {value!r} are not supported yet (only text)")
+        return value
+
+
+class ChatMessageIn(_Strict):
+    """One message of a chat request."""
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
+
+    def text(self) -> str:
+        """The content as one text (parts joined by newlines, as other servers do)."""
+        if isinstance(self.content, str):
+            return self.content
+        return "\n".join(part.text or "" for part in self.content)
+
+
+NonNegativeInt = Annotated[int, Field(ge=0)]
+PositiveInt = Annotated[int, Field(ge=1)]
+
+
+class _GenerationRequest(_Strict):
+    """The fields chat and completions requests share."""
+
+    model: str
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    n: Annotated[int, Field(ge=1, le=MAX_CHOICES)] = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+
+    def check_common(self) -> None:
+        """What a field's type cannot say: refusals naming the field."""
+        if self.logit_bias:
+            raise bad_field("logit_bias", "logit_bias is not supported by this server's sampler")
+        if self.stream_options is not None and not self.stream:
+            raise bad_field("stream_options", "stream_options is only allowed with stream: true")
+
+    def include_usage(self) -> bool:
+        """Whether a streamed reply ends with a chunk carrying the usage."""
+        return self.stream_options is not None and self.stream_options.include_usage
+
+    def sampling(self, logprobs: int) -> dict[str, Any]:
+        """The `SamplingParams` fields this request sets, each checked (400 naming it)."""
+        given = {
+            name: getattr(self, name)
+            for name in (
+                "temperature",
+                "top_p",
+                "top_k",
+                "min_p",
+                "presence_penalty",
+                "frequency_penalty",
+                "repetition_penalty",
+                "seed",
+                "stop",
+            )
+            if getattr(self, name) is not None
+        }
+        if logprobs:
+            given["logprobs"] = logprobs
+        for name, value in given.items():
+            try:
+                SamplingParams(**{name: value})
+            except SamplingParamsError as e:
+                raise bad_field("top_logprobs" if name == "logprobs" else name, str(e)) from None
+        return given
+
+
+class ChatCompletionRequest(_GenerationRequest):
+    """POST /v1/chat/completions."""
+
+    messages: Annotated[list[ChatMessageIn], Field(min_length=1)]
+    max_tokens: PositiveInt | None = None
+    max_completion_tokens: PositiveInt | None = None
+    logprobs: bool = False
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+
+    def max_new_tokens(self) -> int | None:
+        """The token limit (max_completion_tokens, OpenAI's newer name, wins)."""
+        return self.max_completion_tokens or self.max_tokens
+
+    def logprobs_wanted(self) -> int:
+        """How many alternatives the server reports with each token (at least 1 where
+        logprobs are asked for, since the chosen token's own comes with them)."""
+        if self.top_logprobs is not None and not self.logprobs:
+            raise bad_field("top_logprobs", "top_logprobs requires logprobs: true")
+        return max(1, self.top_logprobs or 0) if self.logprobs else 0
+
+
+class CompletionRequest(_GenerationRequest):
+    """POST /v1/completions."""
+
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: PositiveInt | None = COMPLETIONS_DEFAULT_MAX_TOKENS
+    logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+    echo: bool = False
+    suffix: str | None = None
+    best_of: PositiveInt | None = None
+
+    def check_completion(self) -> None:
+        """Refusals of what this server does not do, naming the field."""
+        if self.echo:
+            raise bad_field("echo", "echo is not supported")
+        if self.suffix:
+            raise bad_field("suffix", "suffix (insertion) is not supported by Gemma 4")
+        if self.best_of is not None and self.best_of != self.n:
+            raise bad_field("best_of", "best_of other than n is not supported")
+
+    def prompts(self) -> list[str | list[int]]:
+        """Each prompt of the request (a list of texts or of token lists is a batch)."""
+        prompt = self.prompt
+        if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+            prompts: list[str | list[int]] = [prompt]  # type: ignore[list-item]
+        else:
+            prompts = list(prompt)  # type: ignore[arg-type]
+        if not prompts or any(len(p) == 0 for p in prompts if not isinstance(p, str)):
+            raise bad_field("prompt", "prompt must not be empty")
+        if len(prompts) * self.n > MAX_CHOICES:
+            raise bad_field("n", f"prompts × n must be at most {MAX_CHOICES}")
+        return prompts
+
+
+def parse_request(model: type[_Strict], body: Any) -> Any:
+    """`body` (parsed JSON) as a request of type `model`; ApiError 400 naming the first field
+    that is wrong."""
+    try:
+        return model.model_validate(body)
+    except ValidationError as e:
+        first = e.errors(include_url=False)[0]
+        param = ".".join(str(part) for part in first["loc"] if not _union_member(part)) or None
+        message = first["msg"]
+        if first["type"] == "extra_forbidden":
+            message = "unknown field (this API does not take it)"
+        raise ApiError(
+            400, f"{param}: {message}" if param else message, param=param, code="invalid_value"
+        ) from None
+
+
+def _union_member(part: object) -> bool:
+    """Whether a part of a validation error's location names a member of a union of types
+    (`str`, `list[int]`), not a field."""
+    return isinstance(part, str) and (part in ("str", "int", "float", "bool") or "[" in part)
+
+
+# --- Replies ---------------------------------------------------------------------------------
+
+
+def new_id(prefix: str) -> str:
+    """A reply id as OpenAI makes them ("chatcmpl-...", "cmpl-...")."""
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def now() -> int:
+    """The `created` timestamp of a reply."""
+    return int(time.time())
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    def plus(self, prompt_tokens: int, completion_tokens: int) -> Usage:
+        return Usage(self.prompt_tokens + prompt_tokens, self.completion_tokens + completion_tokens)
+
+    def body(self) -> dict[str, int]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+        }
+
+
+TokenText = Callable[[int], bytes]
+"""The bytes a token id stands for (from the model's tokenizer)."""
+
+
+def chat_logprobs(
+    token_ids: Sequence[int], logprobs: Sequence[TokenLogprobs], top: int, token_bytes: TokenText
+) -> dict[str, Any]:
+    """The `logprobs` of a chat choice (or of one streamed delta)."""
+
+    def entry(token_id: int, logprob: float) -> dict[str, Any]:
+        raw = token_bytes(token_id)
+        return {"token": raw.decode("utf-8", "replace"), "logprob": logprob, "bytes": list(raw)}
+
+    return {
+        "content": [
+            {
+                **entry(token_id, lp.logprob),
+                "top_logprobs": [entry(t, v) for t, v in lp.top[:top]],
+            }
+            for token_id, lp in zip(token_ids, logprobs, strict=True)
+        ]
+    }
+
+
+def completion_logprobs(
+    token_ids: Sequence[int],
+    logprobs: Sequence[TokenLogprobs],
+    top: int,
+    token_bytes: TokenText,
+    text_offset: int,
+) -> dict[str, Any]:
+    """The `logprobs` of a completion choice (or of one streamed piece), whose text starts
+    at `text_offset` characters into the choice's text."""
+    tokens = [token_bytes(t).decode("utf-8", "replace") for t in token_ids]
+    offsets = []
+    for token in tokens:
+        offsets.append(text_offset)
+        text_offset += len(token)
+    return {
+        "tokens": tokens,
+        "token_logprobs": [lp.logprob for lp in logprobs],
+        "top_logprobs": [
+            {token_bytes(t).decode("utf-8", "replace"): v for t, v in lp.top[:top]}
+            for lp in logprobs
+        ],
+        "text_offset": offsets,
+    }
