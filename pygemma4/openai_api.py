@@ -104,8 +104,8 @@ class ChatMessageIn(_Strict):
         return "\n".join(part.text or "" for part in self.content)
 
 
-NonNegativeInt = Annotated[int, Field(ge=0)]
 PositiveInt = Annotated[int, Field(ge=1)]
+TokenIdInt = Annotated[int, Field(ge=0, lt=2**31)]
 
 
 class _GenerationRequest(_Strict):
@@ -126,6 +126,8 @@ class _GenerationRequest(_Strict):
     stream_options: StreamOptions | None = None
     logit_bias: dict[str, float] | None = None
     user: str | None = None
+    ignore_eos: bool = False
+    """Keep generating past end-of-generation tokens (vLLM's extension, for benchmarks)."""
 
     def check_common(self) -> None:
         """What a field's type cannot say: refusals naming the field."""
@@ -189,7 +191,7 @@ class ChatCompletionRequest(_GenerationRequest):
 class CompletionRequest(_GenerationRequest):
     """POST /v1/completions."""
 
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: str | list[str] | list[TokenIdInt] | list[list[TokenIdInt]]
     max_tokens: PositiveInt | None = COMPLETIONS_DEFAULT_MAX_TOKENS
     logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     echo: bool = False
@@ -225,7 +227,9 @@ def parse_request(model: type[_Strict], body: Any) -> Any:
     try:
         return model.model_validate(body)
     except ValidationError as e:
-        first = e.errors(include_url=False)[0]
+        # Of a union's errors, the deepest says most (a part's field, not "not a string").
+        errors = e.errors(include_url=False)
+        first = max(errors, key=lambda error: len(error["loc"]))
         param = ".".join(str(part) for part in first["loc"] if not _union_member(part)) or None
         message = first["msg"]
         if first["type"] == "extra_forbidden":

@@ -91,6 +91,9 @@ def api_error_of(error: Exception, endpoint: str) -> ApiError:
         status, kind = _SERVER_ERRORS.get(error.code, (500, "server_error"))
         code = "context_length_exceeded" if error.code == "context_length" else error.code
         return ApiError(status, error.message, type=kind, code=code)
+    if isinstance(error, (TypeError, ValueError)):
+        # The client's own checks of what it is given (token ids, messages, sampling).
+        return ApiError(400, str(error), code="invalid_value")
     if isinstance(error, (RequestTimeoutError, ClientClosedError)):
         return ApiError(
             503,
@@ -108,12 +111,12 @@ class Generation:
     chat: bool
     prompt: Any
     max_tokens: int | None
+    ignore_eos: bool
     sampling: dict[str, Any]
 
     def open(self, client: AsyncClient) -> AsyncCompletionStream:
-        if self.chat:
-            return client.stream_chat(self.prompt, self.max_tokens, **self.sampling)
-        return client.stream(self.prompt, self.max_tokens, **self.sampling)
+        method = client.stream_chat if self.chat else client.stream
+        return method(self.prompt, self.max_tokens, ignore_eos=self.ignore_eos, **self.sampling)
 
 
 @dataclass
@@ -528,7 +531,7 @@ def create_app(
         sampling = body.sampling(top)
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         generations = [
-            Generation(True, messages, body.max_new_tokens(), _seeded(sampling, i))
+            Generation(True, messages, body.max_new_tokens(), body.ignore_eos, _seeded(sampling, i))
             for i in range(body.n)
         ]
         shape = Shape(True, top if body.logprobs else -1, api.token_bytes())
@@ -553,7 +556,7 @@ def create_app(
         top = body.logprobs if body.logprobs is not None else -1
         sampling = body.sampling(max(1, top) if top >= 0 else 0)
         generations = [
-            Generation(False, prompt, body.max_tokens, _seeded(sampling, i))
+            Generation(False, prompt, body.max_tokens, body.ignore_eos, _seeded(sampling, i))
             for prompt in prompts
             for i in range(body.n)
         ]
@@ -732,14 +735,26 @@ def bound_socket(listen: str) -> socket.socket:
     return sock
 
 
-class _SupervisedServer(uvicorn.Server):
-    """uvicorn as a process of `pygemma4 serve`: SIGTERM stops it, SIGINT is left to the
-    supervisor (which stops every process in order)."""
+class _Server(uvicorn.Server):
+    """uvicorn stopped by `stop_signals` and deaf to `ignored_signals`; unlike plain uvicorn it
+    does not raise the stopping signal again once shut down, so the process exits normally."""
+
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        stop_signals: tuple[signal.Signals, ...],
+        ignored_signals: tuple[signal.Signals, ...] = (),
+    ) -> None:
+        super().__init__(config)
+        self.stop_signals = stop_signals
+        self.ignored_signals = ignored_signals
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, self.handle_exit)
+        for sig in self.ignored_signals:
+            signal.signal(sig, signal.SIG_IGN)
+        for sig in self.stop_signals:
+            signal.signal(sig, self.handle_exit)
         yield
 
 
@@ -758,7 +773,8 @@ def run(
     """Serve the API on `listen` (HOST:PORT) until Ctrl-C or SIGTERM (`pygemma4 http`)."""
     sock = bound_socket(listen)
     app = create_app(endpoint, api_key=api_key, tokenizer=tokenizer)
-    asyncio.run(uvicorn.Server(uvicorn_config(app)).serve(sockets=[sock]))
+    server = _Server(uvicorn_config(app), (signal.SIGINT, signal.SIGTERM))
+    asyncio.run(server.serve(sockets=[sock]))
 
 
 async def _serve_supervised(config: ServerConfig, name: str, sock: socket.socket) -> None:
@@ -767,7 +783,8 @@ async def _serve_supervised(config: ServerConfig, name: str, sock: socket.socket
         api_key=os.environ.get(HTTP_API_KEY_ENV) or None,
         tokenizer=Tokenizer.from_gguf(config.model),
     )
-    server = _SupervisedServer(uvicorn_config(app))
+    # SIGINT (Ctrl-C in the terminal reaches every process) is the supervisor's to act on.
+    server = _Server(uvicorn_config(app), (signal.SIGTERM,), (signal.SIGINT,))
 
     async def watch_supervisor() -> None:
         while supervisor_alive(config):
