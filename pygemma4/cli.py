@@ -369,6 +369,7 @@ def http(
     tokenizer = None if model is None else Tokenizer.from_gguf(model)
     click.echo(f"OpenAI API on http://{listen}/v1 for {endpoint}", err=True)
     run(endpoint, listen, api_key=key, tokenizer=tokenizer)
+    click.echo("stopped", err=True)
 
 
 def _api_key(api_key: str | None, api_key_file: Path | None) -> str | None:
