@@ -116,12 +116,14 @@ class TokenChoice:
 
 class TextStream:
     """The text side of a continuation: the text each token adds, characters never split,
-    cut before the first stop string."""
+    cut before the first stop string; special tokens' texts are left out with `skip_special`."""
 
-    def __init__(self, tokenizer: Tokenizer | None, stops: Sequence[str] = ()) -> None:
+    def __init__(
+        self, tokenizer: Tokenizer | None, stops: Sequence[str] = (), skip_special: bool = True
+    ) -> None:
         if stops and tokenizer is None:
             raise ValueError("stop strings need the model's tokenizer, and this file has none")
-        self._text = tokenizer.stream(skip_special=True) if tokenizer is not None else None
+        self._text = tokenizer.stream(skip_special) if tokenizer is not None else None
         self._stops = StopStrings(stops)
 
     def push(
