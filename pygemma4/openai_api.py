@@ -91,17 +91,62 @@ class TextPart(_Strict):
         return value
 
 
+class FunctionCallIn(_Strict):
+    name: str
+    arguments: str
+    """The arguments as a JSON object's text."""
+
+
+class ToolCallIn(_Strict):
+    """A tool call of an assistant message in the history."""
+
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCallIn
+
+
 class ChatMessageIn(_Strict):
-    """One message of a chat request."""
+    """One message of a chat request (the server checks what goes with which role)."""
 
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    tool_calls: list[ToolCallIn] | None = None
+    tool_call_id: str | None = None
+    name: str | None = None
+    reasoning_content: str | None = None
 
-    def text(self) -> str:
+    def text(self) -> str | None:
         """The content as one text (parts joined by newlines, as other servers do)."""
-        if isinstance(self.content, str):
+        if self.content is None or isinstance(self.content, str):
             return self.content
         return "\n".join(part.text or "" for part in self.content)
+
+    def wire(self) -> dict[str, Any]:
+        """The message as the client takes it."""
+        return {**self.model_dump(exclude_none=True), "content": self.text()}
+
+
+class FunctionIn(_Strict):
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ToolIn(_Strict):
+    """A tool the model may call."""
+
+    type: Literal["function"]
+    function: FunctionIn
+
+
+class FunctionName(_Strict):
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: FunctionName
 
 
 PositiveInt = Annotated[int, Field(ge=1)]
@@ -175,6 +220,37 @@ class ChatCompletionRequest(_GenerationRequest):
     max_completion_tokens: PositiveInt | None = None
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+
+    tools: list[ToolIn] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+
+    def check_tools(self) -> None:
+        """Refusals of tool options this server cannot honour, naming the field."""
+        choice = self.tool_choice
+        if choice == "required" or isinstance(choice, NamedToolChoice):
+            raise bad_field(
+                "tool_choice",
+                "tool_choice 'required' or a named function needs constrained decoding, which "
+                "this server does not do yet; use 'auto' or 'none'",
+            )
+        if choice is not None and choice != "none" and not self.tools:
+            raise bad_field("tool_choice", "tool_choice is only allowed when tools are given")
+        if self.parallel_tool_calls is False:
+            raise bad_field(
+                "parallel_tool_calls", "parallel_tool_calls: false cannot be enforced yet"
+            )
+
+    def chat_options(self) -> dict[str, Any]:
+        """The client's chat keyword arguments this request sets: the tools (none where
+        tool_choice is "none": the model is not told of them) and the template's kwargs."""
+        options: dict[str, Any] = {}
+        if self.tools and self.tool_choice != "none":
+            options["tools"] = [tool.model_dump(exclude_none=True) for tool in self.tools]
+        if self.chat_template_kwargs:
+            options["chat_template_kwargs"] = self.chat_template_kwargs
+        return options
 
     def max_new_tokens(self) -> int | None:
         """The token limit (max_completion_tokens, OpenAI's newer name, wins)."""

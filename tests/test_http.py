@@ -27,11 +27,25 @@ import openai
 import pytest
 from serve_helpers import ServeProcess, wait_until
 
+from pygemma4.chat_output import parse_chat_output
+
 API_KEY = "test-key-123"
 N_CTX = 8192
 LONG = N_CTX - 48
 """max_tokens of a stream that must still run while a test acts (seconds on this model)."""
 CHAT = [{"role": "user", "content": "Tell me a story"}]
+TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city.",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}},
+            "required": ["city"],
+        },
+    },
+}
 
 
 def _free_port() -> int:
@@ -78,13 +92,15 @@ def test_greedy_chat_and_completion_equal_the_zeromq_client(
     sdk: openai.OpenAI, server: Any
 ) -> None:
     with server.client() as zmq:
-        chat = zmq.chat(CHAT, 12, temperature=0)
+        chat = zmq.chat(CHAT, 12, temperature=0, raw_text=True)
         completion = zmq.complete([2, 12, 40], 12, temperature=0)
     reply = sdk.chat.completions.create(
         model=server.model_name, messages=CHAT, max_tokens=12, temperature=0
     )
-    assert reply.choices[0].message.content == chat.text
-    assert reply.choices[0].finish_reason == chat.finish_reason
+    parsed = parse_chat_output(chat.text, in_reasoning=chat.in_reasoning)
+    assert reply.choices[0].message.content == parsed.content
+    assert reply.choices[0].message.model_extra["reasoning_content"] == parsed.reasoning
+    assert reply.choices[0].finish_reason == chat.finish_reason != "tool_calls"
     assert reply.usage.prompt_tokens == chat.prompt_tokens
     assert reply.usage.completion_tokens == chat.completion_tokens
     assert reply.usage.total_tokens == chat.prompt_tokens + chat.completion_tokens
@@ -187,7 +203,45 @@ def test_sampling_fields_and_stop(sdk: openai.OpenAI, server: Any) -> None:
     assert reply.usage.completion_tokens == 6
 
 
+def test_tools_history_and_template_kwargs_are_taken(sdk: openai.OpenAI, server: Any) -> None:
+    """The demo model's own template shows no tools (what Gemma 4's templates make of them is
+    the template tests' business): here every field must be accepted and answered."""
+
+    def prompt_tokens(**fields: Any) -> int:
+        reply = sdk.chat.completions.create(
+            model=server.model_name, max_tokens=1, temperature=0, **fields
+        )
+        assert reply.usage.completion_tokens == 1
+        return reply.usage.prompt_tokens
+
+    plain = prompt_tokens(messages=CHAT)
+    assert prompt_tokens(messages=CHAT, tools=[TOOL]) >= plain
+    assert prompt_tokens(messages=CHAT, tools=[TOOL], tool_choice="none") == plain
+    assert prompt_tokens(messages=CHAT, tools=[TOOL], tool_choice="auto") >= plain
+    history = [
+        {"role": "developer", "content": "Use the tools."},
+        {"role": "user", "content": [{"type": "text", "text": "Weather in Paris?"}]},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_1", "content": '{"temperature": 21}'},
+    ]
+    assert prompt_tokens(messages=history, tools=[TOOL]) > plain
+    kwargs = {"chat_template_kwargs": {"enable_thinking": True}}
+    assert prompt_tokens(messages=CHAT, extra_body=kwargs) >= plain
+
+
 def test_logprobs_chat_and_completions(sdk: openai.OpenAI, server: Any) -> None:
+    with server.client() as zmq:
+        raw_text = zmq.chat(CHAT, 5, temperature=0, raw_text=True).text
     chat = sdk.chat.completions.create(
         model=server.model_name,
         messages=CHAT,
@@ -202,7 +256,7 @@ def test_logprobs_chat_and_completions(sdk: openai.OpenAI, server: Any) -> None:
     # Greedy: the token chosen is the most likely one.
     assert all(t.top_logprobs[0].logprob == t.logprob for t in content)
     raw = b"".join(bytes(t.bytes) for t in content)
-    assert raw.decode("utf-8", "replace") == chat.message.content
+    assert raw.decode("utf-8", "replace") == raw_text
     text = sdk.completions.create(
         model=server.model_name, prompt="Hello", max_tokens=4, temperature=0, logprobs=2
     ).choices[0]
@@ -288,6 +342,21 @@ BAD_REQUESTS: list[tuple[str, str, Any, int, str | None]] = [
     ("stream_options without stream", CHAT_PATH, _chat(stream_options={"include_usage": True}),
      400, "stream_options"),
     ("stream not bool", CHAT_PATH, _chat(stream="yes"), 400, "stream"),
+    ("tool_choice required", CHAT_PATH, _chat(tools=[TOOL], tool_choice="required"), 400,
+     "tool_choice"),
+    ("tool_choice named", CHAT_PATH, _chat(tools=[TOOL], tool_choice={
+        "type": "function", "function": {"name": "get_weather"}}), 400, "tool_choice"),
+    ("tool_choice without tools", CHAT_PATH, _chat(tool_choice="auto"), 400, "tool_choice"),
+    ("parallel_tool_calls false", CHAT_PATH, _chat(tools=[TOOL], parallel_tool_calls=False), 400,
+     "parallel_tool_calls"),
+    ("tool without function", CHAT_PATH, _chat(tools=[{"type": "function"}]), 400,
+     "tools.0.function"),
+    ("tool name with spaces", CHAT_PATH, _chat(tools=[{"type": "function", "function": {
+        "name": "get weather"}}]), 400, None),
+    ("tool call arguments not text", CHAT_PATH, _chat(messages=[*CHAT, {
+        "role": "assistant", "tool_calls": [{"id": "c", "type": "function",
+        "function": {"name": "f", "arguments": 5}}]}]), 400,
+     "messages.1.tool_calls.0.function.arguments"),
     ("huge body", CHAT_PATH, _big_body(), 413, None),
     ("prompt longer than the context", TEXT_PATH, _text(prompt=[5] * (N_CTX + 10)), 400, None),
     ("empty token list", TEXT_PATH, _text(prompt=[]), 400, "prompt"),

@@ -3,10 +3,12 @@ names, what each request asks of the server, and the logprobs OpenAI's clients p
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
 
+from pygemma4.client import CompletionResult, StreamChunk
 from pygemma4.openai_api import (
     COMPLETIONS_DEFAULT_MAX_TOKENS,
     ApiError,
@@ -17,6 +19,7 @@ from pygemma4.openai_api import (
     parse_request,
 )
 from pygemma4.protocol import TokenLogprobs
+from pygemma4.workers.http import Shape
 
 CHAT = [{"role": "user", "content": "Hi"}]
 
@@ -153,3 +156,90 @@ def test_completion_logprobs_shape() -> None:
         "top_logprobs": [{"He": -0.5, "llo": -1.0}, {"llo": -0.25}],
         "text_offset": [4, 6],
     }
+
+
+RAW_OUTPUT = (
+    "<|channel>thought\nThe user wants weather.<channel|>Let me check."
+    '<|tool_call>call:get_weather{city:<|"|>Paris<|"|>,days:2}<tool_call|>'
+    '<|tool_call>call:get_time{zone:<|"|>CET<|"|>}<tool_call|>'
+)
+
+
+def _result(text: str, reason: str = "stop", in_reasoning: bool = False) -> CompletionResult:
+    return CompletionResult(
+        text=text,
+        token_ids=(),
+        finish_reason=reason,  # type: ignore[arg-type]
+        prompt_tokens=1,
+        completion_tokens=1,
+        logprobs=None,
+        in_reasoning=in_reasoning,
+    )
+
+
+def _streamed(text: str, cut: int, reason: str = "stop") -> dict[str, Any]:
+    """The message the streamed choices of `text` (fed `cut` characters at a time) add up to,
+    as an OpenAI client assembles it, and the finish reason."""
+    shape = Shape(chat=True, top_logprobs=-1, token_bytes=_token_bytes)
+    choices = []
+    for start in range(0, len(text), cut):
+        chunk = StreamChunk(text=text[start : start + cut], token_ids=(1,), logprobs=None)
+        choice = shape.delta(0, chunk)
+        if choice is not None:
+            choices.append(choice)
+    choices += shape.stream_end(0, _result(text, reason))
+    content, reasoning, calls = "", "", {}
+    for choice in choices:
+        delta = choice["delta"]
+        content += delta.get("content", "")
+        reasoning += delta.get("reasoning_content", "")
+        for call in delta.get("tool_calls", []):
+            entry = calls.setdefault(call["index"], {"id": None, "name": None, "arguments": ""})
+            if "id" in call:
+                entry.update(id=call["id"], name=call["function"]["name"])
+            entry["arguments"] += call["function"]["arguments"]
+    return {
+        "content": content,
+        "reasoning": reasoning,
+        "calls": [(c["name"], json.loads(c["arguments"])) for c in calls.values()],
+        "ids": [c["id"] for c in calls.values()],
+        "finish_reason": choices[-1]["finish_reason"],
+    }
+
+
+@pytest.mark.parametrize("cut", [1, 2, 3, 7, 1000])
+def test_chat_replies_parse_reasoning_and_tool_calls_streamed_as_whole(cut: int) -> None:
+    shape = Shape(chat=True, top_logprobs=-1, token_bytes=_token_bytes)
+    whole = shape.final(0, _result(RAW_OUTPUT))
+    message = whole["message"]
+    assert message["content"] == "Let me check."
+    assert message["reasoning_content"] == "The user wants weather."
+    calls = [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in
+             message["tool_calls"]]  # fmt: skip
+    assert calls == [("get_weather", {"city": "Paris", "days": 2}), ("get_time", {"zone": "CET"})]
+    assert all(c["id"].startswith("call_") and c["type"] == "function" for c in
+               message["tool_calls"])  # fmt: skip
+    assert whole["finish_reason"] == "tool_calls"
+    streamed = _streamed(RAW_OUTPUT, cut)
+    assert streamed["content"] == message["content"]
+    assert streamed["reasoning"] == message["reasoning_content"]
+    assert streamed["calls"] == calls
+    assert all(i is not None and i.startswith("call_") for i in streamed["ids"])
+    assert streamed["finish_reason"] == "tool_calls"
+
+
+def test_chat_replies_without_calls_and_cut_short() -> None:
+    shape = Shape(chat=True, top_logprobs=-1, token_bytes=_token_bytes)
+    plain = shape.final(0, _result("Hello there"))
+    assert plain["message"] == {
+        "role": "assistant",
+        "content": "Hello there",
+        "reasoning_content": None,
+    }
+    assert plain["finish_reason"] == "stop"
+    cut_short = shape.final(0, _result(RAW_OUTPUT[:60], reason="length"))
+    assert cut_short["finish_reason"] == "length"
+    thinking = shape.final(0, _result("still thinking<channel|>Answer", in_reasoning=True))
+    assert thinking["message"]["reasoning_content"] == "still thinking"
+    assert thinking["message"]["content"] == "Answer"
+    assert _streamed("Hello there", 2)["finish_reason"] == "stop"

@@ -30,6 +30,12 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pygemma4 import protocol
+from pygemma4.chat_output import (
+    ChatOutputDelta,
+    ChatOutputStream,
+    ToolCallDelta,
+    parse_chat_output,
+)
 from pygemma4.client import (
     AsyncClient,
     AsyncCompletionStream,
@@ -111,12 +117,12 @@ class Generation:
     chat: bool
     prompt: Any
     max_tokens: int | None
-    ignore_eos: bool
-    sampling: dict[str, Any]
+    options: dict[str, Any]
+    """The client method's keyword arguments: sampling, ignore_eos, the chat's options."""
 
     def open(self, client: AsyncClient) -> AsyncCompletionStream:
         method = client.stream_chat if self.chat else client.stream
-        return method(self.prompt, self.max_tokens, ignore_eos=self.ignore_eos, **self.sampling)
+        return method(self.prompt, self.max_tokens, **self.options)
 
 
 @dataclass
@@ -285,9 +291,27 @@ _DONE = b"data: [DONE]\n\n"
 # --- Chat and completions --------------------------------------------------------------------
 
 
+def _tool_call_delta(call: ToolCallDelta) -> dict[str, Any]:
+    """A streamed tool call fragment in OpenAI's shape (id, type and name come first, once)."""
+    if call.id is None:
+        return {"index": call.index, "function": {"arguments": call.arguments}}
+    return {
+        "index": call.index,
+        "id": call.id,
+        "type": "function",
+        "function": {"name": call.name, "arguments": call.arguments},
+    }
+
+
+def _chat_finish_reason(reason: str, calls: int) -> str:
+    """OpenAI's finish reason of a chat that ended for `reason` having made `calls` calls."""
+    return "tool_calls" if calls and reason == "stop" else reason
+
+
 @dataclass
 class Shape:
-    """How the choices of one kind of request are shaped: chat or completions."""
+    """How the choices of one kind of request are shaped: chat (the model's raw text parsed
+    into content, reasoning and tool calls) or completions (the text as it is)."""
 
     chat: bool
     top_logprobs: int
@@ -295,6 +319,8 @@ class Shape:
     token_bytes: TokenText
     text_lengths: dict[int, int] = field(default_factory=dict)
     """Characters of each completion choice streamed so far (for text_offset)."""
+    parsers: dict[int, ChatOutputStream] = field(default_factory=dict)
+    """Each streamed chat choice's parser."""
 
     def logprobs(self, index: int, token_ids: Any, logprobs: Any) -> dict[str, Any] | None:
         if self.top_logprobs < 0 or logprobs is None:
@@ -309,43 +335,100 @@ class Shape:
             self.text_lengths.get(index, 0),
         )
 
-    def delta(self, index: int, chunk: StreamChunk) -> dict[str, Any]:
-        logprobs = self.logprobs(index, chunk.token_ids, chunk.logprobs)
-        self.text_lengths[index] = self.text_lengths.get(index, 0) + len(chunk.text)
-        if self.chat:
-            return {
-                "index": index,
-                "delta": {"content": chunk.text},
-                "logprobs": logprobs,
-                "finish_reason": None,
-            }
-        return {"index": index, "text": chunk.text, "logprobs": logprobs, "finish_reason": None}
+    def parser(self, index: int, in_reasoning: bool) -> ChatOutputStream:
+        if index not in self.parsers:
+            self.parsers[index] = ChatOutputStream(in_reasoning=in_reasoning)
+        return self.parsers[index]
 
-    def final(self, index: int, result: CompletionResult) -> dict[str, Any]:
-        logprobs = self.logprobs(index, result.token_ids, result.logprobs)
-        if self.chat:
-            return {
-                "index": index,
-                "message": {"role": "assistant", "content": result.text},
-                "logprobs": logprobs,
-                "finish_reason": result.finish_reason,
-            }
+    def delta(self, index: int, chunk: StreamChunk) -> dict[str, Any] | None:
+        """A streamed choice for `chunk`; None where it adds nothing to show."""
+        logprobs = self.logprobs(index, chunk.token_ids, chunk.logprobs)
+        if not self.chat:
+            self.text_lengths[index] = self.text_lengths.get(index, 0) + len(chunk.text)
+            if not chunk.text and logprobs is None:
+                return None
+            return {"index": index, "text": chunk.text, "logprobs": logprobs, "finish_reason": None}
+        parsed = self.parser(index, chunk.in_reasoning).feed(chunk.text)
+        if parsed.is_empty() and logprobs is None:
+            return None
         return {
             "index": index,
-            "text": result.text,
+            "delta": _chat_delta(parsed),
             "logprobs": logprobs,
-            "finish_reason": result.finish_reason,
+            "finish_reason": None,
         }
 
-    def stream_end(self, index: int, result: CompletionResult) -> dict[str, Any]:
-        if self.chat:
+    def final(self, index: int, result: CompletionResult) -> dict[str, Any]:
+        """A whole choice."""
+        logprobs = self.logprobs(index, result.token_ids, result.logprobs)
+        if not self.chat:
             return {
                 "index": index,
-                "delta": {},
-                "logprobs": None,
+                "text": result.text,
+                "logprobs": logprobs,
                 "finish_reason": result.finish_reason,
             }
-        return {"index": index, "text": "", "logprobs": None, "finish_reason": result.finish_reason}
+        output = parse_chat_output(result.text, in_reasoning=result.in_reasoning)
+        message: dict[str, Any] = {
+            "role": "assistant",
+            "content": output.content if output.content or not output.tool_calls else None,
+            "reasoning_content": output.reasoning,
+        }
+        if output.tool_calls:
+            message["tool_calls"] = [
+                {
+                    "id": call.id,
+                    "type": "function",
+                    "function": {"name": call.name, "arguments": call.arguments_json},
+                }
+                for call in output.tool_calls
+            ]
+        return {
+            "index": index,
+            "message": message,
+            "logprobs": logprobs,
+            "finish_reason": _chat_finish_reason(result.finish_reason, len(output.tool_calls)),
+        }
+
+    def stream_end(self, index: int, result: CompletionResult) -> list[dict[str, Any]]:
+        """The streamed choices that end a choice: what its parser still held, then the
+        finish reason."""
+        if not self.chat:
+            return [
+                {
+                    "index": index,
+                    "text": "",
+                    "logprobs": None,
+                    "finish_reason": result.finish_reason,
+                }
+            ]
+        parser = self.parser(index, result.in_reasoning)
+        rest = parser.finish()
+        held = (
+            []
+            if rest.is_empty()
+            else [
+                {
+                    "index": index,
+                    "delta": _chat_delta(rest),
+                    "logprobs": None,
+                    "finish_reason": None,
+                }
+            ]
+        )
+        reason = _chat_finish_reason(result.finish_reason, parser.calls_started)
+        return [*held, {"index": index, "delta": {}, "logprobs": None, "finish_reason": reason}]
+
+
+def _chat_delta(parsed: ChatOutputDelta) -> dict[str, Any]:
+    delta: dict[str, Any] = {}
+    if parsed.content:
+        delta["content"] = parsed.content
+    if parsed.reasoning:
+        delta["reasoning_content"] = parsed.reasoning
+    if parsed.tool_calls:
+        delta["tool_calls"] = [_tool_call_delta(call) for call in parsed.tool_calls]
+    return delta
 
 
 async def generate(
@@ -411,13 +494,13 @@ async def generate(
         try:
             async for event in api.measured(generations, kind):
                 if event.chunk is not None:
-                    if event.chunk.text or event.chunk.token_ids:
-                        choice = shape.delta(event.index, event.chunk)
+                    choice = shape.delta(event.index, event.chunk)
+                    if choice is not None:
                         yield _sse({**head, "choices": [choice], **extra})
                 elif event.result is not None:
                     usage = counted(usage, event.index, event.result)
-                    choice = shape.stream_end(event.index, event.result)
-                    yield _sse({**head, "choices": [choice], **extra})
+                    for choice in shape.stream_end(event.index, event.result):
+                        yield _sse({**head, "choices": [choice], **extra})
         except Exception as e:
             api.metrics.errors.labels(_error_kind(e)).inc()
             yield _sse(api_error_of(e, api.endpoint).body())
@@ -526,12 +609,18 @@ def create_app(
     async def chat_completions(request: Request) -> Response:
         body = parse_request(ChatCompletionRequest, await api.read_json(request))
         body.check_common()
+        body.check_tools()
         await api.check_model(body.model)
         top = body.logprobs_wanted()
-        sampling = body.sampling(top)
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        options = {
+            **body.sampling(top),
+            **body.chat_options(),
+            "ignore_eos": body.ignore_eos,
+            "raw_text": True,
+        }
+        messages = [m.wire() for m in body.messages]
         generations = [
-            Generation(True, messages, body.max_new_tokens(), body.ignore_eos, _seeded(sampling, i))
+            Generation(True, messages, body.max_new_tokens(), _seeded(options, i))
             for i in range(body.n)
         ]
         shape = Shape(True, top if body.logprobs else -1, api.token_bytes())
@@ -554,9 +643,9 @@ def create_app(
         await api.check_model(body.model)
         prompts = body.prompts()
         top = body.logprobs if body.logprobs is not None else -1
-        sampling = body.sampling(max(1, top) if top >= 0 else 0)
+        options = {**body.sampling(max(1, top) if top >= 0 else 0), "ignore_eos": body.ignore_eos}
         generations = [
-            Generation(False, prompt, body.max_tokens, body.ignore_eos, _seeded(sampling, i))
+            Generation(False, prompt, body.max_tokens, _seeded(options, i))
             for prompt in prompts
             for i in range(body.n)
         ]
@@ -635,8 +724,7 @@ def create_app(
             chat = parse_request(
                 ChatCompletionRequest, {"model": info.model, "messages": body["messages"]}
             )
-            messages = [{"role": m.role, "content": m.text()} for m in chat.messages]
-            tokens = tokenizer.encode_chat(messages)
+            tokens = tokenizer.encode_chat([m.wire() for m in chat.messages])
         return {"count": len(tokens), "max_model_len": info.n_ctx, "tokens": tokens}
 
     @app.post("/detokenize")
@@ -699,12 +787,12 @@ class _RequireKey:
         await self.app(scope, receive, send)
 
 
-def _seeded(sampling: dict[str, Any], index: int) -> dict[str, Any]:
-    """The sampling of choice `index`: a seed given is offset per choice, so that the choices
+def _seeded(options: dict[str, Any], index: int) -> dict[str, Any]:
+    """The options of choice `index`: a seed given is offset per choice, so that the choices
     of one request differ yet are reproducible."""
-    if index == 0 or sampling.get("seed") is None:
-        return sampling
-    return {**sampling, "seed": (sampling["seed"] + index) % 2**64}
+    if index == 0 or options.get("seed") is None:
+        return options
+    return {**options, "seed": (options["seed"] + index) % 2**64}
 
 
 # --- Running -----------------------------------------------------------------------------------
