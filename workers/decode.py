@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -29,6 +30,7 @@ from pygemma4.protocol import (
     TokenOutput,
 )
 from pygemma4.runner import Feed, next_token
+from pygemma4.tokenizer import Tokenizer
 from pygemma4.workers.runtime import (
     ServerConfig,
     Worker,
@@ -65,6 +67,12 @@ class DecodeWorker(Worker):
         self.prefilling: dict[int, Sequence] = {}
         self.running: dict[int, Sequence] = {}
         self.next_prefill = 0
+
+    @cached_property
+    def tokenizer(self) -> Tokenizer:
+        """The model's tokenizer, read when a constrained request first needs its vocabulary
+        (TokenizerError where the file carries none)."""
+        return Tokenizer.from_metadata(self.runner.model_file.gguf.metadata)
 
     def busy(self) -> bool:
         """Whether sequences are running (the loop then steps without waiting)."""
@@ -105,11 +113,13 @@ class DecodeWorker(Worker):
         kv = SequenceKv(self.allocator)
         kv.ensure(positions)
         try:
+            sampling = protocol.sampling_params(request.sampling)
             choice = TokenChoice(
                 request.prompt_ids,
                 request.max_tokens,
-                protocol.sampling_params(request.sampling),
+                sampling,
                 request.stop_token_ids,
+                self.tokenizer if sampling.constrained else None,
             )
         except ValueError as e:
             kv.release()
