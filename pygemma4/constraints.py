@@ -26,7 +26,13 @@ from pygemma4.errors import SamplingParamsError
 from pygemma4.sampling import SamplingParams
 from pygemma4.tokenizer import CONTROL, UNKNOWN, USER_DEFINED, Tokenizer
 
-__all__ = ["Constraint", "ConstraintError", "grammar_vocabulary", "tool_call_grammar"]
+__all__ = [
+    "Constraint",
+    "ConstraintError",
+    "check_constraint",
+    "grammar_vocabulary",
+    "tool_call_grammar",
+]
 
 # The JSON the output must be: compact (whitespace between tokens would only give a model
 # room to wander).
@@ -87,6 +93,19 @@ def _grammar_text(params: SamplingParams) -> str:
     raise ValueError("these sampling parameters constrain nothing")
 
 
+def _what(params: SamplingParams) -> str:
+    return "json_schema" if params.json_schema is not None else "grammar"
+
+
+def check_constraint(params: SamplingParams) -> None:
+    """ConstraintError naming what llguidance rejects in `params`' schema or grammar, checked
+    without a vocabulary (special tokens are only resolved against one, by `Constraint`)."""
+    if params.constrained:
+        error = llguidance.LLMatcher.validate_grammar(_grammar_text(params))
+        if error:
+            raise ConstraintError(f"{_what(params)} is not usable: {error}")
+
+
 class Constraint:
     """The grammar state of one constrained sequence."""
 
@@ -94,9 +113,8 @@ class Constraint:
         """The constraint of `params` (its json_schema or grammar) over `tokenizer`'s
         vocabulary; ConstraintError naming the problem where llguidance rejects it."""
         vocabulary = grammar_vocabulary(tokenizer)
-        what = "json_schema" if params.json_schema is not None else "grammar"
         self._matcher = llguidance.LLMatcher(vocabulary, _grammar_text(params), log_level=0)
-        self._check(f"{what} is not usable")
+        self._check(f"{_what(params)} is not usable")
         self._eos = frozenset(vocabulary.eos_tokens)
         self._n_vocab = vocabulary.vocab_size
 

@@ -12,12 +12,18 @@ from typing import Any
 import jsonschema
 import numpy as np
 import pytest
+from conftest import rewrite_gguf
 from serve_helpers import ServeProcess
 
 from pygemma4 import protocol
 from pygemma4.chat_output import parse_chat_output
 from pygemma4.client import ServerError
-from pygemma4.constraints import Constraint, ConstraintError, tool_call_grammar
+from pygemma4.constraints import (
+    Constraint,
+    ConstraintError,
+    check_constraint,
+    tool_call_grammar,
+)
 from pygemma4.engine import Engine
 from pygemma4.errors import SamplingParamsError
 from pygemma4.generation import TokenChoice
@@ -144,6 +150,11 @@ def test_the_json_prefix_check_can_fail() -> None:
 
 def test_a_schema_the_library_rejects_is_a_clear_error(engine: Engine) -> None:
     prompt = engine.tokenizer.encode("Hello")
+    for schema in ('{"type": "nonsense"}', '{"$ref": "#/nowhere"}'):
+        with pytest.raises(ConstraintError, match="json_schema is not usable: "):
+            check_constraint(SamplingParams(json_schema=schema))
+    check_constraint(SamplingParams(json_schema=json.dumps(PERSON)))
+    check_constraint(SamplingParams(grammar=tool_call_grammar(TOOLS)))
     with pytest.raises(ConstraintError, match="json_schema is not usable: .*nonsense"):
         engine.stream(prompt, 8, SamplingParams(json_schema='{"type": "nonsense"}'))
     with pytest.raises(ConstraintError, match="grammar is not usable"):
@@ -243,7 +254,9 @@ TOOLS = [
             "name": "tag",
             "parameters": {
                 "type": "object",
-                "properties": {"labels": {"type": "array", "items": {"enum": [1, 2]}}},
+                "properties": {
+                    "labels": {"type": "array", "items": {"enum": [1, 2]}, "maxItems": 3}
+                },
                 "required": ["labels"],
             },
         },
@@ -314,6 +327,52 @@ def test_a_tool_grammar_refuses_what_it_cannot_enforce() -> None:
             tool_call_grammar(tools)
     with pytest.raises(ConstraintError, match="'g', which is not among the tools"):
         tool_call_grammar(TOOLS, "g")
+
+
+def with_tool_tokens(source: Path, target: Path) -> Path:
+    """A copy of the model `source` whose vocabulary has Gemma 4's tool-call tokens in place
+    of four byte tokens that UTF-8 text never uses (0xF8-0xFB), so that they lie within the
+    model's logits."""
+    metadata = read_gguf(source).metadata
+    tokens = list(metadata["tokenizer.ggml.tokens"])
+    types = list(metadata["tokenizer.ggml.token_type"])
+    for token in TOOL_TOKENS:
+        i = tokens.index(f"<0x{0xF8 + TOOL_TOKENS.index(token):02X}>")
+        tokens[i], types[i] = token, CONTROL
+    overrides = {"tokenizer.ggml.tokens": tokens, "tokenizer.ggml.token_type": types}
+    return rewrite_gguf(source, target, overrides)
+
+
+@pytest.fixture(scope="module")
+def tool_model(demo_model_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return with_tool_tokens(demo_model_file, tmp_path_factory.mktemp("tools") / "demo-tools.gguf")
+
+
+@pytest.mark.parametrize("source", [FIXTURE_MODELS[-1], "demo"], ids=["fixture", "demo"])
+def test_a_model_forced_to_call_a_tool_calls_it(
+    source: Path | str, demo_model_file: Path, tmp_path: Path
+) -> None:
+    path = with_tool_tokens(
+        demo_model_file if source == "demo" else Path(source), tmp_path / "m.gguf"
+    )
+    engine = Engine(path, threads=1, n_ctx=512)
+    prompt = engine.tokenizer.encode("What is the weather?")
+    schemas = {t["function"]["name"]: t["function"].get("parameters") for t in TOOLS}
+    for name, temperature, seed in [
+        (None, 0.0, 0),
+        ("get_weather", 0.0, 0),
+        (None, 1.0, 1),
+        ("tag", 1.0, 2),
+    ]:
+        params = SamplingParams(
+            temperature=temperature, seed=seed, grammar=tool_call_grammar(TOOLS, name)
+        )
+        chunks = list(engine.stream(prompt, MAX_TOKENS, params))
+        assert chunks[-1].finish_reason == "stop"
+        text = engine.tokenizer.decode([c.token_id for c in chunks[:-1]])
+        (call,) = parse_chat_output(text).tool_calls
+        assert name is None or call.name == name
+        jsonschema.validate(json.loads(call.arguments_json), schemas[call.name] or {})
 
 
 def test_a_vocabulary_without_tool_tokens_cannot_force_a_call(engine: Engine) -> None:
