@@ -9,6 +9,7 @@ the shapes the `openai` SDK parses: `chat.completion`, `chat.completion.chunk`,
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -17,6 +18,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from pygemma4.constraints import tool_call_grammar
 from pygemma4.errors import Gemma4Error, SamplingParamsError
 from pygemma4.protocol import TokenLogprobs
 from pygemma4.sampling import MAX_LOGPROBS, SamplingParams
@@ -153,6 +155,30 @@ PositiveInt = Annotated[int, Field(ge=1)]
 TokenIdInt = Annotated[int, Field(ge=0, lt=2**31)]
 
 
+class JsonSchemaFormat(_Strict):
+    name: str
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    description: str | None = None
+    strict: bool | None = None
+
+
+class ResponseFormat(_Strict):
+    """OpenAI's response_format: text, any JSON object, or JSON following a schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    def schema_text(self) -> str | None:
+        """The JSON schema the output must follow, as text (None for plain text)."""
+        if self.type == "text":
+            return None
+        if self.type == "json_object":
+            return json.dumps({"type": "object"})
+        if self.json_schema is None:
+            raise bad_field("response_format.json_schema", "json_schema type needs a json_schema")
+        return json.dumps(self.json_schema.schema_ or {})
+
+
 class _GenerationRequest(_Strict):
     """The fields chat and completions requests share."""
 
@@ -225,16 +251,11 @@ class ChatCompletionRequest(_GenerationRequest):
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    response_format: ResponseFormat | None = None
 
     def check_tools(self) -> None:
         """Refusals of tool options this server cannot honour, naming the field."""
         choice = self.tool_choice
-        if choice == "required" or isinstance(choice, NamedToolChoice):
-            raise bad_field(
-                "tool_choice",
-                "tool_choice 'required' or a named function needs constrained decoding, which "
-                "this server does not do yet; use 'auto' or 'none'",
-            )
         if choice is not None and choice != "none" and not self.tools:
             raise bad_field("tool_choice", "tool_choice is only allowed when tools are given")
         if self.parallel_tool_calls is False:
@@ -242,10 +263,39 @@ class ChatCompletionRequest(_GenerationRequest):
                 "parallel_tool_calls", "parallel_tool_calls: false cannot be enforced yet"
             )
 
+    def constraint(self) -> dict[str, str]:
+        """The sampling constraint this request asks for, checked (400 naming the field): a
+        forced tool call's grammar (tool_choice "required" or a named function), or the
+        response_format's JSON schema."""
+        choice = self.tool_choice
+        forced = choice == "required" or isinstance(choice, NamedToolChoice)
+        if forced and self.response_format is not None and self.response_format.type != "text":
+            raise bad_field("response_format", "response_format cannot go with a forced tool call")
+        if forced:
+            assert self.tools  # check_tools refused tool_choice without tools
+            tools = [tool.model_dump(exclude_none=True) for tool in self.tools]
+            name = choice.function.name if isinstance(choice, NamedToolChoice) else None
+            if name is not None and name not in {tool.function.name for tool in self.tools}:
+                raise bad_field("tool_choice", f"tool_choice names {name!r}, which is no tool")
+            try:
+                constraint = {"grammar": tool_call_grammar(tools, name)}
+            except SamplingParamsError as e:
+                raise bad_field("tools", str(e)) from None
+        elif self.response_format is not None and self.response_format.schema_text() is not None:
+            constraint = {"json_schema": self.response_format.schema_text() or ""}
+        else:
+            return {}
+        try:
+            SamplingParams(**constraint)  # type: ignore[arg-type]
+        except SamplingParamsError as e:
+            raise bad_field("tools" if forced else "response_format", str(e)) from None
+        return constraint
+
     def chat_options(self) -> dict[str, Any]:
         """The client's chat keyword arguments this request sets: the tools (none where
-        tool_choice is "none": the model is not told of them) and the template's kwargs."""
-        options: dict[str, Any] = {}
+        tool_choice is "none": the model is not told of them), the template's kwargs and the
+        constraint."""
+        options: dict[str, Any] = dict(self.constraint())
         if self.tools and self.tool_choice != "none":
             options["tools"] = [tool.model_dump(exclude_none=True) for tool in self.tools]
         if self.chat_template_kwargs:

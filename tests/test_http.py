@@ -23,9 +23,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import jsonschema
 import openai
 import pytest
 from serve_helpers import ServeProcess, wait_until
+from test_constraints import with_tool_tokens
 
 from pygemma4.chat_output import parse_chat_output
 
@@ -56,16 +58,18 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(demo_model_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    """The demo model served with its HTTP API (requiring API_KEY) on a free port."""
+    """The demo model, with Gemma 4's tool-call tokens in its vocabulary (for forced calls),
+    served with its HTTP API (requiring API_KEY) on a free port."""
+    model = with_tool_tokens(demo_model_file, tmp_path_factory.mktemp("model") / "demo-tools.gguf")
     listen = f"127.0.0.1:{_free_port()}"
     args = ("--threads", "1", "--max-batch", "8", "--n-ctx", str(N_CTX), "--http", listen)
     key_file = tmp_path_factory.mktemp("key") / "api.key"
     key_file.write_text(API_KEY + "\n")
     with ServeProcess.running(
-        demo_model_file, tmp_path_factory.mktemp("serve"), *args, "--api-key-file", str(key_file)
+        model, tmp_path_factory.mktemp("serve"), *args, "--api-key-file", str(key_file)
     ) as serve:
         serve.base_url = f"http://{listen}"
-        serve.model_name = demo_model_file.name
+        serve.model_name = model.name
         yield serve
 
 
@@ -239,6 +243,63 @@ def test_tools_history_and_template_kwargs_are_taken(sdk: openai.OpenAI, server:
     assert prompt_tokens(messages=CHAT, extra_body=kwargs) >= plain
 
 
+def test_response_format_constrains_the_reply(sdk: openai.OpenAI, server: Any) -> None:
+    schema = {
+        "type": "object",
+        "properties": {"name": {"type": "string", "maxLength": 8}, "age": {"type": "integer"}},
+        "required": ["name", "age"],
+        "additionalProperties": False,
+    }
+    reply = sdk.chat.completions.create(
+        model=server.model_name,
+        messages=CHAT,
+        max_tokens=60,
+        seed=1,
+        response_format={"type": "json_schema", "json_schema": {"name": "p", "schema": schema}},
+    ).choices[0]
+    assert reply.finish_reason == "stop"
+    jsonschema.validate(json.loads(reply.message.content), schema)
+    anything = sdk.chat.completions.create(
+        model=server.model_name,
+        messages=CHAT,
+        max_tokens=60,
+        seed=2,
+        response_format={"type": "json_object"},
+    ).choices[0]
+    if anything.finish_reason == "stop":
+        assert isinstance(json.loads(anything.message.content), dict)
+
+
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "f"}}])
+def test_a_forced_tool_choice_is_a_valid_call(sdk: openai.OpenAI, server: Any, choice: Any) -> None:
+    other = {
+        "type": "function",
+        "function": {
+            "name": "f",
+            "parameters": {
+                "type": "object",
+                "properties": {"n": {"type": "integer"}},
+                "required": ["n"],
+            },
+        },
+    }
+    for seed in range(3):
+        reply = sdk.chat.completions.create(
+            model=server.model_name,
+            messages=CHAT,
+            max_tokens=80,
+            seed=seed,
+            tools=[TOOL, other],
+            tool_choice=choice,
+        ).choices[0]
+        assert reply.finish_reason == "tool_calls", reply
+        (call,) = reply.message.tool_calls
+        tool = {"get_weather": TOOL, "f": other}[call.function.name]
+        if choice != "required":
+            assert call.function.name == "f"
+        jsonschema.validate(json.loads(call.function.arguments), tool["function"]["parameters"])
+
+
 def test_logprobs_chat_and_completions(sdk: openai.OpenAI, server: Any) -> None:
     with server.client() as zmq:
         raw_text = zmq.chat(CHAT, 5, temperature=0, raw_text=True).text
@@ -342,10 +403,14 @@ BAD_REQUESTS: list[tuple[str, str, Any, int, str | None]] = [
     ("stream_options without stream", CHAT_PATH, _chat(stream_options={"include_usage": True}),
      400, "stream_options"),
     ("stream not bool", CHAT_PATH, _chat(stream="yes"), 400, "stream"),
-    ("tool_choice required", CHAT_PATH, _chat(tools=[TOOL], tool_choice="required"), 400,
-     "tool_choice"),
-    ("tool_choice named", CHAT_PATH, _chat(tools=[TOOL], tool_choice={
-        "type": "function", "function": {"name": "get_weather"}}), 400, "tool_choice"),
+    ("tool_choice names no tool", CHAT_PATH, _chat(tools=[TOOL], tool_choice={
+        "type": "function", "function": {"name": "nope"}}), 400, "tool_choice"),
+    ("response_format bad type", CHAT_PATH, _chat(response_format={"type": "xml"}), 400,
+     "response_format.type"),
+    ("json_schema without its schema", CHAT_PATH, _chat(response_format={"type": "json_schema"}),
+     400, "response_format.json_schema"),
+    ("response_format with a forced call", CHAT_PATH, _chat(tools=[TOOL], tool_choice="required",
+     response_format={"type": "json_object"}), 400, "response_format"),
     ("tool_choice without tools", CHAT_PATH, _chat(tool_choice="auto"), 400, "tool_choice"),
     ("parallel_tool_calls false", CHAT_PATH, _chat(tools=[TOOL], parallel_tool_calls=False), 400,
      "parallel_tool_calls"),
