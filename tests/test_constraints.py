@@ -343,12 +343,7 @@ def with_tool_tokens(source: Path, target: Path) -> Path:
     return rewrite_gguf(source, target, overrides)
 
 
-@pytest.fixture(scope="module")
-def tool_model(demo_model_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return with_tool_tokens(demo_model_file, tmp_path_factory.mktemp("tools") / "demo-tools.gguf")
-
-
-@pytest.mark.parametrize("source", [FIXTURE_MODELS[-1], "demo"], ids=["fixture", "demo"])
+@pytest.mark.parametrize("source", [*FIXTURE_MODELS, "demo"], ids=[*model_ids(), "demo"])
 def test_a_model_forced_to_call_a_tool_calls_it(
     source: Path | str, demo_model_file: Path, tmp_path: Path
 ) -> None:
