@@ -87,6 +87,15 @@ def test_json_schema_output_validates(engine: Engine, temperature: float) -> Non
         jsonschema.validate(json.loads(text), PERSON)
 
 
+def test_the_grammar_ends_generation_even_where_stop_tokens_are_ignored(engine: Engine) -> None:
+    params = SamplingParams(temperature=0, json_schema=json.dumps(PERSON))
+    prompt = engine.tokenizer.encode("Hello")
+    chunks = list(engine.stream(prompt, MAX_TOKENS, params, stop_tokens=()))
+    assert chunks[-1].finish_reason == "stop"
+    assert chunks[-1].token_id in engine.tokenizer.end_of_generation_ids
+    jsonschema.validate(json.loads("".join(c.text for c in chunks)), PERSON)
+
+
 def completed_json(prefix: str) -> Any:
     """The value of the first completion of `prefix` (text cut off by max_tokens) that parses
     as JSON, from a set of endings for cut numbers, literals, escapes, strings and keys, then
