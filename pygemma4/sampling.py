@@ -141,7 +141,8 @@ def _grammar(value: object) -> str | None:
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How to choose tokens: temperature, truncation, penalties, seed, stop strings, logprobs.
+    """How to choose tokens: temperature, truncation, penalties, seed, stop strings, logprobs,
+    and a JSON schema or grammar the output must follow.
 
     Every value is checked on construction; a bad one raises `SamplingParamsError` naming the
     parameter, its allowed values and the value given.
@@ -567,8 +568,8 @@ class Sampler:
 
     @property
     def needs_logits(self) -> bool:
-        """Whether a choice needs the whole logits row: anything but greedy without penalties
-        or top log-probabilities or constraint, which only needs the most likely token and its
+        """Whether a choice needs the whole logits row: anything but greedy without penalties,
+        top log-probabilities or a constraint, which only needs the most likely token and its
         log-probability (what a GPU can give without sending the row)."""
         return (
             not self.params.greedy
