@@ -21,14 +21,17 @@ import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import uvicorn
 import zmq
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.staticfiles import StaticFiles
 
+import pygemma4
 from pygemma4 import protocol
 from pygemma4.chat_output import (
     ChatOutputDelta,
@@ -74,8 +77,13 @@ INFO_TIMEOUT_S = 10.0
 SUPERVISOR_POLL_S = 0.5
 GRACEFUL_SHUTDOWN_S = 2
 
-_OPEN_PATHS = frozenset({"/health", "/metrics"})
-"""Paths answered without the API key (probes and scrapers)."""
+_OPEN_PATHS = frozenset({"/health", "/metrics", "/"})
+"""Paths answered without the API key (probes, scrapers and the chat page, whose own API
+requests carry the key)."""
+
+PAGE_DIR = Path(pygemma4.__file__).resolve().parent / "web"
+"""The chat page's files (shipped in the package), served under PAGE_PREFIX; / is its index."""
+PAGE_PREFIX = "/web"
 
 # The server's error codes as HTTP statuses and OpenAI error types.
 _SERVER_ERRORS: dict[str, tuple[int, str]] = {
@@ -680,6 +688,12 @@ def create_app(
             "max_model_len": info.n_ctx,
         }
 
+    @app.get("/")
+    async def chat_page() -> FileResponse:
+        return FileResponse(PAGE_DIR / "index.html")
+
+    app.mount(PAGE_PREFIX, StaticFiles(directory=PAGE_DIR), name="web")
+
     @app.get("/health")
     async def health() -> JSONResponse:
         try:
@@ -771,7 +785,7 @@ class _RequireKey:
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         key = self.api.api_key
-        if scope["type"] == "http" and key is not None and scope["path"] not in _OPEN_PATHS:
+        if scope["type"] == "http" and key is not None and not _open(scope["path"]):
             given = dict(scope["headers"]).get(b"authorization", b"")
             scheme, _, token = given.partition(b" ")
             if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), key.encode()):
@@ -785,6 +799,10 @@ class _RequireKey:
                 await JSONResponse(error.body(), status_code=401)(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+def _open(path: str) -> bool:
+    return path in _OPEN_PATHS or path.startswith(PAGE_PREFIX + "/")
 
 
 def _seeded(options: dict[str, Any], index: int) -> dict[str, Any]:
