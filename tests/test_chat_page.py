@@ -1,7 +1,8 @@
 """The chat page at `/` in a real headless Chromium against a real `pygemma4 serve`: it answers a
 question with the API's greedy text, keeps the conversation, sends the API key the server
 requires (kept in localStorage), shows OpenAI error bodies and error events, folds reasoning
-apart and renders tool calls. A screenshot of the page is kept in tests/artifacts/.
+apart and renders tool calls (a real forced call, on the demo model with Gemma 4's tool-call
+tokens). A screenshot of the page is kept in tests/artifacts/.
 
 Needs Debian's `chromium` and the `playwright` package (its own browser download is not used);
 without them the test skips, except under CI (`CI` set), where it fails.
@@ -20,12 +21,25 @@ from typing import Any
 import httpx
 import pytest
 from serve_helpers import ServeProcess
+from test_constraints import with_tool_tokens
 
 API_KEY = "page-key-456"
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
 REPLY_TIMEOUT_MS = 60_000
 QUESTIONS = ["What is the capital of France?", "And of Italy?"]
 MAX_TOKENS = 12
+TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city.",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "enum": ["Paris", "Rome", "Oslo"]}},
+            "required": ["city"],
+        },
+    },
+}
 
 
 def _free_port() -> int:
@@ -58,10 +72,12 @@ def chromium() -> Iterator[Any]:
 
 @pytest.fixture(scope="module")
 def server(demo_model_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    """The demo model served with its HTTP API, requiring API_KEY, on a free port."""
+    """The demo model, with Gemma 4's tool-call tokens in its vocabulary (for forced calls),
+    served with its HTTP API, requiring API_KEY, on a free port."""
+    model = with_tool_tokens(demo_model_file, tmp_path_factory.mktemp("model") / "demo-tools.gguf")
     listen = f"127.0.0.1:{_free_port()}"
     args = ("--threads", "1", "--max-batch", "4", "--http", listen, "--api-key", API_KEY)
-    with ServeProcess.running(demo_model_file, tmp_path_factory.mktemp("serve"), *args) as serve:
+    with ServeProcess.running(model, tmp_path_factory.mktemp("serve"), *args) as serve:
         serve.base_url = f"http://{listen}"
         yield serve
 
@@ -75,13 +91,13 @@ def page(chromium: Any, server: Any) -> Iterator[Any]:
     context.close()
 
 
-def _api_reply(server: Any, messages: list[dict[str, Any]]) -> dict[str, Any]:
+def _api_reply(server: Any, messages: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
     """The API's whole (not streamed) greedy reply to `messages`."""
     headers = {"Authorization": f"Bearer {API_KEY}"}
     with httpx.Client(base_url=server.base_url, headers=headers, timeout=60) as http:
         model = http.get("/v1/models").json()["data"][0]["id"]
         body = {"model": model, "messages": messages, "max_tokens": MAX_TOKENS, "temperature": 0}
-        reply = http.post("/v1/chat/completions", json=body)
+        reply = http.post("/v1/chat/completions", json={**body, **extra})
     assert reply.status_code == 200, reply.text
     return reply.json()["choices"][0]["message"]
 
@@ -118,12 +134,13 @@ def test_the_page_answers_as_the_api_does_and_keeps_the_conversation(
     page.goto("/")
     page.wait_for_selector("#model-name:has-text('unavailable')")
     assert "a valid API key is required" in page.inner_text("#model-name")
+    assert page.locator("#settings").get_attribute("open") is not None  # opened at the key
+    assert page.evaluate("document.activeElement.id") == "api-key"
 
     refused = _ask(page, QUESTIONS[0])
     assert refused.get_attribute("data-state") == "error"
     assert "a valid API key is required" in refused.locator(".error[role=alert]").inner_text()
 
-    page.click("#settings summary")
     _set(page, "#api-key", API_KEY)
     page.wait_for_selector("#model-name:not(:has-text('connecting'))")
     assert page.inner_text("#model-name") == server.model.name
@@ -219,7 +236,6 @@ def test_reasoning_tool_calls_and_error_events_are_shown_apart(page: Any, server
         route.fulfill(status=200, content_type="text/event-stream", body=replies[len(bodies) - 1])
 
     page.goto("/")
-    page.click("#settings summary")
     _set(page, "#api-key", API_KEY)
     page.wait_for_selector(f"#model-name:has-text('{server.model.name}')")
     page.route("**/v1/chat/completions", answer)
@@ -261,3 +277,33 @@ def test_reasoning_tool_calls_and_error_events_are_shown_apart(page: Any, server
             },
         ],
     }
+
+
+def test_a_forced_tool_call_is_rendered_as_the_api_gives_it(page: Any, server: Any) -> None:
+    question = [{"role": "user", "content": "What is the weather in Paris?"}]
+    page.goto("/")
+    _set(page, "#api-key", API_KEY)
+    _set(page, "#temperature", "0")
+    _set(page, "#max-tokens", str(MAX_TOKENS))
+    _set(page, "#tools", "[{")
+    unparsable = _ask(page, question[0]["content"])
+    assert "the tools are not JSON" in unparsable.locator(".error[role=alert]").inner_text()
+
+    _set(page, "#tools", json.dumps([TOOL]))
+    page.select_option("#tool-choice", "required")
+    _set(page, "#max-tokens", "60")
+    with page.expect_request("**/v1/chat/completions") as sent:
+        reply = _ask(page, question[0]["content"])
+    body = sent.value.post_data_json
+    assert (body["tools"], body["tool_choice"], body["messages"]) == ([TOOL], "required", question)
+    expected = _api_reply(server, question, tools=[TOOL], tool_choice="required", max_tokens=60)
+    (call,) = expected["tool_calls"]
+    assert reply.get_attribute("data-state") == "done"
+    (shown,) = reply.locator(".tool-call").all()
+    assert shown.locator(".name").inner_text() == "Tool call: " + call["function"]["name"]
+    assert json.loads(shown.locator("pre").inner_text()) == json.loads(
+        call["function"]["arguments"]
+    )
+    assert reply.locator(".content").inner_text() == (expected["content"] or "")
+    assert "tool_calls" in reply.locator(".finish").inner_text()
+    _screenshot(page, "chat-page-tool-call.png")

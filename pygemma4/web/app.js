@@ -15,6 +15,9 @@ const systemInput = document.getElementById("system-prompt");
 const temperatureInput = document.getElementById("temperature");
 const maxTokensInput = document.getElementById("max-tokens");
 const thinkingInput = document.getElementById("thinking");
+const toolsInput = document.getElementById("tools");
+const toolChoiceInput = document.getElementById("tool-choice");
+const settings = document.getElementById("settings");
 const modelName = document.getElementById("model-name");
 
 let history = [];
@@ -38,13 +41,16 @@ function errorText(body, status) {
   return "HTTP " + status + ": " + (typeof body === "string" ? body : JSON.stringify(body));
 }
 
+// The error a failed response answered, with its HTTP status.
 async function failure(response) {
   const text = await response.text();
+  let message;
   try {
-    return errorText(JSON.parse(text), response.status);
+    message = errorText(JSON.parse(text), response.status);
   } catch {
-    return errorText(text, response.status);
+    message = errorText(text, response.status);
   }
+  return Object.assign(new Error(message), { status: response.status });
 }
 
 // The served model's name (the one /v1/models lists), shown in the header; throws what failed.
@@ -53,7 +59,7 @@ async function loadModel() {
   modelName.textContent = "(connecting)";
   try {
     const response = await fetch("v1/models", { headers: headers() });
-    if (!response.ok) throw new Error(await failure(response));
+    if (!response.ok) throw await failure(response);
     model = (await response.json()).data[0].id;
     modelName.textContent = model;
     return model;
@@ -63,8 +69,14 @@ async function loadModel() {
   }
 }
 
+// Shows the model's name; where the server wants a key, opens the settings at its field.
 function showModel() {
-  loadModel().catch(() => {});
+  loadModel().catch((error) => {
+    if (error.status === 401) {
+      settings.open = true;
+      keyInput.focus();
+    }
+  });
 }
 
 function element(tag, className, text) {
@@ -176,6 +188,14 @@ function requestBody() {
   if (temperatureInput.value !== "") body.temperature = Number(temperatureInput.value);
   if (maxTokensInput.value !== "") body.max_tokens = Number(maxTokensInput.value);
   if (thinkingInput.checked) body.chat_template_kwargs = { enable_thinking: true };
+  if (toolsInput.value.trim()) {
+    try {
+      body.tools = JSON.parse(toolsInput.value);
+    } catch (error) {
+      throw new Error("the tools are not JSON: " + error.message);
+    }
+    body.tool_choice = toolChoiceInput.value;
+  }
   return body;
 }
 
@@ -227,7 +247,7 @@ async function send(text) {
       body: JSON.stringify(requestBody()),
       signal: running.signal,
     });
-    if (!response.ok) throw new Error(await failure(response));
+    if (!response.ok) throw await failure(response);
     reply.finish("done", await readStream(response, reply));
     history.push(reply.message());
   } catch (error) {
