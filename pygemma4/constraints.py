@@ -153,9 +153,19 @@ class Constraint:
 _STRING_BODY = r"/([^<]|<[^<|])*/"
 _INTEGER = r"/-?(0|[1-9][0-9]{0,15})/"
 _NUMBER = r"/-?(0|[1-9][0-9]{0,15})(\.[0-9]{1,16})?([eE][-+]?[0-9]{1,2})?/"
-# Keywords of a tool's parameter schema that the grammar cannot enforce: refused, so that a
-# call is never claimed to follow a schema it may break.
-_UNSUPPORTED = ("$ref", "anyOf", "oneOf", "allOf", "not", "if", "patternProperties", "const")
+# The keywords of a tool's parameter schema that the grammar enforces (or that say nothing
+# about the value); any other is refused, so that a call is never claimed to follow a schema
+# it may break.
+_ANNOTATIONS = {"description", "title", "default", "examples", "$schema", "$comment"}
+_ENFORCED: dict[object, set[str]] = {
+    "object": {"type", "properties", "required", "additionalProperties"},
+    "array": {"type", "items", "minItems", "maxItems"},
+    "string": {"type", "minLength", "maxLength"},
+    "integer": {"type"},
+    "number": {"type"},
+    "boolean": {"type"},
+    "null": {"type"},
+}
 _KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
@@ -164,8 +174,9 @@ def tool_call_grammar(tools: Sequence[Mapping[str, Any]], name: str | None = Non
     (`<|tool_call>call:NAME{key:<|"|>text<|"|>,n:3}<tool_call|>`), of the tool `name`, or of
     any of `tools` where `name` is None; `tools` are OpenAI tool definitions. The arguments
     follow each tool's JSON-schema parameters: every property in `required`, in the schema's
-    order (optional properties are left out), strings within their `enum` or `maxLength`,
-    arrays within `minItems`/`maxItems`. ConstraintError names a schema it cannot follow."""
+    order (optional properties are left out), strings within their `enum`, `minLength` and
+    `maxLength`, arrays within `minItems`/`maxItems`. ConstraintError names a schema it cannot
+    enforce (any other keyword but annotations such as `description`)."""
     functions: dict[str, Mapping[str, Any]] = {}
     for i, tool in enumerate(tools):
         function = tool.get("function") if isinstance(tool, Mapping) else None
@@ -185,6 +196,11 @@ def tool_call_grammar(tools: Sequence[Mapping[str, Any]], name: str | None = Non
         arguments = rules.value(parameters, f"{function_name}.parameters")
         calls.append(f"<|tool_call> {_literal('call:' + function_name)} {arguments} <tool_call|>")
     return "start: " + " | ".join(f"({call})" for call in calls) + "\n" + rules.text()
+
+
+def _count(value: object) -> bool:
+    """Whether `value` is an integer >= 0 (not a bool)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _literal(text: str) -> str:
@@ -210,25 +226,32 @@ class _Rules:
         """The rule for a value following `schema` (at `where`, for errors)."""
         if not isinstance(schema, Mapping):
             raise ConstraintError(f"{where} must be a JSON schema object")
-        unsupported = [k for k in _UNSUPPORTED if k in schema]
+        kind = schema.get("type")
+        enforced = {"enum", "type"} if "enum" in schema else _ENFORCED.get(kind, {"type"})
+        unsupported = sorted(set(schema) - enforced - _ANNOTATIONS)
         if unsupported:
             raise ConstraintError(
-                f"{where} uses {', '.join(unsupported)}, which forced tool calls do not support"
+                f"{where} uses {', '.join(unsupported)}, which a forced tool call cannot enforce"
             )
         if "enum" in schema:
             return self._enum(schema["enum"], where)
-        kind = schema.get("type")
         if kind == "object":
             return self._object(schema, where)
         if kind == "array":
             return self._array(schema, where)
         if kind == "string":
-            limit = schema.get("maxLength")
-            if limit is None:
+            low, high = schema.get("minLength", 0), schema.get("maxLength")
+            if (
+                not _count(low)
+                or not (high is None or _count(high))
+                or (high is not None and high < low)
+            ):
+                raise ConstraintError(
+                    f"{where}: minLength and maxLength must be integers, 0 <= min <= max"
+                )
+            if (low, high) == (0, None):
                 return self._rule(f'<|"|> {_STRING_BODY} <|"|>')
-            if not isinstance(limit, int) or limit < 0:
-                raise ConstraintError(f"{where}.maxLength must be an integer >= 0")
-            return self._rule(f'<|"|> /[^<]{{0,{limit}}}/ <|"|>')
+            return self._rule(f'<|"|> /[^<]{{{low},{"" if high is None else high}}}/ <|"|>')
         if kind == "integer":
             return self._rule(_INTEGER)
         if kind == "number":
@@ -276,12 +299,15 @@ class _Rules:
         return self._rule(" ".join(['"{"', ' "," '.join(items), '"}"']))
 
     def _array(self, schema: Mapping[str, Any], where: str) -> str:
-        low = schema.get("minItems", 0)
-        high = schema.get("maxItems")
-        if not isinstance(low, int) or low < 0 or not (high is None or isinstance(high, int)):
-            raise ConstraintError(f"{where}: minItems and maxItems must be integers >= 0")
-        if high is not None and high < low:
-            raise ConstraintError(f"{where}: maxItems is below minItems")
+        low, high = schema.get("minItems", 0), schema.get("maxItems")
+        if (
+            not _count(low)
+            or not (high is None or _count(high))
+            or (high is not None and high < low)
+        ):
+            raise ConstraintError(
+                f"{where}: minItems and maxItems must be integers, 0 <= min <= max"
+            )
         item = self.value(schema.get("items", {"type": "string"}), f"{where}.items")
         rest = f'("," {item})'
         if high == 0:

@@ -246,13 +246,20 @@ WEATHER = {
         "unit": {"enum": ["celsius", "fahrenheit"]},
         "hourly": {"type": "boolean"},
         "stations": {"type": "array", "items": {"type": "string", "maxLength": 3}, "maxItems": 2},
+        "codes": {
+            "type": "array",
+            "items": {"type": "string", "minLength": 1, "maxLength": 2},
+            "minItems": 1,
+            "maxItems": 2,
+            "description": "annotations are allowed",
+        },
         "where": {
             "type": "object",
             "properties": {"lat": {"type": "number"}, "note": {"type": "null"}},
             "required": ["lat", "note"],
         },
     },
-    "required": ["city", "days", "unit", "hourly", "stations", "where"],
+    "required": ["city", "days", "unit", "hourly", "stations", "codes", "where"],
 }
 TOOLS = [
     {"type": "function", "function": {"name": "get_weather", "parameters": WEATHER}},
@@ -320,6 +327,9 @@ def test_a_tool_grammar_refuses_what_it_cannot_enforce() -> None:
     def tool(parameters: Any) -> list[dict[str, Any]]:
         return [{"type": "function", "function": {"name": "f", "parameters": parameters}}]
 
+    def prop(schema: Any) -> list[dict[str, Any]]:
+        return tool({"type": "object", "properties": {"a": schema}, "required": ["a"]})
+
     cases = [
         (tool({"type": "object", "properties": {"a": {"anyOf": []}}, "required": ["a"]}), "anyOf"),
         (tool({"type": "object", "properties": {}, "required": ["b"]}), "names 'b'"),
@@ -328,6 +338,11 @@ def test_a_tool_grammar_refuses_what_it_cannot_enforce() -> None:
             tool({"type": "object", "properties": {"a": {"type": "date"}}, "required": ["a"]}),
             "date",
         ),
+        (prop({"type": "integer", "minimum": 0}), "uses minimum, which a forced tool call cannot"),
+        (prop({"type": "string", "format": "date", "pattern": "x"}), "uses format, pattern"),
+        (prop({"type": "string", "minLength": 3, "maxLength": 2}), "0 <= min <= max"),
+        (prop({"type": "array", "minItems": 2, "maxItems": 0}), "0 <= min <= max"),
+        (prop({"description": "anything"}), "has type None"),
         ([{"type": "function"}], "not a function tool"),
         ([], "at least one tool"),
     ]
