@@ -28,6 +28,9 @@ ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
 REPLY_TIMEOUT_MS = 60_000
 QUESTIONS = ["What is the capital of France?", "And of Italy?"]
 MAX_TOKENS = 12
+N_CTX = 8192
+LONG = N_CTX - 64
+"""max_tokens of a reply that runs for seconds on this model."""
 TOOL = {
     "type": "function",
     "function": {
@@ -76,8 +79,10 @@ def server(demo_model_file: Path, tmp_path_factory: pytest.TempPathFactory) -> I
     served with its HTTP API, requiring API_KEY, on a free port."""
     model = with_tool_tokens(demo_model_file, tmp_path_factory.mktemp("model") / "demo-tools.gguf")
     listen = f"127.0.0.1:{_free_port()}"
-    args = ("--threads", "1", "--max-batch", "4", "--http", listen, "--api-key", API_KEY)
-    with ServeProcess.running(model, tmp_path_factory.mktemp("serve"), *args) as serve:
+    args = ("--threads", "1", "--max-batch", "4", "--n-ctx", str(N_CTX), "--http", listen)
+    with ServeProcess.running(
+        model, tmp_path_factory.mktemp("serve"), *args, "--api-key", API_KEY
+    ) as serve:
         serve.base_url = f"http://{listen}"
         yield serve
 
@@ -307,3 +312,27 @@ def test_a_forced_tool_call_is_rendered_as_the_api_gives_it(page: Any, server: A
     assert reply.locator(".content").inner_text() == (expected["content"] or "")
     assert "tool_calls" in reply.locator(".finish").inner_text()
     _screenshot(page, "chat-page-tool-call.png")
+
+
+def test_stop_ends_the_reply_and_cancels_it_on_the_server(page: Any, server: Any) -> None:
+    def endless(route: Any) -> None:  # a reply that runs until stopped: the model's end ignored
+        body = {**route.request.post_data_json, "ignore_eos": True}
+        route.continue_(post_data=json.dumps(body))
+
+    page.route("**/v1/chat/completions", endless)
+    page.goto("/")
+    _set(page, "#api-key", API_KEY)
+    page.wait_for_selector(f"#model-name:has-text('{server.model.name}')")
+    _set(page, "#max-tokens", str(LONG))
+    page.fill("#prompt", "Tell me a long story")
+    page.press("#prompt", "Enter")
+    reply = page.locator("li.message.assistant").first
+    reply.locator(".content:not(:empty)").wait_for()
+    assert server.health().requests_in_flight == 1
+    page.click("#stop")
+    reply.and_(page.locator("[data-state=done]")).wait_for()
+    assert reply.locator(".finish").inner_text() == "finish: stopped"
+    assert page.is_disabled("#stop") and page.is_enabled("#send")
+    server.wait_idle(timeout=2)
+    page.click("#clear")
+    assert page.locator("#conversation > li").count() == 0
