@@ -18,7 +18,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from pygemma4.constraints import tool_call_grammar
+from pygemma4.constraints import check_constraint, tool_call_grammar
 from pygemma4.errors import Gemma4Error, SamplingParamsError
 from pygemma4.protocol import TokenLogprobs
 from pygemma4.sampling import MAX_LOGPROBS, SamplingParams
@@ -286,7 +286,7 @@ class ChatCompletionRequest(_GenerationRequest):
         else:
             return {}
         try:
-            SamplingParams(**constraint)  # type: ignore[arg-type]
+            check_constraint(SamplingParams(**constraint))  # type: ignore[arg-type]
         except SamplingParamsError as e:
             raise bad_field("tools" if forced else "response_format", str(e)) from None
         return constraint

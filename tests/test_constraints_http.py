@@ -132,6 +132,8 @@ def test_a_schema_the_library_rejects_is_a_400_naming_the_problem(sdk: openai.Op
             max_tokens=4,
             response_format={"type": "json_schema", "json_schema": schema_format},
         )
-    assert "json_schema is not usable: Invalid type: nonsense" in error.value.body["message"]
+    body = error.value.body
+    assert body["param"] == "response_format"
+    assert "json_schema is not usable: Invalid type: nonsense" in body["message"]
     reply = sdk.chat.completions.create(model=TOOL_MODEL, messages=CHAT, max_tokens=2)
     assert reply.usage.completion_tokens == 2  # and the server goes on serving
