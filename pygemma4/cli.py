@@ -79,6 +79,18 @@ def _backend_options(command: Callable[..., None]) -> Callable[..., None]:
     )(command)
 
 
+def _api_key_options(command: Callable[..., None]) -> Callable[..., None]:
+    """Add --api-key and --api-key-file."""
+    command = click.option(
+        "--api-key-file",
+        type=click.Path(dir_okay=False, path_type=Path),
+        help="Like --api-key, the key read from this file (kept off the command line).",
+    )(command)
+    return click.option("--api-key", help="Require `Authorization: Bearer KEY` on the HTTP API.")(
+        command
+    )
+
+
 @click.group()
 @click.version_option(package_name="pygemma4")
 def main() -> None:
@@ -249,17 +261,28 @@ def inspect(model: Path, as_json: bool, tensors: bool, template: bool) -> None:
     type=click.Path(file_okay=False),
     help="With --curve-secret-key: the directory of admitted clients' NAME.key files.",
 )
+@click.option(
+    "--http",
+    default="127.0.0.1:8000",
+    help="Where the OpenAI-compatible HTTP API listens (HOST:PORT), or 'off'.",
+)
+@_api_key_options
 @_runs_cleanly
 def serve(
     model: Path | None,
     endpoint: str,
     threads: int | None,
     prefill_threads: int | None,
+    http: str,
+    api_key: str | None,
+    api_key_file: Path | None,
     **options: Any,
 ) -> None:
-    """Serve MODEL (a Gemma 4 GGUF; the demo model without one) to ZeroMQ clients.
+    """Serve MODEL (a Gemma 4 GGUF; the demo model without one) to ZeroMQ clients and, over
+    HTTP, to OpenAI API clients.
 
-    Connect with `pygemma4.Client(ENDPOINT)`. Ctrl-C or SIGTERM stops every process.
+    Connect with `pygemma4.Client(ENDPOINT)` or `openai.OpenAI(base_url="http://HTTP/v1")`.
+    Ctrl-C or SIGTERM stops every process.
     """
     import signal
 
@@ -277,6 +300,13 @@ def serve(
             "(--curve-secret-key requires CURVE keys)",
             err=True,
         )
+    key = _api_key(api_key, api_key_file)
+    listen = None if http == "off" else _checked_listen(http, "--http", key)
+    if listen is not None and options["curve_secret_key"] is not None:
+        raise click.UsageError(
+            "the HTTP API does not speak CURVE to the server yet: use --http off with "
+            "--curve-secret-key"
+        )
     threads = default_threads() if threads is None else threads
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # while loading: as Ctrl-C
     server = Server(
@@ -284,6 +314,8 @@ def serve(
         endpoint=endpoint,
         threads=threads,
         prefill_threads=prefill_threads or threads,
+        http=listen,
+        api_key=key,
         **options,
     )
     try:
@@ -296,6 +328,8 @@ def serve(
             )
         click.echo(f"pygemma4 serving {server.config.model} on {endpoint}")
         click.echo(f"connect with: pygemma4.Client({endpoint!r})", err=True)
+        if listen is not None:
+            click.echo(f"OpenAI API on http://{listen}/v1", err=True)
         sys.stdout.flush()
         stop: list[int] = []
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -304,6 +338,66 @@ def serve(
     finally:
         server.close()
     click.echo("stopped", err=True)
+
+
+@main.command(context_settings={"show_default": True})
+@click.option(
+    "--endpoint", default="tcp://127.0.0.1:5555", help="The pygemma4 server's ZeroMQ endpoint."
+)
+@click.option("--listen", default="127.0.0.1:8000", help="Where the HTTP API listens (HOST:PORT).")
+@click.option(
+    "--model",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The served GGUF, for its tokenizer: /tokenize, /detokenize and logprobs' token texts.",
+)
+@_api_key_options
+@_runs_cleanly
+def http(
+    endpoint: str,
+    listen: str,
+    model: Path | None,
+    api_key: str | None,
+    api_key_file: Path | None,
+) -> None:
+    """Serve the OpenAI-compatible HTTP API in front of the pygemma4 server at ENDPOINT
+    (`pygemma4 serve` runs one itself unless --http off)."""
+    from pygemma4.tokenizer import Tokenizer
+    from pygemma4.workers.http import run
+
+    key = _api_key(api_key, api_key_file)
+    listen = _checked_listen(listen, "--listen", key)
+    tokenizer = None if model is None else Tokenizer.from_gguf(model)
+    click.echo(f"OpenAI API on http://{listen}/v1 for {endpoint}", err=True)
+    run(endpoint, listen, api_key=key, tokenizer=tokenizer)
+    click.echo("stopped", err=True)
+
+
+def _api_key(api_key: str | None, api_key_file: Path | None) -> str | None:
+    """The API key given, if any (from the file: its text, stripped)."""
+    if api_key is not None and api_key_file is not None:
+        raise click.UsageError("--api-key and --api-key-file are alternatives")
+    if api_key_file is not None:
+        api_key = api_key_file.read_text().strip()
+        if not api_key:
+            raise click.UsageError(f"{api_key_file} holds no key")
+    return api_key
+
+
+def _checked_listen(listen: str, option: str, api_key: str | None) -> str:
+    """HOST:PORT for the HTTP API, warning where other machines reach it without a key."""
+    from pygemma4.workers.http import listen_address
+
+    try:
+        host, _ = listen_address(listen)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint=option) from None
+    if api_key is None and not _is_loopback(f"tcp://{host}:0"):
+        click.echo(
+            f"warning: the HTTP API on {listen} accepts requests from other machines "
+            "without a key (--api-key requires one)",
+            err=True,
+        )
+    return listen
 
 
 class _BenchGroup(click.Group):

@@ -161,6 +161,9 @@ class CompletionResult:
     completion_tokens: int
     logprobs: tuple[TokenLogprobs, ...] | None
     """One per generated token where the server reported them, else None."""
+    in_reasoning: bool = False
+    """A chat whose prompt ended inside an open thought channel: the text starts as
+    reasoning."""
 
 
 @dataclass(frozen=True)
@@ -171,6 +174,8 @@ class StreamChunk:
     text: str
     token_ids: tuple[int, ...]
     logprobs: tuple[TokenLogprobs, ...] | None
+    in_reasoning: bool = False
+    """As `CompletionResult.in_reasoning`."""
 
 
 # --- Argument checks -------------------------------------------------------------------------
@@ -216,9 +221,13 @@ def _checked_prompt(prompt: object) -> str | list[int]:
     return token_ids
 
 
+_MESSAGE_KEYS: Final = tuple(f.name for f in msgspec.structs.fields(ChatMessage))
+
+
 def _checked_messages(messages: object) -> list[ChatMessage]:
-    """`messages` as wire messages: each a ChatMessage or a mapping with exactly a str "role"
-    and a str "content"."""
+    """`messages` as wire messages: each a ChatMessage or a mapping with a str "role", a
+    "content" (a str or a list of text parts; None only beside "tool_calls") and optionally
+    the other keys of a ChatMessage, in OpenAI's shapes."""
     if isinstance(messages, (str, ChatMessage, *_NOT_SEQUENCES)) or not isinstance(
         messages, Iterable
     ):
@@ -229,34 +238,84 @@ def _checked_messages(messages: object) -> list[ChatMessage]:
     checked: list[ChatMessage] = []
     for i, message in enumerate(messages):
         if isinstance(message, ChatMessage):
-            role: object = message.role
-            content: object = message.content
+            fields: dict[str, Any] = msgspec.structs.asdict(message)
         elif isinstance(message, Mapping):
-            unknown = [key for key in message if key not in ("role", "content")]
+            unknown = [key for key in message if key not in _MESSAGE_KEYS]
             if unknown:
                 raise ValueError(
                     f"messages[{i}] has the unknown key(s) {', '.join(map(repr, unknown))}; "
-                    "a message has only 'role' and 'content'"
+                    f"a message has only {', '.join(map(repr, _MESSAGE_KEYS))}"
                 )
-            for key in ("role", "content"):
-                if key not in message:
-                    raise ValueError(f"messages[{i}] has no {key!r}")
-            role, content = message["role"], message["content"]
+            if "role" not in message:
+                raise ValueError(f"messages[{i}] has no 'role'")
+            fields = dict(message)
         else:
             raise TypeError(
                 f"messages[{i}] must be a dict with 'role' and 'content' or a ChatMessage, "
                 f"got {_type_name(message)}"
             )
+        role, content = fields["role"], fields.get("content")
         if not isinstance(role, str):
             raise TypeError(f"messages[{i}] role must be a str, got {_type_name(role)}")
-        if not isinstance(content, str):
-            raise TypeError(f"messages[{i}] content must be a str, got {_type_name(content)}")
         if not role:
             raise ValueError(f"messages[{i}] has an empty role")
-        checked.append(ChatMessage(role=role, content=content))
+        if content is None and not fields.get("tool_calls"):
+            raise ValueError(f"messages[{i}] has no 'content'")
+        if content is not None and not isinstance(content, (str, list, tuple)):
+            raise TypeError(
+                f"messages[{i}] content must be a str or a list of text parts, "
+                f"got {_type_name(content)}"
+            )
+        for j, part in enumerate(content if isinstance(content, (list, tuple)) else ()):
+            if not isinstance(part, (Mapping, protocol.TextPart)):
+                raise TypeError(
+                    f"messages[{i}] content[{j}] must be a text part "
+                    f"{{'type': 'text', 'text': ...}}, got {_type_name(part)}"
+                )
+        checked.append(_converted(f"messages[{i}]", fields, ChatMessage))
     if not checked:
         raise ValueError("messages is empty: a chat needs at least one message")
     return checked
+
+
+def _converted(what: str, value: object, kind: Any) -> Any:
+    """`value` (plain data or structs) as the wire type `kind`; ValueError naming `what` and
+    the field where it does not fit."""
+    try:
+        return msgspec.convert(msgspec.to_builtins(value), kind)
+    except (msgspec.ValidationError, TypeError) as e:
+        raise ValueError(f"{what}: {e}") from None
+
+
+def _checked_tools(tools: object) -> list[protocol.ToolDefinition] | None:
+    """`tools` (OpenAI tool definitions, as mappings or ToolDefinitions) as wire tools."""
+    if tools is None:
+        return None
+    if isinstance(tools, (str, Mapping, *_NOT_SEQUENCES)) or not isinstance(tools, Iterable):
+        raise TypeError(f"tools must be a sequence of tool definitions, got {_type_name(tools)}")
+    return [_converted(f"tools[{i}]", t, protocol.ToolDefinition) for i, t in enumerate(tools)]
+
+
+def _checked_template_kwargs(kwargs: object) -> dict[str, Any] | None:
+    if kwargs is None:
+        return None
+    if not isinstance(kwargs, Mapping) or not all(isinstance(k, str) for k in kwargs):
+        raise TypeError(
+            f"chat_template_kwargs must be a mapping with str keys, got {_type_name(kwargs)}"
+        )
+    return _converted("chat_template_kwargs", kwargs, dict[str, Any])
+
+
+def _chat_fields(
+    messages: object, tools: object, chat_template_kwargs: object, raw_text: object
+) -> dict[str, Any]:
+    """The checked fields of a Chat request beyond those of every generation request."""
+    return {
+        "messages": _checked_messages(messages),
+        "tools": _checked_tools(tools),
+        "chat_template_kwargs": _checked_template_kwargs(chat_template_kwargs),
+        "raw_text": _checked_flag("raw_text", raw_text),
+    }
 
 
 def _checked_flag(name: str, value: object) -> bool:
@@ -411,16 +470,23 @@ class AsyncClient:
 
     async def chat(
         self,
-        messages: Iterable[Mapping[str, str] | ChatMessage],
+        messages: Iterable[Mapping[str, Any] | ChatMessage],
         max_tokens: int | None = None,
         *,
+        tools: Iterable[Mapping[str, Any] | protocol.ToolDefinition] | None = None,
+        chat_template_kwargs: Mapping[str, Any] | None = None,
+        raw_text: bool = False,
         ignore_eos: bool = False,
         timeout: float | None | EllipsisType = ...,
         **sampling: Any,
     ) -> CompletionResult:
-        """Answer a conversation (each message {"role", "content"} or a ChatMessage) rendered
-        through the model's chat template."""
-        fields = {"messages": _checked_messages(messages)}
+        """Answer a conversation (each message {"role", "content", ...} in OpenAI's shape, or
+        a ChatMessage) rendered through the model's chat template, with `tools` (OpenAI tool
+        definitions) and `chat_template_kwargs` (e.g. {"enable_thinking": True}) given to the
+        template. With `raw_text` the text keeps the special tokens' texts, for
+        `pygemma4.chat_output`; the result's `in_reasoning` says whether it starts as
+        reasoning."""
+        fields = _chat_fields(messages, tools, chat_template_kwargs, raw_text)
         call = self._generation(
             protocol.Chat, fields, max_tokens, ignore_eos, timeout, sampling, stream=False
         )
@@ -445,15 +511,18 @@ class AsyncClient:
 
     def stream_chat(
         self,
-        messages: Iterable[Mapping[str, str] | ChatMessage],
+        messages: Iterable[Mapping[str, Any] | ChatMessage],
         max_tokens: int | None = None,
         *,
+        tools: Iterable[Mapping[str, Any] | protocol.ToolDefinition] | None = None,
+        chat_template_kwargs: Mapping[str, Any] | None = None,
+        raw_text: bool = False,
         ignore_eos: bool = False,
         timeout: float | None | EllipsisType = ...,
         **sampling: Any,
     ) -> AsyncCompletionStream:
-        """`chat`, streamed, as `stream` is."""
-        fields = {"messages": _checked_messages(messages)}
+        """`chat`, streamed, as `stream` is (each chunk's `in_reasoning` as the result's)."""
+        fields = _chat_fields(messages, tools, chat_template_kwargs, raw_text)
         call = self._generation(
             protocol.Chat, fields, max_tokens, ignore_eos, timeout, sampling, stream=True
         )
@@ -517,6 +586,7 @@ class AsyncClient:
             prompt_tokens=done.prompt_tokens,
             completion_tokens=done.completion_tokens,
             logprobs=None if done.logprobs is None else tuple(done.logprobs),
+            in_reasoning=done.in_reasoning,
         )
 
     async def _single(self, call: _Call) -> protocol.ServerReply:
@@ -730,6 +800,7 @@ class AsyncCompletionStream:
                 text=reply.text,
                 token_ids=tuple(reply.token_ids),
                 logprobs=None if reply.logprobs is None else tuple(reply.logprobs),
+                in_reasoning=reply.in_reasoning,
             )
         assert isinstance(reply, protocol.Done)  # guaranteed by call.expects
         if reply.text or reply.token_ids or reply.logprobs:
@@ -743,6 +814,7 @@ class AsyncCompletionStream:
             prompt_tokens=reply.prompt_tokens,
             completion_tokens=reply.completion_tokens,
             logprobs=None if self._logprobs is None else tuple(self._logprobs),
+            in_reasoning=reply.in_reasoning,
         )
         raise StopAsyncIteration
 

@@ -11,6 +11,7 @@ from typing import Literal
 
 import numpy as np
 
+from pygemma4.constraints import Constraint
 from pygemma4.sampling import GREEDY, SampledToken, Sampler, SamplingParams
 from pygemma4.tokenizer import Tokenizer
 
@@ -67,9 +68,10 @@ class StopStrings:
 
 
 class TokenChoice:
-    """The token side of a continuation: samples each next token and ends at an
-    end-of-generation token or after `max_tokens`. It needs no tokenizer, so a decode worker
-    can run it where only token ids travel."""
+    """The token side of a continuation: samples each next token (within a constraint's
+    grammar, where the sampling parameters carry one) and ends at an end-of-generation token
+    or after `max_tokens`. Unconstrained, it needs no tokenizer, so a decode worker can run it
+    where only token ids travel."""
 
     def __init__(
         self,
@@ -77,7 +79,10 @@ class TokenChoice:
         max_tokens: int,
         sampling: SamplingParams,
         stop_tokens: Iterable[int],
+        tokenizer: Tokenizer | None = None,
     ) -> None:
+        """`tokenizer` (the model's) is needed where `sampling` is constrained: its
+        vocabulary is the grammar's."""
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
             raise ValueError(f"max_tokens must be a positive integer, got {max_tokens!r}")
         if not isinstance(sampling, SamplingParams):
@@ -86,6 +91,11 @@ class TokenChoice:
         self.stop_tokens = frozenset(int(t) for t in stop_tokens)
         self.token_ids: list[int] = []
         self._sampler = Sampler(sampling, prompt_ids)
+        self._constraint: Constraint | None = None
+        if sampling.constrained:
+            if tokenizer is None:
+                raise ValueError("constrained decoding needs the model's tokenizer")
+            self._constraint = Constraint(sampling, tokenizer)
 
     @property
     def needs_logits(self) -> bool:
@@ -96,7 +106,11 @@ class TokenChoice:
     def step(self, logits: np.ndarray) -> tuple[SampledToken, FinishReason | None]:
         """The next token chosen from the logits after the last one, and why the
         continuation ends with it, if it does."""
-        return self._advance(self._sampler.sample(logits))
+        if self._constraint is None:
+            return self._advance(self._sampler.sample(logits))
+        sampled = self._sampler.sample(logits, self._constraint.allowed(len(logits)))
+        ended = self._constraint.accept(sampled.token_id)
+        return self._advance(sampled, ended)
 
     def step_chosen(self, sampled: SampledToken) -> tuple[SampledToken, FinishReason | None]:
         """Like `step`, for the most likely token already chosen (see `needs_logits`)."""
@@ -105,9 +119,14 @@ class TokenChoice:
         self._sampler.accept(sampled.token_id)
         return self._advance(sampled)
 
-    def _advance(self, sampled: SampledToken) -> tuple[SampledToken, FinishReason | None]:
+    def _advance(
+        self, sampled: SampledToken, grammar_ended: bool = False
+    ) -> tuple[SampledToken, FinishReason | None]:
+        """Record `sampled`; the continuation stops at a stop token, or at the
+        end-of-generation token that ends a constraint's grammar (even where stop tokens are
+        ignored)."""
         self.token_ids.append(sampled.token_id)
-        if sampled.token_id in self.stop_tokens:
+        if sampled.token_id in self.stop_tokens or grammar_ended:
             return sampled, "stop"
         if len(self.token_ids) == self.max_tokens:
             return sampled, "length"
@@ -116,12 +135,14 @@ class TokenChoice:
 
 class TextStream:
     """The text side of a continuation: the text each token adds, characters never split,
-    cut before the first stop string."""
+    cut before the first stop string; special tokens' texts are left out with `skip_special`."""
 
-    def __init__(self, tokenizer: Tokenizer | None, stops: Sequence[str] = ()) -> None:
+    def __init__(
+        self, tokenizer: Tokenizer | None, stops: Sequence[str] = (), skip_special: bool = True
+    ) -> None:
         if stops and tokenizer is None:
             raise ValueError("stop strings need the model's tokenizer, and this file has none")
-        self._text = tokenizer.stream(skip_special=True) if tokenizer is not None else None
+        self._text = tokenizer.stream(skip_special) if tokenizer is not None else None
         self._stops = StopStrings(stops)
 
     def push(
@@ -166,7 +187,7 @@ class Generation:
         sampling = GREEDY if sampling is None else sampling
         if stop_tokens is None:
             stop_tokens = tokenizer.end_of_generation_ids if tokenizer is not None else ()
-        self._tokens = TokenChoice(prompt_ids, max_tokens, sampling, stop_tokens)
+        self._tokens = TokenChoice(prompt_ids, max_tokens, sampling, stop_tokens, tokenizer)
         self._text = TextStream(tokenizer, sampling.stop)
         self.finish_reason: FinishReason | None = None
 

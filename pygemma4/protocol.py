@@ -97,11 +97,60 @@ class _ClientMessage(_Strict, tag_field="type"):
     v: int = PROTOCOL_VERSION
 
 
+class TextPart(_Strict, tag="text", tag_field="type"):
+    """A piece of a message's text (OpenAI's `{"type": "text", "text": ...}` content part)."""
+
+    text: str
+
+
+ToolName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")]
+"""A function's name: what the model can write after `call:`."""
+
+
+class FunctionCall(_Strict):
+    """A function the assistant called: its arguments as a JSON object's text (OpenAI's
+    shape) or as the object."""
+
+    name: ToolName
+    arguments: str | dict[str, typing.Any]
+
+
+class ToolCall(_Strict):
+    """One tool call of an assistant message, in OpenAI's shape."""
+
+    function: FunctionCall
+    id: str | None = None
+    type: Literal["function"] = "function"
+
+
 class ChatMessage(_Strict):
-    """One turn of a conversation."""
+    """One turn of a conversation, in OpenAI's shape: role "system", "developer" (taken as
+    "system"), "user", "assistant" or "tool"; `content` may be None only for an assistant
+    message with `tool_calls`; a "tool" message answers the call `tool_call_id`."""
 
     role: str
-    content: str
+    content: str | list[TextPart] | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+    name: str | None = None
+    reasoning_content: str | None = None
+    """The assistant's reasoning, which templates may show again after the last user turn."""
+
+
+class FunctionDefinition(_Strict):
+    """A function the model may call; `parameters` is a JSON schema of its arguments."""
+
+    name: ToolName
+    description: str | None = None
+    parameters: dict[str, typing.Any] | None = None
+    strict: bool | None = None
+
+
+class ToolDefinition(_Strict):
+    """A tool the model may call, in OpenAI's shape."""
+
+    function: FunctionDefinition
+    type: Literal["function"] = "function"
 
 
 class _Generation(_ClientMessage):
@@ -112,6 +161,9 @@ class _Generation(_ClientMessage):
     """Send a `Chunk` per step, not only the final `Done`."""
     ignore_eos: bool = False
     """Keep going past the model's end-of-generation tokens."""
+    raw_text: bool = False
+    """The replies' text keeps the special tokens' texts (`<|channel>`, `<|tool_call>`, ...),
+    for parsing with `pygemma4.chat_output`."""
 
 
 class Completion(_Generation, tag="completion", kw_only=True):
@@ -124,6 +176,10 @@ class Chat(_Generation, tag="chat", kw_only=True):
     """Answer a conversation rendered through the model's chat template."""
 
     messages: list[ChatMessage]
+    tools: list[ToolDefinition] | None = None
+    """Tools the chat template declares to the model."""
+    chat_template_kwargs: dict[str, typing.Any] | None = None
+    """Extra variables for the chat template, e.g. `{"enable_thinking": True}`."""
 
 
 class Cancel(_ClientMessage, tag="cancel"):
@@ -163,6 +219,9 @@ class Chunk(_Reply, tag="chunk"):
     token_ids: list[TokenId]
     text: str
     logprobs: list[TokenLogprobs] | None = None
+    in_reasoning: bool = False
+    """A chat whose prompt ends inside an open thought channel: the output starts as
+    reasoning."""
 
 
 class Done(_Reply, tag="done"):
@@ -175,6 +234,8 @@ class Done(_Reply, tag="done"):
     token_ids: list[TokenId] = []
     text: str = ""
     logprobs: list[TokenLogprobs] | None = None
+    in_reasoning: bool = False
+    """As `Chunk.in_reasoning`."""
 
 
 class Cancelled(_Reply, tag="cancelled"):

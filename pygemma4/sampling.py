@@ -7,6 +7,8 @@ A `Sampler` turns the logits for a sequence's next position into a token id as i
    it, any other multiplied) once to every distinct token of the prompt and of the generated
    tokens; then the presence and frequency penalties (OpenAI style: the logit loses
    `presence_penalty + frequency_penalty * count`) to every distinct generated token;
+   then, for a constrained sequence, the tokens its grammar does not allow now are set to
+   -inf (`pygemma4.constraints`);
 2. when the parameters are greedy (temperature 0, or top_k 1): the token with the highest
    logit, the lowest id among equals; otherwise
 3. temperature: the logits are divided by it;
@@ -25,6 +27,7 @@ logits as given), whatever the parameters.
 
 from __future__ import annotations
 
+import json
 import math
 import numbers
 import threading
@@ -111,9 +114,35 @@ def _stop_strings(value: object) -> tuple[str, ...]:
     return tuple(strings)
 
 
+def _json_schema(value: object) -> str | None:
+    """`value` when it is None or the JSON text of a schema (an object or a boolean)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            schema = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise SamplingParamsError(f"json_schema is not valid JSON: {e}") from None
+        if isinstance(schema, (dict, bool)):
+            return value
+    raise SamplingParamsError(
+        f"json_schema must be None or a JSON schema's text (an object), got {_shown(value)}"
+    )
+
+
+def _grammar(value: object) -> str | None:
+    """`value` when it is None or a non-empty string."""
+    if value is None or (isinstance(value, str) and value.strip()):
+        return value
+    raise SamplingParamsError(
+        f"grammar must be None or a non-empty Lark grammar, got {_shown(value)}"
+    )
+
+
 @dataclass(frozen=True)
 class SamplingParams:
-    """How to choose tokens: temperature, truncation, penalties, seed, stop strings, logprobs.
+    """How to choose tokens: temperature, truncation, penalties, seed, stop strings, logprobs,
+    and a JSON schema or grammar the output must follow.
 
     Every value is checked on construction; a bad one raises `SamplingParamsError` naming the
     parameter, its allowed values and the value given.
@@ -139,6 +168,12 @@ class SamplingParams:
     """Strings that end generation (a single string or a list is stored as a tuple)."""
     logprobs: int = 0
     """How many most likely tokens to report with their log-probabilities. In [0, 20]."""
+    json_schema: str | None = None
+    """A JSON schema, as JSON text, that the output must follow (`{"type": "object"}`: any
+    JSON object); decoding is constrained to it (see `pygemma4.constraints`)."""
+    grammar: str | None = None
+    """A grammar in llguidance's Lark syntax that the output must follow (special tokens by
+    their text, e.g. `<|tool_call>`); not together with `json_schema`."""
 
     def __post_init__(self) -> None:
         checked: dict[str, object] = {
@@ -174,9 +209,18 @@ class SamplingParams:
                 f"an integer in [0, {MAX_LOGPROBS}]",
                 lambda n: 0 <= n <= MAX_LOGPROBS,
             ),
+            "json_schema": _json_schema(self.json_schema),
+            "grammar": _grammar(self.grammar),
         }
+        if self.json_schema is not None and self.grammar is not None:
+            raise SamplingParamsError("json_schema and grammar cannot both be given")
         for name, value in checked.items():
             object.__setattr__(self, name, value)
+
+    @property
+    def constrained(self) -> bool:
+        """Whether a schema or grammar constrains the output."""
+        return self.json_schema is not None or self.grammar is not None
 
     @property
     def greedy(self) -> bool:
@@ -470,6 +514,23 @@ def _vocab_nucleus(weights: np.ndarray, top_p: float) -> np.ndarray:
     return _nucleus(weights, target)
 
 
+def _masked(work: np.ndarray, raw: np.ndarray, allowed: np.ndarray) -> np.ndarray:
+    """`work` with every token `allowed` does not mark at -inf: in place where `work` is
+    already this thread's scratch copy, else in a copy (`raw` is never changed)."""
+    if allowed.shape != work.shape or allowed.dtype != np.bool_:
+        raise ValueError(
+            f"allowed must be a boolean array of shape {work.shape}, got {allowed.dtype} "
+            f"{allowed.shape}"
+        )
+    if work is raw:
+        work = _scratch("work", raw.shape[0], np.float32)
+        np.copyto(work, raw)
+    np.putmask(work, ~allowed, np.float32(-math.inf))
+    if float(work.max()) == -math.inf:
+        raise ValueError("no token the constraint allows has a finite logit")
+    return work
+
+
 class Sampler:
     """Chooses tokens for one sequence: holds the parameters, the random generator and the
     token counts the penalties need."""
@@ -507,14 +568,15 @@ class Sampler:
 
     @property
     def needs_logits(self) -> bool:
-        """Whether a choice needs the whole logits row: anything but greedy without penalties
-        or top log-probabilities, which only needs the most likely token and its
+        """Whether a choice needs the whole logits row: anything but greedy without penalties,
+        top log-probabilities or a constraint, which only needs the most likely token and its
         log-probability (what a GPU can give without sending the row)."""
         return (
             not self.params.greedy
             or self._repetition
             or self._presence_frequency
             or self.params.logprobs > 0
+            or self.params.constrained
         )
 
     def accept(self, token_id: int) -> None:
@@ -527,9 +589,10 @@ class Sampler:
             raise ValueError(f"token_id must be >= 0{bound}, got {token}")
         self._record(token)
 
-    def sample(self, logits: np.ndarray) -> SampledToken:
+    def sample(self, logits: np.ndarray, allowed: np.ndarray | None = None) -> SampledToken:
         """Choose the next token from the 1-D `logits` of one position and record it for the
-        penalties; `logits` is left as is."""
+        penalties; `logits` is left as is. `allowed`, where given, is a boolean array as long
+        as `logits` (a constraint's mask): only the tokens it marks can be chosen."""
         raw = _as_logits(logits, self.vocab_size)
         raw_top = _checked_max(raw)
         raw_weights = _weights(
@@ -537,6 +600,8 @@ class Sampler:
         )
         log_total = raw_top + math.log(float(raw_weights.sum(dtype=np.float64)))
         work = self._penalised(raw)
+        if allowed is not None:
+            work = _masked(work, raw, allowed)
         if self.params.greedy:
             token = int(np.argmax(work))
         else:

@@ -216,6 +216,10 @@ class Tokenizer:
         the built-in Gemma 4 template where the file carries none)."""
         return self.chat_template.render(messages, add_generation_prompt, **template_kwargs)
 
+    def token_id(self, text: str) -> int | None:
+        """The id of the token whose text is `text`, if there is one."""
+        return self._ids.get(text)
+
     def encode_chat(
         self,
         messages: Sequence[Mapping[str, Any]],

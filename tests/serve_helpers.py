@@ -48,8 +48,10 @@ def pid_exists(pid: int) -> bool:
 
 
 def serve_command(model: Path | str, *args: str) -> list[str]:
-    """The command line of `pygemma4 serve MODEL ARGS` run by this interpreter."""
-    return [sys.executable, "-m", "pygemma4", "serve", str(model), *args]
+    """The command line of `pygemma4 serve MODEL ARGS` run by this interpreter, without the
+    HTTP API unless ARGS ask for it (tests run side by side: none may take the default port)."""
+    http = () if "--http" in args else ("--http", "off")
+    return [sys.executable, "-m", "pygemma4", "serve", str(model), *args, *http]
 
 
 def run_serve(

@@ -11,13 +11,23 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import numpy as np
 import pytest
 
+from pygemma4 import protocol
 from pygemma4.chat import GEMMA4_TEMPLATE, ChatTemplate
+from pygemma4.chat_output import parse_chat_output
 from pygemma4.errors import ChatTemplateError
 from pygemma4.gguf_file import read_gguf
 from pygemma4.models.demo import CHAT_TEMPLATE as DEMO_TEMPLATE
+from pygemma4.tokenizer import BYTE, CONTROL, Tokenizer
+from pygemma4.workers.tokenizer import (
+    RequestRefused,
+    chat_template_input,
+    ends_in_open_channel,
+    stop_token_ids,
+)
 
 MODELS = ("gemma4-tiny-e", "gemma4-tiny-moe")
 SPECIAL_TOKEN_KEYS = {
@@ -540,3 +550,174 @@ def test_strftime_now_renders_the_current_date() -> None:
     assert int(year) >= 2024
     days = {(before + timedelta(days=d)).strftime("%d %B %Y") for d in (-1, 0, 1)}
     assert date in days
+
+
+# --- OpenAI-shaped chats (tools, tool results, reasoning) through the official templates -------
+
+TEMPLATES_DIR = Path(__file__).resolve().parents[2] / "shared" / "templates"
+OFFICIAL_TEMPLATES = sorted(p.name for p in TEMPLATES_DIR.glob("*.jinja"))
+
+
+def official_template(name: str) -> str:
+    return (TEMPLATES_DIR / name).read_text()
+
+
+WEATHER_TOOL: dict[str, Any] = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city.",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string", "description": "The city."},
+                "unit": {"type": "string", "enum": ["C", "F"]},
+            },
+            "required": ["city"],
+        },
+    },
+}
+CALL_ARGUMENTS: dict[str, Any] = {"city": 'Paris "centre"', "days": 3, "opts": {"hourly": True}}
+TOOL_CHAT: list[dict[str, Any]] = [
+    {"role": "developer", "content": "Use the tools."},
+    {"role": "user", "content": [{"type": "text", "text": "Weather in Paris?"}]},
+    {
+        "role": "assistant",
+        "content": None,
+        "reasoning_content": "I should ask the tool.",
+        "tool_calls": [
+            {
+                "id": "call_1",
+                "type": "function",
+                "function": {"name": "get_weather", "arguments": json.dumps(CALL_ARGUMENTS)},
+            }
+        ],
+    },
+    {"role": "tool", "tool_call_id": "call_1", "content": "21 C, sunny"},
+]
+
+
+def tool_chat_request(thinking: bool, messages: list[dict[str, Any]] = TOOL_CHAT) -> Any:
+    return protocol.Chat(
+        id=1,
+        messages=[msgspec.convert(m, protocol.ChatMessage) for m in messages],
+        tools=[msgspec.convert(WEATHER_TOOL, protocol.ToolDefinition)],
+        chat_template_kwargs={"enable_thinking": thinking},
+    )
+
+
+def test_openai_messages_become_what_gemma4_templates_read() -> None:
+    messages, variables = chat_template_input(tool_chat_request(True))
+    assert variables == {"enable_thinking": True, "tools": [WEATHER_TOOL]}
+    assert messages == [
+        {"role": "system", "content": "Use the tools."},
+        {"role": "user", "content": [{"type": "text", "text": "Weather in Paris?"}]},
+        {
+            "role": "assistant",
+            "content": "",
+            "reasoning_content": "I should ask the tool.",
+            "tool_calls": [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": CALL_ARGUMENTS},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_1", "content": "21 C, sunny"},
+    ]
+
+
+@pytest.mark.parametrize("thinking", [False, True], ids=["no-thinking", "thinking"])
+@pytest.mark.parametrize("name", OFFICIAL_TEMPLATES)
+def test_tool_chats_render_as_transformers_renders_them(
+    hf_tokenizer: Any, gguf_setup: tuple[str, dict[str, str]], name: str, thinking: bool
+) -> None:
+    source = official_template(name)
+    messages, variables = chat_template_input(tool_chat_request(thinking))
+    ours = our_render(ChatTemplate(source, gguf_setup[1]), messages, True, **variables)
+    assert_same(ours, hf_render(hf_tokenizer, source, messages, True, **variables))
+    assert isinstance(ours, str)
+    assert "<|tool>declaration:get_weather{" in ours
+    # The launch revision wrote tool results as a turn of their own.
+    tool_result = (
+        "<|turn>tool\n21 C, sunny<turn|>"
+        if "2026-04-02" in name
+        else '<|tool_response>response:get_weather{value:<|"|>21 C, sunny<|"|>}'
+    )
+    assert tool_result in ours
+    assert ("<|think|>" in ours) == thinking
+
+
+@pytest.mark.parametrize("name", OFFICIAL_TEMPLATES)
+def test_a_rendered_tool_call_parses_back_to_the_call(
+    gguf_setup: tuple[str, dict[str, str]], name: str
+) -> None:
+    """What the templates write for a past call is what the model writes, so the parser reads
+    it back to the same call."""
+    messages, variables = chat_template_input(tool_chat_request(False))
+    rendered = ChatTemplate(official_template(name), gguf_setup[1]).render(messages, **variables)
+    match = re.search(r"<\|tool_call>.*?<tool_call\|>", rendered, re.DOTALL)
+    assert match is not None
+    [call] = parse_chat_output(match.group(0)).tool_calls
+    assert (call.name, json.loads(call.arguments_json)) == ("get_weather", CALL_ARGUMENTS)
+
+
+def test_chat_template_kwargs_cannot_replace_request_fields() -> None:
+    request = tool_chat_request(False)
+    request.chat_template_kwargs = {"tools": [], "add_generation_prompt": False}
+    with pytest.raises(RequestRefused, match="tools, add_generation_prompt"):
+        chat_template_input(request)
+
+
+@pytest.mark.parametrize(
+    ("message", "problem"),
+    [
+        ({"role": "user"}, r"messages\[0\] has no content"),
+        (
+            {"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": "{"}}]},
+            r"messages\[0\].tool_calls\[0\].function.arguments is not JSON",
+        ),
+        (
+            {"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": "[1]"}}]},
+            r"messages\[0\].tool_calls\[0\].function.arguments is not a JSON object",
+        ),
+    ],
+)
+def test_bad_openai_messages_are_refused(message: dict[str, Any], problem: str) -> None:
+    with pytest.raises(RequestRefused, match=problem):
+        chat_template_input(tool_chat_request(False, [message]))
+
+
+def special_token_tokenizer() -> Tokenizer:
+    """A byte-level tokenizer with Gemma 4's reasoning and tool tokens."""
+    specials = ["<pad>", "<eos>", "<bos>", "<|turn>", "<turn|>", "<|channel>", "<channel|>"]
+    specials += ["<|tool_response>"]
+    tokens = specials + [f"<0x{b:02X}>" for b in range(256)]
+    types = [CONTROL] * len(specials) + [BYTE] * 256
+    return Tokenizer(tokens, types, [], bos_id=2, eos_id=1)
+
+
+@pytest.mark.parametrize(
+    ("prompt", "open_channel"),
+    [
+        ("<|turn>user\nHi<turn|>\n<|turn>model\n", False),
+        ("<|turn>model\n<|channel>thought\n", True),
+        ("<|turn>model\n<|channel>thought\n<channel|>", False),
+        ("<|channel>thought\nA<channel|>B<|tool_response>x<|channel>thought\n", True),
+        ("<|channel>thought\n<channel|>text <|channel> literal? no: a token", True),
+    ],
+)
+def test_a_prompt_ending_inside_a_thought_channel_is_seen(prompt: str, open_channel: bool) -> None:
+    tokenizer = special_token_tokenizer()
+    assert ends_in_open_channel(tokenizer, tokenizer.encode(prompt)) is open_channel
+
+
+def test_a_chat_with_tools_stops_at_the_tool_response_token() -> None:
+    tokenizer = special_token_tokenizer()
+    base = set(tokenizer.end_of_generation_ids)
+    tool_response = tokenizer.token_id("<|tool_response>")
+    assert tool_response is not None and tool_response not in base
+    assert stop_token_ids(tokenizer, tool_chat_request(False)) == base | {tool_response}
+    without_tools = protocol.Chat(id=1, messages=[protocol.ChatMessage(role="user", content="hi")])
+    assert stop_token_ids(tokenizer, without_tools) == base

@@ -17,12 +17,15 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import numpy as np
 import pytest
 import zmq
+from serve_helpers import ServeProcess
 
 import pygemma4
 from pygemma4 import protocol
+from pygemma4.chat_output import parse_chat_output
 from pygemma4.client import (
     DEFAULT_ENDPOINT,
     AsyncClient,
@@ -36,6 +39,8 @@ from pygemma4.client import (
 from pygemma4.curve import CurveKeyError, create_keypair
 from pygemma4.errors import Gemma4Error, SamplingParamsError
 from pygemma4.protocol import ChatMessage
+from pygemma4.tokenizer import Tokenizer
+from pygemma4.workers.tokenizer import chat_template_input
 
 SHORT = 0.3  # seconds: the timeout of requests that nothing answers
 
@@ -119,8 +124,31 @@ BAD_MESSAGES = [
     ([{"role": "user", "content": "hi"}, "hi"], TypeError, r"messages\[1\]"),
     ([{"role": "user"}], ValueError, r"messages\[0\].*'content'"),
     ([{"content": "hi"}], ValueError, r"messages\[0\].*'role'"),
-    ([{"role": "user", "content": "hi", "name": "x"}], ValueError, r"messages\[0\].*'name'"),
+    ([{"role": "user", "content": "hi", "nom": "x"}], ValueError, r"messages\[0\].*'nom'"),
     ([{"role": "user", "content": ["hi"]}], TypeError, r"messages\[0\] content"),
+    ([{"role": "user", "content": [{"type": "image"}]}], ValueError, r"messages\[0\].*image"),
+    ([{"role": "user", "content": None}], ValueError, r"messages\[0\].*'content'"),
+    (
+        [{"role": "assistant", "content": None, "tool_calls": [{"function": {"name": "f"}}]}],
+        ValueError,
+        r"messages\[0\].*arguments",
+    ),
+    (
+        [
+            {
+                "role": "assistant",
+                "content": "",
+                "tool_calls": [{"function": {"name": "bad name", "arguments": "{}"}}],
+            }
+        ],
+        ValueError,
+        r"messages\[0\].*name",
+    ),
+    (
+        [{"role": "tool", "content": "1", "tool_call_id": 5}],
+        ValueError,
+        r"messages\[0\].*tool_call_id",
+    ),
     ([{"role": 1, "content": "hi"}], TypeError, r"messages\[0\] role"),
     ([{"role": "", "content": "hi"}], ValueError, r"messages\[0\]"),
     ([ChatMessage(role="user", content=3)], TypeError, r"messages\[0\] content"),  # type: ignore[arg-type]
@@ -136,6 +164,27 @@ BAD_OPTIONS: list[tuple[dict[str, Any], type[Exception], str]] = [
     ({"timeout": float("nan")}, ValueError, "timeout"),
     ({"timeout": float("inf")}, ValueError, "timeout"),
     ({"timeout": "1"}, ValueError, "timeout"),
+]
+
+
+BAD_CHAT_OPTIONS: list[tuple[dict[str, Any], type[Exception], str]] = [
+    ({"tools": {"type": "function"}}, TypeError, "tools"),
+    ({"tools": [{"type": "function"}]}, ValueError, r"tools\[0\].*function"),
+    (
+        {"tools": [{"function": {"name": "f", "parameters": 3}}]},
+        ValueError,
+        r"tools\[0\].*parameters",
+    ),
+    (
+        {"tools": [{"type": "retrieval", "function": {"name": "f"}}]},
+        ValueError,
+        r"tools\[0\].*type",
+    ),
+    ({"tools": [{"function": {"name": ""}}]}, ValueError, r"tools\[0\].*name"),
+    ({"chat_template_kwargs": ["enable_thinking"]}, TypeError, "chat_template_kwargs"),
+    ({"chat_template_kwargs": {1: True}}, TypeError, "chat_template_kwargs"),
+    ({"chat_template_kwargs": {"x": object()}}, ValueError, "chat_template_kwargs"),
+    ({"raw_text": 1}, TypeError, "raw_text"),
 ]
 
 
@@ -174,6 +223,11 @@ def bad_calls(method: str) -> list[tuple[Any, dict[str, Any], type[Exception], s
         *((first, sampling, SamplingParamsError, name) for sampling, name in BAD_SAMPLING),
         *((first, options, error, match) for options, error, match in BAD_OPTIONS),
         *((value, {}, error, match) for value, error, match in bad_first),
+        *(
+            (first, options, error, match)
+            for options, error, match in BAD_CHAT_OPTIONS
+            if "chat" in method
+        ),
     ]
 
 
@@ -254,10 +308,22 @@ def test_requests_carry_their_arguments_and_a_timeout_cancels(sink: Sink) -> Non
                 [ChatMessage(role="system", content="be brief"), {"role": "user", "content": "hi"}]
             ):
                 pass
+        with pytest.raises(RequestTimeoutError):
+            await client.chat(
+                TOOL_CONVERSATION,
+                tools=[WEATHER_TOOL],
+                chat_template_kwargs={"enable_thinking": True},
+                raw_text=True,
+            )
         await client.close()
 
     run(requests())
-    completion, cancel_completion, chat, cancel_chat = sink.received()
+    completion, cancel_completion, chat, cancel_chat, tool_chat, _ = sink.received()
+    assert isinstance(tool_chat, protocol.Chat)
+    assert tool_chat.raw_text and tool_chat.chat_template_kwargs == {"enable_thinking": True}
+    assert tool_chat.tools == [msgspec.convert(WEATHER_TOOL, protocol.ToolDefinition)]
+    assert tool_chat.messages == [msgspec.convert(m, ChatMessage) for m in TOOL_CONVERSATION]
+    assert tool_chat.messages[2].tool_calls[0].function.arguments == '{"city": "Paris"}'
     assert isinstance(completion, protocol.Completion)
     assert completion.prompt == [2, 5, 7]
     assert (completion.max_tokens, completion.ignore_eos, completion.stream) == (4, True, False)
@@ -274,6 +340,37 @@ def test_requests_carry_their_arguments_and_a_timeout_cancels(sink: Sink) -> Non
     assert cancel_completion == protocol.Cancel(id=completion.id)
     assert cancel_chat == protocol.Cancel(id=chat.id)
     assert completion.id != chat.id
+
+
+WEATHER_TOOL: dict[str, Any] = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city.",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}},
+            "required": ["city"],
+        },
+    },
+}
+TOOL_CONVERSATION: list[dict[str, Any]] = [
+    {"role": "developer", "content": "Use tools."},
+    {"role": "user", "content": [{"type": "text", "text": "Weather in Paris?"}]},
+    {
+        "role": "assistant",
+        "content": None,
+        "reasoning_content": "Ask the tool.",
+        "tool_calls": [
+            {
+                "id": "call_1",
+                "type": "function",
+                "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+            }
+        ],
+    },
+    {"role": "tool", "tool_call_id": "call_1", "content": "21 C"},
+]
 
 
 def test_a_stream_cancelled_before_it_is_read_sends_nothing(sink: Sink) -> None:
@@ -464,3 +561,118 @@ def test_curve_keys_are_checked_before_connecting(tmp_path: Path, unused_endpoin
     (tmp_path / "junk.key").write_text("not a key\n")
     with pytest.raises(CurveKeyError, match="not a CURVE key file"):
         Client(unused_endpoint, curve_secret_key=secret, curve_server_key=tmp_path / "junk.key")
+
+
+# --- tools and reasoning on a real server -----------------------------------------------------
+
+OFFICIAL_TEMPLATE = (
+    Path(__file__).resolve().parents[2] / "shared" / "templates" / "gemma4-small-2026-07-09.jinja"
+)
+
+
+@pytest.fixture(scope="module")
+def tool_server(
+    demo_model_file: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[ServeProcess, Tokenizer]]:
+    """A server of the demo model carrying Google's Gemma 4 chat template, which declares tools."""
+    if not OFFICIAL_TEMPLATE.is_file():
+        pytest.skip(f"the official chat template is not at {OFFICIAL_TEMPLATE}")
+    from conftest import rewrite_gguf
+
+    workdir = tmp_path_factory.mktemp("tools")
+    model = rewrite_gguf(
+        demo_model_file,
+        workdir / "demo-official-template.gguf",
+        {"tokenizer.chat_template": OFFICIAL_TEMPLATE.read_text()},
+    )
+    with ServeProcess.running(model, workdir, "--threads", "1") as server:
+        yield server, Tokenizer.from_gguf(model)
+
+
+def expected_prompt(tokenizer: Tokenizer, thinking: bool) -> list[int]:
+    request = protocol.Chat(
+        id=0,
+        messages=[msgspec.convert(m, ChatMessage) for m in TOOL_CONVERSATION],
+        tools=[msgspec.convert(WEATHER_TOOL, protocol.ToolDefinition)],
+        chat_template_kwargs={"enable_thinking": thinking},
+    )
+    messages, variables = chat_template_input(request)
+    return tokenizer.encode_chat(messages, **variables)
+
+
+def test_tools_and_template_kwargs_reach_the_template(
+    tool_server: tuple[ServeProcess, Tokenizer],
+) -> None:
+    server, tokenizer = tool_server
+    with server.client() as client:
+        for thinking in (False, True):
+            result = client.chat(
+                TOOL_CONVERSATION,
+                6,
+                tools=[WEATHER_TOOL],
+                chat_template_kwargs={"enable_thinking": thinking},
+                temperature=0,
+            )
+            assert result.prompt_tokens == len(expected_prompt(tokenizer, thinking))
+        assert expected_prompt(tokenizer, True) != expected_prompt(tokenizer, False)
+        without_tools = client.chat(TOOL_CONVERSATION[:2], 1, temperature=0)
+        assert without_tools.prompt_tokens < result.prompt_tokens
+
+
+def test_raw_text_keeps_special_tokens_streamed_and_not(
+    tool_server: tuple[ServeProcess, Tokenizer],
+) -> None:
+    server, tokenizer = tool_server
+    kwargs: dict[str, Any] = {"tools": [WEATHER_TOOL], "temperature": 0, "ignore_eos": True}
+    with server.client() as client:
+        plain = client.chat(TOOL_CONVERSATION, 24, **kwargs)
+        raw = client.chat(TOOL_CONVERSATION, 24, raw_text=True, **kwargs)
+        stream = client.stream_chat(TOOL_CONVERSATION, 24, raw_text=True, **kwargs)
+        streamed = "".join(chunk.text for chunk in stream)
+    assert raw.token_ids == plain.token_ids
+    assert plain.text == tokenizer.decode(plain.token_ids, skip_special=True)
+    assert raw.text == streamed == tokenizer.decode(raw.token_ids)
+    assert not raw.in_reasoning  # the demo vocabulary has no channel tokens
+    parse_chat_output(raw.text, in_reasoning=raw.in_reasoning)
+
+
+@pytest.mark.parametrize(
+    ("messages", "options", "problem"),
+    [
+        (
+            [
+                {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [{"function": {"name": "get_weather", "arguments": "{city"}}],
+                }
+            ],
+            {},
+            r"messages\[0\].tool_calls\[0\].function.arguments is not JSON",
+        ),
+        (TOOL_CONVERSATION, {"chat_template_kwargs": {"tools": []}}, "may not set tools"),
+        (
+            [
+                {
+                    "role": "assistant",
+                    "content": "",
+                    "tool_calls": [{"function": {"name": "get_weather", "arguments": "[1]"}}],
+                }
+            ],
+            {},
+            "is not a JSON object",
+        ),
+    ],
+)
+def test_bad_tool_chats_get_a_clear_error_reply(
+    tool_server: tuple[ServeProcess, Tokenizer],
+    messages: list[dict[str, Any]],
+    options: dict[str, Any],
+    problem: str,
+) -> None:
+    server, _ = tool_server
+    with server.client() as client:
+        with pytest.raises(ServerError, match=problem) as caught:
+            client.chat(messages, 1, **options)
+        assert caught.value.code == "bad_request"
+        assert client.chat(TOOL_CONVERSATION[:2], 1).completion_tokens == 1

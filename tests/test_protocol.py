@@ -16,6 +16,36 @@ def client_messages() -> list[msgspec.Struct]:
         protocol.Completion(id=1, prompt="Hello", max_tokens=8, sampling=sampling, stream=True),
         protocol.Completion(id=2**63 - 1, prompt=[2, 5, 9], ignore_eos=True),
         protocol.Chat(id=3, messages=[protocol.ChatMessage(role="user", content="Hi")]),
+        protocol.Chat(
+            id=7,
+            messages=[
+                protocol.ChatMessage(role="developer", content=[protocol.TextPart(text="Hi")]),
+                protocol.ChatMessage(
+                    role="assistant",
+                    content=None,
+                    reasoning_content="Look it up.",
+                    tool_calls=[
+                        protocol.ToolCall(
+                            id="call_1",
+                            function=protocol.FunctionCall(name="f", arguments='{"a": 1}'),
+                        ),
+                        protocol.ToolCall(
+                            function=protocol.FunctionCall(name="g", arguments={"b": [1, None]})
+                        ),
+                    ],
+                ),
+                protocol.ChatMessage(role="tool", content="2", tool_call_id="call_1", name="f"),
+            ],
+            tools=[
+                protocol.ToolDefinition(
+                    function=protocol.FunctionDefinition(
+                        name="f", description="F.", parameters={"type": "object"}, strict=True
+                    )
+                )
+            ],
+            chat_template_kwargs={"enable_thinking": True, "depth": [1, {"x": None}]},
+            raw_text=True,
+        ),
         protocol.Cancel(id=4),
         protocol.Health(id=5),
         protocol.Info(id=6),
@@ -26,6 +56,10 @@ def server_replies() -> list[msgspec.Struct]:
     logprobs = [protocol.TokenLogprobs(logprob=-0.5, top=[(7, -0.5), (9, -1.5)])]
     return [
         protocol.Chunk(id=1, token_ids=[7], text="a", logprobs=logprobs),
+        protocol.Chunk(id=1, token_ids=[7], text="<|channel>", in_reasoning=True),
+        protocol.Done(
+            id=1, finish_reason="stop", prompt_tokens=3, completion_tokens=1, in_reasoning=True
+        ),
         protocol.Done(id=1, finish_reason="stop", prompt_tokens=3, completion_tokens=1),
         protocol.Done(
             id=2, finish_reason="length", prompt_tokens=3, completion_tokens=1, token_ids=[7]
@@ -113,7 +147,56 @@ def test_sampling_ranges_are_checked_by_sampling_params() -> None:
         ({"type": "completion", "id": 1, "prompt": [1, -2]}, "prompt[1]"),
         ({"type": "completion", "id": 1}, "missing required field `prompt`"),
         ({"type": "completion", "id": -1, "prompt": "x"}, "$.id"),
-        ({"type": "chat", "id": 1, "messages": [{"role": "user"}]}, "content"),
+        ({"type": "chat", "id": 1, "messages": [{"role": "user", "content": 5}]}, "content"),
+        (
+            {
+                "type": "chat",
+                "id": 1,
+                "messages": [{"role": "user", "content": [{"type": "image"}]}],
+            },
+            "messages[0].content[0].type",
+        ),
+        (
+            {
+                "type": "chat",
+                "id": 1,
+                "messages": [{"role": "user", "content": "x"}],
+                "tools": [{"type": "function", "function": {"name": "a b"}}],
+            },
+            "tools[0].function.name",
+        ),
+        (
+            {
+                "type": "chat",
+                "id": 1,
+                "messages": [{"role": "user", "content": "x"}],
+                "tools": [{"function": {"name": "f", "parameters": "{}"}}],
+            },
+            "tools[0].function.parameters",
+        ),
+        (
+            {
+                "type": "chat",
+                "id": 1,
+                "messages": [
+                    {
+                        "role": "assistant",
+                        "content": None,
+                        "tool_calls": [{"function": {"name": "f", "arguments": 3}}],
+                    }
+                ],
+            },
+            "messages[0].tool_calls[0].function.arguments",
+        ),
+        (
+            {
+                "type": "chat",
+                "id": 1,
+                "messages": [{"role": "user", "content": "x"}],
+                "chat_template_kwargs": ["enable_thinking"],
+            },
+            "chat_template_kwargs",
+        ),
         ({"type": "launch", "id": 1}, "$.type"),
         ({"id": 1}, "type"),
         ([1, 2], "Expected `object`"),
@@ -139,3 +222,17 @@ def test_request_id_of_reads_what_it_can() -> None:
     assert protocol.request_id_of(msgspec.msgpack.encode({"id": -1})) is None
     assert protocol.request_id_of(msgspec.msgpack.encode([1])) is None
     assert protocol.request_id_of(b"\xc1") is None
+
+
+def test_a_chat_of_plain_messages_encodes_as_before() -> None:
+    """New fields are optional and left out at their defaults, so older peers read the
+    messages they know unchanged."""
+    chat = protocol.Chat(id=3, messages=[protocol.ChatMessage(role="user", content="Hi")])
+    assert msgspec.msgpack.decode(protocol.encode(chat)) == {
+        "type": "chat",
+        "id": 3,
+        "messages": [{"role": "user", "content": "Hi"}],
+        "sampling": {},
+    }
+    done = protocol.Done(id=1, finish_reason="stop", prompt_tokens=3, completion_tokens=1)
+    assert "in_reasoning" not in msgspec.msgpack.decode(protocol.encode(done))

@@ -482,7 +482,7 @@ def fuzz_cases(rng: random.Random) -> list[Case]:
         ("hi", "messages"),
         ([], "message"),
         ([{"role": "user"}], "content"),
-        ([{"role": "user", "content": "hi", "name": "x"}], "name"),
+        ([{"role": "user", "content": "hi", "nom": "x"}], "nom"),
         ([{"role": 1, "content": "hi"}], "role"),
     ]:
         rid = rng.randint(0, 1000)

@@ -33,3 +33,9 @@ def test_the_server_processes_install_as_pygemma4_workers_only(wheel_files: list
 
 def test_the_wheel_holds_each_file_once(wheel_files: list[str]) -> None:
     assert len(wheel_files) == len(set(wheel_files))
+
+
+def test_the_chat_page_ships_in_the_package(wheel_files: list[str]) -> None:
+    page = sorted(f"pygemma4/web/{p.name}" for p in (REPO_ROOT / "pygemma4" / "web").iterdir())
+    assert {"pygemma4/web/index.html", "pygemma4/web/app.js", "pygemma4/web/style.css"} <= set(page)
+    assert sorted(p for p in wheel_files if p.startswith("pygemma4/web/")) == page

@@ -11,12 +11,14 @@ retires the sequences that ended.
 
 from __future__ import annotations
 
+import threading
 from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
 
 from pygemma4 import protocol
+from pygemma4.constraints import ConstraintError, grammar_vocabulary
 from pygemma4.generation import TokenChoice
 from pygemma4.kv import BlockAllocator, SequenceKv
 from pygemma4.protocol import (
@@ -29,6 +31,7 @@ from pygemma4.protocol import (
     TokenOutput,
 )
 from pygemma4.runner import Feed, next_token
+from pygemma4.tokenizer import Tokenizer
 from pygemma4.workers.runtime import (
     ServerConfig,
     Worker,
@@ -65,6 +68,33 @@ class DecodeWorker(Worker):
         self.prefilling: dict[int, Sequence] = {}
         self.running: dict[int, Sequence] = {}
         self.next_prefill = 0
+        # A real model's grammar vocabulary takes seconds to build: it is built off the decode
+        # loop from the start (llguidance releases the GIL meanwhile), so that the first
+        # constrained request does not stall every running sequence.
+        self._grammar_tokenizer: Tokenizer | Exception | None = None
+        self._grammar_vocabulary = threading.Thread(
+            target=self._build_grammar_vocabulary, name="grammar-vocabulary", daemon=True
+        )
+        self._grammar_vocabulary.start()
+
+    def _build_grammar_vocabulary(self) -> None:
+        try:
+            tokenizer = Tokenizer.from_metadata(self.runner.model_file.gguf.metadata)
+            grammar_vocabulary(tokenizer)
+        except Exception as e:  # said to each constrained request, never fatal to the worker
+            self._grammar_tokenizer = e
+            return
+        self._grammar_tokenizer = tokenizer
+
+    @property
+    def grammar_tokenizer(self) -> Tokenizer:
+        """The model's tokenizer, its grammar vocabulary built (waiting for that where it is
+        still being built); ConstraintError where it cannot be built (a file without one)."""
+        self._grammar_vocabulary.join()
+        built = self._grammar_tokenizer
+        if not isinstance(built, Tokenizer):
+            raise ConstraintError(f"constrained decoding is unavailable: {built}")
+        return built
 
     def busy(self) -> bool:
         """Whether sequences are running (the loop then steps without waiting)."""
@@ -105,11 +135,13 @@ class DecodeWorker(Worker):
         kv = SequenceKv(self.allocator)
         kv.ensure(positions)
         try:
+            sampling = protocol.sampling_params(request.sampling)
             choice = TokenChoice(
                 request.prompt_ids,
                 request.max_tokens,
-                protocol.sampling_params(request.sampling),
+                sampling,
                 request.stop_token_ids,
+                self.grammar_tokenizer if sampling.constrained else None,
             )
         except ValueError as e:
             kv.release()

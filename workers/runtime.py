@@ -20,6 +20,9 @@ from pygemma4.kv import KvLayout
 from pygemma4.protocol import KvPoolSpec
 from pygemma4.runner import ModelRunner
 
+HTTP_API_KEY_ENV = "PYGEMMA4_API_KEY"
+"""The environment variable that gives the HTTP front end its API key (not its command line,
+which any user of the host can read)."""
 # How long a worker waits on its inbox before checking that its supervisor still lives.
 POLL_MS = 200
 # Most messages queued towards one peer before sends block: bounded, so a stalled peer cannot
@@ -52,6 +55,8 @@ class ServerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """The server's CURVE secret key file: clients must then authenticate."""
     curve_clients: str | None = None
     """The directory of the public key files of the clients admitted under CURVE."""
+    http: str | None = None
+    """HOST:PORT of the HTTP front end (the OpenAI API); None runs none."""
 
     def inbox(self, name: str) -> str:
         """The ipc endpoint of the process called `name` (e.g. "decode", "tokenizer-0")."""

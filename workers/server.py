@@ -58,7 +58,11 @@ class Server:
         kv_tokens: int | None,
         curve_secret_key: str | None = None,
         curve_clients: str | None = None,
+        http: str | None = None,
+        api_key: str | None = None,
     ) -> None:
+        """`http` is HOST:PORT of the HTTP front end (None: none), `api_key` the key it
+        requires (None: none)."""
         check_backend(backend, device)
         model_file = open_model(model)
         if not carries_tokenizer(model_file.gguf.metadata):
@@ -96,8 +100,9 @@ class Server:
             supervisor_pid=os.getpid(),
             curve_secret_key=curve_secret_key,
             curve_clients=curve_clients,
+            http=http,
         )
-        self.supervisor = Supervisor(self.config)
+        self.supervisor = Supervisor(self.config, http_api_key=api_key)
         info = ServerInfo(
             id=None,
             model=Path(model).name,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -9,7 +10,7 @@ import time
 from dataclasses import dataclass
 
 from pygemma4.protocol import WorkerState
-from pygemma4.workers.runtime import ServerConfig, encode_config
+from pygemma4.workers.runtime import HTTP_API_KEY_ENV, ServerConfig, encode_config
 
 # A worker that dies this soon after it started is restarted only after the same delay, so
 # that one failing at load does not spin.
@@ -31,6 +32,11 @@ class WorkerProcess:
     epoch: int = 0
     restart_at: float | None = None
     ready: bool = False
+    holds_requests: bool = True
+    """Whether requests live in it (the HTTP front end only passes them to the server, which
+    sees its connection go when it dies)."""
+    env: dict[str, str] | None = None
+    """What its environment adds to the supervisor's."""
 
     @property
     def pid(self) -> int:
@@ -45,7 +51,9 @@ class WorkerProcess:
 class Supervisor:
     """The worker processes of a server, described by its configuration."""
 
-    def __init__(self, config: ServerConfig) -> None:
+    def __init__(self, config: ServerConfig, http_api_key: str | None = None) -> None:
+        """`http_api_key` is the key the HTTP front end requires, if any (given in its
+        environment, never on a command line)."""
         self.config = config
         self.config_text = encode_config(config)
         self.epoch = 0
@@ -56,6 +64,13 @@ class Supervisor:
         workers += [
             WorkerProcess(n, "pygemma4.workers.prefill", "kv") for n in config.prefill_names()
         ]
+        if config.http is not None:
+            env = {} if http_api_key is None else {HTTP_API_KEY_ENV: http_api_key}
+            workers.append(
+                WorkerProcess(
+                    "http", "pygemma4.workers.http", "http", holds_requests=False, env=env
+                )
+            )
         self.workers = {w.name: w for w in workers}
 
     def start_all(self) -> None:
@@ -82,12 +97,14 @@ class Supervisor:
             ],
             cwd="/",
             pass_fds=(self.config.kv.fd,) if self.config.kv.kind == "shm" else (),
+            env={**os.environ, **worker.env} if worker.env else None,
         )
         worker.started_at = time.monotonic()
 
     def reap(self) -> list[WorkerProcess]:
-        """The workers that died since the last call; they and the rest of their group are
-        stopped and scheduled to restart."""
+        """The workers holding requests that died since the last call, with the rest of
+        their group; every worker that died and its group are stopped and scheduled to
+        restart."""
         dead = [w for w in self.workers.values() if w.process is not None and not w.alive()]
         groups = {w.group for w in dead}
         for worker in self.workers.values():
@@ -98,7 +115,7 @@ class Supervisor:
                 quick = time.monotonic() - worker.started_at < QUICK_DEATH_S
                 worker.restart_at = time.monotonic() + (QUICK_DEATH_S if quick else 0.0)
                 worker.process = None
-        return [w for w in self.workers.values() if w.group in groups]
+        return [w for w in self.workers.values() if w.group in groups and w.holds_requests]
 
     def restart_due(self) -> None:
         """Start the workers whose restart time has come."""

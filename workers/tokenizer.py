@@ -4,17 +4,21 @@ strings cut)."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from typing import Any
 
 import msgspec
 
 from pygemma4 import protocol
+from pygemma4.chat_output import CHANNEL_CLOSE, CHANNEL_OPEN, TOOL_RESPONSE
 from pygemma4.config import open_model
 from pygemma4.errors import Gemma4Error
 from pygemma4.generation import FinishReason, TextStream, room_for_tokens
 from pygemma4.protocol import (
     AdmittedRequest,
     Chat,
+    ChatMessage,
     Completion,
     EncodedReply,
     EndedRequests,
@@ -38,6 +42,80 @@ class RequestRefused(Gemma4Error):
         self.code = code
 
 
+# Chat variables that are fields of the request, which chat_template_kwargs may not set.
+_REQUEST_VARIABLES = ("messages", "tools", "add_generation_prompt")
+
+
+def chat_template_input(request: Chat) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The messages and the keyword arguments that the chat template renders `request` with:
+    OpenAI's shapes as Gemma 4 templates read them."""
+    variables = dict(request.chat_template_kwargs or {})
+    clashes = [name for name in _REQUEST_VARIABLES if name in variables]
+    if clashes:
+        raise RequestRefused(
+            "bad_request",
+            f"chat_template_kwargs may not set {', '.join(clashes)}: "
+            "they come from the request's own fields",
+        )
+    if request.tools is not None:
+        variables["tools"] = [
+            {"type": tool.type, "function": msgspec.to_builtins(tool.function)}
+            for tool in request.tools
+        ]
+    messages = [_template_message(i, m) for i, m in enumerate(request.messages)]
+    return messages, variables
+
+
+def _template_message(index: int, message: ChatMessage) -> dict[str, Any]:
+    data: dict[str, Any] = msgspec.to_builtins(message)
+    if message.role == "developer":
+        data["role"] = "system"
+    if message.content is None:
+        if not message.tool_calls:
+            raise RequestRefused("bad_request", f"messages[{index}] has no content")
+        data["content"] = ""
+    for j, call in enumerate(message.tool_calls or ()):
+        arguments = call.function.arguments
+        where = f"messages[{index}].tool_calls[{j}].function.arguments"
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments)
+            except json.JSONDecodeError as e:
+                raise RequestRefused("bad_request", f"{where} is not JSON: {e}") from None
+        if not isinstance(arguments, dict):
+            raise RequestRefused("bad_request", f"{where} is not a JSON object")
+        data["tool_calls"][j] = {
+            **({"id": call.id} if call.id is not None else {}),
+            "type": call.type,
+            "function": {"name": call.function.name, "arguments": arguments},
+        }
+    return data
+
+
+def stop_token_ids(tokenizer: Tokenizer, request: Completion | Chat) -> set[int]:
+    """The tokens that end the request's generation: the model's end-of-generation tokens, and
+    for a chat with tools `<|tool_response>`, which the model writes after its calls to wait
+    for their results."""
+    stops = set(tokenizer.end_of_generation_ids)
+    tool_response = tokenizer.token_id(TOOL_RESPONSE)
+    if isinstance(request, Chat) and request.tools and tool_response is not None:
+        stops.add(tool_response)
+    return stops
+
+
+def ends_in_open_channel(tokenizer: Tokenizer, prompt: list[int]) -> bool:
+    """Whether the prompt ends inside a thought channel it opened and did not close."""
+    opening, closing = tokenizer.token_id(CHANNEL_OPEN), tokenizer.token_id(CHANNEL_CLOSE)
+    if opening is None:
+        return False
+    for token in reversed(prompt):
+        if token == opening:
+            return True
+        if token == closing:
+            return False
+    return False
+
+
 @dataclass
 class TextState:
     """What the worker keeps of one request while it generates."""
@@ -47,6 +125,7 @@ class TextState:
     logprobs: bool
     prompt_tokens: int
     text: TextStream
+    in_reasoning: bool = False
     token_ids: list[int] = field(default_factory=list)
     pieces: list[str] = field(default_factory=list)
     token_logprobs: list[TokenLogprobs] = field(default_factory=list)
@@ -70,7 +149,7 @@ class TokenizerWorker(Worker):
             sampling = protocol.sampling_params(request.sampling)
             prompt = self.prompt_ids(request)
             max_tokens = self.max_tokens(len(prompt), request.max_tokens)
-            text = TextStream(self.tokenizer, sampling.stop)
+            text = TextStream(self.tokenizer, sampling.stop, skip_special=not request.raw_text)
         except RequestRefused as e:
             self.reply_error(rid, e.code, str(e), request.id)
             return
@@ -83,8 +162,9 @@ class TokenizerWorker(Worker):
             logprobs=sampling.logprobs > 0,
             prompt_tokens=len(prompt),
             text=text,
+            in_reasoning=isinstance(request, Chat) and ends_in_open_channel(self.tokenizer, prompt),
         )
-        stop_ids = [] if request.ignore_eos else sorted(self.tokenizer.end_of_generation_ids)
+        stop_ids = [] if request.ignore_eos else sorted(stop_token_ids(self.tokenizer, request))
         self.mail.send(
             "decode",
             TokenizedRequest(
@@ -100,8 +180,8 @@ class TokenizerWorker(Worker):
     def prompt_ids(self, request: Completion | Chat) -> list[int]:
         """The request's prompt as token ids (checked against the vocabulary)."""
         if isinstance(request, Chat):
-            messages = [{"role": m.role, "content": m.content} for m in request.messages]
-            return self.tokenizer.encode_chat(messages)
+            messages, variables = chat_template_input(request)
+            return self.tokenizer.encode_chat(messages, **variables)
         if isinstance(request.prompt, str):
             return self.tokenizer.encode(request.prompt)
         if not request.prompt:
@@ -171,7 +251,11 @@ class TokenizerWorker(Worker):
         logprobs: list[TokenLogprobs] | None,
     ) -> None:
         chunk = protocol.Chunk(
-            id=state.client_id, token_ids=token_ids, text=text, logprobs=logprobs
+            id=state.client_id,
+            token_ids=token_ids,
+            text=text,
+            logprobs=logprobs,
+            in_reasoning=state.in_reasoning,
         )
         self.outbound(rid, chunk, final=False)
 
@@ -183,6 +267,7 @@ class TokenizerWorker(Worker):
             finish_reason=reason,
             prompt_tokens=state.prompt_tokens,
             completion_tokens=len(state.token_ids),
+            in_reasoning=state.in_reasoning,
         )
         if not state.stream:
             done.token_ids = state.token_ids

@@ -41,9 +41,12 @@ class ServerStartError(Gemma4Error):
 
 def serve_command(model: Path | None, endpoint: str, args: Sequence[str] = ()) -> list[str]:
     """The command line of `pygemma4 serve [MODEL] --endpoint ENDPOINT ARGS`, run by this
-    interpreter."""
+    interpreter; without the HTTP API unless ARGS ask for it (the bench measures the ZeroMQ
+    endpoint, and must not take the HTTP port of a server running beside it)."""
     model_args = [str(model)] if model is not None else []
-    return [sys.executable, "-m", "pygemma4", "serve", *model_args, "--endpoint", endpoint, *args]
+    http = [] if "--http" in args else ["--http", "off"]
+    command = [sys.executable, "-m", "pygemma4", "serve", *model_args, "--endpoint", endpoint]
+    return [*command, *args, *http]
 
 
 class _Output:
