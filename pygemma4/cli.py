@@ -288,7 +288,7 @@ def serve(
 
     from rich.console import Console
 
-    from pygemma4.engine import default_threads
+    from pygemma4.runner import default_threads
     from pygemma4.workers.server import Server
 
     if (options["curve_secret_key"] is None) != (options["curve_clients"] is None):
@@ -524,7 +524,7 @@ def bench_model(
     from pygemma4.benchmark.model_bench import BenchPlan
     from pygemma4.benchmark.model_bench import bench_model as run
     from pygemma4.benchmark.report import print_model_bench, write_json
-    from pygemma4.engine import default_threads
+    from pygemma4.runner import default_threads
 
     def flat(lists: tuple[tuple[int, ...], ...]) -> tuple[int, ...]:
         return tuple(dict.fromkeys(n for numbers in lists for n in numbers))

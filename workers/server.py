@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from pygemma4.config import ARCH, ModelConfig, open_model
-from pygemma4.engine import check_backend, default_n_ctx
+from pygemma4.engine import default_n_ctx
 from pygemma4.kv import DEFAULT_BLOCK_SIZE, KvLayout
 from pygemma4.protocol import KvPoolSpec, ServerInfo
+from pygemma4.runner import check_backend
 from pygemma4.tokenizer import carries_tokenizer
 from pygemma4.workers.frontend import FrontEnd, ServerStartError
 from pygemma4.workers.runtime import ServerConfig

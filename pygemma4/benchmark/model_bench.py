@@ -28,8 +28,8 @@ from pygemma4.benchmark.schedule import Schedule, choose_schedule, memory_availa
 from pygemma4.benchmark.stats import Spread
 from pygemma4.benchmark.tokens import BOS, random_ids
 from pygemma4.config import ModelFile, open_model
-from pygemma4.engine import check_backend
 from pygemma4.model_info import decode_read_bytes
+from pygemma4.runner import check_backend
 
 
 @dataclass(frozen=True)
