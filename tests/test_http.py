@@ -6,7 +6,8 @@ What it must do: give the ZeroMQ client's greedy text for the same request; stre
 answers whole; honour the sampling fields, n, stop and logprobs; refuse every bad request with
 the right 4xx in OpenAI's error shape and keep serving; require the API key; count in
 /metrics; cancel a request whose client disconnects; report a worker that dies mid-stream as
-an error event before [DONE].
+an error event before [DONE], to every open stream within a second, and serve again after; lose
+and mix nothing under 64 concurrent streaming clients.
 """
 
 from __future__ import annotations
@@ -542,6 +543,114 @@ def test_a_worker_dying_mid_stream_is_an_error_event(server: Any) -> None:
     assert error["code"] == "worker_failed", error
     server.wait_healthy(timeout=60)
     wait_until(lambda: server.health().requests_in_flight == 0, 10, "no request in flight")
+
+
+def test_concurrent_http_streams_lose_and_mix_nothing(sdk: openai.OpenAI, server: Any) -> None:
+    """64 clients streaming 500 requests between them: each answer is its own request's greedy
+    text, whole, ended by [DONE] with its usage."""
+    n_clients, n_requests = 64, 500
+    prompts = ["Hello", "Once upon a time", "What is 2+2?", "The sky", "A B C", "Tell me"]
+    lengths = [1, 3, 7, 12, 16, 24]
+    jobs = [(i % len(prompts), lengths[i * 7 % len(lengths)]) for i in range(n_requests)]
+    references = {
+        job: sdk.completions.create(
+            model=server.model_name,
+            prompt=prompts[job[0]],
+            max_tokens=job[1],
+            temperature=0,
+            extra_body={"ignore_eos": True},
+        )
+        .choices[0]
+        .text
+        for job in set(jobs)
+    }
+    answered: list[tuple[tuple[int, int], str, dict[str, Any] | None, str]] = []
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+
+    async def client_task(queue: asyncio.Queue[tuple[int, int]]) -> None:
+        async with httpx.AsyncClient(base_url=server.base_url, headers=headers, timeout=120) as c:
+            while not queue.empty():
+                which, n = job = queue.get_nowait()
+                body = {
+                    "model": server.model_name,
+                    "prompt": prompts[which],
+                    "max_tokens": n,
+                    "temperature": 0,
+                    "ignore_eos": True,
+                    "stream": True,
+                    "stream_options": {"include_usage": True},
+                }
+                text, usage, last = "", None, ""
+                async with c.stream("POST", "/v1/completions", json=body) as response:
+                    async for line in response.aiter_lines():
+                        if not line.startswith("data: "):
+                            continue
+                        last = line.removeprefix("data: ")
+                        if last == "[DONE]":
+                            continue
+                        event = json.loads(last)
+                        text += "".join(choice["text"] for choice in event["choices"])
+                        usage = event.get("usage") or usage
+                answered.append((job, text, usage, last))
+
+    async def main() -> None:
+        queue: asyncio.Queue[tuple[int, int]] = asyncio.Queue()
+        for job in jobs:
+            queue.put_nowait(job)
+        await asyncio.gather(*(client_task(queue) for _ in range(n_clients)))
+
+    asyncio.run(main())
+    assert len(answered) == n_requests
+    for job, text, usage, last in answered:
+        assert last == "[DONE]", job
+        assert text == references[job], job
+        assert usage is not None and usage["completion_tokens"] == job[1], job
+    server.wait_idle()
+
+
+def test_a_killed_decode_worker_ends_every_open_stream_within_a_second(server: Any) -> None:
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    body = _long(server.model_name)
+    ended_after: list[float] = []
+
+    async def main() -> None:
+        async with httpx.AsyncClient(base_url=server.base_url, headers=headers, timeout=60) as c:
+            started = asyncio.Event()
+            killed_at: list[float] = []
+            streaming = 0
+
+            async def one_stream() -> None:
+                nonlocal streaming
+                async with c.stream("POST", "/v1/completions", json=body) as response:
+                    events = []
+                    async for line in response.aiter_lines():
+                        if not line.startswith("data: "):
+                            continue
+                        events.append(line.removeprefix("data: "))
+                        if len(events) == 1:
+                            streaming += 1
+                            if streaming == 3:
+                                started.set()
+                        if events[-1] == "[DONE]":
+                            break
+                    ended_after.append(asyncio.get_running_loop().time() - killed_at[0])
+                    assert json.loads(events[-2])["error"]["code"] == "worker_failed"
+
+            async def kill() -> None:
+                await started.wait()
+                killed_at.append(asyncio.get_running_loop().time())
+                os.kill(server.worker("decode").pid, signal.SIGKILL)
+
+            await asyncio.gather(one_stream(), one_stream(), one_stream(), kill())
+
+    asyncio.run(main())
+    assert len(ended_after) == 3 and max(ended_after) < 1.0, ended_after
+    server.wait_healthy(timeout=60)
+    with httpx.Client(base_url=server.base_url, headers=headers, timeout=60) as c:
+        reply = c.post(
+            "/v1/completions", json={"model": server.model_name, "prompt": "Hi", "max_tokens": 4}
+        )
+    assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] >= 1
 
 
 @pytest.fixture(scope="module")
