@@ -248,6 +248,7 @@ void CudaOps::clear_graphs() {
 }
 
 void CudaOps::run_step(const std::vector<int64_t>& shape, const std::function<void()>& body) {
+  wrote();  // a conversion made before the step is not part of it
   if (!use_graphs_) {
     body();
     return;
@@ -262,6 +263,7 @@ void CudaOps::run_step(const std::vector<int64_t>& shape, const std::function<vo
       cudaStreamEndCapture(stream_, &graph);
       if (graph != nullptr) cudaGraphDestroy(graph);
       cudaGetLastError();
+      wrote();
       throw;
     }
     PG4_CUDA_CHECK(cudaStreamEndCapture(stream_, &graph));
@@ -271,70 +273,88 @@ void CudaOps::run_step(const std::vector<int64_t>& shape, const std::function<vo
     check(status, "cudaGraphInstantiate");
     found = graphs_.emplace(shape, exec).first;
   }
+  wrote();
   PG4_CUDA_CHECK(cudaGraphLaunch(found->second, stream_));
 }
 
-void CudaOps::matmul(const Weight& w, const float* x, int n_tokens, float* y) {
-  const Product product{&w, y};
-  matmul_shared(x, n_tokens, &product, 1);
+const ActBlock* CudaOps::converted(const float* x, int n_tokens, int64_t cols) {
+  if (x != converted_x_ || n_tokens != converted_n_ || cols != converted_cols_) {
+    quantize_activations(x, n_tokens * cols, acts_.get(), stream_);
+    converted_x_ = x;
+    converted_n_ = n_tokens;
+    converted_cols_ = cols;
+  }
+  return acts_.get();
 }
 
-void CudaOps::matmul_shared(const float* x, int n_tokens, const Product* products, int n_products) {
-  const int64_t cols = shared_input_width(products, n_products);
-  // Every quantized product reads the same int8 blocks, whatever its weight format.
-  bool any_quantized = false;
-  for (int i = 0; i < n_products; ++i) any_quantized |= !is_float_type(products[i].weight->type);
-  if (any_quantized) quantize_activations(x, n_tokens * cols, acts_.get(), stream_);
-  for (int i = 0; i < n_products; ++i) {
-    const Weight& w = *products[i].weight;
-    if (is_float_type(w.type)) {
-      matmul_float(w, x, n_tokens, products[i].y, stream_);
-    } else {
-      matmul_quantized(w, acts_.get(), n_tokens, products[i].y, stream_);
-    }
+void CudaOps::matmul(const Weight& w, const float* x, int n_tokens, float* y) {
+  if (is_float_type(w.type)) {
+    matmul_float(w, x, n_tokens, y, stream_);
+  } else {
+    const ActBlock* acts = converted(x, n_tokens, w.cols());
+    matmul_quantized(w, acts, n_tokens, y, stream_);
   }
+  // The output may overlap the converted input.
+  if (y == converted_x_) wrote();
 }
 
 void CudaOps::get_rows(const Weight& table, const int32_t* ids, int n, float s, float* out) {
+  wrote();
   cuda::get_rows(table, ids, n, s, out, stream_);
 }
 
 void CudaOps::rms_norm(const float* x, const float* weight, int n_rows, int dim, float eps,
                        float* out) {
+  wrote();
   cuda::rms_norm(x, weight, n_rows, dim, eps, out, nullptr, stream_);
 }
 
 void CudaOps::rms_norm_add(float* y, const float* weight, int n_rows, int dim, float eps,
                            float* x) {
+  wrote();
   cuda::rms_norm(y, weight, n_rows, dim, eps, nullptr, x, stream_);
 }
 
 void CudaOps::rope_neox(float* x, const int32_t* positions, int n_tokens, int n_head, int head_dim,
                         const Rope& rope) {
+  wrote();
   norm_rope(x, nullptr, false, positions, n_tokens, n_head, head_dim, 0.0f, rope, stream_);
 }
 
 void CudaOps::rms_norm_rope(float* x, const float* weight, const int32_t* positions, int n_tokens,
                             int n_head, int head_dim, float eps, const Rope& rope) {
+  wrote();
   norm_rope(x, weight, true, positions, n_tokens, n_head, head_dim, eps, rope, stream_);
 }
 
 void CudaOps::gelu_mul(const float* gate, int gate_stride, const float* up, int up_stride,
                        int n_rows, int n_cols, float* out) {
+  wrote();
   cuda::gelu_mul(gate, gate_stride, up, up_stride, n_rows, n_cols, out, stream_);
 }
 
-void CudaOps::add(float* x, const float* y, size_t n) { cuda::add(x, y, n, stream_); }
+void CudaOps::add(float* x, const float* y, size_t n) {
+  wrote();
+  cuda::add(x, y, n, stream_);
+}
 
-void CudaOps::scale(float* x, float s, size_t n) { cuda::scale(x, s, n, stream_); }
+void CudaOps::scale(float* x, float s, size_t n) {
+  wrote();
+  cuda::scale(x, s, n, stream_);
+}
 
-void CudaOps::softcap(float* x, float cap, size_t n) { cuda::softcap(x, cap, n, stream_); }
+void CudaOps::softcap(float* x, float cap, size_t n) {
+  wrote();
+  cuda::softcap(x, cap, n, stream_);
+}
 
 void CudaOps::copy(float* dst, const float* src, size_t n) {
+  wrote();
   PG4_CUDA_CHECK(cudaMemcpyAsync(dst, src, n * sizeof(float), cudaMemcpyDeviceToDevice, stream_));
 }
 
 void CudaOps::upload(void* dst, const void* host_src, size_t bytes) {
+  wrote();
   PG4_CUDA_CHECK(cudaMemcpyAsync(dst, host_src, bytes, cudaMemcpyHostToDevice, stream_));
   PG4_CUDA_CHECK(cudaStreamSynchronize(stream_));
 }
@@ -352,6 +372,7 @@ void CudaOps::read_ids(const int32_t* src, size_t n, int32_t* host_dst) {
 }
 
 void CudaOps::copy_rows(const float* src, const int32_t* rows, int n_rows, int dim, float* dst) {
+  wrote();
   cuda::copy_rows(src, rows, n_rows, dim, dst, stream_);
 }
 
@@ -373,6 +394,7 @@ void CudaOps::store_kv(float* k, float* v, const float* k_weight, float eps, con
 
 void CudaOps::attention(const float* q, const TokenBatch& batch, const LayerConfig& layer,
                         int window, const KvPool& pool, float* out) {
+  wrote();
   // Enough blocks to fill the device: each head's positions are split when the batch is small.
   // Every decode-sized batch takes the split count of one token, so that a sequence's rows come
   // out the same (to the bit) whatever else shares its step.
@@ -394,6 +416,7 @@ void CudaOps::moe_route(const float* logits, int n_tokens, int n_expert, int k, 
 void CudaOps::moe_experts(const Weight& gate_up, const Weight& down, const float* down_scale,
                           const float* x, const int32_t* expert_ids, const float* expert_weights,
                           int n_tokens, int k, float* out) {
+  wrote();
   const int64_t n_embd = gate_up.cols();
   const int n_ff = static_cast<int>(gate_up.rows() / 2);
   const int pairs = n_tokens * k;

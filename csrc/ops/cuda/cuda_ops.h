@@ -29,9 +29,6 @@ class CudaOps final : public Ops {
   void run_step(const std::vector<int64_t>& shape, const std::function<void()>& body) override;
 
   void matmul(const Weight& w, const float* x, int n_tokens, float* y) override;
-  // Converts x once for all the quantized products.
-  void matmul_shared(const float* x, int n_tokens, const Product* products,
-                     int n_products) override;
   void get_rows(const Weight& table, const int32_t* ids, int n, float scale, float* out) override;
   void rms_norm(const float* x, const float* weight, int n_rows, int dim, float eps,
                 float* out) override;
@@ -68,6 +65,10 @@ class CudaOps final : public Ops {
  private:
   template <typename T>
   std::shared_ptr<T> device_array(size_t n);
+  // acts converted for the quantized products, reusing the last conversion when nothing has
+  // been written since (the projections of one input follow one another).
+  const ActBlock* converted(const float* x, int n_tokens, int64_t cols);
+  void wrote() { converted_x_ = nullptr; }
   void clear_graphs();
 
   int device_;
@@ -81,6 +82,9 @@ class CudaOps final : public Ops {
   std::shared_ptr<ActBlock> acts_, expert_acts_;
   std::shared_ptr<float> partials_, expert_hidden_, expert_activated_, expert_out_;
   size_t max_partials_ = 0;
+  const float* converted_x_ = nullptr;
+  int converted_n_ = 0;
+  int64_t converted_cols_ = 0;
 
   std::shared_ptr<int32_t> staged_;   // the batch's arrays on the device
   std::shared_ptr<int32_t> staging_;  // and their page-locked host copy
