@@ -28,6 +28,7 @@ import jsonschema
 import openai
 import pytest
 from serve_helpers import ServeProcess, wait_until
+from test_client import WEATHER_TOOL as TOOL
 from test_constraints import with_tool_tokens
 
 from pygemma4.chat_output import parse_chat_output
@@ -37,18 +38,6 @@ N_CTX = 8192
 LONG = N_CTX - 48
 """max_tokens of a stream that must still run while a test acts (seconds on this model)."""
 CHAT = [{"role": "user", "content": "Tell me a story"}]
-TOOL = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "The weather in a city.",
-        "parameters": {
-            "type": "object",
-            "properties": {"city": {"type": "string"}},
-            "required": ["city"],
-        },
-    },
-}
 
 
 def _free_port() -> int:
