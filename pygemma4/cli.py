@@ -302,11 +302,6 @@ def serve(
         )
     key = _api_key(api_key, api_key_file)
     listen = None if http == "off" else _checked_listen(http, "--http", key)
-    if listen is not None and options["curve_secret_key"] is not None:
-        raise click.UsageError(
-            "the HTTP API does not speak CURVE to the server yet: use --http off with "
-            "--curve-secret-key"
-        )
     threads = default_threads() if threads is None else threads
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # while loading: as Ctrl-C
     server = Server(
@@ -350,25 +345,46 @@ def serve(
     type=click.Path(dir_okay=False, path_type=Path),
     help="The served GGUF, for its tokenizer: /tokenize, /detokenize and logprobs' token texts.",
 )
+@click.option(
+    "--curve-secret-key",
+    type=click.Path(dir_okay=False),
+    help="For a server that requires CURVE: this client's NAME.key_secret.",
+)
+@click.option(
+    "--curve-server-key",
+    type=click.Path(dir_okay=False),
+    help="With --curve-secret-key: the server's public NAME.key.",
+)
 @_api_key_options
 @_runs_cleanly
 def http(
     endpoint: str,
     listen: str,
     model: Path | None,
+    curve_secret_key: str | None,
+    curve_server_key: str | None,
     api_key: str | None,
     api_key_file: Path | None,
 ) -> None:
     """Serve the OpenAI-compatible HTTP API in front of the pygemma4 server at ENDPOINT
     (`pygemma4 serve` runs one itself unless --http off)."""
+    from pygemma4 import curve
     from pygemma4.tokenizer import Tokenizer
-    from pygemma4.workers.http import run
+    from pygemma4.workers.http import ServerKeys, run
 
+    if (curve_secret_key is None) != (curve_server_key is None):
+        raise click.UsageError("--curve-secret-key and --curve-server-key go together")
+    keys = None
+    if curve_secret_key is not None and curve_server_key is not None:
+        # Read now, so that a wrong file is said at once rather than at the first request.
+        curve.load_secret(curve_secret_key)
+        curve.load_public(curve_server_key)
+        keys = ServerKeys(curve_secret_key, curve_server_key)
     key = _api_key(api_key, api_key_file)
     listen = _checked_listen(listen, "--listen", key)
     tokenizer = None if model is None else Tokenizer.from_gguf(model)
     click.echo(f"OpenAI API on http://{listen}/v1 for {endpoint}", err=True)
-    run(endpoint, listen, api_key=key, tokenizer=tokenizer)
+    run(endpoint, listen, api_key=key, tokenizer=tokenizer, curve_keys=keys)
     click.echo("stopped", err=True)
 
 

@@ -385,7 +385,8 @@ class AsyncClient:
     client:`, or call `close()`.
 
     A server that requires CURVE takes `curve_secret_key` (this client's NAME.key_secret
-    file) and `curve_server_key` (the server's public NAME.key file); see `pygemma4 keygen`.
+    file, or a `curve.KeyPair`) and `curve_server_key` (the server's public NAME.key file);
+    see `pygemma4 keygen`.
     """
 
     def __init__(
@@ -393,7 +394,7 @@ class AsyncClient:
         endpoint: str = DEFAULT_ENDPOINT,
         *,
         timeout: float | None = DEFAULT_TIMEOUT,
-        curve_secret_key: str | os.PathLike[str] | None = None,
+        curve_secret_key: str | os.PathLike[str] | curve.KeyPair | None = None,
         curve_server_key: str | os.PathLike[str] | None = None,
     ) -> None:
         if not isinstance(endpoint, str):

@@ -3,12 +3,14 @@
 A key pair is two files in ZeroMQ's certificate format: `NAME.key` (the public key, to give to
 the other side) and `NAME.key_secret` (the public and the secret key, readable by its owner
 only). A server takes its own secret file and a directory of the public files of the clients it
-admits; a client takes its own secret file and the server's public file.
+admits; a client takes its own secret file and the server's public file. A pair made for one
+run only (the HTTP front end's, under `serve`) is a `KeyPair` held in memory instead.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import zmq
@@ -43,12 +45,47 @@ def create_keypair(directory: str | os.PathLike[str], name: str) -> tuple[Path, 
     return Path(created_public), Path(created_secret)
 
 
-def load_secret(path: str | os.PathLike[str]) -> tuple[bytes, bytes]:
-    """(public, secret) key from a NAME.key_secret file."""
+@dataclass(frozen=True)
+class KeyPair:
+    """A CURVE key pair in memory, as Z85 text (40 bytes each)."""
+
+    public: bytes
+    secret: bytes
+
+    @classmethod
+    def new(cls) -> KeyPair:
+        """A fresh pair."""
+        public, secret = zmq.curve_keypair()
+        return cls(public, secret)
+
+    def text(self) -> str:
+        """The pair as one line of text (`from_text` reads it back)."""
+        return f"{self.public.decode()} {self.secret.decode()}"  # Z85 has no space
+
+    @classmethod
+    def from_text(cls, text: str) -> KeyPair:
+        """The pair `text()` wrote; CurveKeyError for anything else."""
+        public, _, secret = text.partition(" ")
+        if len(public) != 40 or len(secret) != 40:
+            raise CurveKeyError("not a CURVE key pair (two 40-character Z85 keys)")
+        return cls(public.encode(), secret.encode())
+
+
+def load_secret(path: str | os.PathLike[str] | KeyPair) -> tuple[bytes, bytes]:
+    """(public, secret) key from a NAME.key_secret file (or of a pair in memory)."""
+    if isinstance(path, KeyPair):
+        return path.public, path.secret
     public, secret = _load(path)
     if secret is None:
         raise CurveKeyError(f"{path} holds no secret key (use the NAME.key_secret file)")
     return public, secret
+
+
+def admitted_keys(clients: str | os.PathLike[str]) -> set[bytes]:
+    """The public keys (Z85) of the NAME.key files in the directory `clients`."""
+    if not Path(clients).is_dir():
+        raise CurveKeyError(f"{clients}: no directory of client public keys")
+    return set(zmq.auth.load_certificates(clients))
 
 
 def load_public(path: str | os.PathLike[str]) -> bytes:

@@ -30,7 +30,8 @@ Workers (PUSH sockets into each process's one PULL inbox, over `ipc://` on one h
 Request flow: client → front end (`AdmittedRequest`) → tokenizer worker (`TokenizedRequest`) →
 decode worker (`PromptToPrefill`) → prefill worker (`PrefillResult`) → decode worker, which
 decodes every running sequence together each step (`StepTokens`) → tokenizer worker
-(detokenize, stop strings; `EncodedReply`) → front end → client.
+(detokenize, stop strings; `EncodedReply`) → front end → client. The decode worker also tells
+the front end how much of the KV pool its sequences hold (`KvUsage`), which health reports.
 """
 
 from __future__ import annotations
@@ -270,11 +271,14 @@ class WorkerState(_Strict):
 
 
 class HealthStatus(_Reply, tag="health"):
-    """Whether every worker is up, and the load."""
+    """Whether every worker is up, and the load: requests in flight and the KV pool's blocks
+    held by sequences, of its total."""
 
     ok: bool
     workers: list[WorkerState]
     requests_in_flight: int
+    kv_blocks_used: int = 0
+    kv_blocks_total: int = 0
 
 
 class ServerInfo(_Reply, tag="info"):
@@ -389,8 +393,16 @@ class WorkerReady(_Internal, tag="ready"):
     pid: int
 
 
+class KvUsage(_Internal, tag="kv_usage"):
+    """Decode worker → front end: the KV pool's blocks held by sequences now, of its total
+    (sent when the number changes)."""
+
+    blocks_used: int
+    blocks_total: int
+
+
 # What each process's inbox takes: anything else that reaches it is a misrouted message.
-FrontEndInbox = WorkerReady | EncodedReply
+FrontEndInbox = WorkerReady | EncodedReply | KvUsage
 TokenizerInbox = AdmittedRequest | StepTokens | RequestFailure | EndedRequests
 DecodeInbox = TokenizedRequest | PrefillResult | EndedRequests
 PrefillInbox = PromptToPrefill

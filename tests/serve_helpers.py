@@ -26,11 +26,16 @@ STOP_TIMEOUT_S = 10.0
 READY_LINE = "pygemma4 serving"
 
 
-def free_tcp_endpoint() -> str:
-    """A loopback tcp endpoint with a port nothing listens on (at the time of the call)."""
+def free_port() -> int:
+    """A loopback tcp port nothing listens on (at the time of the call)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
+        return s.getsockname()[1]
+
+
+def free_tcp_endpoint() -> str:
+    """A loopback tcp endpoint with a port nothing listens on (at the time of the call)."""
+    return f"tcp://127.0.0.1:{free_port()}"
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:

@@ -13,14 +13,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from serve_helpers import ServeProcess
+from serve_helpers import ServeProcess, free_port
 from test_constraints import with_tool_tokens
 
 API_KEY = "page-key-456"
@@ -43,12 +42,6 @@ TOOL = {
         },
     },
 }
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _unavailable(reason: str) -> None:
@@ -78,7 +71,7 @@ def server(demo_model_file: Path, tmp_path_factory: pytest.TempPathFactory) -> I
     """The demo model, with Gemma 4's tool-call tokens in its vocabulary (for forced calls),
     served with its HTTP API, requiring API_KEY, on a free port."""
     model = with_tool_tokens(demo_model_file, tmp_path_factory.mktemp("model") / "demo-tools.gguf")
-    listen = f"127.0.0.1:{_free_port()}"
+    listen = f"127.0.0.1:{free_port()}"
     args = ("--threads", "1", "--max-batch", "4", "--n-ctx", str(N_CTX), "--http", listen)
     with ServeProcess.running(
         model, tmp_path_factory.mktemp("serve"), *args, "--api-key", API_KEY

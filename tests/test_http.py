@@ -13,10 +13,11 @@ and mix nothing under 64 concurrent streaming clients.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+import shutil
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -27,11 +28,12 @@ import httpx
 import jsonschema
 import openai
 import pytest
-from serve_helpers import ServeProcess, wait_until
+from serve_helpers import ServeProcess, free_port, free_tcp_endpoint, wait_until
 from test_client import WEATHER_TOOL as TOOL
 from test_constraints import with_tool_tokens
 
 from pygemma4.chat_output import parse_chat_output
+from pygemma4.curve import create_keypair
 
 API_KEY = "test-key-123"
 N_CTX = 8192
@@ -40,18 +42,12 @@ LONG = N_CTX - 48
 CHAT = [{"role": "user", "content": "Tell me a story"}]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(demo_model_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """The demo model, with Gemma 4's tool-call tokens in its vocabulary (for forced calls),
     served with its HTTP API (requiring API_KEY) on a free port."""
     model = with_tool_tokens(demo_model_file, tmp_path_factory.mktemp("model") / "demo-tools.gguf")
-    listen = f"127.0.0.1:{_free_port()}"
+    listen = f"127.0.0.1:{free_port()}"
     args = ("--threads", "1", "--max-batch", "8", "--n-ctx", str(N_CTX), "--http", listen)
     key_file = tmp_path_factory.mktemp("key") / "api.key"
     key_file.write_text(API_KEY + "\n")
@@ -513,6 +509,32 @@ def test_a_disconnected_client_has_its_request_cancelled(server: Any) -> None:
     server.wait_idle(timeout=1.0)
 
 
+def _gauge(http: httpx.Client, name: str) -> float:
+    """The value of an unlabelled gauge on /metrics."""
+    line = next(
+        line for line in http.get("/metrics").text.splitlines() if line.startswith(name + " ")
+    )
+    return float(line.split()[1])
+
+
+def test_kv_usage_is_reported_while_a_request_holds_the_pool(server: Any) -> None:
+    usage = "pygemma4:kv_cache_usage_perc"
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    with httpx.Client(base_url=server.base_url, headers=headers, timeout=30) as http:
+        server.wait_idle(timeout=5.0)
+        wait_until(lambda: _gauge(http, usage) == 0.0, 5.0, "an idle pool")
+        with http.stream("POST", "/v1/completions", json=_long(server.model_name)) as response:
+            lines = response.iter_lines()  # kept: dropping the iterator closes the stream
+            assert next(line for line in lines if line.startswith("data:"))
+            # The decode worker tells the front end as it admits: the message may trail.
+            wait_until(lambda: _gauge(http, usage) > 0.0, 5.0, "KV held by the stream")
+            assert _gauge(http, usage) <= 1.0
+            health = http.get("/health").json()
+            assert 0 < health["kv_blocks_used"] <= health["kv_blocks_total"]
+            assert _gauge(http, "pygemma4:kv_cache_blocks_total") == health["kv_blocks_total"]
+        wait_until(lambda: _gauge(http, usage) == 0.0, 5.0, "the pool freed after the stream")
+
+
 def test_a_worker_dying_mid_stream_is_an_error_event(server: Any) -> None:
     body = _long(server.model_name)
     headers = {"Authorization": f"Bearer {API_KEY}"}
@@ -642,26 +664,36 @@ def test_a_killed_decode_worker_ends_every_open_stream_within_a_second(server: A
     assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] >= 1
 
 
+@contextlib.contextmanager
+def pygemma4_http(endpoint: str, workdir: Path, *args: str) -> Iterator[str]:
+    """`pygemma4 http --endpoint ENDPOINT ARGS` on a free port, once it answers; its base URL.
+    It must stop cleanly on Ctrl-C."""
+    listen = f"127.0.0.1:{free_port()}"
+    command = [sys.executable, "-m", "pygemma4", "http", "--endpoint", endpoint, *args]
+    with open(workdir / "http.stderr", "wb") as err:
+        process = subprocess.Popen(
+            [*command, "--listen", listen], stderr=err, stdin=subprocess.DEVNULL, cwd=workdir
+        )
+    base_url = f"http://{listen}"
+    try:
+        wait_until(lambda: _answers(base_url), 30, "pygemma4 http answers")
+        yield base_url
+    finally:
+        process.send_signal(signal.SIGINT)
+        assert process.wait(10) == 0, (workdir / "http.stderr").read_text()
+
+
 @pytest.fixture(scope="module")
 def remote_http(demo_model_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """`pygemma4 http` (no key, no model file) in front of a server of its own that takes one
     request at a time (--max-pending 1); its base URL."""
     workdir = tmp_path_factory.mktemp("remote")
     args = ("--threads", "1", "--max-batch", "1", "--n-ctx", str(N_CTX), "--max-pending", "1")
-    with ServeProcess.running(demo_model_file, workdir, *args) as serve:
-        listen = f"127.0.0.1:{_free_port()}"
-        command = [sys.executable, "-m", "pygemma4", "http", "--endpoint", serve.endpoint]
-        with open(workdir / "http.stderr", "wb") as err:
-            process = subprocess.Popen(
-                [*command, "--listen", listen], stderr=err, stdin=subprocess.DEVNULL, cwd=workdir
-            )
-        base_url = f"http://{listen}"
-        try:
-            wait_until(lambda: _answers(base_url), 30, "pygemma4 http answers")
-            yield base_url
-        finally:
-            process.send_signal(signal.SIGINT)
-            assert process.wait(10) == 0, (workdir / "http.stderr").read_text()
+    with (
+        ServeProcess.running(demo_model_file, workdir, *args) as serve,
+        pygemma4_http(serve.endpoint, workdir) as base_url,
+    ):
+        yield base_url
 
 
 def _answers(base_url: str) -> bool:
@@ -693,3 +725,69 @@ def test_a_busy_server_is_429(remote_http: str) -> None:
             busy = client.post("/v1/completions", json={"model": name, "prompt": "Hi"})
         assert busy.status_code == 429, busy.text
         assert busy.json()["error"]["code"] == "busy"
+
+
+def test_the_http_api_reaches_a_server_that_requires_curve(
+    demo_model_file: Path, tmp_path: Path
+) -> None:
+    keys, admitted = tmp_path / "keys", tmp_path / "admitted"
+    for name in ("server", "alice"):
+        create_keypair(keys, name)
+    admitted.mkdir()
+    shutil.copy(keys / "alice.key", admitted)
+    listen = f"127.0.0.1:{free_port()}"
+    args = (
+        "--threads", "1", "--http", listen,
+        "--curve-secret-key", str(keys / "server.key_secret"), "--curve-clients", str(admitted),
+    )  # fmt: skip
+    alice = ("--curve-secret-key", str(keys / "alice.key_secret"))
+    alice_options = {"curve_secret_key": keys / "alice.key_secret"}
+    with ServeProcess.running(
+        demo_model_file,
+        tmp_path,
+        *args,
+        client_options={**alice_options, "curve_server_key": keys / "server.key"},
+    ) as server:
+        # The server's own HTTP front end authenticates with a pair made for this run; the
+        # clients' directory admits only alice.
+        assert sorted(p.name for p in admitted.iterdir()) == ["alice.key"]
+        with openai.OpenAI(base_url=f"http://{listen}/v1", api_key="-", max_retries=0) as sdk:
+            reply = sdk.completions.create(
+                model=demo_model_file.name, prompt="Hello", max_tokens=3, temperature=0
+            )
+        assert reply.usage.completion_tokens == 3
+        with server.client(timeout=10) as client:
+            expected = client.complete("Hello", 3, temperature=0).text
+        assert reply.choices[0].text == expected
+        # `pygemma4 http` elsewhere, as alice.
+        curve_args = (*alice, "--curve-server-key", str(keys / "server.key"))
+        with (
+            pygemma4_http(server.endpoint, tmp_path, *curve_args) as base_url,
+            openai.OpenAI(base_url=base_url + "/v1", api_key="-", max_retries=0) as sdk,
+        ):
+            again = sdk.completions.create(
+                model=demo_model_file.name, prompt="Hello", max_tokens=3, temperature=0
+            )
+        assert again.choices[0].text == expected
+
+
+def test_pygemma4_http_refuses_half_or_wrong_curve_keys(tmp_path: Path) -> None:
+    create_keypair(tmp_path, "alice")
+    command = [sys.executable, "-m", "pygemma4", "http", "--endpoint", free_tcp_endpoint()]
+    for args, said in [
+        (("--curve-secret-key", str(tmp_path / "alice.key_secret")), "go together"),
+        (
+            ("--curve-secret-key", str(tmp_path / "alice.key"), "--curve-server-key",
+             str(tmp_path / "alice.key")),
+            "holds no secret key",
+        ),
+        (
+            ("--curve-secret-key", str(tmp_path / "alice.key_secret"), "--curve-server-key",
+             str(tmp_path / "nobody.key")),
+            "no such key file",
+        ),
+    ]:  # fmt: skip
+        result = subprocess.run(
+            [*command, *args], capture_output=True, text=True, cwd=tmp_path, timeout=60
+        )
+        assert result.returncode != 0 and said in result.stderr, result.stderr

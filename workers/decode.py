@@ -23,6 +23,7 @@ from pygemma4.generation import TokenChoice
 from pygemma4.kv import BlockAllocator, SequenceKv
 from pygemma4.protocol import (
     EndedRequests,
+    KvUsage,
     PrefillResult,
     PromptToPrefill,
     RequestFailure,
@@ -68,6 +69,7 @@ class DecodeWorker(Worker):
         self.prefilling: dict[int, Sequence] = {}
         self.running: dict[int, Sequence] = {}
         self.next_prefill = 0
+        self.reported_blocks_used = 0
         # A real model's grammar vocabulary takes seconds to build: it is built off the decode
         # loop from the start (llguidance releases the GIL meanwhile), so that the first
         # constrained request does not stall every running sequence.
@@ -101,10 +103,19 @@ class DecodeWorker(Worker):
         return bool(self.running)
 
     def work(self) -> None:
-        """Admit what fits, then decode one step."""
+        """Admit what fits, then decode one step; tell the front end when the KV held
+        changed."""
         self.admit()
         if self.running:
             self.step()
+        self.report_kv_usage()
+
+    def report_kv_usage(self) -> None:
+        """Send the front end the KV blocks held, when that changed since it was last told."""
+        used = self.layout.n_blocks - self.allocator.free_blocks
+        if used != self.reported_blocks_used:
+            self.reported_blocks_used = used
+            self.mail.send("frontend", KvUsage(blocks_used=used, blocks_total=self.layout.n_blocks))
 
     def queue(self, request: TokenizedRequest) -> None:
         """Queue a request to be admitted when it fits."""

@@ -14,7 +14,6 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import msgspec
 import zmq
@@ -35,6 +34,7 @@ from pygemma4.protocol import (
     Health,
     HealthStatus,
     Info,
+    KvUsage,
     ServerInfo,
     WorkerReady,
 )
@@ -77,7 +77,9 @@ class FrontEnd(Process):
         self.router.setsockopt(zmq.MAXMSGSIZE, config.max_message_bytes * HARD_SIZE_FACTOR)
         self.authenticator: ThreadAuthenticator | None = None
         if config.curve_secret_key is not None:
-            self.require_curve(config.curve_secret_key, config.curve_clients)
+            self.require_curve(
+                config.curve_secret_key, config.curve_clients, config.http_curve_public
+            )
         try:
             if _ipc_in_use(config.endpoint):
                 raise zmq.ZMQError(errno.EADDRINUSE)
@@ -88,23 +90,28 @@ class FrontEnd(Process):
         self.requests: dict[int, Tracked] = {}
         self.by_client: dict[tuple[bytes, int], int] = {}
         self.rids = itertools.count()
+        self.kv_usage = KvUsage(blocks_used=0, blocks_total=config.kv.n_blocks)
         self.poller = zmq.Poller()
         self.poller.register(self.router, zmq.POLLIN)
         self.poller.register(self.mail.inbox, zmq.POLLIN)
 
-    def require_curve(self, secret_key: str, clients: str | None) -> None:
-        """Admit only clients that authenticate with CURVE keys found in `clients`; without
-        a running authenticator, ZeroMQ then admits no one (it fails closed)."""
+    def require_curve(self, secret_key: str, clients: str | None, also: str | None) -> None:
+        """Admit only clients that authenticate with CURVE keys found in `clients` (read
+        now), or with the public key `also`; without a running authenticator, ZeroMQ then
+        admits no one (it fails closed)."""
         try:
             public, secret = curve.load_secret(secret_key)
-            if clients is None or not Path(clients).is_dir():
-                raise curve.CurveKeyError(f"{clients}: no directory of client public keys")
+            if clients is None:
+                raise curve.CurveKeyError("CURVE needs the directory of admitted clients' keys")
+            admitted = curve.admitted_keys(clients)
         except curve.CurveKeyError:
             self.mail.close()
             raise
+        if also is not None:
+            admitted.add(also.encode())
         self.authenticator = ThreadAuthenticator(self.mail.context)
         self.authenticator.start()
-        self.authenticator.configure_curve(domain=ZAP_DOMAIN, location=clients)
+        self.authenticator.configure_curve_callback(ZAP_DOMAIN, _AdmittedKeys(admitted))
         self.router.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)
         self.router.zap_domain = ZAP_DOMAIN.encode()
         self.router.curve_publickey = public
@@ -207,6 +214,8 @@ class FrontEnd(Process):
                     ok=all(s.alive for s in states),
                     workers=states,
                     requests_in_flight=len(self.requests),
+                    kv_blocks_used=self.kv_usage.blocks_used,
+                    kv_blocks_total=self.kv_usage.blocks_total,
                 ),
             )
         elif isinstance(message, Info):
@@ -249,10 +258,16 @@ class FrontEnd(Process):
             self.forget(message.rid)
         self.send(tracked.identity, bytes(message.reply))
 
+    def note_kv_usage(self, usage: KvUsage) -> None:
+        """Keep the decode worker's latest count of the KV blocks held, for health."""
+        self.kv_usage = usage
+
     def fail_held(self, died: list[WorkerProcess]) -> None:
         """Fail, at once, every request a dead worker (or its group) held."""
         names = ", ".join(f"{w.name} (pid {w.pid or '?'})" for w in died)
         if any(w.group == "kv" for w in died):
+            # The pool is recreated with the group: nothing holds any of it.
+            self.kv_usage = msgspec.structs.replace(self.kv_usage, blocks_used=0)
             rids = list(self.requests)
             for tokenizer in self.config.tokenizer_names():
                 self.mail.send(tokenizer, EndedRequests(rids=rids))
@@ -322,7 +337,17 @@ class FrontEnd(Process):
         self.mail.close()
 
     takes = protocol.FrontEndInbox
-    handlers = {WorkerReady: mark_ready, EncodedReply: pass_reply}
+    handlers = {WorkerReady: mark_ready, EncodedReply: pass_reply, KvUsage: note_kv_usage}
+
+
+@dataclass(frozen=True)
+class _AdmittedKeys:
+    """The authenticator's credentials check: a client's public key (Z85) is admitted."""
+
+    keys: set[bytes]
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        return key in self.keys
 
 
 def _ipc_in_use(endpoint: str) -> bool:

@@ -48,6 +48,8 @@ from pygemma4.client import (
     ServerError,
     StreamChunk,
 )
+from pygemma4.curve import KeyPair
+from pygemma4.errors import Gemma4Error
 from pygemma4.openai_api import (
     ApiError,
     ChatCompletionRequest,
@@ -65,6 +67,7 @@ from pygemma4.tokenizer import Tokenizer
 from pygemma4.workers.http_metrics import Metrics
 from pygemma4.workers.runtime import (
     HTTP_API_KEY_ENV,
+    HTTP_CURVE_KEYS_ENV,
     ServerConfig,
     decode_config,
     supervisor_alive,
@@ -74,6 +77,7 @@ REQUEST_TIMEOUT_S = 600.0
 """Longest wait for the server's next reply to a request (a long prompt's prefill)."""
 
 INFO_TIMEOUT_S = 10.0
+METRICS_HEALTH_TIMEOUT_S = 2.0
 SUPERVISOR_POLL_S = 0.5
 GRACEFUL_SHUTDOWN_S = 2
 
@@ -143,13 +147,28 @@ class ChoiceEvent:
     error: Exception | None = None
 
 
+@dataclass(frozen=True)
+class ServerKeys:
+    """What the HTTP front end needs to reach a server that requires CURVE: its own key pair
+    (a NAME.key_secret file or a pair in memory) and the server's public key file."""
+
+    own: str | os.PathLike[str] | KeyPair
+    server: str | os.PathLike[str]
+
+
 class Api:
     """The state behind the routes: the ZeroMQ client, the server's info, the tokenizer."""
 
     def __init__(
-        self, endpoint: str, api_key: str | None, tokenizer: Tokenizer | None, metrics: Metrics
+        self,
+        endpoint: str,
+        api_key: str | None,
+        tokenizer: Tokenizer | None,
+        metrics: Metrics,
+        curve_keys: ServerKeys | None,
     ) -> None:
         self.endpoint = endpoint
+        self.curve_keys = curve_keys
         self.api_key = api_key
         self.tokenizer = tokenizer
         self.metrics = metrics
@@ -169,7 +188,13 @@ class Api:
 
     def zmq(self) -> AsyncClient:
         if self.client is None:
-            self.client = AsyncClient(self.endpoint, timeout=REQUEST_TIMEOUT_S)
+            keys = self.curve_keys
+            self.client = AsyncClient(
+                self.endpoint,
+                timeout=REQUEST_TIMEOUT_S,
+                curve_secret_key=None if keys is None else keys.own,
+                curve_server_key=None if keys is None else keys.server,
+            )
         return self.client
 
     def token_bytes(self) -> TokenText:
@@ -569,11 +594,13 @@ def create_app(
     *,
     api_key: str | None = None,
     tokenizer: Tokenizer | None = None,
+    curve_keys: ServerKeys | None = None,
 ) -> FastAPI:
-    """The OpenAI API over the pygemma4 server at `endpoint`; with `api_key`, every route but
-    /health and /metrics requires `Authorization: Bearer KEY`."""
+    """The OpenAI API over the pygemma4 server at `endpoint` (which requires CURVE where
+    `curve_keys` are given); with `api_key`, every route but /health and /metrics requires
+    `Authorization: Bearer KEY`."""
     metrics = Metrics()
-    api = Api(endpoint, api_key, tokenizer, metrics)
+    api = Api(endpoint, api_key, tokenizer, metrics, curve_keys)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -703,6 +730,8 @@ def create_app(
         body = {
             "status": "ok" if status.ok else "degraded",
             "requests_in_flight": status.requests_in_flight,
+            "kv_blocks_used": status.kv_blocks_used,
+            "kv_blocks_total": status.kv_blocks_total,
             "workers": [
                 {"name": w.name, "pid": w.pid, "alive": w.alive, "restarts": w.restarts}
                 for w in status.workers
@@ -712,6 +741,13 @@ def create_app(
 
     @app.get("/metrics")
     async def metrics_page() -> Response:
+        # The server's state is read at the scrape; where the server does not answer, the
+        # gauges that depend on it read NaN (unknown) rather than a stale value.
+        try:
+            status = await api.zmq().health(timeout=METRICS_HEALTH_TIMEOUT_S)
+        except Gemma4Error:
+            status = None
+        metrics.observe_server(status)
         return Response(metrics.render(), media_type=metrics.content_type)
 
     @app.post("/tokenize")
@@ -874,20 +910,31 @@ def uvicorn_config(app: FastAPI) -> uvicorn.Config:
 
 
 def run(
-    endpoint: str, listen: str, *, api_key: str | None = None, tokenizer: Tokenizer | None = None
+    endpoint: str,
+    listen: str,
+    *,
+    api_key: str | None = None,
+    tokenizer: Tokenizer | None = None,
+    curve_keys: ServerKeys | None = None,
 ) -> None:
     """Serve the API on `listen` (HOST:PORT) until Ctrl-C or SIGTERM (`pygemma4 http`)."""
     sock = bound_socket(listen)
-    app = create_app(endpoint, api_key=api_key, tokenizer=tokenizer)
+    app = create_app(endpoint, api_key=api_key, tokenizer=tokenizer, curve_keys=curve_keys)
     server = _Server(uvicorn_config(app), (signal.SIGINT, signal.SIGTERM))
     asyncio.run(server.serve(sockets=[sock]))
 
 
 async def _serve_supervised(config: ServerConfig, name: str, sock: socket.socket) -> None:
+    pair = os.environ.get(HTTP_CURVE_KEYS_ENV)
     app = create_app(
         _connectable(config.endpoint),
         api_key=os.environ.get(HTTP_API_KEY_ENV) or None,
         tokenizer=Tokenizer.from_gguf(config.model),
+        curve_keys=(
+            None
+            if pair is None or config.curve_secret_key is None
+            else ServerKeys(KeyPair.from_text(pair), config.curve_secret_key)
+        ),
     )
     # SIGINT (Ctrl-C in the terminal reaches every process) is the supervisor's to act on.
     server = _Server(uvicorn_config(app), (signal.SIGTERM,), (signal.SIGINT,))

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import math
+
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -11,6 +13,8 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+
+from pygemma4.protocol import HealthStatus
 
 _LATENCY_BUCKETS = (
     0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0,
@@ -78,6 +82,27 @@ class Metrics:
             ["status"],
             registry=registry,
         )
+
+        self.kv_usage = Gauge(
+            "pygemma4:kv_cache_usage_perc",
+            "Fraction of the KV pool's blocks held by sequences (1 = full; NaN while the "
+            "server does not answer).",
+            registry=registry,
+        )
+        self.kv_blocks_total = Gauge(
+            "pygemma4:kv_cache_blocks_total",
+            "Blocks in the server's KV pool (NaN while the server does not answer).",
+            registry=registry,
+        )
+
+    def observe_server(self, status: HealthStatus | None) -> None:
+        """Set the gauges read from the server's health (None: it did not answer)."""
+        if status is None or status.kv_blocks_total == 0:
+            self.kv_usage.set(math.nan)
+            self.kv_blocks_total.set(math.nan)
+            return
+        self.kv_usage.set(status.kv_blocks_used / status.kv_blocks_total)
+        self.kv_blocks_total.set(status.kv_blocks_total)
 
     def render(self) -> bytes:
         """The metrics in Prometheus' text format."""

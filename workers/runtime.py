@@ -21,8 +21,9 @@ from pygemma4.protocol import KvPoolSpec
 from pygemma4.runner import ModelRunner
 
 HTTP_API_KEY_ENV = "PYGEMMA4_API_KEY"
-"""The environment variable that gives the HTTP front end its API key (not its command line,
-which any user of the host can read)."""
+HTTP_CURVE_KEYS_ENV = "PYGEMMA4_HTTP_CURVE_KEYS"
+"""The environment variables that give the HTTP front end its API key and, under CURVE, its
+key pair (not its command line, which any user of the host can read)."""
 # How long a worker waits on its inbox before checking that its supervisor still lives.
 POLL_MS = 200
 # Most messages queued towards one peer before sends block: bounded, so a stalled peer cannot
@@ -57,6 +58,9 @@ class ServerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """The directory of the public key files of the clients admitted under CURVE."""
     http: str | None = None
     """HOST:PORT of the HTTP front end (the OpenAI API); None runs none."""
+    http_curve_public: str | None = None
+    """Under CURVE, the public key of the HTTP front end's pair (made for this run; the
+    secret reaches it in its environment), admitted beside the clients' keys."""
 
     def inbox(self, name: str) -> str:
         """The ipc endpoint of the process called `name` (e.g. "decode", "tokenizer-0")."""

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from pygemma4.config import ARCH, ModelConfig, open_model
+from pygemma4.curve import KeyPair
 from pygemma4.engine import default_n_ctx
 from pygemma4.kv import DEFAULT_BLOCK_SIZE, KvLayout
 from pygemma4.protocol import KvPoolSpec, ServerInfo
@@ -82,6 +83,8 @@ class Server:
         self.kv_fd: int | None = None
         self.kv_pool: Any = None
         kv = self._share_kv_pool(layout, config, backend, device)
+        # Under CURVE the HTTP front end is one more client: it gets a pair for this run.
+        http_curve_keys = KeyPair.new() if http and curve_secret_key else None
         self.config = ServerConfig(
             model=str(Path(model).resolve()),
             endpoint=endpoint,
@@ -102,8 +105,11 @@ class Server:
             curve_secret_key=curve_secret_key,
             curve_clients=curve_clients,
             http=http,
+            http_curve_public=None if http_curve_keys is None else http_curve_keys.public.decode(),
         )
-        self.supervisor = Supervisor(self.config, http_api_key=api_key)
+        self.supervisor = Supervisor(
+            self.config, http_api_key=api_key, http_curve_keys=http_curve_keys
+        )
         info = ServerInfo(
             id=None,
             model=Path(model).name,

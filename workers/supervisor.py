@@ -9,8 +9,14 @@ import sys
 import time
 from dataclasses import dataclass
 
+from pygemma4.curve import KeyPair
 from pygemma4.protocol import WorkerState
-from pygemma4.workers.runtime import HTTP_API_KEY_ENV, ServerConfig, encode_config
+from pygemma4.workers.runtime import (
+    HTTP_API_KEY_ENV,
+    HTTP_CURVE_KEYS_ENV,
+    ServerConfig,
+    encode_config,
+)
 
 # A worker that dies this soon after it started is restarted only after the same delay, so
 # that one failing at load does not spin.
@@ -51,9 +57,15 @@ class WorkerProcess:
 class Supervisor:
     """The worker processes of a server, described by its configuration."""
 
-    def __init__(self, config: ServerConfig, http_api_key: str | None = None) -> None:
-        """`http_api_key` is the key the HTTP front end requires, if any (given in its
-        environment, never on a command line)."""
+    def __init__(
+        self,
+        config: ServerConfig,
+        http_api_key: str | None = None,
+        http_curve_keys: KeyPair | None = None,
+    ) -> None:
+        """`http_api_key` is the key the HTTP front end requires, if any, and
+        `http_curve_keys` its CURVE pair under CURVE (both given in its environment, never on
+        a command line)."""
         self.config = config
         self.config_text = encode_config(config)
         self.epoch = 0
@@ -66,6 +78,8 @@ class Supervisor:
         ]
         if config.http is not None:
             env = {} if http_api_key is None else {HTTP_API_KEY_ENV: http_api_key}
+            if http_curve_keys is not None:
+                env[HTTP_CURVE_KEYS_ENV] = http_curve_keys.text()
             workers.append(
                 WorkerProcess(
                     "http", "pygemma4.workers.http", "http", holds_requests=False, env=env
