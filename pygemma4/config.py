@@ -111,7 +111,7 @@ def model_config(gguf: GGUFFile) -> ModelConfig:
             raise UnsupportedModelError(f"architecture is '{arch}', not '{ARCH}'")
         meta.check_types()
         config = _build_config(meta, gguf.tensors)
-        _check_tensors(config, gguf.tensors)
+        _check_tensors(_expected_tensors(config, gguf.tensors), gguf.tensors)
         _check_tokenizer(meta, config.vocab_size)
         return config
 
@@ -200,13 +200,14 @@ KEY_KINDS.update(dict.fromkeys(TOKEN_ID_KEYS, _Kind.UINT))
 class _Metadata:
     """Typed access to a GGUF file's metadata."""
 
-    def __init__(self, gguf: GGUFFile) -> None:
+    def __init__(self, gguf: GGUFFile, kinds: dict[str, _Kind] | None = None) -> None:
         self.values = gguf.metadata
         self.types = gguf.metadata_types
+        self.kinds = KEY_KINDS if kinds is None else kinds
 
     def check_types(self) -> None:
         """Every key this module knows holds a value of the type it requires (GGUFError)."""
-        for key, kind in KEY_KINDS.items():
+        for key, kind in self.kinds.items():
             signature = self.types.get(key)
             description, allowed = kind.value
             if signature is not None and signature not in allowed:
@@ -495,8 +496,7 @@ def _expected_tensors(
     }
 
 
-def _check_tensors(config: ModelConfig, tensors: dict[str, TensorInfo]) -> None:
-    expected = _expected_tensors(config, tensors)
+def _check_tensors(expected: dict[str, tuple[int, ...]], tensors: dict[str, TensorInfo]) -> None:
     missing = [name for name in expected if name not in tensors]
     if missing:
         raise UnsupportedModelError(f"missing {_names('tensor', missing)}")

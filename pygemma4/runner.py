@@ -82,12 +82,14 @@ class Feed:
     """Tokens (int32, already checked) to append to one sequence in a forward call, and which
     of their rows bring back an output. With `greedy`, an output is the most likely token and
     its log-probability instead of the logits, where the runner can choose it where the model
-    computes (see `ModelRunner.chooses_on_device`)."""
+    computes (see `ModelRunner.chooses_on_device`). With `hidden`, each output row also brings
+    back the model's final hidden state (what an assistant drafter continues from)."""
 
     kv: SequenceKv
     tokens: np.ndarray
     outputs: Outputs = "last"
     greedy: bool = False
+    hidden: bool = False
 
     def output_offsets(self) -> np.ndarray:
         """The rows of the feed, counted from its first, that bring back an output."""
@@ -101,11 +103,14 @@ class Feed:
 @dataclass
 class FeedResult:
     """The outputs of one feed, a row each: logits float32 [rows, vocab], or where the token
-    was chosen on the device, `tokens` int32 [rows] and their `logprobs`."""
+    was chosen on the device, `tokens` int32 [rows] and their `logprobs`; for a feed that asked
+    for it, `hidden` float32 [rows, n_embd], the final hidden state (after the output norm,
+    before the head)."""
 
     logits: np.ndarray | None = None
     tokens: np.ndarray | None = None
     logprobs: np.ndarray | None = None
+    hidden: np.ndarray | None = None
 
     def chosen(self, row: int = -1) -> SampledToken:
         """The token chosen on the device for output `row`."""
@@ -138,7 +143,8 @@ class ForwardBatch:
     """One forward call of the core, as int32 arrays: row i is tokens[i] at positions[i] of the
     call's sequence seqs[i], whose full-attention KV lives in the blocks of block_tables[seqs[i]]
     ([n_seq, width], -1 for none) and sliding KV in ring set ring_sets[seqs[i]]. The logits of
-    `logit_rows` come back, and of `argmax_rows` only the most likely token."""
+    `logit_rows` come back, of `argmax_rows` only the most likely token, and of `hidden_rows`
+    the final hidden state."""
 
     tokens: np.ndarray
     positions: np.ndarray
@@ -147,6 +153,7 @@ class ForwardBatch:
     ring_sets: np.ndarray
     logit_rows: np.ndarray
     argmax_rows: np.ndarray
+    hidden_rows: np.ndarray
 
     @classmethod
     def of(cls, feeds: Sequence[Feed], greedy_on_device: bool) -> ForwardBatch:
@@ -157,10 +164,12 @@ class ForwardBatch:
             raise ValueError("a sequence appears twice in one forward call")
         width = max(len(feed.kv.block_table) for feed in feeds)
         first_rows = np.cumsum([0] + [len(feed.tokens) for feed in feeds[:-1]], dtype=np.int32)
-        logit_rows, argmax_rows = [], []
+        logit_rows, argmax_rows, hidden_rows = [], [], []
         for first, feed in zip(first_rows, feeds, strict=True):
             rows = first + feed.output_offsets()
             (argmax_rows if feed.greedy and greedy_on_device else logit_rows).append(rows)
+            if feed.hidden:
+                hidden_rows.append(rows)
         empty = np.empty(0, dtype=np.int32)
         return cls(
             tokens=np.concatenate([feed.tokens for feed in feeds]).astype(np.int32, copy=False),
@@ -175,6 +184,7 @@ class ForwardBatch:
             ring_sets=np.array([feed.kv.ring_set for feed in feeds], dtype=np.int32),
             logit_rows=np.concatenate([empty, *logit_rows]),
             argmax_rows=np.concatenate([empty, *argmax_rows]),
+            hidden_rows=np.concatenate([empty, *hidden_rows]),
         )
 
 
@@ -213,17 +223,21 @@ class ModelRunner:
         for feed in feeds:
             feed.kv.ensure(feed.kv.length + len(feed.tokens))
         batch = ForwardBatch.of(feeds, self.chooses_on_device)
-        logits, tokens, logprobs = self.model.forward(self.pool, batch)
-        results, logit_at, argmax_at = [], 0, 0
+        logits, tokens, logprobs, hidden = self.model.forward(self.pool, batch)
+        results, logit_at, argmax_at, hidden_at = [], 0, 0, 0
         for feed in feeds:
             n = len(feed.output_offsets())
             if feed.greedy and self.chooses_on_device:
                 span = slice(argmax_at, argmax_at + n)
-                results.append(FeedResult(tokens=tokens[span], logprobs=logprobs[span]))
+                result = FeedResult(tokens=tokens[span], logprobs=logprobs[span])
                 argmax_at += n
             else:
-                results.append(FeedResult(logits=logits[logit_at : logit_at + n]))
+                result = FeedResult(logits=logits[logit_at : logit_at + n])
                 logit_at += n
+            if feed.hidden:
+                result.hidden = hidden[hidden_at : hidden_at + n]
+                hidden_at += n
+            results.append(result)
             feed.kv.advance(len(feed.tokens))
         return results
 
@@ -246,7 +260,9 @@ class ModelRunner:
             chunk = feed.tokens[first : first + self.n_batch]
             last_chunk = first + len(chunk) == len(feed.tokens)
             outputs = feed.outputs if feed.outputs == "all" or last_chunk else "none"
-            results.append(self.forward([Feed(feed.kv, chunk, outputs, feed.greedy)])[0])
+            results.append(
+                self.forward([Feed(feed.kv, chunk, outputs, feed.greedy, feed.hidden)])[0]
+            )
         if not results:
             return FeedResult(logits=np.empty((0, self.config.vocab_size), dtype=np.float32))
         return _concatenate(results)
@@ -302,4 +318,5 @@ def _concatenate(results: Sequence[FeedResult]) -> FeedResult:
         logits=joined([r.logits for r in results]),
         tokens=joined([r.tokens for r in results]),
         logprobs=joined([r.logprobs for r in results]),
+        hidden=joined([r.hidden for r in results]),
     )

@@ -315,6 +315,7 @@ def test_a_host_pool_is_refused_by_a_cuda_model(fixtures_dir):
             ring_sets=np.array([0], np.int32),
             logit_rows=np.array([0], np.int32),
             argmax_rows=np.empty(0, np.int32),
+            hidden_rows=np.empty(0, np.int32),
         )
         engine.runner.model.forward(host_pool, batch)
 

@@ -57,7 +57,7 @@ def run(engine, pool, seqs_tokens, starts, tables, ring_sets, outputs="last"):
 
 def forward(engine, pool, tokens, positions, seqs, tables, ring_sets, logit_rows, argmax_rows=()):
     """The core's forward over a batch of these arrays; the logits of `logit_rows`."""
-    batch = ForwardBatch(tokens, positions, seqs, tables, ring_sets, logit_rows, argmax_rows)
+    batch = ForwardBatch(tokens, positions, seqs, tables, ring_sets, logit_rows, argmax_rows, ())
     return engine.runner.model.forward(pool, batch)[0]
 
 

@@ -64,6 +64,7 @@ void register_model(py::module_& m) {
             in.ring_sets = to_vector(ring_sets);
             in.logit_rows = to_vector(batch.attr("logit_rows").cast<IntArray>());
             in.argmax_rows = to_vector(batch.attr("argmax_rows").cast<IntArray>());
+            in.hidden_rows = to_vector(batch.attr("hidden_rows").cast<IntArray>());
             Gemma4Model::Result result;
             {
               py::gil_scoped_release release;
@@ -76,7 +77,10 @@ void register_model(py::module_& m) {
             py::array_t<float> logprobs(static_cast<py::ssize_t>(result.logprobs.size()));
             std::copy(result.argmax.begin(), result.argmax.end(), tokens.mutable_data());
             std::copy(result.logprobs.begin(), result.logprobs.end(), logprobs.mutable_data());
-            return py::make_tuple(logits, tokens, logprobs);
+            py::array_t<float> hidden({static_cast<py::ssize_t>(in.hidden_rows.size()),
+                                       static_cast<py::ssize_t>(model.config().n_embd)});
+            std::copy(result.hidden.begin(), result.hidden.end(), hidden.mutable_data());
+            return py::make_tuple(logits, tokens, logprobs, hidden);
           },
           py::arg("pool"), py::arg("batch"),
           "Run one batch against the pool. `batch` (a pygemma4.runner.ForwardBatch) gives int32 "
@@ -84,9 +88,10 @@ void register_model(py::module_& m) {
           "KV lives in the blocks of block_tables[seqs[i]] ([n_seq, width], -1 for none) and "
           "sliding KV in ring set ring_sets[seqs[i]]. Returns (logits float32 "
           "[len(logit_rows), vocab], tokens int32 [len(argmax_rows)], logprobs float32 "
-          "[len(argmax_rows)]): the logits of the logit rows, and for each argmax row its most "
-          "likely token and that token's log-probability, chosen where the model computes so "
-          "that no logits cross to the host.")
+          "[len(argmax_rows)], hidden float32 [len(hidden_rows), n_embd]): the logits of the logit "
+          "rows, for each argmax row its most likely token and that token's log-probability, "
+          "chosen where the model computes so that no logits cross to the host, and the final "
+          "hidden state (after the output norm, before the head) of the hidden rows.")
       .def_property_readonly("n_batch", &Gemma4Model::n_batch);
 
   m.def("cuda_built", &cuda_built, "Whether this module was compiled with the CUDA backend.");

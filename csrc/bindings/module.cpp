@@ -8,6 +8,7 @@ namespace py = pybind11;
 void register_quant(py::module_& m);
 void register_kv_pool(py::module_& m);
 void register_model(py::module_& m);
+void register_assistant(py::module_& m);
 void register_ops_check(py::module_& m);
 
 PYBIND11_MODULE(_core, m) {
@@ -15,6 +16,7 @@ PYBIND11_MODULE(_core, m) {
   register_quant(m);
   register_kv_pool(m);
   register_model(m);
+  register_assistant(m);
   register_ops_check(m);
   m.def(
       "memory_read_bandwidth",

@@ -23,84 +23,51 @@ Gemma4Model::Gemma4Model(const std::string& path, const std::vector<TensorEntry>
       n_batch_(n_batch),
       has_sliding_kv_(std::any_of(config_.layers.begin(), config_.layers.end(),
                                   [](const LayerConfig& l) { return l.has_kv && l.is_sliding; })),
-      file_(path),
+      weights_(path, tensors),
       ops_(std::move(ops)) {
   if (n_batch < 1) throw error("n_batch must be at least 1");
-  for (const TensorEntry& t : tensors) {
-    if (!quant::is_known_type(t.type_id)) throw error("tensor '" + t.name + "' has unknown type");
-    if (t.shape.empty() || t.shape.size() > 4) throw error("tensor '" + t.name + "' bad rank");
-    Weight w;
-    w.type = static_cast<quant::Type>(t.type_id);
-    uint64_t rows = 1;
-    for (size_t i = 0; i < t.shape.size(); ++i) {
-      if (t.shape[i] < 1) throw error("tensor '" + t.name + "' has an empty dimension");
-      w.ne[i] = t.shape[i];
-      if (i > 0) rows *= static_cast<uint64_t>(t.shape[i]);
-    }
-    if (w.ne[0] % quant::type_info(w.type).block_size != 0) {
-      throw error("tensor '" + t.name + "' row length is not a multiple of its block size");
-    }
-    w.row_bytes = quant::row_bytes(w.type, w.ne[0]);
-    if (t.offset > file_.size() || t.nbytes > file_.size() - t.offset ||
-        rows * w.row_bytes != t.nbytes) {
-      throw error("tensor '" + t.name + "' does not fit the file");
-    }
-    w.data = file_.data() + t.offset;
-    weights_[t.name] = w;
-  }
-
   // The scalars the model itself multiplies by are read while the weights are host memory.
-  std::unordered_map<int, float> output_scales;
+  std::vector<float> output_scales(config_.layers.size(), 1.0f);
   for (const LayerConfig& lc : config_.layers) {
-    auto it = weights_.find("blk." + std::to_string(lc.index) + ".layer_output_scale.weight");
-    if (it != weights_.end()) output_scales[lc.index] = it->second.f32()[0];
+    const std::string name = "blk." + std::to_string(lc.index) + ".layer_output_scale.weight";
+    if (weights_.has(name)) output_scales[lc.index] = weights_.scalar(name);
   }
-  place_weights();
+  // The per-layer-embedding table is gigabytes of which a step reads one row per token.
+  weights_.place(*ops_, "per_layer_token_embd.weight");
 
-  token_embd_ = tensor("token_embd.weight");
-  output_norm_ = tensor("output_norm.weight");
-  output_ = config_.has_output ? tensor("output.weight") : token_embd_;
-  rope_freqs_ = tensor("rope_freqs.weight", false);
+  token_embd_ = weights_.get("token_embd.weight");
+  output_norm_ = weights_.get("output_norm.weight");
+  output_ = config_.has_output ? weights_.get("output.weight") : token_embd_;
+  rope_freqs_ = weights_.get("rope_freqs.weight", false);
   if (config_.n_embd_per_layer > 0) {
-    ple_token_embd_ = tensor("per_layer_token_embd.weight");
-    ple_model_proj_ = tensor("per_layer_model_proj.weight");
-    ple_proj_norm_ = tensor("per_layer_proj_norm.weight");
+    ple_token_embd_ = weights_.get("per_layer_token_embd.weight");
+    ple_model_proj_ = weights_.get("per_layer_model_proj.weight");
+    ple_proj_norm_ = weights_.get("per_layer_proj_norm.weight");
   }
   int max_q = 0, max_kv = 0, max_ff = config_.n_ff_expert * 2;
   for (const LayerConfig& lc : config_.layers) {
     const std::string p = "blk." + std::to_string(lc.index) + ".";
-    LayerWeights lw;
-    lw.attn_norm = tensor(p + "attn_norm.weight");
-    lw.wq = tensor(p + "attn_q.weight");
-    lw.q_norm = tensor(p + "attn_q_norm.weight");
-    lw.wo = tensor(p + "attn_output.weight");
-    lw.post_attention_norm = tensor(p + "post_attention_norm.weight");
+    LayerWeights lw = common_layer_weights(weights_, lc.index);
+    lw.output_scale_value = output_scales[lc.index];
     if (lc.has_kv) {
-      lw.wk = tensor(p + "attn_k.weight");
-      lw.k_norm = tensor(p + "attn_k_norm.weight");
-      lw.wv = tensor(p + "attn_v.weight", lc.has_v_proj);
+      lw.wk = weights_.get(p + "attn_k.weight");
+      lw.k_norm = weights_.get(p + "attn_k_norm.weight");
+      lw.wv = weights_.get(p + "attn_v.weight", lc.has_v_proj);
     }
-    lw.ffn_norm = tensor(p + "ffn_norm.weight");
-    lw.ffn_gate = tensor(p + "ffn_gate.weight");
-    lw.ffn_up = tensor(p + "ffn_up.weight");
-    lw.ffn_down = tensor(p + "ffn_down.weight");
-    lw.post_ffw_norm = tensor(p + "post_ffw_norm.weight");
-    lw.output_scale = tensor(p + "layer_output_scale.weight", false);
-    if (lw.output_scale.present()) lw.output_scale_value = output_scales.at(lc.index);
     if (lc.is_moe) {
-      lw.moe_router = tensor(p + "ffn_gate_inp.weight");
-      lw.moe_router_scale = tensor(p + "ffn_gate_inp.scale");
-      lw.moe_gate_up = tensor(p + "ffn_gate_up_exps.weight");
-      lw.moe_down = tensor(p + "ffn_down_exps.weight");
-      lw.moe_down_scale = tensor(p + "ffn_down_exps.scale");
-      lw.post_ffw_norm_1 = tensor(p + "post_ffw_norm_1.weight");
-      lw.pre_ffw_norm_2 = tensor(p + "pre_ffw_norm_2.weight");
-      lw.post_ffw_norm_2 = tensor(p + "post_ffw_norm_2.weight");
+      lw.moe_router = weights_.get(p + "ffn_gate_inp.weight");
+      lw.moe_router_scale = weights_.get(p + "ffn_gate_inp.scale");
+      lw.moe_gate_up = weights_.get(p + "ffn_gate_up_exps.weight");
+      lw.moe_down = weights_.get(p + "ffn_down_exps.weight");
+      lw.moe_down_scale = weights_.get(p + "ffn_down_exps.scale");
+      lw.post_ffw_norm_1 = weights_.get(p + "post_ffw_norm_1.weight");
+      lw.pre_ffw_norm_2 = weights_.get(p + "pre_ffw_norm_2.weight");
+      lw.post_ffw_norm_2 = weights_.get(p + "post_ffw_norm_2.weight");
     }
     if (config_.n_embd_per_layer > 0) {
-      lw.ple_gate = tensor(p + "inp_gate.weight");
-      lw.ple_proj = tensor(p + "proj.weight");
-      lw.ple_post_norm = tensor(p + "post_norm.weight");
+      lw.ple_gate = weights_.get(p + "inp_gate.weight");
+      lw.ple_proj = weights_.get(p + "proj.weight");
+      lw.ple_post_norm = weights_.get(p + "post_norm.weight");
     }
     layers_.push_back(lw);
     max_q = std::max(max_q, lc.n_head * lc.head_dim);
@@ -108,62 +75,35 @@ Gemma4Model::Gemma4Model(const std::string& path, const std::vector<TensorEntry>
     max_ff = std::max(max_ff, lc.n_ff);
   }
 
-  Ops::Limits limits;
-  limits.n_batch = n_batch_;
-  for (const auto& [name, w] : weights_) limits.max_cols = std::max(limits.max_cols, w.cols());
+  limits_.n_batch = n_batch_;
+  limits_.max_cols = weights_.max_cols();
   for (const LayerConfig& lc : config_.layers) {
-    limits.max_heads = std::max(limits.max_heads, lc.n_head);
-    limits.max_head_dim = std::max(limits.max_head_dim, lc.head_dim);
+    limits_.max_heads = std::max(limits_.max_heads, lc.n_head);
+    limits_.max_head_dim = std::max(limits_.max_head_dim, lc.head_dim);
   }
-  limits.n_expert_used = config_.n_expert_used;
-  limits.n_ff_expert = config_.n_ff_expert;
-  ops_->reserve(limits);
+  limits_.n_expert_used = config_.n_expert_used;
+  limits_.n_ff_expert = config_.n_ff_expert;
+  ops_->reserve(limits_);
 
   const size_t n = static_cast<size_t>(n_batch_);
-  const size_t embd = static_cast<size_t>(config_.n_embd);
-  x_ = ops_->alloc(n * embd);
-  h_ = ops_->alloc(n * embd);
-  h2_ = ops_->alloc(n * embd);
-  o_ = ops_->alloc(n * embd);
-  ffn_ = ops_->alloc(n * embd);
-  moe_ = ops_->alloc(n * embd);
-  q_ = ops_->alloc(n * max_q);
-  attn_ = ops_->alloc(n * max_q);
-  k_ = ops_->alloc(n * max_kv);
-  v_ = ops_->alloc(n * max_kv);
-  gate_ = ops_->alloc(n * max_ff);
-  up_ = ops_->alloc(n * max_ff);
-  act_ = ops_->alloc(n * max_ff);
+  LayerActivations::Sizes sizes;
+  sizes.n = n;
+  sizes.embd = static_cast<size_t>(config_.n_embd);
+  sizes.q = static_cast<size_t>(max_q);
+  sizes.kv = static_cast<size_t>(max_kv);
+  sizes.ff = static_cast<size_t>(max_ff);
+  sizes.n_expert = config_.n_expert;
+  sizes.n_expert_used = config_.n_expert_used;
+  act_ = std::make_unique<LayerActivations>(*ops_, sizes);
   const size_t ple_width = static_cast<size_t>(config_.n_embd_per_layer) * config_.n_layer;
   ple_ = ops_->alloc(std::max<size_t>(1, n * ple_width * 2));
   ple_gate_ = ops_->alloc(std::max<size_t>(1, n * config_.n_embd_per_layer));
-  router_ = ops_->alloc(std::max<size_t>(1, n * config_.n_expert));
   logits_ = ops_->alloc(static_cast<size_t>(kLogitRowsPerChunk) * config_.vocab_size);
-  expert_ids_ = ops_->alloc_ids(n * std::max(1, config_.n_expert_used));
-  expert_weights_ = ops_->alloc(n * std::max(1, config_.n_expert_used));
   argmax_ = ops_->alloc_ids(n);
   logprobs_ = ops_->alloc(n);
 }
 
-void Gemma4Model::place_weights() {
-  std::vector<WeightPlacement> placements;
-  for (auto& [name, w] : weights_) {
-    // The per-layer-embedding table is gigabytes of which a step reads one row per token.
-    placements.push_back({&w, name == "per_layer_token_embd.weight"});
-  }
-  ops_->place_weights(placements, &file_);
-}
-
-Weight Gemma4Model::tensor(const std::string& name, bool required) const {
-  auto it = weights_.find(name);
-  if (it == weights_.end()) {
-    if (required) throw error("model file lacks tensor '" + name + "'");
-    return Weight{};
-  }
-  return it->second;
-}
-
-void Gemma4Model::validate_batch(const KvPool& pool, const TokenBatch& batch) const {
+void Gemma4Model::validate_pool(const KvPool& pool) const {
   if (!pool.fits(config_)) throw error("the KV pool was laid out for another model");
   if (pool.device() != ops_->device()) {
     throw error(pool.device() < 0
@@ -174,6 +114,10 @@ void Gemma4Model::validate_batch(const KvPool& pool, const TokenBatch& batch) co
                           (ops_->device() < 0 ? std::string("on the CPU")
                                               : "on device " + std::to_string(ops_->device())));
   }
+}
+
+void Gemma4Model::validate_batch(const KvPool& pool, const TokenBatch& batch) const {
+  validate_pool(pool);
   const int n_seq = batch.n_seq;
   if (batch.n == 0) throw error("empty batch");
   const int block_size = pool.block_size();
@@ -252,7 +196,7 @@ void Gemma4Model::per_layer_inputs(const TokenBatch& batch) {
   float* rows = ple_.get();
   float* proj = ple_.get() + static_cast<size_t>(batch.n) * width;
   ops_->get_rows(ple_token_embd_, batch.tokens, batch.n, std::sqrt(static_cast<float>(P)), rows);
-  ops_->matmul(ple_model_proj_, x_.get(), batch.n, proj);
+  ops_->matmul(ple_model_proj_, act_->x.get(), batch.n, proj);
   ops_->scale(proj, 1.0f / std::sqrt(static_cast<float>(config_.n_embd)), batch.n * width);
   ops_->rms_norm(proj, ple_proj_norm_.f32(), batch.n * config_.n_layer, P, config_.rms_eps, proj);
   ops_->add(rows, proj, batch.n * width);
@@ -262,58 +206,34 @@ void Gemma4Model::per_layer_inputs(const TokenBatch& batch) {
 void Gemma4Model::run_layer(int il, const TokenBatch& batch, KvPool& pool) {
   const LayerConfig& lc = config_.layers[il];
   const LayerWeights& lw = layers_[il];
+  const LayerActivations& a = *act_;
   const int n = batch.n;
   const int embd = config_.n_embd;
   const float eps = config_.rms_eps;
-  const size_t n_embd_total = static_cast<size_t>(n) * embd;
-  const Rope rope{lc.n_rot, lc.rope_base, lc.is_sliding ? nullptr : rope_freqs_.f32()};
-  float* x = x_.get();
-  float* h = h_.get();
+  const Rope rope = layer_rope(lc, rope_freqs_);
+  float* x = a.x.get();
 
   // Attention block: the projections of h, as products of one input.
-  ops_->rms_norm(x, lw.attn_norm.f32(), n, embd, eps, h);
-  Product projections[3] = {{&lw.wq, q_.get()}};
+  ops_->rms_norm(x, lw.attn_norm.f32(), n, embd, eps, a.h.get());
+  Product projections[3] = {{&lw.wq, a.q.get()}};
   int n_projections = 1;
   if (lc.has_kv) {
-    projections[n_projections++] = {&lw.wk, k_.get()};
-    if (lw.wv.present()) projections[n_projections++] = {&lw.wv, v_.get()};
+    projections[n_projections++] = {&lw.wk, a.k.get()};
+    if (lw.wv.present()) projections[n_projections++] = {&lw.wv, a.v.get()};
   }
-  ops_->matmul_shared(h, n, projections, n_projections);
-  ops_->rms_norm_rope(q_.get(), lw.q_norm.f32(), batch.positions, n, lc.n_head, lc.head_dim, eps,
+  ops_->matmul_shared(a.h.get(), n, projections, n_projections);
+  ops_->rms_norm_rope(a.q.get(), lw.q_norm.f32(), batch.positions, n, lc.n_head, lc.head_dim, eps,
                       rope);
   if (lc.has_kv) {
     if (!lw.wv.present()) {
       // V = K before the norms.
-      ops_->copy(v_.get(), k_.get(), static_cast<size_t>(n) * lc.n_head_kv * lc.head_dim);
+      ops_->copy(a.v.get(), a.k.get(), static_cast<size_t>(n) * lc.n_head_kv * lc.head_dim);
     }
-    ops_->store_kv(k_.get(), v_.get(), lw.k_norm.f32(), eps, rope, batch, lc, pool);
+    ops_->store_kv(a.k.get(), a.v.get(), lw.k_norm.f32(), eps, rope, batch, lc, pool);
   }
-  ops_->attention(q_.get(), batch, lc, lc.is_sliding ? config_.sliding_window : 0, pool,
-                  attn_.get());
-  ops_->matmul(lw.wo, attn_.get(), n, o_.get());
-  ops_->rms_norm_add(o_.get(), lw.post_attention_norm.f32(), n, embd, eps, x);
-
-  // Feed-forward block: the dense GELU-gated MLP, plus the expert mixture on MoE layers.
-  float* ffn = ffn_.get();
-  ops_->rms_norm(x, lw.ffn_norm.f32(), n, embd, eps, h);
-  const Product gate_up[] = {{&lw.ffn_gate, gate_.get()}, {&lw.ffn_up, up_.get()}};
-  ops_->matmul_shared(h, n, gate_up, 2);
-  ops_->gelu_mul(gate_.get(), lc.n_ff, up_.get(), lc.n_ff, n, lc.n_ff, act_.get());
-  ops_->matmul(lw.ffn_down, act_.get(), n, ffn);
-  if (lc.is_moe) {
-    const int k = config_.n_expert_used;
-    ops_->rms_norm(ffn, lw.post_ffw_norm_1.f32(), n, embd, eps, ffn);
-    ops_->rms_norm(x, lw.pre_ffw_norm_2.f32(), n, embd, eps, h2_.get());
-    ops_->rms_norm(x, lw.moe_router_scale.f32(), n, embd, eps, h);
-    ops_->scale(h, 1.0f / std::sqrt(static_cast<float>(embd)), n_embd_total);
-    ops_->matmul(lw.moe_router, h, n, router_.get());
-    ops_->moe_route(router_.get(), n, config_.n_expert, k, expert_ids_.get(),
-                    expert_weights_.get());
-    ops_->moe_experts(lw.moe_gate_up, lw.moe_down, lw.moe_down_scale.f32(), h2_.get(),
-                      expert_ids_.get(), expert_weights_.get(), n, k, moe_.get());
-    ops_->rms_norm_add(moe_.get(), lw.post_ffw_norm_2.f32(), n, embd, eps, ffn);
-  }
-  ops_->rms_norm_add(ffn, lw.post_ffw_norm.f32(), n, embd, eps, x);
+  attention_output(*ops_, lc, lw, a, batch, lc.is_sliding ? config_.sliding_window : 0, pool, embd,
+                   eps);
+  feed_forward(*ops_, lc, lw, a, n, embd, eps, config_.n_expert, config_.n_expert_used);
 
   // Per-layer embedding: gate from the residual, times this layer's slice of the PLE input.
   if (config_.n_embd_per_layer > 0) {
@@ -321,10 +241,12 @@ void Gemma4Model::run_layer(int il, const TokenBatch& batch, KvPool& pool) {
     ops_->matmul(lw.ple_gate, x, n, ple_gate_.get());
     ops_->gelu_mul(ple_gate_.get(), P, ple_.get() + static_cast<size_t>(il) * P,
                    P * config_.n_layer, n, P, ple_gate_.get());
-    ops_->matmul(lw.ple_proj, ple_gate_.get(), n, o_.get());
-    ops_->rms_norm_add(o_.get(), lw.ple_post_norm.f32(), n, embd, eps, x);
+    ops_->matmul(lw.ple_proj, ple_gate_.get(), n, a.o.get());
+    ops_->rms_norm_add(a.o.get(), lw.ple_post_norm.f32(), n, embd, eps, x);
   }
-  if (lw.output_scale.present()) ops_->scale(x, lw.output_scale_value, n_embd_total);
+  if (lw.output_scale.present()) {
+    ops_->scale(x, lw.output_scale_value, static_cast<size_t>(n) * embd);
+  }
 }
 
 Gemma4Model::Result Gemma4Model::forward(KvPool& pool, const Batch& in) {
@@ -344,9 +266,15 @@ Gemma4Model::Result Gemma4Model::forward(KvPool& pool, const Batch& in) {
   if (n_logit_rows + n_argmax_rows > static_cast<size_t>(n_batch_)) {
     throw error("more output rows than n_batch " + std::to_string(n_batch_));
   }
-  // The logit rows, then the argmax rows: the backend stages one list of output rows.
+  const size_t n_hidden_rows = in.hidden_rows.size();
+  if (n_hidden_rows > static_cast<size_t>(n_batch_)) {
+    throw error("more hidden rows than n_batch " + std::to_string(n_batch_));
+  }
+  // The logit rows, the argmax rows, then the hidden rows: the backend stages one list of
+  // output rows.
   std::vector<int32_t> output_rows(in.logit_rows);
   output_rows.insert(output_rows.end(), in.argmax_rows.begin(), in.argmax_rows.end());
+  output_rows.insert(output_rows.end(), in.hidden_rows.begin(), in.hidden_rows.end());
   TokenBatch host;
   host.n = static_cast<int>(n_tokens);
   host.tokens = in.tokens.data();
@@ -366,7 +294,7 @@ Gemma4Model::Result Gemma4Model::forward(KvPool& pool, const Batch& in) {
   // Everything up to the last layer depends on the host only through the batch's shape.
   ops_->run_step({batch.n, batch.n_seq, batch.table_width}, [&] {
     ops_->get_rows(token_embd_, batch.tokens, batch.n, std::sqrt(static_cast<float>(embd)),
-                   x_.get());
+                   act_->x.get());
     if (config_.n_embd_per_layer > 0) per_layer_inputs(batch);
     for (int il = 0; il < config_.n_layer; ++il) run_layer(il, batch, pool);
   });
@@ -374,11 +302,16 @@ Gemma4Model::Result Gemma4Model::forward(KvPool& pool, const Batch& in) {
   const size_t vocab = static_cast<size_t>(config_.vocab_size);
   Result result;
   result.logits.resize(n_logit_rows * vocab);
+  float* hidden = act_->h.get();
+  // The final hidden state of output rows [first, first + rows) of the staged list, into hidden.
+  auto final_hidden = [&](size_t first, int rows) {
+    ops_->copy_rows(act_->x.get(), batch.output_rows + first, rows, embd, hidden);
+    ops_->rms_norm(hidden, output_norm_.f32(), rows, embd, config_.rms_eps, hidden);
+  };
   // The head over output rows [first, first + rows) of the staged list, into logits_.
   auto head = [&](size_t first, int rows) {
-    ops_->copy_rows(x_.get(), batch.output_rows + first, rows, embd, h_.get());
-    ops_->rms_norm(h_.get(), output_norm_.f32(), rows, embd, config_.rms_eps, h_.get());
-    ops_->matmul(output_, h_.get(), rows, logits_.get());
+    final_hidden(first, rows);
+    ops_->matmul(output_, hidden, rows, logits_.get());
     if (config_.final_logit_softcap > 0.0f) {
       ops_->softcap(logits_.get(), config_.final_logit_softcap, rows * vocab);
     }
@@ -399,6 +332,11 @@ Gemma4Model::Result Gemma4Model::forward(KvPool& pool, const Batch& in) {
     result.logprobs.resize(n_argmax_rows);
     ops_->read_ids(argmax_.get(), n_argmax_rows, result.argmax.data());
     ops_->read(logprobs_.get(), n_argmax_rows, result.logprobs.data());
+  }
+  if (n_hidden_rows > 0) {
+    final_hidden(n_logit_rows + n_argmax_rows, static_cast<int>(n_hidden_rows));
+    result.hidden.resize(n_hidden_rows * embd);
+    ops_->read(hidden, n_hidden_rows * embd, result.hidden.data());
   }
   return result;
 }

@@ -6,24 +6,15 @@
 #include <memory>
 #include <mutex>
 #include <string>
-#include <unordered_map>
 #include <vector>
 
-#include "gguf/mapped_file.h"
 #include "kv/kv_pool.h"
 #include "model/config.h"
+#include "model/decoder_layer.h"
+#include "model/weights.h"
 #include "ops/ops.h"
 
 namespace pg4 {
-
-// Where one tensor lies in the file (already validated by the Python loader).
-struct TensorEntry {
-  std::string name;
-  int type_id = 0;
-  std::vector<int64_t> shape;  // GGUF order, innermost first
-  uint64_t offset = 0;
-  uint64_t nbytes = 0;
-};
 
 class Gemma4Model {
  public:
@@ -38,18 +29,21 @@ class Gemma4Model {
   // sequence seqs[i]; sequence s keeps its full-attention KV in the blocks of its row of
   // block_tables (table_width ids each, -1 for none) and its sliding KV in ring set ring_sets[s].
   // The logits of the rows in logit_rows come back whole; of the rows in argmax_rows only the
-  // most likely token and its log-probability, chosen where the model computes.
+  // most likely token and its log-probability, chosen where the model computes; of the rows in
+  // hidden_rows the final hidden state (after the output norm, before the head: what a drafter
+  // continues from).
   struct Batch {
     std::vector<int32_t> tokens, positions, seqs;
     std::vector<int32_t> block_tables;
     int table_width = 0;
     std::vector<int32_t> ring_sets;
-    std::vector<int32_t> logit_rows, argmax_rows;
+    std::vector<int32_t> logit_rows, argmax_rows, hidden_rows;
   };
   struct Result {
     std::vector<float> logits;    // [logit_rows, vocab]
     std::vector<int32_t> argmax;  // [argmax_rows]: the id of each row's largest logit
     std::vector<float> logprobs;  // [argmax_rows]: its log-probability
+    std::vector<float> hidden;    // [hidden_rows, n_embd]
   };
 
   // Runs one batch. Each sequence's rows must be consecutive positions in order, and every
@@ -59,18 +53,16 @@ class Gemma4Model {
   // std::invalid_argument says what is wrong.
   Result forward(KvPool& pool, const Batch& batch);
 
- private:
-  struct LayerWeights {
-    Weight attn_norm, wq, q_norm, wk, k_norm, wv, wo, post_attention_norm;
-    Weight ffn_norm, ffn_gate, ffn_up, ffn_down, post_ffw_norm, output_scale;
-    Weight moe_router, moe_router_scale, moe_gate_up, moe_down, moe_down_scale;
-    Weight post_ffw_norm_1, pre_ffw_norm_2, post_ffw_norm_2;
-    Weight ple_gate, ple_proj, ple_post_norm;
-    float output_scale_value = 1.0f;  // read from the file: the model multiplies by it on the host
-  };
+  // What a drafter built on this model computes with: the same backend (one computation at a
+  // time, under compute_mutex) and the target's token embedding table, read where it lies.
+  Ops& ops() { return *ops_; }
+  std::mutex& compute_mutex() { return forward_mutex_; }
+  const Weight& token_embd() const { return token_embd_; }
+  const Ops::Limits& limits() const { return limits_; }
+  // Checks that the pool lives where this model computes and was laid out for it.
+  void validate_pool(const KvPool& pool) const;
 
-  Weight tensor(const std::string& name, bool required = true) const;
-  void place_weights();
+ private:
   void validate_batch(const KvPool& pool, const TokenBatch& batch) const;
   void run_layer(int il, const TokenBatch& batch, KvPool& pool);
   void per_layer_inputs(const TokenBatch& batch);
@@ -78,9 +70,9 @@ class Gemma4Model {
   ModelConfig config_;
   int n_batch_;
   bool has_sliding_kv_;  // whether any layer stores KV in the pool's rings
-  MappedFile file_;
-  std::unordered_map<std::string, Weight> weights_;
+  WeightTable weights_;
   std::unique_ptr<Ops> ops_;
+  Ops::Limits limits_;
   std::mutex forward_mutex_;  // one forward at a time: the scratch buffers are shared
 
   Weight token_embd_, output_, output_norm_, rope_freqs_;
@@ -88,9 +80,9 @@ class Gemma4Model {
   std::vector<LayerWeights> layers_;
 
   // Scratch activations, sized for n_batch tokens.
-  std::shared_ptr<float> x_, h_, h2_, q_, k_, v_, attn_, o_, gate_, up_, act_, ffn_, moe_;
-  std::shared_ptr<float> ple_, ple_gate_, router_, logits_, expert_weights_, logprobs_;
-  std::shared_ptr<int32_t> expert_ids_, argmax_;
+  std::unique_ptr<LayerActivations> act_;
+  std::shared_ptr<float> ple_, ple_gate_, logits_, logprobs_;
+  std::shared_ptr<int32_t> argmax_;
 };
 
 }  // namespace pg4

@@ -158,6 +158,16 @@ class Ops {
                            const float* x, const int32_t* expert_ids, const float* expert_weights,
                            int n_tokens, int k, float* out) = 0;
 
+  // out[r] = a[r] followed by b[r], for n rows of a_dim and b_dim values.
+  virtual void concat_rows(const float* a, int a_dim, const float* b, int b_dim, int n,
+                           float* out) {
+    const size_t width = static_cast<size_t>(a_dim) + b_dim;
+    for (int r = 0; r < n; ++r) {
+      copy(out + r * width, a + static_cast<size_t>(r) * a_dim, a_dim);
+      copy(out + r * width + a_dim, b + static_cast<size_t>(r) * b_dim, b_dim);
+    }
+  }
+
   // Fused operations.
 
   // Each of the n_products products of x with weights of x's width, as matmul computes them
