@@ -1,11 +1,14 @@
-"""The Gemma 4 assistant drafter: proposes the next tokens of many sequences at once from the
-target's final hidden state and KV, for speculative decoding (see `assistant_config`)."""
+"""Drafters for speculative decoding: what proposes the next tokens of many sequences at once,
+for the target model to verify in one step. `AssistantDrafter` runs a Gemma 4 assistant GGUF
+from the target's final hidden state and KV (see `assistant_config`); `NgramDrafter` looks the
+newest tokens up in the text so far (prompt lookup), without a model."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
@@ -16,6 +19,8 @@ from pygemma4.kv import SequenceKv
 from pygemma4.runner import ModelRunner
 
 DEFAULT_MAX_DRAFT_TOKENS = 8
+NGRAM = "ngram"
+"""The name that asks for the `NgramDrafter` where a drafter is named (`open_drafter`)."""
 
 
 class DraftRequestError(Gemma4Error, ValueError):
@@ -24,14 +29,62 @@ class DraftRequestError(Gemma4Error, ValueError):
 
 
 @dataclass(frozen=True)
-class DraftRequest:
-    """One sequence to draft for: its KV holds positions 0..P-1 (P = `kv.length`), `token` is
-    its newest token s[P] (not yet run through the target), `hidden` the target's final hidden
-    state at P-1 (float32 [n_embd], as `FeedResult.hidden` brings it back)."""
+class DraftContext:
+    """One sequence to draft for: `tokens` (int32) are its tokens so far, the last of them,
+    s[P], not yet run through the target, whose KV holds positions 0..P-1 (P = `kv.length`);
+    `hidden` is the target's final hidden state at P-1 (float32 [n_embd], as
+    `FeedResult.hidden` brings it back), for drafters that read it."""
 
     kv: SequenceKv
-    token: int
-    hidden: np.ndarray
+    tokens: np.ndarray
+    hidden: np.ndarray | None = None
+
+    @property
+    def token(self) -> int:
+        """s[P], the token the drafts follow."""
+        return int(self.tokens[-1])
+
+
+class Drafter(Protocol):
+    """Proposes up to `k` next tokens for each of several sequences (fewer where it has no
+    guess); `needs_hidden` says whether its contexts must carry the target's hidden state."""
+
+    needs_hidden: bool
+
+    def propose(self, contexts: Sequence[DraftContext], k: int) -> Sequence[np.ndarray]: ...
+
+
+class NgramDrafter:
+    """Prompt lookup: the tokens that followed an earlier occurrence of the sequence's last n
+    tokens (n from `max_ngram` down to `min_ngram`) in its prompt and output so far: the
+    newest occurrence followed by k tokens, else the oldest (the longest continuation)."""
+
+    needs_hidden = False
+
+    def __init__(self, max_ngram: int = 3, min_ngram: int = 1) -> None:
+        if not 1 <= min_ngram <= max_ngram:
+            raise DraftRequestError(
+                f"n-gram sizes must satisfy 1 <= min_ngram <= max_ngram, got {min_ngram} and "
+                f"{max_ngram}"
+            )
+        self.max_ngram = max_ngram
+        self.min_ngram = min_ngram
+
+    def propose(self, contexts: Sequence[DraftContext], k: int) -> list[np.ndarray]:
+        """Up to `k` tokens for each context (none where its last tokens occurred nowhere
+        before)."""
+        return [self._lookup(np.asarray(c.tokens, dtype=np.int32), k) for c in contexts]
+
+    def _lookup(self, tokens: np.ndarray, k: int) -> np.ndarray:
+        for n in range(min(self.max_ngram, len(tokens) - 1), self.min_ngram - 1, -1):
+            # Windows of n tokens that start before the last n, compared with the last n.
+            windows = np.lib.stride_tricks.sliding_window_view(tokens[:-1], n)
+            starts = np.flatnonzero((windows == tokens[-n:]).all(axis=1))
+            if starts.size:
+                full = starts[starts + n + k <= len(tokens)]
+                follow = int(full[-1] if full.size else starts[0]) + n
+                return tokens[follow : follow + k]
+        return np.empty(0, dtype=np.int32)
 
 
 class AssistantDrafter:
@@ -39,6 +92,8 @@ class AssistantDrafter:
     runner's KV pool and computing with its backend (one computation at a time with the
     target's forward calls). Up to `max_sequences` sequences (default: the runner's n_batch)
     and `max_tokens` proposed tokens each per call."""
+
+    needs_hidden = True
 
     def __init__(
         self,
@@ -65,32 +120,34 @@ class AssistantDrafter:
         )
 
     def propose(
-        self, requests: Sequence[DraftRequest], k: int, with_logits: bool = False
+        self, contexts: Sequence[DraftContext], k: int, with_logits: bool = False
     ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
-        """`k` proposed tokens for each request, int32 [len(requests), k]; with `with_logits`
-        also the drafter's logits of every step, float32 [len(requests), k, vocab]."""
+        """`k` proposed tokens for each context, int32 [len(contexts), k]; with `with_logits`
+        also the drafter's logits of every step, float32 [len(contexts), k, vocab]."""
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.max_tokens:
             raise DraftRequestError(f"k must be an integer in 1..{self.max_tokens}, got {k!r}")
-        if not 1 <= len(requests) <= self.max_sequences:
+        if not 1 <= len(contexts) <= self.max_sequences:
             raise DraftRequestError(
-                f"{len(requests)} requests: a call drafts for 1..{self.max_sequences} sequences"
+                f"{len(contexts)} contexts: a call drafts for 1..{self.max_sequences} sequences"
             )
         width = self.file.config.n_embd_target
-        hidden = np.stack([np.asarray(r.hidden, dtype=np.float32) for r in requests])
-        if hidden.shape != (len(requests), width):
+        if any(c.hidden is None for c in contexts):
+            raise DraftRequestError("the assistant drafts from the target's hidden state")
+        hidden = np.stack([np.asarray(c.hidden, dtype=np.float32) for c in contexts])
+        if hidden.shape != (len(contexts), width):
             raise DraftRequestError(
-                f"each request's hidden state must hold {width} values (the target's width)"
+                f"each context's hidden state must hold {width} values (the target's width)"
             )
-        for r in requests:
-            self._check_ring(r.kv)
-        table_width = max(1, max(len(r.kv.block_table) for r in requests))
+        for c in contexts:
+            self._check_ring(c.kv)
+        table_width = max(1, max(len(c.kv.block_table) for c in contexts))
         tokens, logits = self.core.propose(
             self.runner.pool,
-            np.array([r.token for r in requests], dtype=np.int32),
-            np.array([r.kv.length for r in requests], dtype=np.int32),
+            np.array([c.token for c in contexts], dtype=np.int32),
+            np.array([c.kv.length for c in contexts], dtype=np.int32),
             hidden,
-            np.stack([r.kv.table_array(table_width) for r in requests]),
-            np.array([r.kv.ring_set for r in requests], dtype=np.int32),
+            np.stack([c.kv.table_array(table_width) for c in contexts]),
+            np.array([c.kv.ring_set for c in contexts], dtype=np.int32),
             k,
             with_logits,
         )
@@ -110,3 +167,14 @@ class AssistantDrafter:
                 f"the ring of {pool.ring_blocks} blocks no longer holds positions {oldest}.."
                 f"{kv.length - 1} the drafter reads (it has taken positions up to {newest})"
             )
+
+
+def open_drafter(
+    draft: str | os.PathLike[str], runner: ModelRunner, max_sequences: int, max_tokens: int
+) -> Drafter:
+    """The drafter `draft` names for the target of `runner`: "ngram", or the path of an
+    assistant GGUF (checked against the target), drafting for up to `max_sequences`
+    sequences and `max_tokens` tokens at once."""
+    if os.fspath(draft) == NGRAM:
+        return NgramDrafter()
+    return AssistantDrafter(runner, draft, max_sequences, max_tokens)

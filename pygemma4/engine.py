@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from pygemma4.config import ModelConfig, ModelFile, open_model
+from pygemma4.drafter import DraftContext
 from pygemma4.errors import Gemma4Error, TokenizerError, require_positive
 from pygemma4.generation import Generation, GenerationChunk, room_for_tokens
 from pygemma4.kv import BlockAllocator, KvLayout, SequenceKv
@@ -18,10 +19,16 @@ from pygemma4.runner import (
     ModelRunner,
     check_backend,
     default_threads,
-    next_token,
+    next_tokens,
     pool_device,
 )
 from pygemma4.sampling import SamplingParams
+from pygemma4.speculative import (
+    DEFAULT_DRAFT_TOKENS,
+    SpeculationStats,
+    Speculator,
+    verification_feed,
+)
 from pygemma4.tokenizer import Tokenizer, carries_tokenizer
 
 DEFAULT_N_CTX = 4096
@@ -48,6 +55,11 @@ class Engine:
     forward step (longer prompts are split into chunks). `backend` "cuda" computes on CUDA
     device `device` (BackendUnavailableError says why where it cannot). Every step runs through
     `runner`, the same `ModelRunner` the server's workers use.
+
+    With `draft` ("ngram", or the path of a Gemma 4 assistant GGUF made for this model),
+    `generate` and `stream` decode speculatively: the drafter proposes `draft_tokens` tokens,
+    one step verifies them, and the output is what it would be without drafting (greedy: the
+    same tokens; sampled: the same distribution). `speculation` counts what was kept.
     """
 
     def __init__(
@@ -59,6 +71,8 @@ class Engine:
         max_sequences: int = 1,
         n_batch: int = 256,
         device: int = 0,
+        draft: str | os.PathLike[str] | None = None,
+        draft_tokens: int = DEFAULT_DRAFT_TOKENS,
     ) -> None:
         check_backend(backend, device)
         threads = default_threads() if threads is None else threads
@@ -79,6 +93,17 @@ class Engine:
         pool = self.kv_layout.new_pool(self.config, device=pool_device(backend, device))
         self.runner = ModelRunner(self.model_file, pool, n_batch, threads, backend, device)
         self._allocator = BlockAllocator(self.kv_layout)
+        self.speculator = (
+            None
+            if draft is None
+            else Speculator.open(draft, draft_tokens, self.runner, max_sequences)
+        )
+
+    @property
+    def speculation(self) -> SpeculationStats | None:
+        """What drafting proposed and what was kept, since the engine was made (None without
+        a drafter)."""
+        return None if self.speculator is None else self.speculator.stats
 
     @property
     def vocab_size(self) -> int:
@@ -154,18 +179,34 @@ class Engine:
         return self._run(prompt, generation)
 
     def _run(self, prompt: np.ndarray, generation: Generation) -> Iterator[GenerationChunk]:
+        speculator = self.speculator
         with self.new_sequence() as seq:
             # The prompt as a server computes it (one process prefills all but the last token, the
             # last runs in a decode step), so that both give the same tokens.
             self.runner.prefill(Feed(seq.kv, prompt[:-1], "none"))
-            token = prompt[-1:]
+            hidden: np.ndarray | None = None
             while True:
-                feed = Feed(seq.kv, token, greedy=not generation.needs_logits)
-                chunk = next_token(self.runner.decode([feed])[0], generation)
-                yield chunk
-                if chunk.finish_reason is not None:
+                tokens = np.concatenate([prompt, np.asarray(generation.token_ids, np.int32)])
+                drafts = np.empty(0, dtype=np.int32)
+                if speculator is not None:
+                    context = DraftContext(seq.kv, tokens, hidden)
+                    # The last token generated is never fed: drafts beyond it are wasted.
+                    drafts = speculator.propose([context], [generation.tokens_left - 1])[0]
+                feed = verification_feed(
+                    seq.kv,
+                    int(tokens[-1]),
+                    drafts,
+                    greedy=not generation.needs_logits,
+                    hidden=speculator is not None and speculator.needs_hidden,
+                )
+                result = self.runner.decode([feed])[0]
+                steps = next_tokens(result, generation, drafts)
+                yield from steps
+                if steps[-1].finish_reason is not None:
                     return
-                token = np.array([chunk.token_id], dtype=np.int32)
+                if speculator is not None:
+                    accepted = speculator.settle(self.runner, seq.kv, drafts, steps)
+                    hidden = None if result.hidden is None else result.hidden[accepted]
 
     def decode(self, sequences: Sequence[GenerationSequence], tokens: Sequence[int]) -> np.ndarray:
         """One batched step: appends tokens[i] to sequences[i] for all i at once (weights read

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import numpy as np
 
@@ -32,6 +32,19 @@ class GenerationChunk:
     sampled: SampledToken
     text: str
     finish_reason: FinishReason | None = None
+
+    @property
+    def token_id(self) -> int:
+        """The generated token."""
+        return self.sampled.token_id
+
+
+class TokenStep(NamedTuple):
+    """The token side of one generated token: the token, and why the continuation ends with it
+    if it does."""
+
+    sampled: SampledToken
+    finish_reason: FinishReason | None
 
     @property
     def token_id(self) -> int:
@@ -103,34 +116,39 @@ class TokenChoice:
         model computes, can be given to `step_chosen`."""
         return self._sampler.needs_logits
 
-    def step(self, logits: np.ndarray) -> tuple[SampledToken, FinishReason | None]:
+    def step(self, logits: np.ndarray, draft: int | None = None) -> TokenStep:
         """The next token chosen from the logits after the last one, and why the
-        continuation ends with it, if it does."""
+        continuation ends with it, if it does. `draft`, a drafter's proposal for this
+        position, is kept where the sampler's rule keeps it (see `Sampler.sample`)."""
         if self._constraint is None:
-            return self._advance(self._sampler.sample(logits))
-        sampled = self._sampler.sample(logits, self._constraint.allowed(len(logits)))
+            return self._advance(self._sampler.sample(logits, draft=draft))
+        allowed = self._constraint.allowed(len(logits))
+        sampled = self._sampler.sample(logits, allowed, draft)
         ended = self._constraint.accept(sampled.token_id)
         return self._advance(sampled, ended)
 
-    def step_chosen(self, sampled: SampledToken) -> tuple[SampledToken, FinishReason | None]:
+    def step_chosen(self, sampled: SampledToken) -> TokenStep:
         """Like `step`, for the most likely token already chosen (see `needs_logits`)."""
         if self.needs_logits:
             raise ValueError("these sampling parameters choose from the logits")
         self._sampler.accept(sampled.token_id)
         return self._advance(sampled)
 
-    def _advance(
-        self, sampled: SampledToken, grammar_ended: bool = False
-    ) -> tuple[SampledToken, FinishReason | None]:
+    def _advance(self, sampled: SampledToken, grammar_ended: bool = False) -> TokenStep:
         """Record `sampled`; the continuation stops at a stop token, or at the
         end-of-generation token that ends a constraint's grammar (even where stop tokens are
         ignored)."""
         self.token_ids.append(sampled.token_id)
         if sampled.token_id in self.stop_tokens or grammar_ended:
-            return sampled, "stop"
+            return TokenStep(sampled, "stop")
         if len(self.token_ids) == self.max_tokens:
-            return sampled, "length"
-        return sampled, None
+            return TokenStep(sampled, "length")
+        return TokenStep(sampled, None)
+
+    @property
+    def tokens_left(self) -> int:
+        """How many more tokens the continuation may produce."""
+        return self.max_tokens - len(self.token_ids)
 
 
 class TextStream:
@@ -206,11 +224,17 @@ class Generation:
         """Whether `step` needs the logits, or `step_chosen` can take the most likely token."""
         return self._tokens.needs_logits
 
-    def step(self, logits: np.ndarray) -> GenerationChunk:
-        """Choose the next token from the model's logits after the last token."""
+    @property
+    def tokens_left(self) -> int:
+        """How many more tokens the continuation may produce (at most)."""
+        return 0 if self.finished else self._tokens.tokens_left
+
+    def step(self, logits: np.ndarray, draft: int | None = None) -> GenerationChunk:
+        """Choose the next token from the model's logits after the last token (keeping a
+        drafter's proposal `draft` where the sampler's rule keeps it)."""
         if self.finished:
             raise RuntimeError("generation has already finished")
-        return self._emit(*self._tokens.step(logits))
+        return self._emit(*self._tokens.step(logits, draft))
 
     def step_chosen(self, sampled: SampledToken) -> GenerationChunk:
         """Continue with the most likely token, chosen where the model computes."""

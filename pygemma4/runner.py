@@ -119,23 +119,51 @@ class FeedResult:
         return SampledToken(int(self.tokens[row]), float(self.logprobs[row]), ())
 
 
-Step = TypeVar("Step", covariant=True)
+class ChosenStep(Protocol):
+    """What a token chooser gives for each token: the token, and why the continuation ends
+    with it (None while it goes on)."""
+
+    @property
+    def token_id(self) -> int: ...
+
+    @property
+    def finish_reason(self) -> str | None: ...
+
+
+Step = TypeVar("Step", bound=ChosenStep, covariant=True)
 
 
 class TokenChooser(Protocol[Step]):
-    """What picks a sequence's next token: from the logits, or from the device's choice."""
+    """What picks a sequence's next token: from the logits (keeping a drafter's proposal where
+    its rule keeps it), or from the device's choice."""
 
-    def step(self, logits: np.ndarray) -> Step: ...
+    def step(self, logits: np.ndarray, draft: int | None = None) -> Step: ...
 
     def step_chosen(self, sampled: SampledToken) -> Step: ...
 
 
-def next_token(result: FeedResult, chooser: TokenChooser[Step]) -> Step:
-    """`chooser`'s step on the last output of `result`, whichever form it came in."""
-    if result.tokens is not None:
-        return chooser.step_chosen(result.chosen())
-    assert result.logits is not None
-    return chooser.step(result.logits[-1])
+def next_tokens(
+    result: FeedResult, chooser: TokenChooser[Step], drafts: Sequence[int] = ()
+) -> list[Step]:
+    """`chooser`'s steps on the outputs of a feed of a token followed by `drafts` (one output
+    row each; without drafts, the feed's last output): row j's step keeps draft j where the
+    chooser keeps it. The steps end at the first draft not kept (the chooser's own token in
+    its place), after the row that follows the last draft, or where the continuation ends; so
+    the tokens are those the chooser would have given one step at a time."""
+    chosen = result.tokens if result.tokens is not None else result.logits
+    assert chosen is not None  # every feed brings back one or the other
+    first = len(chosen) - 1 - len(drafts)
+    steps = []
+    for offset in range(len(drafts) + 1):
+        draft = int(drafts[offset]) if offset < len(drafts) else None
+        if result.tokens is not None:
+            step = chooser.step_chosen(result.chosen(first + offset))
+        else:
+            step = chooser.step(chosen[first + offset], draft)
+        steps.append(step)
+        if step.finish_reason is not None or step.token_id != draft:
+            break
+    return steps
 
 
 @dataclass(frozen=True)

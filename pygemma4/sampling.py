@@ -589,10 +589,18 @@ class Sampler:
             raise ValueError(f"token_id must be >= 0{bound}, got {token}")
         self._record(token)
 
-    def sample(self, logits: np.ndarray, allowed: np.ndarray | None = None) -> SampledToken:
+    def sample(
+        self, logits: np.ndarray, allowed: np.ndarray | None = None, draft: int | None = None
+    ) -> SampledToken:
         """Choose the next token from the 1-D `logits` of one position and record it for the
         penalties; `logits` is left as is. `allowed`, where given, is a boolean array as long
-        as `logits` (a constraint's mask): only the tokens it marks can be chosen."""
+        as `logits` (a constraint's mask): only the tokens it marks can be chosen.
+
+        With `draft` (a token a drafter proposed for this position), a sampled choice keeps
+        the draft with its probability p(draft) and otherwise draws from the distribution
+        without it, so the token chosen follows exactly the distribution it would without a
+        draft (speculative sampling with a drafter that proposes one token); a greedy choice
+        is the most likely token either way."""
         raw = _as_logits(logits, self.vocab_size)
         raw_top = _checked_max(raw)
         raw_weights = _weights(
@@ -607,7 +615,7 @@ class Sampler:
         else:
             full = raw_weights if work is raw and self._temperature == 1.0 else None
             ids, weights = self._truncated(work, full)
-            token = self._draw(ids, weights)
+            token = self._draw(ids, weights) if draft is None else self._judge(ids, weights, draft)
         self._record(token)
         return SampledToken(
             token, float(raw[token]) - log_total, self._top_logprobs(raw, log_total)
@@ -718,6 +726,19 @@ class Sampler:
             before = int(np.searchsorted(possible, i))
             i = int(possible[before - 1] if before else possible[0])
         return i if ids is None else int(ids[i])
+
+    def _judge(self, ids: np.ndarray | None, weights: np.ndarray, draft: int) -> int:
+        """`draft` with probability weight(draft) / total; otherwise a token drawn from the
+        others in proportion to their weights."""
+        at = draft if ids is None else int(np.searchsorted(ids, draft))
+        kept = 0 <= at < len(weights) and (ids is None or ids[at] == draft)
+        draft_weight = float(weights[at]) if kept else 0.0
+        if self._rng.random() * float(weights.sum(dtype=np.float64)) < draft_weight:
+            return draft
+        others = weights.copy()
+        if kept:
+            others[at] = 0
+        return self._draw(ids, others)
 
     def _top_logprobs(self, raw: np.ndarray, log_total: float) -> tuple[tuple[int, float], ...]:
         count = self.params.logprobs

@@ -13,7 +13,7 @@ from conftest import rewrite_gguf
 
 from pygemma4 import open_model
 from pygemma4.assistant_config import AssistantMismatchError
-from pygemma4.drafter import AssistantDrafter, DraftRequest, DraftRequestError
+from pygemma4.drafter import AssistantDrafter, DraftContext, DraftRequestError
 from pygemma4.errors import GGUFError, UnsupportedModelError
 from pygemma4.kv import BlockAllocator, KvLayout, SequenceKv
 from pygemma4.runner import Feed, ModelRunner
@@ -86,7 +86,7 @@ def test_plain_head_logits_and_proposals_equal_transformers(runner, drafter, ref
             for i in range(3):
                 p = int(ref[f"p{i}/draft_positions"][p_index])
                 kv, text, result = prefill(*runner, ref, i, p)
-                sequences.append((i, p, DraftRequest(kv, int(text[p]), result.hidden[-1])))
+                sequences.append((i, p, DraftContext(kv, text[: p + 1], result.hidden[-1])))
             groups = [sequences] if batched else [[s] for s in sequences]
             for group in groups:
                 tokens, logits = drafter.propose([r for _, _, r in group], K, with_logits=True)
@@ -109,7 +109,7 @@ def test_fewer_steps_are_the_first_proposals(runner, drafter, ref):
     i, p = cases(ref)[0]
     kv, text, result = prefill(*runner, ref, i, p)
     try:
-        request = DraftRequest(kv, int(text[p]), result.hidden[-1])
+        request = DraftContext(kv, text[: p + 1], result.hidden[-1])
         expected = ref[f"p{i}/plain/P{p}/draft_tokens"]
         for k in range(1, K + 1):
             assert drafter.propose([request], k).tolist() == [expected[:k].tolist()]
@@ -121,14 +121,14 @@ def test_bad_requests_are_refused(runner, drafter, ref):
     i, p = cases(ref)[0]
     kv, text, result = prefill(*runner, ref, i, p)
     try:
-        request = DraftRequest(kv, int(text[p]), result.hidden[-1])
+        request = DraftContext(kv, text[: p + 1], result.hidden[-1])
         for k in (0, drafter.max_tokens + 1, 2.0):
             with pytest.raises(DraftRequestError, match="k must be"):
                 drafter.propose([request], k)
         with pytest.raises(DraftRequestError, match="hidden state"):
-            drafter.propose([DraftRequest(kv, 5, np.zeros(3, np.float32))], 1)
+            drafter.propose([DraftContext(kv, np.array([5]), np.zeros(3, np.float32))], 1)
         with pytest.raises(ValueError, match="out of range"):
-            drafter.propose([DraftRequest(kv, 10**6, result.hidden[-1])], 1)
+            drafter.propose([DraftContext(kv, np.array([10**6]), result.hidden[-1])], 1)
         with pytest.raises(DraftRequestError, match="sequences"):
             drafter.propose([request] * 4, 1)
     finally:
