@@ -79,6 +79,22 @@ def _backend_options(command: Callable[..., None]) -> Callable[..., None]:
     )(command)
 
 
+def _draft_options(command: Callable[..., None]) -> Callable[..., None]:
+    """Add --draft and --draft-tokens; they arrive as keyword arguments of those names."""
+    command = click.option(
+        "--draft-tokens",
+        default=4,
+        type=click.IntRange(min=1, max=16),
+        help="Tokens drafted per step (with --draft).",
+    )(command)
+    return click.option(
+        "--draft",
+        metavar="FILE|ngram",
+        help="Decode speculatively: drafts from a Gemma 4 assistant GGUF made for MODEL, or "
+        "from the text so far (ngram: prompt lookup).",
+    )(command)
+
+
 def _api_key_options(command: Callable[..., None]) -> Callable[..., None]:
     """Add --api-key and --api-key-file."""
     command = click.option(
@@ -108,6 +124,7 @@ def main() -> None:
 @_backend_options
 @click.option("--threads", type=click.IntRange(min=1), help="CPU threads [default: all].")
 @click.option("--n-ctx", type=click.IntRange(min=1), help="Context length [default: 4096].")
+@_draft_options
 @_runs_cleanly
 def generate(
     arguments: tuple[str, ...],
@@ -120,6 +137,8 @@ def generate(
     device: int,
     threads: int | None,
     n_ctx: int | None,
+    draft: str | None,
+    draft_tokens: int,
     **sampling_options: Any,
 ) -> None:
     """Continue PROMPT with MODEL (a Gemma 4 GGUF) and stream the text as it comes.
@@ -146,7 +165,15 @@ def generate(
         except UnicodeDecodeError as e:
             _fail(f"standard input is not UTF-8 text: {e.reason} at byte {e.start}")
     model_path = _model_path(model)
-    engine = Engine(model_path, backend=backend, device=device, threads=threads, n_ctx=n_ctx)
+    engine = Engine(
+        model_path,
+        backend=backend,
+        device=device,
+        threads=threads,
+        n_ctx=n_ctx,
+        draft=draft,
+        draft_tokens=draft_tokens,
+    )
     tokenizer = engine.tokenizer
     if chat:
         messages = [{"role": "system", "content": system}] if system is not None else []
@@ -179,6 +206,7 @@ def generate(
         "prompt_tokens_per_s": len(ids) / (first - start),
         "generated_tokens_per_s": (len(chunks) - 1) / (end - first) if len(chunks) > 1 else None,
     }
+    speculation = engine.speculation
     if as_json:
         result = {
             "text": "".join(c.text for c in chunks),
@@ -188,6 +216,8 @@ def generate(
         }
         if sampling.logprobs:
             result["logprobs"] = [_logprob_entry(tokenizer, c.sampled) for c in chunks]
+        if speculation is not None:
+            result["speculation"] = speculation.to_dict()
         click.echo(json.dumps(result, ensure_ascii=False))
         return
     click.echo()
@@ -197,7 +227,12 @@ def generate(
     click.echo(
         f"[{len(chunks)} tokens, finish: {chunks[-1].finish_reason}; prompt {len(ids)} tokens "
         f"at {timings['prompt_tokens_per_s']:.1f} tokens/s"
-        + (f", generation {rate:.1f} tokens/s]" if rate is not None else "]"),
+        + (f", generation {rate:.1f} tokens/s" if rate is not None else "")
+        + (
+            f"; drafts kept {speculation.accepted}/{speculation.proposed}]"
+            if speculation is not None
+            else "]"
+        ),
         err=True,
     )
 
@@ -266,6 +301,7 @@ def inspect(model: Path, as_json: bool, tensors: bool, template: bool) -> None:
     default="127.0.0.1:8000",
     help="Where the OpenAI-compatible HTTP API listens (HOST:PORT), or 'off'.",
 )
+@_draft_options
 @_api_key_options
 @_runs_cleanly
 def serve(

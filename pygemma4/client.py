@@ -458,14 +458,23 @@ class AsyncClient:
         max_tokens: int | None = None,
         *,
         ignore_eos: bool = False,
+        speculative: bool = True,
         timeout: float | None | EllipsisType = ...,
         **sampling: Any,
     ) -> CompletionResult:
         """Continue `prompt` (text, tokenized with a leading BOS, or token ids as they are) by
-        at most `max_tokens` tokens (None: up to the end of the context)."""
+        at most `max_tokens` tokens (None: up to the end of the context). Where the server
+        drafts, `speculative=False` decodes this request one token per step."""
         fields = {"prompt": _checked_prompt(prompt)}
         call = self._generation(
-            protocol.Completion, fields, max_tokens, ignore_eos, timeout, sampling, stream=False
+            protocol.Completion,
+            fields,
+            max_tokens,
+            timeout,
+            sampling,
+            stream=False,
+            ignore_eos=ignore_eos,
+            speculative=speculative,
         )
         return await self._generate(call)
 
@@ -478,6 +487,7 @@ class AsyncClient:
         chat_template_kwargs: Mapping[str, Any] | None = None,
         raw_text: bool = False,
         ignore_eos: bool = False,
+        speculative: bool = True,
         timeout: float | None | EllipsisType = ...,
         **sampling: Any,
     ) -> CompletionResult:
@@ -489,7 +499,14 @@ class AsyncClient:
         reasoning."""
         fields = _chat_fields(messages, tools, chat_template_kwargs, raw_text)
         call = self._generation(
-            protocol.Chat, fields, max_tokens, ignore_eos, timeout, sampling, stream=False
+            protocol.Chat,
+            fields,
+            max_tokens,
+            timeout,
+            sampling,
+            stream=False,
+            ignore_eos=ignore_eos,
+            speculative=speculative,
         )
         return await self._generate(call)
 
@@ -499,6 +516,7 @@ class AsyncClient:
         max_tokens: int | None = None,
         *,
         ignore_eos: bool = False,
+        speculative: bool = True,
         timeout: float | None | EllipsisType = ...,
         **sampling: Any,
     ) -> AsyncCompletionStream:
@@ -506,7 +524,14 @@ class AsyncClient:
         first iterated (the arguments are checked here)."""
         fields = {"prompt": _checked_prompt(prompt)}
         call = self._generation(
-            protocol.Completion, fields, max_tokens, ignore_eos, timeout, sampling, stream=True
+            protocol.Completion,
+            fields,
+            max_tokens,
+            timeout,
+            sampling,
+            stream=True,
+            ignore_eos=ignore_eos,
+            speculative=speculative,
         )
         return AsyncCompletionStream(self, call)
 
@@ -519,13 +544,21 @@ class AsyncClient:
         chat_template_kwargs: Mapping[str, Any] | None = None,
         raw_text: bool = False,
         ignore_eos: bool = False,
+        speculative: bool = True,
         timeout: float | None | EllipsisType = ...,
         **sampling: Any,
     ) -> AsyncCompletionStream:
         """`chat`, streamed, as `stream` is (each chunk's `in_reasoning` as the result's)."""
         fields = _chat_fields(messages, tools, chat_template_kwargs, raw_text)
         call = self._generation(
-            protocol.Chat, fields, max_tokens, ignore_eos, timeout, sampling, stream=True
+            protocol.Chat,
+            fields,
+            max_tokens,
+            timeout,
+            sampling,
+            stream=True,
+            ignore_eos=ignore_eos,
+            speculative=speculative,
         )
         return AsyncCompletionStream(self, call)
 
@@ -555,11 +588,12 @@ class AsyncClient:
         kind: type[protocol.Completion] | type[protocol.Chat],
         fields: Mapping[str, Any],
         max_tokens: int | None,
-        ignore_eos: object,
         timeout: object,
         sampling: Mapping[str, object],
         *,
         stream: bool,
+        ignore_eos: object,
+        speculative: object,
     ) -> _Call:
         """A checked generation request, not sent yet."""
         if max_tokens is not None:
@@ -570,6 +604,7 @@ class AsyncClient:
             sampling=protocol.wire_sampling(SamplingParams.from_mapping(sampling)),
             stream=stream,
             ignore_eos=_checked_flag("ignore_eos", ignore_eos),
+            speculative=_checked_flag("speculative", speculative),
             **fields,
         )
         expects = _STREAM_REPLIES if stream else _GENERATION_REPLIES

@@ -31,7 +31,8 @@ Request flow: client → front end (`AdmittedRequest`) → tokenizer worker (`To
 decode worker (`PromptToPrefill`) → prefill worker (`PrefillResult`) → decode worker, which
 decodes every running sequence together each step (`StepTokens`) → tokenizer worker
 (detokenize, stop strings; `EncodedReply`) → front end → client. The decode worker also tells
-the front end how much of the KV pool its sequences hold (`KvUsage`), which health reports.
+the front end how much of the KV pool its sequences hold and what drafting kept (`DecodeLoad`),
+which health and info report.
 """
 
 from __future__ import annotations
@@ -165,6 +166,8 @@ class _Generation(_ClientMessage):
     raw_text: bool = False
     """The replies' text keeps the special tokens' texts (`<|channel>`, `<|tool_call>`, ...),
     for parsing with `pygemma4.chat_output`."""
+    speculative: bool = True
+    """Decode with the server's drafter, where it has one (False: one token per step)."""
 
 
 class Completion(_Generation, tag="completion", kw_only=True):
@@ -270,15 +273,27 @@ class WorkerState(_Strict):
     restarts: int
 
 
+class SpeculationCounts(_Strict):
+    """Draft tokens proposed and accepted since the decode worker started, in all and per
+    draft position, over `steps` verification steps that carried drafts."""
+
+    steps: int
+    proposed: int
+    accepted: int
+    proposed_at: list[int]
+    accepted_at: list[int]
+
+
 class HealthStatus(_Reply, tag="health"):
-    """Whether every worker is up, and the load: requests in flight and the KV pool's blocks
-    held by sequences, of its total."""
+    """Whether every worker is up, and the load: requests in flight, the KV pool's blocks held
+    by sequences (of its total) and, where the server drafts, what drafting kept."""
 
     ok: bool
     workers: list[WorkerState]
     requests_in_flight: int
     kv_blocks_used: int = 0
     kv_blocks_total: int = 0
+    speculation: SpeculationCounts | None = None
 
 
 class ServerInfo(_Reply, tag="info"):
@@ -292,6 +307,11 @@ class ServerInfo(_Reply, tag="info"):
     max_pending: int
     max_message_bytes: int
     protocol_version: int = PROTOCOL_VERSION
+    draft: str | None = None
+    """The drafter the server decodes with ("ngram", or an assistant GGUF's file name)."""
+    draft_tokens: int = 0
+    """Tokens it drafts per step."""
+    speculation: SpeculationCounts | None = None
 
 
 ServerReply = Chunk | Done | Cancelled | Error | HealthStatus | ServerInfo
@@ -330,6 +350,7 @@ class TokenizedRequest(_Internal, tag="tokenized"):
     stop_token_ids: list[int]
     tokenizer: int
     """Index of the tokenizer worker that gets this request's tokens."""
+    speculative: bool = True
 
 
 class PromptToPrefill(_Internal, tag="prompt"):
@@ -393,16 +414,17 @@ class WorkerReady(_Internal, tag="ready"):
     pid: int
 
 
-class KvUsage(_Internal, tag="kv_usage"):
-    """Decode worker → front end: the KV pool's blocks held by sequences now, of its total
-    (sent when the number changes)."""
+class DecodeLoad(_Internal, tag="decode_load"):
+    """Decode worker → front end: the KV pool's blocks held by sequences now, of its total,
+    and what drafting kept so far (sent when they change)."""
 
-    blocks_used: int
-    blocks_total: int
+    kv_blocks_used: int
+    kv_blocks_total: int
+    speculation: SpeculationCounts | None = None
 
 
 # What each process's inbox takes: anything else that reaches it is a misrouted message.
-FrontEndInbox = WorkerReady | EncodedReply | KvUsage
+FrontEndInbox = WorkerReady | EncodedReply | DecodeLoad
 TokenizerInbox = AdmittedRequest | StepTokens | RequestFailure | EndedRequests
 DecodeInbox = TokenizedRequest | PrefillResult | EndedRequests
 PrefillInbox = PromptToPrefill

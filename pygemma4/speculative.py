@@ -17,6 +17,7 @@ import numpy as np
 from pygemma4.drafter import DraftContext, Drafter, open_drafter
 from pygemma4.errors import Gemma4Error
 from pygemma4.kv import SequenceKv
+from pygemma4.protocol import SpeculationCounts
 from pygemma4.runner import ChosenStep, Feed, ModelRunner
 
 DEFAULT_DRAFT_TOKENS = 4
@@ -63,6 +64,16 @@ class SpeculationStats:
         return [
             a / p if p else 0.0 for a, p in zip(self.accepted_at, self.proposed_at, strict=True)
         ]
+
+    def counts(self) -> SpeculationCounts:
+        """The counts as the protocol carries them."""
+        return SpeculationCounts(
+            steps=self.steps,
+            proposed=self.proposed,
+            accepted=self.accepted,
+            proposed_at=list(self.proposed_at),
+            accepted_at=list(self.accepted_at),
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """The counts and rates, as plain data."""

@@ -19,11 +19,12 @@ import numpy as np
 
 from pygemma4 import protocol
 from pygemma4.constraints import ConstraintError, grammar_vocabulary
+from pygemma4.drafter import DraftContext
 from pygemma4.generation import TokenChoice
 from pygemma4.kv import BlockAllocator, SequenceKv
 from pygemma4.protocol import (
+    DecodeLoad,
     EndedRequests,
-    KvUsage,
     PrefillResult,
     PromptToPrefill,
     RequestFailure,
@@ -31,7 +32,8 @@ from pygemma4.protocol import (
     TokenizedRequest,
     TokenOutput,
 )
-from pygemma4.runner import Feed, next_token
+from pygemma4.runner import next_tokens
+from pygemma4.speculative import Speculator, verification_feed
 from pygemma4.tokenizer import Tokenizer
 from pygemma4.workers.runtime import (
     ServerConfig,
@@ -53,6 +55,20 @@ class Sequence:
     """The token the next step feeds."""
     aborted: bool = False
     """Aborted while its prompt was being prefilled: freed once the prefill is done."""
+    hidden: np.ndarray | None = None
+    """The target's final hidden state before `next_token` (what an assistant drafts from),
+    once a step brought it back."""
+
+    def draft_context(self) -> DraftContext:
+        """What a drafter reads of this sequence."""
+        generated = np.asarray(self.choice.token_ids, dtype=np.int32)
+        tokens = np.concatenate([np.asarray(self.request.prompt_ids, dtype=np.int32), generated])
+        return DraftContext(self.kv, tokens, self.hidden)
+
+    def draft_limit(self) -> int:
+        """How many tokens may be drafted for it now: none where it opted out, and never past
+        its last token (which is never fed)."""
+        return self.choice.tokens_left - 1 if self.request.speculative else 0
 
 
 class DecodeWorker(Worker):
@@ -62,14 +78,24 @@ class DecodeWorker(Worker):
         peers = ["frontend", *config.tokenizer_names(), *config.prefill_names()]
         super().__init__(config, name, peers)
         self.epoch = epoch
-        self.runner = shared_pool_runner(config, config.max_batch, config.threads)
+        # A step feeds every running sequence its next token and its drafts.
+        tokens_per_sequence = 1 + (config.draft_tokens if config.draft is not None else 0)
+        self.runner = shared_pool_runner(
+            config, config.max_batch * tokens_per_sequence, config.threads
+        )
+        # Made before the target's first step (on CUDA the step is captured once).
+        self.speculator = (
+            None
+            if config.draft is None
+            else Speculator.open(config.draft, config.draft_tokens, self.runner, config.max_batch)
+        )
         self.layout = kv_layout(config.kv)
         self.allocator = BlockAllocator(self.layout)
         self.waiting: deque[TokenizedRequest] = deque()
         self.prefilling: dict[int, Sequence] = {}
         self.running: dict[int, Sequence] = {}
         self.next_prefill = 0
-        self.reported_blocks_used = 0
+        self.reported = DecodeLoad(kv_blocks_used=0, kv_blocks_total=self.layout.n_blocks)
         # A real model's grammar vocabulary takes seconds to build: it is built off the decode
         # loop from the start (llguidance releases the GIL meanwhile), so that the first
         # constrained request does not stall every running sequence.
@@ -108,14 +134,19 @@ class DecodeWorker(Worker):
         self.admit()
         if self.running:
             self.step()
-        self.report_kv_usage()
+        self.report_load()
 
-    def report_kv_usage(self) -> None:
-        """Send the front end the KV blocks held, when that changed since it was last told."""
-        used = self.layout.n_blocks - self.allocator.free_blocks
-        if used != self.reported_blocks_used:
-            self.reported_blocks_used = used
-            self.mail.send("frontend", KvUsage(blocks_used=used, blocks_total=self.layout.n_blocks))
+    def report_load(self) -> None:
+        """Send the front end the KV blocks held and the drafting counts, when they changed
+        since it was last told."""
+        load = DecodeLoad(
+            kv_blocks_used=self.layout.n_blocks - self.allocator.free_blocks,
+            kv_blocks_total=self.layout.n_blocks,
+            speculation=None if self.speculator is None else self.speculator.stats.counts(),
+        )
+        if load != self.reported:
+            self.reported = load
+            self.mail.send("frontend", load)
 
     def queue(self, request: TokenizedRequest) -> None:
         """Queue a request to be admitted when it fits."""
@@ -206,34 +237,47 @@ class DecodeWorker(Worker):
                 self.prefilling[rid].aborted = True
 
     def step(self) -> None:
-        """Decode one token for every running sequence."""
+        """Decode every running sequence: its next token and, where the server drafts, the
+        drafts after it, verified together."""
         sequences = list(self.running.values())
+        speculator = self.speculator
+        if speculator is None:
+            drafts = [np.empty(0, dtype=np.int32)] * len(sequences)
+        else:
+            contexts = [s.draft_context() for s in sequences]
+            drafts = speculator.propose(contexts, [s.draft_limit() for s in sequences])
+        hidden = speculator is not None and speculator.needs_hidden
         feeds = [
-            Feed(s.kv, np.array([s.next_token], dtype=np.int32), greedy=not s.choice.needs_logits)
-            for s in sequences
+            verification_feed(s.kv, s.next_token, d, not s.choice.needs_logits, hidden)
+            for s, d in zip(sequences, drafts, strict=True)
         ]
         results = self.runner.decode(feeds)
         outputs: dict[int, list[TokenOutput]] = {}
-        for sequence, result in zip(sequences, results, strict=True):
+        for sequence, result, drafted in zip(sequences, results, drafts, strict=True):
             rid = sequence.request.rid
             try:
-                sampled, reason = next_token(result, sequence.choice)
+                steps = next_tokens(result, sequence.choice, drafted)
             except Exception as e:  # a sampler failure ends its request, never the worker
                 self.running.pop(rid).kv.release()
                 self.fail(sequence.request, "internal", f"sampling failed: {e}")
                 continue
-            sequence.next_token = sampled.token_id
-            outputs.setdefault(sequence.request.tokenizer, []).append(
+            outputs.setdefault(sequence.request.tokenizer, []).extend(
                 TokenOutput(
                     rid=rid,
-                    token_id=sampled.token_id,
-                    logprob=sampled.logprob,
-                    top_logprobs=list(sampled.top_logprobs) or None,
-                    finish_reason=reason,
+                    token_id=step.token_id,
+                    logprob=step.sampled.logprob,
+                    top_logprobs=list(step.sampled.top_logprobs) or None,
+                    finish_reason=step.finish_reason,
                 )
+                for step in steps
             )
-            if reason is not None:
+            if steps[-1].finish_reason is not None:
                 self.running.pop(rid).kv.release()
+                continue
+            sequence.next_token = steps[-1].token_id
+            if speculator is not None:
+                accepted = speculator.settle(self.runner, sequence.kv, drafted, steps)
+                sequence.hidden = None if result.hidden is None else result.hidden[accepted]
         names = self.config.tokenizer_names()
         for index, batch in outputs.items():
             self.mail.send(names[index], StepTokens(outputs=batch))

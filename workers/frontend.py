@@ -27,6 +27,7 @@ from pygemma4.protocol import (
     Cancelled,
     Chat,
     Completion,
+    DecodeLoad,
     EncodedReply,
     EndedRequests,
     Error,
@@ -34,7 +35,6 @@ from pygemma4.protocol import (
     Health,
     HealthStatus,
     Info,
-    KvUsage,
     ServerInfo,
     WorkerReady,
 )
@@ -90,7 +90,7 @@ class FrontEnd(Process):
         self.requests: dict[int, Tracked] = {}
         self.by_client: dict[tuple[bytes, int], int] = {}
         self.rids = itertools.count()
-        self.kv_usage = KvUsage(blocks_used=0, blocks_total=config.kv.n_blocks)
+        self.decode_load = DecodeLoad(kv_blocks_used=0, kv_blocks_total=config.kv.n_blocks)
         self.poller = zmq.Poller()
         self.poller.register(self.router, zmq.POLLIN)
         self.poller.register(self.mail.inbox, zmq.POLLIN)
@@ -214,12 +214,16 @@ class FrontEnd(Process):
                     ok=all(s.alive for s in states),
                     workers=states,
                     requests_in_flight=len(self.requests),
-                    kv_blocks_used=self.kv_usage.blocks_used,
-                    kv_blocks_total=self.kv_usage.blocks_total,
+                    kv_blocks_used=self.decode_load.kv_blocks_used,
+                    kv_blocks_total=self.decode_load.kv_blocks_total,
+                    speculation=self.decode_load.speculation,
                 ),
             )
         elif isinstance(message, Info):
-            self.reply(identity, msgspec.structs.replace(self.info, id=message.id))
+            info = msgspec.structs.replace(
+                self.info, id=message.id, speculation=self.decode_load.speculation
+            )
+            self.reply(identity, info)
 
     def submit(self, identity: bytes, request: Completion | Chat) -> None:
         """Hand a new request to a tokenizer worker, unless it cannot be taken now."""
@@ -258,16 +262,19 @@ class FrontEnd(Process):
             self.forget(message.rid)
         self.send(tracked.identity, bytes(message.reply))
 
-    def note_kv_usage(self, usage: KvUsage) -> None:
-        """Keep the decode worker's latest count of the KV blocks held, for health."""
-        self.kv_usage = usage
+    def note_decode_load(self, load: DecodeLoad) -> None:
+        """Keep the decode worker's latest counts, for health and info."""
+        self.decode_load = load
 
     def fail_held(self, died: list[WorkerProcess]) -> None:
         """Fail, at once, every request a dead worker (or its group) held."""
         names = ", ".join(f"{w.name} (pid {w.pid or '?'})" for w in died)
         if any(w.group == "kv" for w in died):
-            # The pool is recreated with the group: nothing holds any of it.
-            self.kv_usage = msgspec.structs.replace(self.kv_usage, blocks_used=0)
+            # The pool is recreated with the group: nothing holds any of it, and the new
+            # decode worker counts its drafts afresh.
+            self.decode_load = DecodeLoad(
+                kv_blocks_used=0, kv_blocks_total=self.decode_load.kv_blocks_total
+            )
             rids = list(self.requests)
             for tokenizer in self.config.tokenizer_names():
                 self.mail.send(tokenizer, EndedRequests(rids=rids))
@@ -337,7 +344,7 @@ class FrontEnd(Process):
         self.mail.close()
 
     takes = protocol.FrontEndInbox
-    handlers = {WorkerReady: mark_ready, EncodedReply: pass_reply, KvUsage: note_kv_usage}
+    handlers = {WorkerReady: mark_ready, EncodedReply: pass_reply, DecodeLoad: note_decode_load}
 
 
 @dataclass(frozen=True)

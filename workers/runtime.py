@@ -58,6 +58,11 @@ class ServerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """The directory of the public key files of the clients admitted under CURVE."""
     http: str | None = None
     """HOST:PORT of the HTTP front end (the OpenAI API); None runs none."""
+    draft: str | None = None
+    """The drafter the decode worker drafts with ("ngram", or an assistant GGUF's path);
+    None decodes one token per step."""
+    draft_tokens: int = 0
+    """Tokens drafted per step, with `draft`."""
     http_curve_public: str | None = None
     """Under CURVE, the public key of the HTTP front end's pair (made for this run; the
     secret reaches it in its environment), admitted beside the clients' keys."""

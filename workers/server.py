@@ -14,12 +14,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from pygemma4.assistant_config import open_assistant
 from pygemma4.config import ARCH, ModelConfig, open_model
 from pygemma4.curve import KeyPair
+from pygemma4.drafter import NGRAM
 from pygemma4.engine import default_n_ctx
 from pygemma4.kv import DEFAULT_BLOCK_SIZE, KvLayout
 from pygemma4.protocol import KvPoolSpec, ServerInfo
 from pygemma4.runner import check_backend
+from pygemma4.speculative import DEFAULT_DRAFT_TOKENS, check_draft_tokens
 from pygemma4.tokenizer import carries_tokenizer
 from pygemma4.workers.frontend import FrontEnd, ServerStartError
 from pygemma4.workers.runtime import ServerConfig
@@ -62,13 +65,21 @@ class Server:
         curve_clients: str | None = None,
         http: str | None = None,
         api_key: str | None = None,
+        draft: str | None = None,
+        draft_tokens: int = DEFAULT_DRAFT_TOKENS,
     ) -> None:
         """`http` is HOST:PORT of the HTTP front end (None: none), `api_key` the key it
-        requires (None: none)."""
+        requires (None: none); `draft` the drafter to decode with ("ngram", or an assistant
+        GGUF made for the model), `draft_tokens` per step."""
         check_backend(backend, device)
         model_file = open_model(model)
         if not carries_tokenizer(model_file.gguf.metadata):
             raise ServerStartError(f"{model}: the file carries no tokenizer, which serving needs")
+        if draft is not None:
+            # Checked here, so that a wrong file is said before any worker starts.
+            check_draft_tokens(draft_tokens, prefill_chunk)
+            if draft != NGRAM:
+                draft = str(open_assistant(draft, model_file).gguf.path.resolve())
         config = model_file.config
         n_ctx = default_n_ctx(config) if n_ctx is None else n_ctx
         layout = KvLayout.for_model(
@@ -105,6 +116,8 @@ class Server:
             curve_secret_key=curve_secret_key,
             curve_clients=curve_clients,
             http=http,
+            draft=draft,
+            draft_tokens=draft_tokens if draft is not None else 0,
             http_curve_public=None if http_curve_keys is None else http_curve_keys.public.decode(),
         )
         self.supervisor = Supervisor(
@@ -119,6 +132,8 @@ class Server:
             max_batch=max_batch,
             max_pending=max_pending,
             max_message_bytes=max_message_bytes,
+            draft=None if draft is None else Path(draft).name,
+            draft_tokens=self.config.draft_tokens,
         )
         try:
             self.frontend = FrontEnd(self.config, self.supervisor, info)

@@ -174,6 +174,7 @@ class TokenizerWorker(Worker):
                 sampling=request.sampling,
                 stop_token_ids=stop_ids,
                 tokenizer=self.index,
+                speculative=request.speculative,
             ),
         )
 
