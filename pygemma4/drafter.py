@@ -56,8 +56,9 @@ class Drafter(Protocol):
 
 class NgramDrafter:
     """Prompt lookup: the tokens that followed an earlier occurrence of the sequence's last n
-    tokens (n from `max_ngram` down to `min_ngram`) in its prompt and output so far: the
-    newest occurrence followed by k tokens, else the oldest (the longest continuation)."""
+    tokens in its prompt and output so far. The longest n (from `max_ngram` down to
+    `min_ngram`) whose newest occurrence is followed by k tokens wins; where none is, the
+    occurrence followed by the most tokens."""
 
     needs_hidden = False
 
@@ -76,15 +77,21 @@ class NgramDrafter:
         return [self._lookup(np.asarray(c.tokens, dtype=np.int32), k) for c in contexts]
 
     def _lookup(self, tokens: np.ndarray, k: int) -> np.ndarray:
+        best = np.empty(0, dtype=np.int32)
         for n in range(min(self.max_ngram, len(tokens) - 1), self.min_ngram - 1, -1):
             # Windows of n tokens that start before the last n, compared with the last n.
             windows = np.lib.stride_tricks.sliding_window_view(tokens[:-1], n)
             starts = np.flatnonzero((windows == tokens[-n:]).all(axis=1))
-            if starts.size:
-                full = starts[starts + n + k <= len(tokens)]
-                follow = int(full[-1] if full.size else starts[0]) + n
-                return tokens[follow : follow + k]
-        return np.empty(0, dtype=np.int32)
+            if not starts.size:
+                continue
+            full = starts[starts + n + k <= len(tokens)]
+            follow = int(full[-1] if full.size else starts[0]) + n
+            found = tokens[follow : follow + k]
+            if len(found) == k:
+                return found
+            if len(found) > len(best):
+                best = found
+        return best
 
 
 class AssistantDrafter:
