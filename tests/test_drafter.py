@@ -20,11 +20,14 @@ from pygemma4.runner import Feed, ModelRunner
 
 N_BATCH = 16
 K = 4
-# Driven from this engine's target, whose CPU kernels leave its hidden state ~1e-3 from
-# transformers' (its logits ~2e-2, as llama.cpp's), the drafter's logits differ by up to ~6e-2
-# (random weights amplify); the proposals are identical. The 1e-3 bar of the issue needs the
-# fixture's own K/V written into the pool, which these tests do not do yet.
-DRIVEN_LOGITS_ATOL = 7e-2
+# The fixture's stored references were computed where transformers' float32 arithmetic strays
+# from what it gives here: its target hidden states sit ~1e-3 and its shared K up to 2e-2 from
+# transformers 5.24 on torch 2.13 (CPU), whose numbers this engine's target and drafter meet
+# within 4e-5 (test_logits_equal_transformers_run_live). Against the stored references the
+# drafter driven from this target is within that noise, amplified by random weights, with
+# identical proposals.
+STORED_LOGITS_ATOL = 7e-2
+LIVE_LOGITS_ATOL = 1e-3
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +67,7 @@ def prefill(runner: ModelRunner, allocator: BlockAllocator, ref, i: int, p: int)
     return kv, text, result
 
 
-def test_the_target_brings_back_transformers_hidden_state_and_logits(runner, ref):
+def test_the_target_brings_back_the_stored_hidden_state_and_logits(runner, ref):
     for i, p in cases(ref):
         kv, _, result = prefill(*runner, ref, i, p)
         try:
@@ -79,7 +82,7 @@ def test_the_target_brings_back_transformers_hidden_state_and_logits(runner, ref
 
 
 @pytest.mark.parametrize("batched", [False, True], ids=["one-per-call", "all-in-one-call"])
-def test_plain_head_logits_and_proposals_equal_transformers(runner, drafter, ref, batched):
+def test_plain_head_logits_and_proposals_equal_the_stored_ones(runner, drafter, ref, batched):
     for p_index in range(3):
         sequences = []
         try:
@@ -96,13 +99,79 @@ def test_plain_head_logits_and_proposals_equal_transformers(runner, drafter, ref
                     np.testing.assert_allclose(
                         logits[row],
                         ref[f"p{i}/plain/P{p}/draft_logits"],
-                        atol=DRIVEN_LOGITS_ATOL,
+                        atol=STORED_LOGITS_ATOL,
                         err_msg=where,
                     )
                     assert tokens[row].tolist() == expected.tolist(), where
         finally:
             for _, _, r in sequences:
                 r.kv.release()
+
+
+def test_logits_equal_transformers_run_live(runner, drafter, ref, draft_dir):
+    """transformers' target and assistant (plain head), driven as its assisted generation
+    drives them, at every fixture position: the target's hidden state within 1e-4, the
+    drafter's logits within 1e-3 at each of K steps, the same proposals."""
+    torch = pytest.importorskip("torch", reason="torch (CPU) runs transformers live")
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.gemma4_assistant.modeling_gemma4_assistant import (
+        Gemma4AssistantForCausalLM,
+    )
+
+    target = transformers.AutoModelForCausalLM.from_pretrained(
+        draft_dir / "hf-target", dtype=torch.float32
+    ).eval()
+    config = transformers.AutoConfig.from_pretrained(draft_dir / "hf-assistant")
+    config.use_ordered_embeddings = False  # the head llama.cpp's converter keeps
+    assistant = Gemma4AssistantForCausalLM.from_pretrained(
+        draft_dir / "hf-assistant", config=config, dtype=torch.float32
+    ).eval()
+    full, sliding = _shared_kv_layers(target.config)
+    for i, p in cases(ref):
+        kv, text, result = prefill(*runner, ref, i, p)
+        try:
+            with torch.no_grad():
+                out = target(
+                    torch.tensor(text[None, :p].astype(np.int64)),
+                    output_hidden_states=True,
+                    past_key_values=transformers.DynamicCache(),  # every position kept
+                )
+                hidden = out.hidden_states[-1][:, -1:]
+                cache = out.past_key_values.layers
+                shared = {
+                    "full_attention": (cache[full].keys, cache[full].values),
+                    "sliding_attention": (cache[sliding].keys, cache[sliding].values),
+                }
+                np.testing.assert_allclose(result.hidden[-1], hidden[0, 0].numpy(), atol=1e-4)
+                token, expected_logits, expected_tokens = int(text[p]), [], []
+                for _ in range(K):
+                    embedded = target.model.embed_tokens(torch.tensor([[token]]))
+                    step = assistant(
+                        inputs_embeds=torch.cat([embedded, hidden], dim=-1),
+                        position_ids=torch.tensor([[p]]),
+                        shared_kv_states=shared,
+                    )
+                    expected_logits.append(step.logits[0, -1].numpy())
+                    token = int(step.logits[0, -1].argmax())
+                    expected_tokens.append(token)
+                    hidden = step.last_hidden_state
+            context = DraftContext(kv, text[: p + 1], result.hidden[-1])
+            tokens, logits = drafter.propose([context], K, with_logits=True)
+            where = f"prompt {i}, P {p}"
+            np.testing.assert_allclose(
+                logits[0], np.array(expected_logits), atol=LIVE_LOGITS_ATOL, err_msg=where
+            )
+            assert tokens[0].tolist() == expected_tokens, where
+        finally:
+            kv.release()
+
+
+def _shared_kv_layers(config) -> tuple[int, int]:
+    """The target's last full-attention and last sliding layer that store KV (the ones the
+    assistant reads)."""
+    stored = config.layer_types[: config.num_hidden_layers - config.num_kv_shared_layers]
+    last = {kind: i for i, kind in enumerate(stored)}
+    return last["full_attention"], last["sliding_attention"]
 
 
 def test_fewer_steps_are_the_first_proposals(runner, drafter, ref):
