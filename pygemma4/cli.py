@@ -552,6 +552,7 @@ def bench() -> None:
 )
 @click.option("--seed", type=click.IntRange(min=0), default=0, help="Seed of the token ids fed.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write JSON.")
+@_draft_options
 @_runs_cleanly
 def bench_model(
     model: Path | None,
@@ -567,16 +568,32 @@ def bench_model(
     compare: str | None,
     seed: int,
     json_path: str | None,
+    draft: str | None,
+    draft_tokens: int,
 ) -> None:
     """Prefill and decode tokens/s of MODEL (a Gemma 4 GGUF), load time and peak memory,
     in the manner of llama-bench; with --compare llamacpp beside llama.cpp on the same file,
-    threads and token ids."""
+    threads and token ids.
+
+    With --draft, speculative decoding instead: greedy decode (-n tokens) with and without
+    drafting, acceptance per draft position, the cost of verifying 1..k+1 tokens against one
+    step, and the speed those costs give at the acceptance published for Google's assistants.
+    """
     from rich.console import Console
 
     from pygemma4.benchmark.model_bench import BenchPlan
     from pygemma4.benchmark.model_bench import bench_model as run
     from pygemma4.benchmark.report import print_model_bench, write_json
     from pygemma4.runner import default_threads
+
+    if draft is not None:
+        if compare is not None:
+            raise click.UsageError("--draft measures pygemma4 alone: drop --compare")
+        _bench_drafting(
+            model, synthetic, draft, draft_tokens, decode_tokens, repetitions, backend, device,
+            default_threads() if threads is None else threads, seed, json_path,
+        )  # fmt: skip
+        return
 
     def flat(lists: tuple[tuple[int, ...], ...]) -> tuple[int, ...]:
         return tuple(dict.fromkeys(n for numbers in lists for n in numbers))
@@ -609,6 +626,51 @@ def bench_model(
             progress=status.update,
         )
     print_model_bench(result, console)
+    if json_path is not None:
+        write_json(json_path, result.to_json())
+
+
+def _bench_drafting(
+    model: Path | None,
+    synthetic: str | None,
+    draft: str,
+    draft_tokens: int,
+    decode_tokens: int,
+    repetitions: int,
+    backend: str,
+    device: int,
+    threads: int,
+    seed: int,
+    json_path: str | None,
+) -> None:
+    """`bench MODEL --draft ...`."""
+    from rich.console import Console
+
+    from pygemma4.benchmark.draft_bench import bench_drafting
+    from pygemma4.benchmark.report import SYNTHETIC_NOTICE, print_draft_bench, write_json
+
+    if (model is None) == (synthetic is None):
+        raise click.UsageError("name a MODEL or --synthetic NAME (one of the two)")
+    if decode_tokens < 1:
+        raise click.UsageError("--draft needs tokens to decode (-n 1 or more)")
+    path = model if synthetic is None else _synthetic_path(synthetic)
+    with Console(stderr=True).status("starting") as status:
+        result = bench_drafting(
+            path,
+            draft,
+            draft_tokens,
+            threads=threads,
+            generate_tokens=decode_tokens,
+            repetitions=repetitions,
+            backend=backend,
+            device=device,
+            seed=seed,
+            progress=status.update,
+        )
+    console = Console()
+    print_draft_bench(result, console)
+    if synthetic is not None:
+        console.print(f"  {SYNTHETIC_NOTICE.format(name=synthetic)}")
     if json_path is not None:
         write_json(json_path, result.to_json())
 

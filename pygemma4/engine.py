@@ -151,14 +151,17 @@ class Engine:
         max_tokens: int,
         sampling: SamplingParams | None = None,
         stop_tokens: Iterable[int] | None = None,
+        speculative: bool = True,
     ) -> list[int]:
         """The ids of a continuation of `token_ids`: greedy unless `sampling` says otherwise.
 
         It ends after `max_tokens`, at one of `stop_tokens` (by default the model's
         end-of-generation tokens; `()` for none), which is included, or at the token that
-        completes one of `sampling.stop`'s strings.
+        completes one of `sampling.stop`'s strings. With a drafter, `speculative=False`
+        decodes one token per step.
         """
-        return [c.token_id for c in self.stream(token_ids, max_tokens, sampling, stop_tokens)]
+        chunks = self.stream(token_ids, max_tokens, sampling, stop_tokens, speculative)
+        return [c.token_id for c in chunks]
 
     def stream(
         self,
@@ -166,6 +169,7 @@ class Engine:
         max_tokens: int,
         sampling: SamplingParams | None = None,
         stop_tokens: Iterable[int] | None = None,
+        speculative: bool = True,
     ) -> Iterator[GenerationChunk]:
         """The continuation of `generate`, one chunk (token, text, logprobs) at a time."""
         prompt = self.check_tokens(token_ids)
@@ -176,10 +180,11 @@ class Engine:
                 f"prompt of {len(prompt)} tokens plus {max_tokens} new tokens exceeds the "
                 f"context of {self.n_ctx}"
             )
-        return self._run(prompt, generation)
+        return self._run(prompt, generation, self.speculator if speculative else None)
 
-    def _run(self, prompt: np.ndarray, generation: Generation) -> Iterator[GenerationChunk]:
-        speculator = self.speculator
+    def _run(
+        self, prompt: np.ndarray, generation: Generation, speculator: Speculator | None
+    ) -> Iterator[GenerationChunk]:
         with self.new_sequence() as seq:
             # The prompt as a server computes it (one process prefills all but the last token, the
             # last runs in a decode step), so that both give the same tokens.

@@ -8,6 +8,7 @@ token for token, and sampled output keeps the target's distribution exactly.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,6 +40,8 @@ class SpeculationStats:
     accepted: int = 0
     proposed_at: list[int] = field(default_factory=list)
     accepted_at: list[int] = field(default_factory=list)
+    draft_seconds: float = 0.0
+    """Time spent drafting (the drafter's calls)."""
 
     def record(self, proposed: int, accepted: int) -> None:
         """Count one verification of `proposed` drafts of which the first `accepted` were
@@ -83,6 +86,7 @@ class SpeculationStats:
             "accepted": self.accepted,
             "acceptance_rate": self.acceptance_rate,
             "acceptance_per_position": self.acceptance_per_position(),
+            "draft_seconds": self.draft_seconds,
         }
 
 
@@ -132,7 +136,9 @@ class Speculator:
         if not wanted:
             return drafts
         k = min(self.draft_tokens, max(limits[i] for i in wanted))
+        start = time.perf_counter()
         proposals = self.drafter.propose([contexts[i] for i in wanted], k)
+        self.stats.draft_seconds += time.perf_counter() - start
         for i, proposal in zip(wanted, proposals, strict=True):
             drafts[i] = np.asarray(proposal[: limits[i]], dtype=np.int32)
         return drafts

@@ -214,6 +214,7 @@ def test_acceptance_is_counted_per_position():
         "accepted": 4,
         "acceptance_rate": 4 / 9,
         "acceptance_per_position": [2 / 3, 2 / 3, 0.0, 0.0],
+        "draft_seconds": 0.0,
     }
 
 

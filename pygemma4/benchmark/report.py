@@ -10,6 +10,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from pygemma4.benchmark.draft_bench import PUBLISHED_ACCEPTANCE, DraftBenchResult
 from pygemma4.benchmark.load import LoadResult
 from pygemma4.benchmark.model_bench import BenchResult
 from pygemma4.benchmark.runners import ENGINE_TITLES
@@ -188,3 +189,62 @@ def print_load(result: LoadResult, warmup: int, console: Console) -> None:
     )
     for message, count in result.error_messages.items():
         console.print(f"{count} x {message}", style="red", highlight=False)
+
+
+def print_draft_bench(result: DraftBenchResult, console: Console) -> None:
+    """The drafting benchmark: speed with and without drafting, acceptance per position, the
+    cost of verifying k tokens, and the modelled speed at the published acceptance rates."""
+    speculation = result.speculation
+    title = (
+        f"{result.model} · drafting {result.draft_tokens} tokens with {result.draft} · "
+        f"{result.threads} threads · {result.generated_tokens} tokens after a "
+        f"{result.prompt_tokens}-token prompt, median of {result.repetitions}"
+    )
+    speeds = Table(title=title, title_justify="left")
+    speeds.add_column("decode", no_wrap=True)
+    speeds.add_column("tokens/s", justify="right")
+    speeds.add_column("vs plain", justify="right")
+    speeds.add_row("plain", f"{result.plain_tokens_per_s:.2f}", "")
+    speeds.add_row(
+        "drafting",
+        f"{result.drafted_tokens_per_s:.2f}",
+        _ratio(result.drafted_tokens_per_s / result.plain_tokens_per_s),
+    )
+    console.print(speeds)
+    acceptance = Table(title="acceptance per draft position (measured)", title_justify="left")
+    for position in range(len(speculation.proposed_at)):
+        acceptance.add_column(str(position + 1), justify="right")
+    acceptance.add_row(*(f"{a:.2f}" for a in speculation.acceptance_per_position()))
+    console.print(acceptance)
+    costs = Table(title="one call appending n tokens (measured)", title_justify="left")
+    costs.add_column("n", justify="right")
+    costs.add_column("ms", justify="right")
+    costs.add_column("vs 1 token", justify="right")
+    for cost in result.verification.values():
+        costs.add_row(str(cost.tokens), f"{cost.seconds * 1e3:.1f}", _ratio(cost.ratio))
+    console.print(costs)
+    published = ", ".join(f"{a:.2f}" for a in PUBLISHED_ACCEPTANCE)
+    modelled = Table(
+        title=f"MODEL: the speed the measured costs give at the published acceptance "
+        f"({published} per position)",
+        title_justify="left",
+    )
+    for column in ("k", "tokens per step", "step cost (plain steps)", "tokens/s", "vs plain"):
+        modelled.add_column(column, justify="right")
+    for speed in result.modelled():
+        modelled.add_row(
+            str(speed.k),
+            f"{speed.tokens_per_step:.2f}",
+            f"{speed.step_cost:.2f}",
+            f"{speed.tokens_per_s:.2f}",
+            _ratio(speed.tokens_per_s / result.plain_tokens_per_s),
+        )
+    console.print(modelled)
+    notes = [
+        f"drafted output {'identical to' if result.identical else 'DIFFERENT from'} plain "
+        "greedy output",
+        f"drafting costs {result.draft_cost:.2f} plain decode steps per verification step "
+        f"({speculation.accepted}/{speculation.proposed} drafts kept)",
+    ]
+    for note in notes:
+        console.print(f"  {note}")
