@@ -9,10 +9,11 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 from scipy import stats
-from serve_helpers import ServeProcess, run_serve
+from serve_helpers import ServeProcess, free_port, run_serve
 
 from pygemma4 import AsyncClient, Engine
 from pygemma4.drafter import DraftContext, DraftRequestError, NgramDrafter
@@ -233,8 +234,9 @@ def test_the_server_drafts_for_16_concurrent_streams_with_the_engines_tokens(
     ][:16]
     plain = Engine(model, threads=1)
     expected = [plain.generate(prompt, TOKENS, stop_tokens=()) for prompt in requests]
+    listen = f"127.0.0.1:{free_port()}"
     args = ("--threads", "1", "--max-batch", "8", "--draft", drafter, "--draft-tokens", "3")
-    with ServeProcess.running(model, tmp_path, *args) as server:
+    with ServeProcess.running(model, tmp_path, *args, "--http", listen) as server:
 
         async def run() -> list[list[int]]:
             async with AsyncClient(server.endpoint, timeout=60) as client:
@@ -254,6 +256,20 @@ def test_the_server_drafts_for_16_concurrent_streams_with_the_engines_tokens(
             assert info.draft == Path(drafter).name and info.draft_tokens == 3
             assert info.speculation is not None and info.speculation.proposed > 0
             assert client.health().speculation == info.speculation
+            metrics = httpx.get(f"http://{listen}/metrics", timeout=30).text
+            counted = {
+                line.split()[0]: float(line.split()[1])
+                for line in metrics.splitlines()
+                if line.startswith("pygemma4:spec_decode_")
+            }
+            assert (
+                counted["pygemma4:spec_decode_num_draft_tokens_total"] == info.speculation.proposed
+            )
+            assert counted["pygemma4:spec_decode_num_accepted_tokens_total"] == (
+                info.speculation.accepted
+            )
+            per_position = 'pygemma4:spec_decode_num_accepted_tokens_per_pos_total{position="0"}'
+            assert counted[per_position] == info.speculation.accepted_at[0]
             opted_out = client.complete(
                 requests[0].tolist(), TOKENS, temperature=0, ignore_eos=True, speculative=False
             )

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -13,6 +14,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from pygemma4.protocol import HealthStatus
 
@@ -83,27 +85,53 @@ class Metrics:
             registry=registry,
         )
 
-        self.kv_usage = Gauge(
-            "pygemma4:kv_cache_usage_perc",
-            "Fraction of the KV pool's blocks held by sequences (1 = full; NaN while the "
-            "server does not answer).",
-            registry=registry,
-        )
-        self.kv_blocks_total = Gauge(
-            "pygemma4:kv_cache_blocks_total",
-            "Blocks in the server's KV pool (NaN while the server does not answer).",
-            registry=registry,
-        )
+        self.server = _ServerState()
+        registry.register(self.server)
 
     def observe_server(self, status: HealthStatus | None) -> None:
-        """Set the gauges read from the server's health (None: it did not answer)."""
-        if status is None or status.kv_blocks_total == 0:
-            self.kv_usage.set(math.nan)
-            self.kv_blocks_total.set(math.nan)
-            return
-        self.kv_usage.set(status.kv_blocks_used / status.kv_blocks_total)
-        self.kv_blocks_total.set(status.kv_blocks_total)
+        """Take the server's health, read at this scrape (None: it did not answer)."""
+        self.server.status = status
 
     def render(self) -> bytes:
         """The metrics in Prometheus' text format."""
         return generate_latest(self.registry)
+
+
+class _ServerState:
+    """The metrics read from the server's health at each scrape: KV usage (NaN while the server
+    does not answer) and, where it drafts, speculative decoding's counts (vLLM's names)."""
+
+    def __init__(self) -> None:
+        self.status: HealthStatus | None = None
+
+    def collect(self) -> Iterator[Metric]:
+        status = self.status
+        known = status is not None and status.kv_blocks_total > 0
+        yield GaugeMetricFamily(
+            "pygemma4:kv_cache_usage_perc",
+            "Fraction of the KV pool's blocks held by sequences (1 = full; NaN while the "
+            "server does not answer).",
+            value=status.kv_blocks_used / status.kv_blocks_total if known else math.nan,
+        )
+        yield GaugeMetricFamily(
+            "pygemma4:kv_cache_blocks_total",
+            "Blocks in the server's KV pool (NaN while the server does not answer).",
+            value=status.kv_blocks_total if known else math.nan,
+        )
+        speculation = None if status is None else status.speculation
+        if speculation is None:
+            return
+        for name, help_text, value in (
+            ("num_drafts", "Verification steps that carried drafts.", speculation.steps),
+            ("num_draft_tokens", "Draft tokens proposed.", speculation.proposed),
+            ("num_accepted_tokens", "Draft tokens accepted.", speculation.accepted),
+        ):
+            yield CounterMetricFamily(f"pygemma4:spec_decode_{name}", help_text, value=value)
+        per_position = CounterMetricFamily(
+            "pygemma4:spec_decode_num_accepted_tokens_per_pos",
+            "Draft tokens accepted, by draft position (0: the first after the token fed).",
+            labels=["position"],
+        )
+        for position, accepted in enumerate(speculation.accepted_at):
+            per_position.add_metric([str(position)], accepted)
+        yield per_position
