@@ -348,3 +348,20 @@ def test_serving_on_cuda_gives_the_engines_tokens(fixtures_dir, tmp_path):
                 assert list(result.token_ids) == expected, f"prompt {i}"
         finally:
             client.close()
+
+
+@pytest.mark.cuda
+@needs_gpu
+@pytest.mark.parametrize("draft", ["assistant", "ngram"])
+def test_drafting_on_cuda_gives_the_cpu_greedy_tokens(fixtures_dir, draft):
+    draft_dir = fixtures_dir / "gemma4-tiny-draft"
+    target = draft_dir / "target-f32.gguf"
+    drafter = draft_dir / "assistant-f32.gguf" if draft == "assistant" else "ngram"
+    ref = np.load(draft_dir / "ref_draft.npz")
+    cpu = Engine(target, threads=2)
+    for k in (1, 4, 8):
+        gpu = Engine(target, backend="cuda", draft=drafter, draft_tokens=k)
+        for i in range(3):
+            ids = ref[f"p{i}/ids"]
+            assert gpu.generate(ids, 40, stop_tokens=()) == cpu.generate(ids, 40, stop_tokens=())
+        assert gpu.speculation is not None and gpu.speculation.proposed > 0
