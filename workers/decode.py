@@ -6,7 +6,8 @@ sequence can touch another's blocks. The prompt, but its last token, goes to a p
 worker; the last prompt token is the sequence's first decode step, which yields the first
 logits. Each step then decodes every running sequence together (the weights are read once
 for all of them), samples each one's next token, sends the tokens to the tokenizer workers and
-retires the sequences that ended.
+retires the sequences that ended. With a drafter, each sequence's step also carries its drafts,
+verified together: a sequence may gain several tokens in one step (`pygemma4.speculative`).
 """
 
 from __future__ import annotations
