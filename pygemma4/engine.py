@@ -13,7 +13,8 @@ from pygemma4.config import ModelConfig, ModelFile, open_model
 from pygemma4.drafter import DraftContext
 from pygemma4.errors import Gemma4Error, TokenizerError, require_positive
 from pygemma4.generation import Generation, GenerationChunk, room_for_tokens
-from pygemma4.kv import BlockAllocator, KvLayout, SequenceKv
+from pygemma4.kv import DEFAULT_BLOCK_SIZE, BlockAllocator, KvLayout, SequenceKv
+from pygemma4.prefix_cache import PrefixCache
 from pygemma4.runner import (
     Feed,
     ModelRunner,
@@ -73,6 +74,7 @@ class Engine:
         device: int = 0,
         draft: str | os.PathLike[str] | None = None,
         draft_tokens: int = DEFAULT_DRAFT_TOKENS,
+        prefix_snapshots: int | None = None,
     ) -> None:
         check_backend(backend, device)
         threads = default_threads() if threads is None else threads
@@ -89,10 +91,22 @@ class Engine:
         self.threads = threads
         self.n_ctx = n_ctx
         self.n_batch = n_batch
-        self.kv_layout = KvLayout.for_model(self.config, n_ctx, max_sequences, n_batch)
+        # A ring set for each sequence, and as many again kept as prefix snapshots (none on
+        # CUDA, where copying ring sets is not verified on a GPU yet).
+        if prefix_snapshots is None:
+            prefix_snapshots = max_sequences if backend == "cpu" else 0
+        self._max_sequences = max_sequences
+        self.kv_layout = KvLayout.for_model(
+            self.config,
+            n_ctx,
+            max_sequences + prefix_snapshots,
+            n_batch,
+            n_blocks=-(-n_ctx // DEFAULT_BLOCK_SIZE) * max_sequences,
+        )
         pool = self.kv_layout.new_pool(self.config, device=pool_device(backend, device))
         self.runner = ModelRunner(self.model_file, pool, n_batch, threads, backend, device)
         self._allocator = BlockAllocator(self.kv_layout)
+        self.prefix_cache = PrefixCache(self._allocator, pool, self.config, prefix_snapshots)
         self.speculator = (
             None
             if draft is None
@@ -113,7 +127,7 @@ class Engine:
     @property
     def max_sequences(self) -> int:
         """How many sequences the engine can hold at once."""
-        return self.kv_layout.n_ring_sets
+        return self._max_sequences
 
     @property
     def kv_cache_bytes(self) -> int:
@@ -122,11 +136,17 @@ class Engine:
 
     def new_sequence(self) -> GenerationSequence:
         """Start an empty sequence; close it (or use `with`) to free its slot."""
-        if self._allocator.free_ring_sets == 0:
+        self._check_free_slot()
+        return GenerationSequence(self, SequenceKv(self._allocator))
+
+    def _check_free_slot(self) -> None:
+        """NoFreeSequenceError where `max_sequences` sequences are open (the ring sets that
+        prefix snapshots may still take are not a sequence's)."""
+        cache = self.prefix_cache
+        if self._allocator.free_ring_sets <= cache.max_snapshots - len(cache.snapshots):
             raise NoFreeSequenceError(
                 f"all {self.max_sequences} sequence slots are in use; close one first"
             )
-        return GenerationSequence(self, SequenceKv(self._allocator))
 
     def forward(self, token_ids: Sequence[int] | np.ndarray) -> np.ndarray:
         """Logits float32 [len(token_ids), vocab] for every position of a fresh sequence."""
@@ -185,33 +205,51 @@ class Engine:
     def _run(
         self, prompt: np.ndarray, generation: Generation, speculator: Speculator | None
     ) -> Iterator[GenerationChunk]:
-        with self.new_sequence() as seq:
-            # The prompt as a server computes it (one process prefills all but the last token, the
-            # last runs in a decode step), so that both give the same tokens.
-            self.runner.prefill(Feed(seq.kv, prompt[:-1], "none"))
-            hidden: np.ndarray | None = None
-            while True:
+        self._check_free_slot()
+        # The prompt as a server computes it (one process prefills all but the last token, the
+        # last runs in a decode step), so that both give the same tokens; the prefix cache
+        # holds what earlier sequences computed of it.
+        kv, cached = self.prefix_cache.new_sequence(prompt[:-1])
+        with GenerationSequence(self, kv) as seq:
+            try:
+                self.runner.prefill(Feed(seq.kv, prompt[cached:-1], "none"))
+                self.prefix_cache.remember(seq.kv, prompt[:-1])
+                yield from self._decode(seq.kv, prompt, generation, speculator)
+            finally:
                 tokens = np.concatenate([prompt, np.asarray(generation.token_ids, np.int32)])
-                drafts = np.empty(0, dtype=np.int32)
-                if speculator is not None:
-                    context = DraftContext(seq.kv, tokens, hidden)
-                    # The last token generated is never fed: drafts beyond it are wasted.
-                    drafts = speculator.propose([context], [generation.tokens_left - 1])[0]
-                feed = verification_feed(
-                    seq.kv,
-                    int(tokens[-1]),
-                    drafts,
-                    greedy=not generation.needs_logits,
-                    hidden=speculator is not None and speculator.needs_hidden,
-                )
-                result = self.runner.decode([feed])[0]
-                steps = next_tokens(result, generation, drafts)
-                yield from steps
-                if steps[-1].finish_reason is not None:
-                    return
-                if speculator is not None:
-                    accepted = speculator.settle(self.runner, seq.kv, drafts, steps)
-                    hidden = None if result.hidden is None else result.hidden[accepted]
+                self.prefix_cache.release(seq.kv, tokens)
+
+    def _decode(
+        self,
+        kv: SequenceKv,
+        prompt: np.ndarray,
+        generation: Generation,
+        speculator: Speculator | None,
+    ) -> Iterator[GenerationChunk]:
+        """Decode after the prompt's prefill, the last prompt token first."""
+        hidden: np.ndarray | None = None
+        while True:
+            tokens = np.concatenate([prompt, np.asarray(generation.token_ids, np.int32)])
+            drafts = np.empty(0, dtype=np.int32)
+            if speculator is not None:
+                context = DraftContext(kv, tokens, hidden)
+                # The last token generated is never fed: drafts beyond it are wasted.
+                drafts = speculator.propose([context], [generation.tokens_left - 1])[0]
+            feed = verification_feed(
+                kv,
+                int(tokens[-1]),
+                drafts,
+                greedy=not generation.needs_logits,
+                hidden=speculator is not None and speculator.needs_hidden,
+            )
+            result = self.runner.decode([feed])[0]
+            steps = next_tokens(result, generation, drafts)
+            yield from steps
+            if steps[-1].finish_reason is not None:
+                return
+            if speculator is not None:
+                accepted = speculator.settle(self.runner, kv, drafts, steps)
+                hidden = None if result.hidden is None else result.hidden[accepted]
 
     def decode(self, sequences: Sequence[GenerationSequence], tokens: Sequence[int]) -> np.ndarray:
         """One batched step: appends tokens[i] to sequences[i] for all i at once (weights read

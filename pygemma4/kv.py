@@ -10,7 +10,8 @@ run the model over the same pool memory (a shared mapping).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections import Counter, OrderedDict
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -142,17 +143,32 @@ class _IdPool:
 
 
 class BlockAllocator:
-    """Hands out a pool's full-attention blocks and ring sets, and takes them back."""
+    """Hands out a pool's full-attention blocks and ring sets, and takes them back.
+
+    A block handed out may be registered under the hash of the tokens it holds (see
+    `prefix_cache`): it is then shared, read-only, by every sequence that looks it up, and once
+    none uses it, it stays cached until its place is needed, least recently used first."""
 
     def __init__(self, layout: KvLayout) -> None:
         self.layout = layout
         self._blocks = _IdPool(layout.n_blocks, "KV block")
         self._ring_sets = _IdPool(layout.n_ring_sets, "ring set")
+        self._users: dict[int, int] = {}
+        """Registered blocks in use: how many sequences hold each."""
+        self._by_hash: dict[bytes, int] = {}
+        self._hash_of: dict[int, bytes] = {}
+        self._idle: OrderedDict[int, None] = OrderedDict()
+        """Registered blocks no sequence holds, least recently used first."""
 
     @property
     def free_blocks(self) -> int:
-        """Blocks not handed out."""
-        return self._blocks.n_free
+        """Blocks that can be handed out (unused ones, and cached ones no sequence holds)."""
+        return self._blocks.n_free + len(self._idle)
+
+    @property
+    def cached_blocks(self) -> int:
+        """Registered blocks, in use or not."""
+        return len(self._hash_of)
 
     @property
     def free_ring_sets(self) -> int:
@@ -161,16 +177,61 @@ class BlockAllocator:
 
     def can_allocate(self, n_blocks: int) -> bool:
         """Whether `allocate(n_blocks)` would succeed."""
-        return n_blocks <= self._blocks.n_free
+        return n_blocks <= self.free_blocks
 
     def allocate(self, n_blocks: int) -> list[int]:
-        """`n_blocks` block ids; KvExhaustedError when fewer are free."""
+        """`n_blocks` block ids (unused ones first, then the least recently used cached ones,
+        forgotten); KvExhaustedError when fewer are free."""
+        if n_blocks > self.free_blocks:
+            raise KvExhaustedError(
+                f"{n_blocks} KV blocks wanted, {self.free_blocks} of {self.layout.n_blocks} free"
+            )
+        evicted = max(0, n_blocks - self._blocks.n_free)
+        for _ in range(evicted):
+            block, _ = self._idle.popitem(last=False)
+            del self._by_hash[self._hash_of.pop(block)]
+            self._blocks.give_back([block])
         return self._blocks.take(n_blocks)
 
     def free(self, block_ids: Iterable[int]) -> None:
-        """Take blocks back; ValueError (freeing none of them) for an id that is not this
-        pool's or not handed out."""
-        self._blocks.give_back(list(block_ids))
+        """Take blocks back (a registered one stays cached until no sequence holds it);
+        ValueError (freeing none of them) for an id that is not this pool's or not handed
+        out."""
+        ids = list(block_ids)
+        private = [b for b in ids if b not in self._hash_of]
+        shared = Counter(b for b in ids if b in self._hash_of)
+        if any(self._users.get(b, 0) < n for b, n in shared.items()):
+            raise ValueError("KV block freed twice")
+        self._blocks.give_back(private)
+        for block, n in shared.items():
+            self._users[block] -= n
+            if self._users[block] == 0:
+                del self._users[block]
+                self._idle[block] = None
+
+    def register(self, block: int, block_hash: bytes) -> None:
+        """Record that `block`, handed out and full, holds the tokens `block_hash` names, so
+        that later sequences can share it (nothing changes where another block holds them, or
+        where the block is registered already)."""
+        if block_hash in self._by_hash or block in self._hash_of:
+            return
+        self._by_hash[block_hash] = block
+        self._hash_of[block] = block_hash
+        self._users[block] = 1  # its owner's hold
+
+    def share(self, block_hashes: Sequence[bytes]) -> list[int]:
+        """The blocks of the longest run of `block_hashes`, from the first, that are cached,
+        each now held once more (free them as any other)."""
+        blocks = []
+        for block_hash in block_hashes:
+            block = self._by_hash.get(block_hash)
+            if block is None:
+                break
+            blocks.append(block)
+        for block in blocks:
+            self._idle.pop(block, None)
+            self._users[block] = self._users.get(block, 0) + 1
+        return blocks
 
     def allocate_ring_set(self) -> int:
         """A ring set id; KvExhaustedError when none is free."""
@@ -224,13 +285,15 @@ class SequenceKv:
         if missing > 0:
             self.block_table.extend(self.allocator.allocate(missing))
 
-    def release(self) -> None:
-        """Give the blocks and the ring set back to the allocator (once; later calls do nothing)."""
+    def release(self, keep_ring_set: bool = False) -> None:
+        """Give the blocks and the ring set back to the allocator (once; later calls do
+        nothing); with `keep_ring_set`, the caller keeps the ring set (to free later)."""
         if not self._released:
             self._released = True
             if self.allocator is not None:
                 self.allocator.free(self.block_table)
-                self.allocator.free_ring_set(self.ring_set)
+                if not keep_ring_set:
+                    self.allocator.free_ring_set(self.ring_set)
             self.block_table = []
 
     def table_array(self, width: int) -> np.ndarray:

@@ -155,7 +155,8 @@ def test_sequence_slots_are_limited_and_reused(fixtures_dir):
 def test_engine_kv_layout(fixtures_dir):
     engine = Engine(fixtures_dir / MODEL, threads=1, n_ctx=100, max_sequences=2, n_batch=8)
     layout = engine.kv_layout
-    assert layout.n_ring_sets == engine.max_sequences == 2
+    # A ring set per sequence, and one more per sequence for prefix snapshots.
+    assert engine.max_sequences == 2 and layout.n_ring_sets == 4
     assert layout.n_blocks == 2 * layout.blocks_for(100)
     assert engine.kv_cache_bytes == layout.nbytes
     with engine.new_sequence() as a, engine.new_sequence() as b:

@@ -69,6 +69,10 @@ void register_kv_pool(py::module_& m) {
            "least bytes_needed bytes, held while the pool lives) or, without one, in memory of "
            "its own: host memory, or with device >= 0 zeroed memory of that CUDA device, or "
            "with an ipc_handle too the device pool another process exported.")
+      .def(
+          "copy_ring_set", [](PyKvPool& p, int src, int dst) { p.pool().copy_ring_set(src, dst); },
+          py::arg("src"), py::arg("dst"),
+          "Copy ring set src's sliding-window rows over ring set dst's (host pools only).")
       .def("ipc_handle", &PyKvPool::ipc_handle,
            "The bytes by which another process opens this CUDA pool (KvPool(..., device=d, "
            "ipc_handle=h)).")

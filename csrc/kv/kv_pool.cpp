@@ -107,4 +107,24 @@ bool KvPool::fits(const ModelConfig& config) const {
   return true;
 }
 
+void KvPool::copy_ring_set(int src, int dst) {
+  if (device_ >= 0) {
+    throw std::invalid_argument("copying ring sets of a KV pool on a CUDA device is not supported");
+  }
+  for (int ring_set : {src, dst}) {
+    if (ring_set < 0 || ring_set >= n_ring_sets_) {
+      throw std::invalid_argument("ring set " + std::to_string(ring_set) + " out of range [0, " +
+                                  std::to_string(n_ring_sets_) + ")");
+    }
+  }
+  if (src == dst) return;
+  for (LayerStore& store : layers_) {
+    if (!store.present || !store.sliding) continue;
+    const size_t ring_floats = static_cast<size_t>(ring_blocks_) * block_size_ * store.row_floats;
+    for (float* rows : {store.keys, store.values}) {
+      std::memcpy(rows + dst * ring_floats, rows + src * ring_floats, ring_floats * sizeof(float));
+    }
+  }
+}
+
 }  // namespace pg4

@@ -46,6 +46,11 @@ class KvPool {
   // Whether the pool was laid out for a model of this configuration's KV shapes.
   bool fits(const ModelConfig& config) const;
 
+  // Copies every sliding layer's rows of ring set src over those of ring set dst: a sequence
+  // that continues another's prefix starts from its sliding window. Host memory only (throws
+  // std::invalid_argument for a pool on a CUDA device, or a ring set out of range).
+  void copy_ring_set(int src, int dst);
+
   int row_floats(int layer) const { return layers_[layer].row_floats; }
   bool sliding(int layer) const { return layers_[layer].sliding; }
 
