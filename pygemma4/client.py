@@ -164,6 +164,8 @@ class CompletionResult:
     in_reasoning: bool = False
     """A chat whose prompt ended inside an open thought channel: the text starts as
     reasoning."""
+    cached_tokens: int = 0
+    """Prompt tokens whose KV the server had cached (computed for an earlier request)."""
 
 
 @dataclass(frozen=True)
@@ -623,6 +625,7 @@ class AsyncClient:
             completion_tokens=done.completion_tokens,
             logprobs=None if done.logprobs is None else tuple(done.logprobs),
             in_reasoning=done.in_reasoning,
+            cached_tokens=done.cached_tokens,
         )
 
     async def _single(self, call: _Call) -> protocol.ServerReply:
@@ -851,6 +854,7 @@ class AsyncCompletionStream:
             completion_tokens=reply.completion_tokens,
             logprobs=None if self._logprobs is None else tuple(self._logprobs),
             in_reasoning=reply.in_reasoning,
+            cached_tokens=reply.cached_tokens,
         )
         raise StopAsyncIteration
 

@@ -388,15 +388,22 @@ def now() -> int:
 class Usage:
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0
+    """Prompt tokens the server's KV cache held."""
 
-    def plus(self, prompt_tokens: int, completion_tokens: int) -> Usage:
-        return Usage(self.prompt_tokens + prompt_tokens, self.completion_tokens + completion_tokens)
+    def plus(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> Usage:
+        return Usage(
+            self.prompt_tokens + prompt_tokens,
+            self.completion_tokens + completion_tokens,
+            self.cached_tokens + cached_tokens,
+        )
 
-    def body(self) -> dict[str, int]:
+    def body(self) -> dict[str, Any]:
         return {
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "total_tokens": self.prompt_tokens + self.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": self.cached_tokens},
         }
 
 

@@ -240,6 +240,8 @@ class Done(_Reply, tag="done"):
     logprobs: list[TokenLogprobs] | None = None
     in_reasoning: bool = False
     """As `Chunk.in_reasoning`."""
+    cached_tokens: int = 0
+    """Prompt tokens whose KV the server had cached (not computed again)."""
 
 
 class Cancelled(_Reply, tag="cancelled"):
@@ -294,6 +296,10 @@ class HealthStatus(_Reply, tag="health"):
     kv_blocks_used: int = 0
     kv_blocks_total: int = 0
     speculation: SpeculationCounts | None = None
+    prefix_looked_up: int = 0
+    """Prompt tokens looked up in the prefix cache since the decode worker started."""
+    prefix_hit: int = 0
+    """Of those, the tokens it held."""
 
 
 class ServerInfo(_Reply, tag="info"):
@@ -382,6 +388,8 @@ class TokenOutput(_Strict):
     logprob: float | None = None
     top_logprobs: list[tuple[int, float]] | None = None
     finish_reason: FinishReason | None = None
+    cached_tokens: int | None = None
+    """On a request's first token: how many of its prompt tokens the KV cache held."""
 
 
 class StepTokens(_Internal, tag="step"):
@@ -421,6 +429,8 @@ class DecodeLoad(_Internal, tag="decode_load"):
     kv_blocks_used: int
     kv_blocks_total: int
     speculation: SpeculationCounts | None = None
+    prefix_looked_up: int = 0
+    prefix_hit: int = 0
 
 
 # What each process's inbox takes: anything else that reaches it is a misrouted message.

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
+from serve_helpers import ServeProcess, free_port
 
 from pygemma4 import Engine, open_model
 from pygemma4.kv import BlockAllocator, KvExhaustedError, KvLayout, SequenceKv
@@ -159,3 +161,39 @@ def test_the_engine_reuses_what_earlier_generations_computed(fixtures_dir):
     assert cached.generate(turn, 16, stop_tokens=()) == cold.generate(turn, 16, stop_tokens=())
     assert cached.prefix_cache.stats.hit >= whole_blocks + len(prompt) + len(first) - 16
     assert cold.prefix_cache.stats.hit == 0
+
+
+def test_the_server_reuses_prefixes_and_reports_them(fixtures_dir, tmp_path):
+    path = fixtures_dir / "gemma4-tiny-e" / "model-Q8_0.gguf"
+    prompt = np.load(fixtures_dir / "gemma4-tiny-e" / "ref.npz")["ids1"].tolist()
+    engine = Engine(path, threads=1, prefix_snapshots=0)
+    listen = f"127.0.0.1:{free_port()}"
+    with (
+        ServeProcess.running(path, tmp_path, "--threads", "1", "--http", listen) as server,
+        server.client() as client,
+    ):
+        first = client.complete(prompt, 12, temperature=0, ignore_eos=True)
+        assert first.cached_tokens == 0
+        again = client.complete(prompt, 12, temperature=0, ignore_eos=True)
+        assert again.cached_tokens == (len(prompt) - 1) // 16 * 16
+        assert again.token_ids == first.token_ids
+        assert list(first.token_ids) == engine.generate(prompt, 12, stop_tokens=())
+        # The next turn: the whole first exchange is cached but its last block.
+        turn = [*prompt, *first.token_ids, *prompt[1:20]]
+        streamed = client.stream(turn, 8, temperature=0, ignore_eos=True)
+        tokens = [t for chunk in streamed for t in chunk.token_ids]
+        assert streamed.result is not None
+        assert streamed.result.cached_tokens >= len(prompt) + len(first.token_ids) - 16
+        assert tokens == engine.generate(turn, 8, stop_tokens=())
+        health = client.health()
+        assert health.prefix_hit == again.cached_tokens + streamed.result.cached_tokens
+        body = {"model": path.name, "prompt": prompt, "max_tokens": 4, "temperature": 0}
+        usage = httpx.post(f"http://{listen}/v1/completions", json=body, timeout=60).json()["usage"]
+        assert usage["prompt_tokens_details"]["cached_tokens"] == again.cached_tokens
+        metrics = httpx.get(f"http://{listen}/metrics", timeout=60).text
+        hits = next(
+            line
+            for line in metrics.splitlines()
+            if line.startswith("pygemma4:prefix_cache_hits_total")
+        )
+        assert float(hits.split()[1]) == health.prefix_hit + again.cached_tokens

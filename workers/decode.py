@@ -23,6 +23,7 @@ from pygemma4.constraints import ConstraintError, grammar_vocabulary
 from pygemma4.drafter import DraftContext
 from pygemma4.generation import TokenChoice
 from pygemma4.kv import BlockAllocator, SequenceKv
+from pygemma4.prefix_cache import PrefixCache
 from pygemma4.protocol import (
     DecodeLoad,
     EndedRequests,
@@ -59,12 +60,17 @@ class Sequence:
     hidden: np.ndarray | None = None
     """The target's final hidden state before `next_token` (what an assistant drafts from),
     once a step brought it back."""
+    cached_tokens: int = 0
+    """Prompt tokens the prefix cache held (told with the first token)."""
+
+    def tokens(self) -> np.ndarray:
+        """The prompt and the tokens generated so far."""
+        generated = np.asarray(self.choice.token_ids, dtype=np.int32)
+        return np.concatenate([np.asarray(self.request.prompt_ids, dtype=np.int32), generated])
 
     def draft_context(self) -> DraftContext:
         """What a drafter reads of this sequence."""
-        generated = np.asarray(self.choice.token_ids, dtype=np.int32)
-        tokens = np.concatenate([np.asarray(self.request.prompt_ids, dtype=np.int32), generated])
-        return DraftContext(self.kv, tokens, self.hidden)
+        return DraftContext(self.kv, self.tokens(), self.hidden)
 
     def draft_limit(self) -> int:
         """How many tokens may be drafted for it now: none where it opted out, and never past
@@ -92,6 +98,9 @@ class DecodeWorker(Worker):
         )
         self.layout = kv_layout(config.kv)
         self.allocator = BlockAllocator(self.layout)
+        self.prefix_cache = PrefixCache(
+            self.allocator, self.runner.pool, self.runner.config, config.prefix_snapshots
+        )
         self.waiting: deque[TokenizedRequest] = deque()
         self.prefilling: dict[int, Sequence] = {}
         self.running: dict[int, Sequence] = {}
@@ -144,6 +153,8 @@ class DecodeWorker(Worker):
             kv_blocks_used=self.layout.n_blocks - self.allocator.free_blocks,
             kv_blocks_total=self.layout.n_blocks,
             speculation=None if self.speculator is None else self.speculator.stats.counts(),
+            prefix_looked_up=self.prefix_cache.stats.looked_up,
+            prefix_hit=self.prefix_cache.stats.hit,
         )
         if load != self.reported:
             self.reported = load
@@ -174,8 +185,10 @@ class DecodeWorker(Worker):
             self.start(request, positions)
 
     def start(self, request: TokenizedRequest, positions: int) -> None:
-        """Reserve a request's KV and send its prompt to be prefilled."""
-        kv = SequenceKv(self.allocator)
+        """Reserve a request's KV (taking what the prefix cache holds of its prompt) and send
+        the rest of the prompt to be prefilled."""
+        prompt = request.prompt_ids
+        kv, cached = self.prefix_cache.new_sequence(prompt[:-1])
         kv.ensure(positions)
         try:
             sampling = protocol.sampling_params(request.sampling)
@@ -190,9 +203,8 @@ class DecodeWorker(Worker):
             kv.release()
             self.fail(request, "bad_request", str(e))
             return
-        prompt = request.prompt_ids
-        sequence = Sequence(request, kv, choice, next_token=prompt[-1])
-        if len(prompt) == 1:
+        sequence = Sequence(request, kv, choice, next_token=prompt[-1], cached_tokens=cached)
+        if cached == len(prompt) - 1:
             self.running[request.rid] = sequence
             return
         self.prefilling[request.rid] = sequence
@@ -203,8 +215,8 @@ class DecodeWorker(Worker):
             PromptToPrefill(
                 rid=request.rid,
                 epoch=self.epoch,
-                token_ids=prompt[:-1],
-                start=0,
+                token_ids=prompt[cached:-1],
+                start=cached,
                 block_table=kv.block_table,
                 ring_set=kv.ring_set,
             ),
@@ -223,7 +235,9 @@ class DecodeWorker(Worker):
             sequence.kv.release()
             self.fail(sequence.request, "internal", f"prefill failed: {done.error}")
         else:
-            sequence.kv.advance(len(sequence.request.prompt_ids) - 1)
+            prompt = sequence.request.prompt_ids
+            sequence.kv.advance(len(prompt) - 1 - sequence.cached_tokens)
+            self.prefix_cache.remember(sequence.kv, prompt[:-1])
             self.running[done.rid] = sequence
 
     def abort(self, ended: EndedRequests) -> None:
@@ -233,7 +247,8 @@ class DecodeWorker(Worker):
         self.waiting = deque(r for r in self.waiting if r.rid not in rids)
         for rid in rids:
             if rid in self.running:
-                self.running.pop(rid).kv.release()
+                sequence = self.running.pop(rid)
+                self.prefix_cache.release(sequence.kv, sequence.tokens())
             elif rid in self.prefilling:
                 self.prefilling[rid].aborted = True
 
@@ -262,6 +277,7 @@ class DecodeWorker(Worker):
                 self.running.pop(rid).kv.release()
                 self.fail(sequence.request, "internal", f"sampling failed: {e}")
                 continue
+            first = len(sequence.choice.token_ids) == len(steps)
             outputs.setdefault(sequence.request.tokenizer, []).extend(
                 TokenOutput(
                     rid=rid,
@@ -269,11 +285,13 @@ class DecodeWorker(Worker):
                     logprob=step.sampled.logprob,
                     top_logprobs=list(step.sampled.top_logprobs) or None,
                     finish_reason=step.finish_reason,
+                    cached_tokens=sequence.cached_tokens if first and i == 0 else None,
                 )
-                for step in steps
+                for i, step in enumerate(steps)
             )
             if steps[-1].finish_reason is not None:
-                self.running.pop(rid).kv.release()
+                self.running.pop(rid)
+                self.prefix_cache.release(sequence.kv, sequence.tokens())
                 continue
             sequence.next_token = steps[-1].token_id
             if speculator is not None:

@@ -217,6 +217,8 @@ class FrontEnd(Process):
                     kv_blocks_used=self.decode_load.kv_blocks_used,
                     kv_blocks_total=self.decode_load.kv_blocks_total,
                     speculation=self.decode_load.speculation,
+                    prefix_looked_up=self.decode_load.prefix_looked_up,
+                    prefix_hit=self.decode_load.prefix_hit,
                 ),
             )
         elif isinstance(message, Info):

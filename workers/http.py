@@ -490,7 +490,9 @@ async def generate(
 
     def counted(usage: Usage, index: int, result: CompletionResult) -> Usage:
         first_of_prompt = index % per_prompt == 0
-        return usage.plus(result.prompt_tokens if first_of_prompt else 0, result.completion_tokens)
+        if not first_of_prompt:
+            return usage.plus(0, result.completion_tokens, 0)
+        return usage.plus(result.prompt_tokens, result.completion_tokens, result.cached_tokens)
 
     if not stream:
         results: dict[int, CompletionResult] = {}

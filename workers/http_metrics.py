@@ -99,7 +99,8 @@ class Metrics:
 
 class _ServerState:
     """The metrics read from the server's health at each scrape: KV usage (NaN while the server
-    does not answer) and, where it drafts, speculative decoding's counts (vLLM's names)."""
+    does not answer), the prefix cache's lookups and hits and, where it drafts, speculative
+    decoding's counts (vLLM's names)."""
 
     def __init__(self) -> None:
         self.status: HealthStatus | None = None
@@ -118,6 +119,17 @@ class _ServerState:
             "Blocks in the server's KV pool (NaN while the server does not answer).",
             value=status.kv_blocks_total if known else math.nan,
         )
+        if status is not None:
+            yield CounterMetricFamily(
+                "pygemma4:prefix_cache_queries",
+                "Prompt tokens looked up in the prefix cache.",
+                value=status.prefix_looked_up,
+            )
+            yield CounterMetricFamily(
+                "pygemma4:prefix_cache_hits",
+                "Prompt tokens the prefix cache held (not computed again).",
+                value=status.prefix_hit,
+            )
         speculation = None if status is None else status.speculation
         if speculation is None:
             return

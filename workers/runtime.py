@@ -63,6 +63,8 @@ class ServerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     None decodes one token per step."""
     draft_tokens: int = 0
     """Tokens drafted per step, with `draft`."""
+    prefix_snapshots: int = 0
+    """Ring sets of the pool beyond `max_batch`, kept as snapshots by the prefix cache."""
     http_curve_public: str | None = None
     """Under CURVE, the public key of the HTTP front end's pair (made for this run; the
     secret reaches it in its environment), admitted beside the clients' keys."""

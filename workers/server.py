@@ -82,12 +82,20 @@ class Server:
                 draft = str(open_assistant(draft, model_file).gguf.path.resolve())
         config = model_file.config
         n_ctx = default_n_ctx(config) if n_ctx is None else n_ctx
+        # A ring set per sequence, and as many again kept as prefix snapshots (none on CUDA,
+        # where copying ring sets is not verified on a GPU yet).
+        prefix_snapshots = max_batch if backend == "cpu" else 0
+        blocks_per_sequence = -(-n_ctx // DEFAULT_BLOCK_SIZE)
         layout = KvLayout.for_model(
             config,
             n_ctx=n_ctx,
-            max_sequences=max_batch,
+            max_sequences=max_batch + prefix_snapshots,
             max_chunk=prefill_chunk,
-            n_blocks=None if kv_tokens is None else -(-kv_tokens // DEFAULT_BLOCK_SIZE),
+            n_blocks=(
+                max_batch * blocks_per_sequence
+                if kv_tokens is None
+                else -(-kv_tokens // DEFAULT_BLOCK_SIZE)
+            ),
         )
         self.socket_dir: Path | None = None
         ipc_base = self._ipc_base()
@@ -118,6 +126,7 @@ class Server:
             http=http,
             draft=draft,
             draft_tokens=draft_tokens if draft is not None else 0,
+            prefix_snapshots=prefix_snapshots,
             http_curve_public=None if http_curve_keys is None else http_curve_keys.public.decode(),
         )
         self.supervisor = Supervisor(

@@ -126,6 +126,7 @@ class TextState:
     prompt_tokens: int
     text: TextStream
     in_reasoning: bool = False
+    cached_tokens: int = 0
     token_ids: list[int] = field(default_factory=list)
     pieces: list[str] = field(default_factory=list)
     token_logprobs: list[TokenLogprobs] = field(default_factory=list)
@@ -223,6 +224,8 @@ class TokenizerWorker(Worker):
                 continue
             text, reason = state.text.push(out.token_id, out.finish_reason)
             state.token_ids.append(out.token_id)
+            if out.cached_tokens is not None:
+                state.cached_tokens = out.cached_tokens
             logprobs = self.logprobs_of(state, out)
             if state.stream:
                 self.send_chunk(out.rid, state, [out.token_id], text, logprobs)
@@ -269,6 +272,7 @@ class TokenizerWorker(Worker):
             prompt_tokens=state.prompt_tokens,
             completion_tokens=len(state.token_ids),
             in_reasoning=state.in_reasoning,
+            cached_tokens=state.cached_tokens,
         )
         if not state.stream:
             done.token_ids = state.token_ids
