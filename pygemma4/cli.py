@@ -686,6 +686,12 @@ def _bench_drafting(
 @click.option("--requests", default=32, type=click.IntRange(min=1), help="Requests measured.")
 @click.option("--concurrency", default=8, type=click.IntRange(min=1), help="Requests in flight.")
 @click.option("--prompt-tokens", default=128, type=click.IntRange(min=1))
+@click.option(
+    "--shared-prefix-tokens",
+    default=0,
+    type=click.IntRange(min=0),
+    help="The first N prompt tokens are the same in every request (prefix reuse).",
+)
 @click.option("--output-tokens", default=128, type=click.IntRange(min=1))
 @click.option(
     "--warmup",
@@ -717,6 +723,7 @@ def bench_serve(
     requests: int,
     concurrency: int,
     prompt_tokens: int,
+    shared_prefix_tokens: int,
     output_tokens: int,
     warmup: int | None,
     seed: int,
@@ -750,7 +757,12 @@ def bench_serve(
         raise click.UsageError(f"--endpoint measures a running server: {names} cannot apply")
     if model is not None and synthetic is not None:
         raise click.UsageError("name a MODEL or --synthetic NAME, not both")
-    measured = LoadSpec(requests, concurrency, prompt_tokens, output_tokens, seed, timeout)
+    try:
+        measured = LoadSpec(
+            requests, concurrency, prompt_tokens, output_tokens, seed, timeout, shared_prefix_tokens
+        )
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
     warmup = concurrency if warmup is None else warmup
     console = Console()
     with contextlib.ExitStack() as stack:
@@ -770,7 +782,15 @@ def bench_serve(
             )
         )
         if warmup:
-            warm = LoadSpec(warmup, warmup, prompt_tokens, output_tokens, seed + 1, timeout)
+            warm = LoadSpec(
+                warmup,
+                warmup,
+                prompt_tokens,
+                output_tokens,
+                seed + 1,
+                timeout,
+                shared_prefix_tokens,
+            )
             run_load(endpoint, warm, _progress_bar(progress, "warm-up", warmup))
         result = run_load(endpoint, measured, _progress_bar(progress, "requests", requests))
     print_load(result, warmup, console)

@@ -53,8 +53,8 @@ class NoServerError(Gemma4Error):
 @dataclass(frozen=True)
 class LoadSpec:
     """A load: `requests` requests, at most `concurrency` in flight, each a prompt of
-    `prompt_tokens` token ids (from `seed`) asking for `output_tokens` tokens, each given
-    `timeout` seconds to finish."""
+    `prompt_tokens` token ids (from `seed`; the first `shared_prefix_tokens` the same in every
+    prompt) asking for `output_tokens` tokens, each given `timeout` seconds to finish."""
 
     requests: int
     concurrency: int
@@ -62,10 +62,20 @@ class LoadSpec:
     output_tokens: int
     seed: int = 0
     timeout: float = 600.0
+    shared_prefix_tokens: int = 0
 
     def __post_init__(self) -> None:
         for name in ("requests", "concurrency", "prompt_tokens", "output_tokens"):
             require_positive(name, getattr(self, name))
+        shared = self.shared_prefix_tokens
+        if (
+            not isinstance(shared, int)
+            or isinstance(shared, bool)
+            or not (0 <= shared < self.prompt_tokens)
+        ):
+            raise ValueError(
+                f"shared_prefix_tokens must be an integer in [0, prompt_tokens), got {shared!r}"
+            )
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
             raise ValueError(f"seed must be an integer ≥ 0, got {self.seed!r}")
         timeout = self.timeout
@@ -83,10 +93,13 @@ class LoadSpec:
 
 def make_prompts(spec: LoadSpec, vocab_size: int) -> list[list[int]]:
     """The prompts of the load, one per request: BOS, then `prompt_tokens - 1` ids drawn
-    uniformly from `tokens.prompt_id_range(vocab_size)`; the same for the same seed."""
+    uniformly from `tokens.prompt_id_range(vocab_size)`, the first `shared_prefix_tokens` of
+    them (BOS included) the same in every prompt; the same for the same seed."""
     rng = np.random.default_rng(spec.seed)
-    drawn = random_ids(rng, vocab_size, (spec.requests, spec.prompt_tokens - 1))
-    return [[BOS, *row.tolist()] for row in drawn]
+    shared = random_ids(rng, vocab_size, max(0, spec.shared_prefix_tokens - 1)).tolist()
+    unique = spec.prompt_tokens - 1 - len(shared)
+    drawn = random_ids(rng, vocab_size, (spec.requests, unique))
+    return [[BOS, *shared, *row.tolist()] for row in drawn]
 
 
 # --- What one request measured ---------------------------------------------------------------

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from rich.console import Console
 from rich.table import Table
 
@@ -187,8 +188,25 @@ def print_load(result: LoadResult, warmup: int, console: Console) -> None:
         style="dim",
         highlight=False,
     )
+    if spec.shared_prefix_tokens:
+        console.print(_prefix_reuse_line(result), highlight=False)
     for message, count in result.error_messages.items():
         console.print(f"{count} x {message}", style="red", highlight=False)
+
+
+def _prefix_reuse_line(result: LoadResult) -> str:
+    """The first request's time to first token (it computed the shared prefix) against the
+    others' (which could take it from the prefix cache)."""
+    first, *rest = sorted(result.records, key=lambda r: r.index)
+    later = [r.ttft_s for r in rest if r.ttft_s is not None]
+    if first.ttft_s is None or not later:
+        return "shared prefix: too few requests got a first token to compare"
+    median = float(np.median(later))
+    return (
+        f"shared prefix of {result.spec.shared_prefix_tokens} tokens: time to first token "
+        f"{first.ttft_s * 1e3:.0f} ms for the first request, {median * 1e3:.0f} ms (median) for "
+        f"the {len(later)} after it: {first.ttft_s / median:.1f}x shorter"
+    )
 
 
 def print_draft_bench(result: DraftBenchResult, console: Console) -> None:
