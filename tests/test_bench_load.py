@@ -214,6 +214,7 @@ def test_json_holds_the_summaries_and_round_trips(
         "output_tokens": 12,
         "seed": 0,
         "timeout": 600.0,
+        "shared_prefix_tokens": 0,
     }
     assert summary["completed"] == 8 and summary["errors"] == 0
     assert summary["output_tokens_per_s"] == result.output_tokens_per_s

@@ -1,10 +1,12 @@
 """The decode worker: owner of the KV pool and scheduler of every request.
 
-Requests wait in arrival order until a batch place and the KV blocks for their whole length
-(prompt plus max_tokens) are free, so a running sequence never runs out of room and no
-sequence can touch another's blocks. The prompt, but its last token, goes to a prefill
-worker; the last prompt token is the sequence's first decode step, which yields the first
-logits. Each step then decodes every running sequence together (the weights are read once
+Requests wait in arrival order until a batch place and the KV blocks for their prompt are free
+(taking what the prefix cache holds of it); a sequence then grows block by block as it
+generates. When a step finds the pool short, the youngest sequences are paused (their KV left
+in the prefix cache) and wait at the head of the queue, to resume where they stopped: none
+fails, and no sequence can touch another's blocks. The prompt, but its last token, goes to a
+prefill worker; the last prompt token is the sequence's first decode step, which yields the
+first logits. Each step then decodes every running sequence together (the weights are read once
 for all of them), samples each one's next token, sends the tokens to the tokenizer workers and
 retires the sequences that ended. With a drafter, each sequence's step also carries its drafts,
 verified together: a sequence may gain several tokens in one step (`pygemma4.speculative`).
@@ -48,7 +50,7 @@ from pygemma4.workers.runtime import (
 
 @dataclass
 class Sequence:
-    """A request the decode worker has admitted."""
+    """A request the decode worker has admitted (and, paused, will resume)."""
 
     request: TokenizedRequest
     kv: SequenceKv
@@ -62,6 +64,11 @@ class Sequence:
     once a step brought it back."""
     cached_tokens: int = 0
     """Prompt tokens the prefix cache held (told with the first token)."""
+
+    @property
+    def rid(self) -> int:
+        """Its request's id."""
+        return self.request.rid
 
     def tokens(self) -> np.ndarray:
         """The prompt and the tokens generated so far."""
@@ -101,7 +108,8 @@ class DecodeWorker(Worker):
         self.prefix_cache = PrefixCache(
             self.allocator, self.runner.pool, self.runner.config, config.prefix_snapshots
         )
-        self.waiting: deque[TokenizedRequest] = deque()
+        self.waiting: deque[TokenizedRequest | Sequence] = deque()
+        """New requests, and paused sequences (at the head), in the order they start."""
         self.prefilling: dict[int, Sequence] = {}
         self.running: dict[int, Sequence] = {}
         self.next_prefill = 0
@@ -165,31 +173,37 @@ class DecodeWorker(Worker):
         self.waiting.append(request)
 
     def admit(self) -> None:
-        """Start waiting requests, oldest first, while a batch place and their KV fit."""
+        """Start waiting requests and resume paused sequences, oldest first, while a batch
+        place and the KV of their tokens so far fit."""
         while self.waiting and len(self.running) + len(self.prefilling) < self.config.max_batch:
-            request = self.waiting[0]
-            positions = len(request.prompt_ids) + request.max_tokens - 1
-            needed = self.layout.blocks_for(positions)
-            if needed > self.layout.n_blocks:
+            item = self.waiting[0]
+            if isinstance(item, Sequence):
+                tokens = item.tokens()
+                total = len(item.request.prompt_ids) + item.request.max_tokens - 1
+            else:
+                tokens = np.asarray(item.prompt_ids, dtype=np.int32)
+                total = len(tokens) + item.max_tokens - 1
+            if self.layout.blocks_for(total) > self.layout.n_blocks:
                 self.waiting.popleft()
                 self.fail(
-                    request,
+                    item if isinstance(item, TokenizedRequest) else item.request,
                     "context_length",
-                    f"the request needs KV for {positions} positions, more than the server's "
-                    f"pool holds ({self.layout.n_blocks * self.layout.block_size})",
+                    f"the request needs KV for {total} positions, more than the server's pool "
+                    f"holds ({self.layout.n_blocks * self.layout.block_size})",
                 )
                 continue
+            # A block of headroom for each running sequence, which may need one next step.
+            needed = self.layout.blocks_for(len(tokens)) + len(self.running)
             if not self.allocator.can_allocate(needed):
                 return
             self.waiting.popleft()
-            self.start(request, positions)
+            sequence = item if isinstance(item, Sequence) else self.admitted(item)
+            if sequence is not None:
+                self.start(sequence, tokens)
 
-    def start(self, request: TokenizedRequest, positions: int) -> None:
-        """Reserve a request's KV (taking what the prefix cache holds of its prompt) and send
-        the rest of the prompt to be prefilled."""
-        prompt = request.prompt_ids
-        kv, cached = self.prefix_cache.new_sequence(prompt[:-1])
-        kv.ensure(positions)
+    def admitted(self, request: TokenizedRequest) -> Sequence | None:
+        """A new request's sequence, its sampling set up (None, the request failed, where its
+        parameters cannot be)."""
         try:
             sampling = protocol.sampling_params(request.sampling)
             choice = TokenChoice(
@@ -200,22 +214,31 @@ class DecodeWorker(Worker):
                 self.grammar_tokenizer if sampling.constrained else None,
             )
         except ValueError as e:
-            kv.release()
             self.fail(request, "bad_request", str(e))
+            return None
+        return Sequence(request, SequenceKv(), choice)
+
+    def start(self, sequence: Sequence, tokens: np.ndarray) -> None:
+        """Give a sequence its KV for `tokens` (its prompt, or its prompt and what it generated
+        before a pause), taking what the prefix cache holds of them, and send the rest, but
+        the last token, to be prefilled."""
+        kv, cached = self.prefix_cache.new_sequence(tokens[:-1])
+        kv.ensure(len(tokens))
+        sequence.kv, sequence.next_token, sequence.hidden = kv, int(tokens[-1]), None
+        if not sequence.choice.token_ids:  # the first start: the client hears of the cache
+            sequence.cached_tokens = cached
+        if cached == len(tokens) - 1:
+            self.running[sequence.rid] = sequence
             return
-        sequence = Sequence(request, kv, choice, next_token=prompt[-1], cached_tokens=cached)
-        if cached == len(prompt) - 1:
-            self.running[request.rid] = sequence
-            return
-        self.prefilling[request.rid] = sequence
+        self.prefilling[sequence.rid] = sequence
         prefill = self.config.prefill_names()[self.next_prefill % self.config.prefill_workers]
         self.next_prefill += 1
         self.mail.send(
             prefill,
             PromptToPrefill(
-                rid=request.rid,
+                rid=sequence.rid,
                 epoch=self.epoch,
-                token_ids=prompt[cached:-1],
+                token_ids=tokens[cached:-1].tolist(),
                 start=cached,
                 block_table=kv.block_table,
                 ring_set=kv.ring_set,
@@ -235,16 +258,16 @@ class DecodeWorker(Worker):
             sequence.kv.release()
             self.fail(sequence.request, "internal", f"prefill failed: {done.error}")
         else:
-            prompt = sequence.request.prompt_ids
-            sequence.kv.advance(len(prompt) - 1 - sequence.cached_tokens)
-            self.prefix_cache.remember(sequence.kv, prompt[:-1])
+            tokens = sequence.tokens()
+            sequence.kv.advance(len(tokens) - 1 - sequence.kv.length)
+            self.prefix_cache.remember(sequence.kv, tokens[:-1])
             self.running[done.rid] = sequence
 
     def abort(self, ended: EndedRequests) -> None:
         """Stop requests wherever they are; KV being prefilled is freed once the prefill
         worker is done writing it."""
         rids = set(ended.rids)
-        self.waiting = deque(r for r in self.waiting if r.rid not in rids)
+        self.waiting = deque(item for item in self.waiting if item.rid not in rids)
         for rid in rids:
             if rid in self.running:
                 sequence = self.running.pop(rid)
@@ -252,9 +275,40 @@ class DecodeWorker(Worker):
             elif rid in self.prefilling:
                 self.prefilling[rid].aborted = True
 
+    def make_room(self) -> None:
+        """Give every running sequence the blocks its next step may write (its next token and
+        its drafts), pausing the youngest while the pool is short."""
+        draft_tokens = 0 if self.speculator is None else self.speculator.draft_tokens
+        while self.running:
+            wanted = {
+                rid: s.kv.length + 1 + min(draft_tokens, max(0, s.draft_limit()))
+                for rid, s in self.running.items()
+            }
+            missing = sum(
+                max(0, self.layout.blocks_for(n) - len(self.running[rid].kv.block_table))
+                for rid, n in wanted.items()
+            )
+            if missing <= self.allocator.free_blocks:
+                for rid, n in wanted.items():
+                    self.running[rid].kv.ensure(n)
+                return
+            # Even a lone sequence pauses where prompts being prefilled hold the rest: they
+            # finish, and it resumes.
+            self.pause(next(reversed(self.running)))
+
+    def pause(self, rid: int) -> None:
+        """Take a running sequence off the pool (its KV left in the prefix cache, so that it
+        resumes computing little) and queue it first, to resume."""
+        sequence = self.running.pop(rid)
+        self.prefix_cache.release(sequence.kv, sequence.tokens())
+        self.waiting.appendleft(sequence)
+
     def step(self) -> None:
         """Decode every running sequence: its next token and, where the server drafts, the
         drafts after it, verified together."""
+        self.make_room()
+        if not self.running:
+            return
         sequences = list(self.running.values())
         speculator = self.speculator
         if speculator is None:
@@ -277,7 +331,7 @@ class DecodeWorker(Worker):
                 self.running.pop(rid).kv.release()
                 self.fail(sequence.request, "internal", f"sampling failed: {e}")
                 continue
-            first = len(sequence.choice.token_ids) == len(steps)
+            first = len(sequence.choice.token_ids) == len(steps)  # these are its first tokens
             outputs.setdefault(sequence.request.tokenizer, []).extend(
                 TokenOutput(
                     rid=rid,
