@@ -268,14 +268,25 @@ def inspect(model: Path, as_json: bool, tensors: bool, template: bool) -> None:
 @click.option(
     "--max-batch", default=8, type=click.IntRange(min=1), help="Sequences decoded together."
 )
-@click.option("--n-ctx", type=click.IntRange(min=1), help="Context per sequence [default: 4096].")
+@click.option(
+    "--n-ctx",
+    type=click.IntRange(min=1),
+    help="Context per sequence [default: the model's, where the KV pool holds it].",
+)
 @click.option(
     "--prefill-chunk", default=256, type=click.IntRange(min=1), help="Tokens per prefill call."
 )
 @click.option(
     "--kv-tokens",
     type=click.IntRange(min=1),
-    help="KV pool size in positions [default: max-batch × n-ctx].",
+    help="KV pool size in positions [default: what --kv-memory holds].",
+)
+@click.option(
+    "--kv-memory",
+    metavar="SIZE|FRACTION",
+    help="KV pool size in memory (8GiB, 512MB) or as a fraction of the memory available "
+    "(0.5) [default: 0.4 on the CPU, up to every sequence at the model's context; on CUDA "
+    "max-batch × 4096 positions].",
 )
 @click.option("--tokenizer-workers", default=1, type=click.IntRange(min=1))
 @click.option("--prefill-workers", default=1, type=click.IntRange(min=1))
@@ -358,6 +369,12 @@ def serve(
                 )
             )
         click.echo(f"pygemma4 serving {server.config.model} on {endpoint}")
+        layout = server.kv_layout
+        click.echo(
+            f"KV pool: {layout.n_blocks * layout.block_size} positions "
+            f"({layout.nbytes / 2**30:.2f} GiB); context per sequence: {server.config.n_ctx}",
+            err=True,
+        )
         click.echo(f"connect with: pygemma4.Client({endpoint!r})", err=True)
         if listen is not None:
             click.echo(f"OpenAI API on http://{listen}/v1", err=True)

@@ -75,6 +75,37 @@ class KvLayout:
         return cls.of(config, block_size, n_blocks, max_sequences, ring_blocks)
 
     @classmethod
+    def for_memory(
+        cls,
+        config: ModelConfig,
+        budget_bytes: int,
+        max_sequences: int,
+        max_chunk: int,
+        max_positions: int,
+        block_size: int = DEFAULT_BLOCK_SIZE,
+    ) -> KvLayout:
+        """The layout of `for_model` with as many full-attention blocks as `budget_bytes`
+        holds beside the rings of `max_sequences` sequences, up to `max_positions` positions
+        in all; KvExhaustedError, with the numbers, where the rings leave no room for one
+        block."""
+        capped = _ceil_div(max_positions, block_size)
+        one = cls.for_model(config, max_positions, max_sequences, max_chunk, block_size, 1)
+        per_block = cls.of(config, block_size, 2, one.n_ring_sets, one.ring_blocks).nbytes
+        per_block -= one.nbytes
+        n_blocks = min(capped, 1 + max(0, budget_bytes - one.nbytes) // max(1, per_block))
+        layout = cls.of(config, block_size, n_blocks, one.n_ring_sets, one.ring_blocks)
+        while layout.nbytes > budget_bytes and n_blocks > 1:  # alignment padding
+            n_blocks -= 1
+            layout = cls.of(config, block_size, n_blocks, one.n_ring_sets, one.ring_blocks)
+        if layout.nbytes > budget_bytes:
+            raise KvExhaustedError(
+                f"a KV budget of {budget_bytes} bytes holds no block of {block_size} positions "
+                f"beside the sliding-window rings of {max_sequences} sequences "
+                f"({one.nbytes - per_block} bytes)"
+            )
+        return layout
+
+    @classmethod
     def of(
         cls, config: ModelConfig, block_size: int, n_blocks: int, n_ring_sets: int, ring_blocks: int
     ) -> KvLayout:

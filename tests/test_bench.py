@@ -26,17 +26,13 @@ from pygemma4.benchmark.model_bench import (
 )
 from pygemma4.benchmark.report import model_bench_notes
 from pygemma4.benchmark.runners import LlamaCppRunner, Pygemma4Runner, RunnerSpec
-from pygemma4.benchmark.schedule import (
-    choose_schedule,
-    footprint_bytes,
-    memory_available_bytes,
-    repacked_bytes,
-)
+from pygemma4.benchmark.schedule import choose_schedule, footprint_bytes, repacked_bytes
 from pygemma4.benchmark.server_process import started_server
 from pygemma4.benchmark.stats import Percentiles, Spread
 from pygemma4.benchmark.tokens import BOS
 from pygemma4.config import open_model
 from pygemma4.kv import KvLayout
+from pygemma4.memory import memory_available_bytes
 from pygemma4.model_info import decode_read_bytes, decode_read_share
 from pygemma4.models.synthetic import cache_file_name, write_synthetic_model
 

@@ -1,6 +1,6 @@
 """The decode worker's scheduling of KV memory: sequences take blocks as they grow rather than
 for their whole length up front; when the pool runs dry the youngest are paused and resumed,
-never failed; a request that can never fit is refused with the numbers."""
+never failed; a request longer than the pool holds is refused with the numbers."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def test_64_long_requests_on_a_small_pool_all_complete_with_the_engines_tokens(
     engine = Engine(demo_model_file, threads=1, prefix_snapshots=0)
     expected = [engine.generate(p, OUTPUT, stop_tokens=()) for p in prompts]
     # 40 blocks of 16 positions: 16 sequences at once need up to 100 blocks each step.
-    args = ("--threads", "1", "--max-batch", "16", "--kv-tokens", "640", "--n-ctx", "1024")
+    args = ("--threads", "1", "--max-batch", "16", "--kv-tokens", "640")
     with ServeProcess.running(demo_model_file, tmp_path, *args) as server:
 
         async def run() -> list[list[int]]:
@@ -51,11 +51,14 @@ def test_64_long_requests_on_a_small_pool_all_complete_with_the_engines_tokens(
 def test_a_request_that_can_never_fit_is_refused_with_the_numbers(
     demo_model_file: Path, tmp_path: Path
 ):
-    args = ("--threads", "1", "--kv-tokens", "256", "--n-ctx", "1024")
+    # The context is what the pool holds (256 positions): a longer request is refused.
+    args = ("--threads", "1", "--kv-tokens", "256")
     with (
         ServeProcess.running(demo_model_file, tmp_path, *args) as server,
         server.client() as client,
     ):
-        with pytest.raises(ServerError, match=r"needs KV for 399 positions, more than .* \(256\)"):
+        with pytest.raises(
+            ServerError, match=r"300 exceeds the context of 256 tokens \(at most 157"
+        ):
             client.complete([2] * 100, 300, ignore_eos=True)
         assert client.complete([2] * 100, 8, temperature=0).completion_tokens >= 1

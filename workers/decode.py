@@ -177,21 +177,11 @@ class DecodeWorker(Worker):
         place and the KV of their tokens so far fit."""
         while self.waiting and len(self.running) + len(self.prefilling) < self.config.max_batch:
             item = self.waiting[0]
+            # Every request fits the pool alone: its context is at most what the pool holds.
             if isinstance(item, Sequence):
                 tokens = item.tokens()
-                total = len(item.request.prompt_ids) + item.request.max_tokens - 1
             else:
                 tokens = np.asarray(item.prompt_ids, dtype=np.int32)
-                total = len(tokens) + item.max_tokens - 1
-            if self.layout.blocks_for(total) > self.layout.n_blocks:
-                self.waiting.popleft()
-                self.fail(
-                    item if isinstance(item, TokenizedRequest) else item.request,
-                    "context_length",
-                    f"the request needs KV for {total} positions, more than the server's pool "
-                    f"holds ({self.layout.n_blocks * self.layout.block_size})",
-                )
-                continue
             # A block of headroom for each running sequence, which may need one next step.
             needed = self.layout.blocks_for(len(tokens)) + len(self.running)
             if not self.allocator.can_allocate(needed):

@@ -19,7 +19,8 @@ from pygemma4.config import ARCH, ModelConfig, open_model
 from pygemma4.curve import KeyPair
 from pygemma4.drafter import NGRAM
 from pygemma4.engine import default_n_ctx
-from pygemma4.kv import DEFAULT_BLOCK_SIZE, KvLayout
+from pygemma4.kv import DEFAULT_BLOCK_SIZE, KvExhaustedError, KvLayout
+from pygemma4.memory import MemoryBudget, memory_available_bytes
 from pygemma4.protocol import KvPoolSpec, ServerInfo
 from pygemma4.runner import check_backend
 from pygemma4.speculative import DEFAULT_DRAFT_TOKENS, check_draft_tokens
@@ -27,6 +28,43 @@ from pygemma4.tokenizer import carries_tokenizer
 from pygemma4.workers.frontend import FrontEnd, ServerStartError
 from pygemma4.workers.runtime import ServerConfig
 from pygemma4.workers.supervisor import Supervisor
+
+DEFAULT_KV_FRACTION = 0.4
+"""The share of the memory available that a CPU server's KV pool takes by default."""
+
+
+def _pool_layout(
+    config: ModelConfig,
+    backend: str,
+    sequences: int,
+    max_chunk: int,
+    *,
+    max_positions: int,
+    kv_tokens: int | None,
+    kv_memory: str | None,
+) -> KvLayout:
+    """The KV pool's layout: rings for `sequences` sequences fed up to `max_chunk` tokens a
+    call, and blocks for `kv_tokens` positions, for what `kv_memory` holds, or by default
+    (see `Server`), never more than `max_positions`."""
+    if kv_tokens is not None and kv_memory is not None:
+        raise ServerStartError("--kv-tokens and --kv-memory are alternatives")
+    n_ctx = min(config.n_ctx_train, max_positions)
+    if kv_tokens is not None:
+        n_blocks = -(-kv_tokens // DEFAULT_BLOCK_SIZE)
+        return KvLayout.for_model(config, n_ctx, sequences, max_chunk, n_blocks=n_blocks)
+    available = memory_available_bytes() if backend == "cpu" else None
+    if kv_memory is not None:
+        budget = MemoryBudget.parse(kv_memory).resolve(available)
+    elif available is not None:
+        budget = int(available * DEFAULT_KV_FRACTION)
+    else:  # no figure to size by (a CUDA device): every sequence at the default context
+        positions = min(max_positions, sequences * default_n_ctx(config))
+        n_blocks = -(-positions // DEFAULT_BLOCK_SIZE)
+        return KvLayout.for_model(config, n_ctx, sequences, max_chunk, n_blocks=n_blocks)
+    try:
+        return KvLayout.for_memory(config, budget, sequences, max_chunk, max_positions)
+    except KvExhaustedError as e:
+        raise ServerStartError(str(e)) from None
 
 
 def _anonymous_memory(nbytes: int) -> int:
@@ -61,6 +99,7 @@ class Server:
         max_pending: int,
         max_message_bytes: int,
         kv_tokens: int | None,
+        kv_memory: str | None = None,
         curve_secret_key: str | None = None,
         curve_clients: str | None = None,
         http: str | None = None,
@@ -70,7 +109,11 @@ class Server:
     ) -> None:
         """`http` is HOST:PORT of the HTTP front end (None: none), `api_key` the key it
         requires (None: none); `draft` the drafter to decode with ("ngram", or an assistant
-        GGUF made for the model), `draft_tokens` per step."""
+        GGUF made for the model), `draft_tokens` per step. The KV pool holds `kv_tokens`
+        positions, or what `kv_memory` (a size, or a fraction of the memory available) holds;
+        by default on the CPU what DEFAULT_KV_FRACTION of the memory available holds, up to
+        every sequence at the model's trained context. `n_ctx` (default: the model's trained
+        context, where the pool holds it) bounds one sequence."""
         check_backend(backend, device)
         model_file = open_model(model)
         if not carries_tokenizer(model_file.gguf.metadata):
@@ -81,22 +124,27 @@ class Server:
             if draft != NGRAM:
                 draft = str(open_assistant(draft, model_file).gguf.path.resolve())
         config = model_file.config
-        n_ctx = default_n_ctx(config) if n_ctx is None else n_ctx
         # A ring set per sequence, and as many again kept as prefix snapshots (none on CUDA,
         # where copying ring sets is not verified on a GPU yet).
         prefix_snapshots = max_batch if backend == "cpu" else 0
-        blocks_per_sequence = -(-n_ctx // DEFAULT_BLOCK_SIZE)
-        layout = KvLayout.for_model(
+        layout = _pool_layout(
             config,
-            n_ctx=n_ctx,
-            max_sequences=max_batch + prefix_snapshots,
-            max_chunk=prefill_chunk,
-            n_blocks=(
-                max_batch * blocks_per_sequence
-                if kv_tokens is None
-                else -(-kv_tokens // DEFAULT_BLOCK_SIZE)
-            ),
+            backend,
+            max_batch + prefix_snapshots,
+            prefill_chunk,
+            max_positions=max_batch * (config.n_ctx_train if n_ctx is None else n_ctx),
+            kv_tokens=kv_tokens,
+            kv_memory=kv_memory,
         )
+        pool_positions = layout.n_blocks * layout.block_size
+        if n_ctx is None:
+            n_ctx = min(config.n_ctx_train, pool_positions)
+        elif n_ctx > pool_positions:
+            raise ServerStartError(
+                f"--n-ctx {n_ctx}: one sequence of that length needs KV for {n_ctx} positions; "
+                f"the pool holds {pool_positions} ({layout.nbytes / 2**30:.2f} GiB)"
+            )
+        self.kv_layout = layout
         self.socket_dir: Path | None = None
         ipc_base = self._ipc_base()
         self.kv_fd: int | None = None

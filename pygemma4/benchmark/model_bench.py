@@ -24,10 +24,11 @@ import numpy as np
 from pygemma4 import _core
 from pygemma4.benchmark.isolation import IsolatedRunner
 from pygemma4.benchmark.runners import ENGINE_TITLES, RunnerSpec, RunnerUnavailableError
-from pygemma4.benchmark.schedule import Schedule, choose_schedule, memory_available_bytes
+from pygemma4.benchmark.schedule import Schedule, choose_schedule
 from pygemma4.benchmark.stats import Spread
 from pygemma4.benchmark.tokens import BOS, random_ids
 from pygemma4.config import ModelFile, open_model
+from pygemma4.memory import memory_available_bytes
 from pygemma4.model_info import decode_read_bytes
 from pygemma4.runner import check_backend
 

@@ -86,18 +86,6 @@ def footprint_bytes(model: ModelFile, spec: RunnerSpec) -> int:
     return model.gguf.file_size + 2 * repacked_bytes(model) + 2 * kv
 
 
-def memory_available_bytes() -> int | None:
-    """MemAvailable from /proc/meminfo, or None where there is no such figure."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024  # kB
-    except (OSError, ValueError, IndexError):
-        pass  # not Linux, or not a figure: unknown
-    return None
-
-
 def choose_schedule(model: ModelFile, spec: RunnerSpec, available_bytes: int | None) -> Schedule:
     """Interleaved, unless on the CPU the estimate of both engines' memory exceeds
     `available_bytes` (None: unknown, interleaved)."""
