@@ -5,12 +5,23 @@ A drafter has no K/V projections: each of its layers reads the KV of the target'
 the same kind (full or sliding) that stores KV, so its head shapes must equal that layer's. It
 continues from the target's final hidden state (`embedding_length_out` = the target's width)
 and shares the target's vocabulary and token embedding table.
+
+The E2B/E4B drafters score tokens through a centroid-masked head: the vocabulary is cut into
+clusters of equal size, listed by a permutation of the token ids; the drafter's output picks the
+clusters whose centroids score highest and only their tokens are scored. llama.cpp's converter
+drops that head, so its files carry the plain (full-vocabulary) head; a file that carries the
+centroid head holds the tensors `masked_embd_centroids.weight` (llama.cpp's name, [n_embd,
+n_centroids]) and `masked_embd_ordering` (I32 [vocab], the permutation) and the key
+`gemma4-assistant.centroid_top_k` (how many clusters are scored).
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+import numpy as np
+from gguf import GGMLQuantizationType
 
 from .config import (
     ARCH,
@@ -26,29 +37,59 @@ from .config import (
     _require,
 )
 from .errors import Gemma4Error, UnsupportedModelError, located
-from .gguf_file import GGUFFile, read_gguf
+from .gguf_file import GGUFFile, TensorInfo, read_gguf, type_name
 
-__all__ = ["ASSISTANT_ARCH", "AssistantConfig", "AssistantFile", "AssistantMismatchError"]
+__all__ = [
+    "ASSISTANT_ARCH",
+    "CENTROIDS_TENSOR",
+    "CENTROID_TOP_K_KEY",
+    "ORDERING_TENSOR",
+    "AssistantConfig",
+    "AssistantFile",
+    "AssistantMismatchError",
+    "CentroidHead",
+]
 
 ASSISTANT_ARCH = "gemma4-assistant"
 _A = f"{ASSISTANT_ARCH}."
 _KINDS: dict[str, _Kind] = {
     key.replace(f"{ARCH}.", _A, 1): kind for key, kind in KEY_KINDS.items()
-} | {_A + "embedding_length_out": _Kind.UINT, _A + "nextn_predict_layers": _Kind.UINT}
+} | {
+    _A + "embedding_length_out": _Kind.UINT,
+    _A + "nextn_predict_layers": _Kind.UINT,
+    _A + "centroid_top_k": _Kind.UINT,
+}
+CENTROIDS_TENSOR = "masked_embd_centroids.weight"
+ORDERING_TENSOR = "masked_embd_ordering"
+CENTROID_TOP_K_KEY = _A + "centroid_top_k"
 
 
 class AssistantMismatchError(Gemma4Error, ValueError):
     """The drafter file does not belong to the target model it was paired with."""
 
 
+@dataclass(frozen=True, eq=False)
+class CentroidHead:
+    """The centroid-masked output head: the `top_k` clusters of the `n_centroids` whose centroids
+    score highest are scored, cluster c being the tokens in row c of
+    `token_ordering.reshape(n_centroids, -1)` (int32 [vocab], a permutation of the token ids);
+    every other token gets the lowest of those scores minus 1."""
+
+    n_centroids: int
+    top_k: int
+    token_ordering: np.ndarray = field(repr=False)
+
+
 @dataclass(frozen=True)
 class AssistantConfig:
     """A drafter's configuration: its layers as a Gemma 4 model (`model`, whose layers have no
-    KV of their own and name the target layer they read as `kv_source`) and the width of the
-    target hidden state it continues from."""
+    KV of their own and name the target layer they read as `kv_source`), the width of the
+    target hidden state it continues from, and its centroid head where the file carries one
+    (None: the plain head, every token scored)."""
 
     model: ModelConfig
     n_embd_target: int
+    centroid_head: CentroidHead | None = None
 
 
 @dataclass(frozen=True)
@@ -57,6 +98,17 @@ class AssistantFile:
 
     gguf: GGUFFile
     config: AssistantConfig
+
+    @property
+    def weights(self) -> list[TensorInfo]:
+        """The tensors the core computes with: all but the token ordering, which the
+        configuration carries."""
+        return list(_computed(self.gguf.tensors).values())
+
+
+def _computed(tensors: dict[str, TensorInfo]) -> dict[str, TensorInfo]:
+    """`tensors` without the token ordering, the one tensor of integers."""
+    return {name: t for name, t in tensors.items() if name != ORDERING_TENSOR}
 
 
 def open_assistant(path: str | os.PathLike[str], target: ModelFile) -> AssistantFile:
@@ -201,8 +253,76 @@ def _assistant_config(gguf: GGUFFile, target: ModelFile) -> AssistantConfig:
         "nextn.pre_projection.weight": (2 * n_embd_target, n_embd),
         "nextn.post_projection.weight": (n_embd, n_embd_target),
     }
-    _check_tensors(expected, gguf.tensors)
-    return AssistantConfig(model, n_embd_target)
+    head = _centroid_head(gguf, meta, n_embd, model.vocab_size)
+    if head is not None:
+        expected[CENTROIDS_TENSOR] = (n_embd, head.n_centroids)
+    _check_tensors(expected, _computed(gguf.tensors))
+    return AssistantConfig(model, n_embd_target, head)
+
+
+def _centroid_head(gguf: GGUFFile, meta: _Metadata, n_embd: int, vocab: int) -> CentroidHead | None:
+    """The file's centroid head, checked against the drafter's width and vocabulary; None for
+    a file without one. UnsupportedModelError for a part missing, a wrong shape, an ordering
+    that is not a permutation of the token ids, or a top-k out of range."""
+    centroids = gguf.tensors.get(CENTROIDS_TENSOR)
+    ordering = gguf.tensors.get(ORDERING_TENSOR)
+    has_top_k = CENTROID_TOP_K_KEY in gguf.metadata
+    parts = {
+        f"tensor '{CENTROIDS_TENSOR}'": centroids is not None,
+        f"tensor '{ORDERING_TENSOR}'": ordering is not None,
+        f"key '{CENTROID_TOP_K_KEY}'": has_top_k,
+    }
+    if not any(parts.values()):
+        return None
+    missing = [part for part, present in parts.items() if not present]
+    _require(
+        not missing,
+        f"the centroid head lacks {' and '.join(missing)} (it needs {', '.join(parts)})",
+    )
+    assert centroids is not None and ordering is not None
+    _require(
+        len(centroids.shape) == 2 and centroids.shape[0] == n_embd,
+        f"tensor '{CENTROIDS_TENSOR}' has shape {list(centroids.shape)}, not [{n_embd} (the "
+        "drafter's width), number of centroids]",
+    )
+    n_centroids = centroids.shape[1]
+    _require(
+        vocab % n_centroids == 0,
+        f"tensor '{CENTROIDS_TENSOR}' holds {n_centroids} centroids, which do not cut the "
+        f"{vocab} tokens into clusters of one size",
+    )
+    top_k = meta.uint(CENTROID_TOP_K_KEY)
+    _require(
+        1 <= top_k <= n_centroids,
+        f"{CENTROID_TOP_K_KEY} is {top_k}, not within 1..{n_centroids} (the number of centroids)",
+    )
+    _require(
+        ordering.type_id == int(GGMLQuantizationType.I32) and ordering.shape == (vocab,),
+        f"tensor '{ORDERING_TENSOR}' is {type_name(ordering.type_id)} {list(ordering.shape)}, "
+        f"not I32 [{vocab}] (one entry per token)",
+    )
+    token_ordering = np.fromfile(gguf.path, dtype="<i4", count=vocab, offset=ordering.offset)
+    in_range = token_ordering[(token_ordering >= 0) & (token_ordering < vocab)]
+    counts = np.bincount(in_range, minlength=vocab)
+    if not (counts == 1).all():
+        raise UnsupportedModelError(
+            f"tensor '{ORDERING_TENSOR}' is not a permutation of the token ids 0..{vocab - 1}: "
+            + _permutation_fault(token_ordering, counts)
+        )
+    return CentroidHead(n_centroids, top_k, token_ordering.astype(np.int32))
+
+
+def _permutation_fault(ordering: np.ndarray, counts: np.ndarray) -> str:
+    """What keeps `ordering` (with `counts`, how often each valid id occurs) from being a
+    permutation: the first id out of range, repeated or absent."""
+    outside = np.flatnonzero((ordering < 0) | (ordering >= counts.size))
+    if outside.size:
+        return f"entry {outside[0]} is {ordering[outside[0]]}, outside the vocabulary"
+    repeated = np.flatnonzero(counts > 1)
+    return (
+        f"token {repeated[0]} appears {counts[repeated[0]]} times, token "
+        f"{np.flatnonzero(counts == 0)[0]} never"
+    )
 
 
 class _Mismatch:

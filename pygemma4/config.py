@@ -513,6 +513,11 @@ def _check_tensors(expected: dict[str, tuple[int, ...]], tensors: dict[str, Tens
                 f"tensor '{name}' has shape {list(info.shape)}, but the metadata implies "
                 f"{list(shape)}"
             )
+        if info.type_id not in SUPPORTED_TENSOR_TYPES:
+            raise UnsupportedModelError(
+                f"tensor '{name}' has type {type_name(info.type_id)}, which pygemma4 cannot "
+                "compute with"
+            )
         if len(shape) == 1 and info.type_id != GGMLQuantizationType.F32:
             raise UnsupportedModelError(
                 f"vector tensor '{name}' has type {type_name(info.type_id)}; norms, scales and "

@@ -115,7 +115,7 @@ class AssistantDrafter:
         self.max_tokens = max_tokens
         tensors = [
             _core.TensorEntry(t.name, t.type_id, list(t.shape), t.offset, t.nbytes)
-            for t in self.file.gguf.tensors.values()
+            for t in self.file.weights
         ]
         self.core = _core.Assistant(
             runner.model,

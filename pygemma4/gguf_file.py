@@ -65,6 +65,11 @@ TENSOR_FORMATS: dict[int, TensorFormat] = {
     )
 }
 SUPPORTED_TENSOR_TYPES: frozenset[int] = frozenset(int(t) for t in TENSOR_FORMATS)
+# Tensors of integers the loader reads as data and never computes with (the token ordering of
+# an assistant drafter's centroid head); a model's configuration says where one may appear.
+INDEX_TENSOR_FORMATS: dict[int, TensorFormat] = {
+    GGMLQuantizationType.I32: TensorFormat("I32", *GGML_QUANT_SIZES[GGMLQuantizationType.I32])
+}
 
 # struct / numpy format code of each fixed-size metadata value type.
 _FIXED_CODES: dict[int, str] = {
@@ -371,7 +376,7 @@ class _Parser:
         data_start: int,
         alignment: int,
     ) -> TensorInfo:
-        fmt = TENSOR_FORMATS.get(type_id)
+        fmt = TENSOR_FORMATS.get(type_id) or INDEX_TENSOR_FORMATS.get(type_id)
         if fmt is None:
             try:
                 GGMLQuantizationType(type_id)

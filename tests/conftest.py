@@ -3,6 +3,7 @@ parity report printed at the end of a run, and byte surgery on GGUF files."""
 
 from __future__ import annotations
 
+import json
 import os
 import struct
 from collections.abc import Callable
@@ -11,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from gguf import GGUFReader, GGUFValueType, GGUFWriter
+from safetensors.numpy import load_file
 
 from pygemma4.models.demo import demo_model_path
 
@@ -118,10 +120,17 @@ def rename(data: bytearray, at: int, old: str, new: str) -> bytearray:
 
 
 def rewrite_gguf(
-    source: Path, target: Path, overrides: dict[str, object], architecture: str | None = None
+    source: Path,
+    target: Path,
+    overrides: dict[str, object],
+    architecture: str | None = None,
+    new_keys: dict[str, tuple[object, GGUFValueType]] | None = None,
+    new_tensors: dict[str, np.ndarray] | None = None,
 ) -> Path:
     """Copy the GGUF `source` to `target` with the metadata values in `overrides` replaced
-    (each keeps its key's value type), and the architecture if given; returns `target`."""
+    (each keeps its key's value type), and the architecture if given, the keys `new_keys`
+    (value, type) and the tensors `new_tensors` (numpy shape, so GGUF ne reversed) added;
+    returns `target`."""
     reader = GGUFReader(source)
     arch = architecture or str(reader.fields["general.architecture"].contents())
     writer = GGUFWriter(target, arch)
@@ -131,10 +140,60 @@ def rewrite_gguf(
         value = overrides.get(key, field.contents())
         sub_type = field.types[1] if field.types[0] == GGUFValueType.ARRAY else None
         writer.add_key_value(key, value, field.types[0], sub_type=sub_type)
+    for key, (value, value_type) in (new_keys or {}).items():
+        writer.add_key_value(key, value, value_type)
     for tensor in reader.tensors:
         writer.add_tensor(tensor.name, np.array(tensor.data), raw_dtype=tensor.tensor_type)
+    for name, data in (new_tensors or {}).items():
+        writer.add_tensor(name, data)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
     return target
+
+
+def centroid_head_of(hf_assistant: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The centroid head of a transformers assistant checkpoint: its centroids (float32
+    [n_centroids, n_embd]) and token ordering (int32 [vocab])."""
+    weights = load_file(hf_assistant / "model.safetensors")
+    return (
+        weights["masked_embedding.centroids.weight"].astype(np.float32),
+        weights["masked_embedding.token_ordering"].astype(np.int32),
+    )
+
+
+def with_centroid_head(
+    source: Path,
+    target: Path,
+    centroids: np.ndarray | None,
+    ordering: np.ndarray | None,
+    top_k: int | None,
+) -> Path:
+    """The assistant GGUF `source` copied to `target` with a centroid head: `centroids` as
+    masked_embd_centroids.weight, `ordering` as masked_embd_ordering, `top_k` as
+    gemma4-assistant.centroid_top_k (each left out where None)."""
+    tensors = {"masked_embd_centroids.weight": centroids, "masked_embd_ordering": ordering}
+    return rewrite_gguf(
+        source,
+        target,
+        {},
+        new_keys={}
+        if top_k is None
+        else {"gemma4-assistant.centroid_top_k": (top_k, GGUFValueType.UINT32)},
+        new_tensors={name: t for name, t in tensors.items() if t is not None},
+    )
+
+
+@pytest.fixture(scope="session")
+def ordered_drafter(fixtures_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny draft fixture's assistant GGUF with the centroid head of its checkpoint
+    (llama.cpp's converter drops it; see the fixture's README) and its top-k."""
+    draft_dir = fixtures_dir / "gemma4-tiny-draft"
+    config = json.loads((draft_dir / "hf-assistant" / "config.json").read_text())
+    return with_centroid_head(
+        draft_dir / "assistant-f32.gguf",
+        tmp_path_factory.mktemp("ordered") / "assistant-ordered-f32.gguf",
+        *centroid_head_of(draft_dir / "hf-assistant"),
+        config["centroid_intermediate_top_k"],
+    )

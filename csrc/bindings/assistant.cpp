@@ -31,6 +31,12 @@ void register_assistant(py::module_& m) {
              AssistantConfig assistant_config;
              assistant_config.model = to_model_config(config.attr("model"));
              assistant_config.n_embd_target = config.attr("n_embd_target").cast<int>();
+             const py::object head = config.attr("centroid_head");
+             if (!head.is_none()) {
+               assistant_config.centroid_top_k = head.attr("top_k").cast<int>();
+               assistant_config.token_ordering =
+                   to_vector<int32_t>(head.attr("token_ordering").cast<IntArray>());
+             }
              py::gil_scoped_release release;
              return std::make_unique<Gemma4Assistant>(
                  target, path, tensors, std::move(assistant_config), max_sequences, max_steps);

@@ -230,6 +230,38 @@ void register_ops_check(py::module_& m) {
           },
           py::arg("x"))
       .def(
+          "clustered_logits",
+          [](OpsCheck& c, int type_id, const ByteArray& table, int64_t cols, int64_t rows,
+             const FloatArray& x, const FloatArray& scores, int top_k, const IdArray& clusters) {
+            if (x.ndim() != 2 || x.shape(1) != cols || scores.ndim() != 2 ||
+                scores.shape(0) != x.shape(0) || clusters.ndim() != 2 ||
+                clusters.shape(0) != scores.shape(1) || top_k < 1 || top_k > scores.shape(1)) {
+              throw py::value_error(
+                  "x must be [n, cols], scores [n, clusters], clusters [clusters, size] and "
+                  "top_k within 1..clusters");
+            }
+            for (py::ssize_t i = 0; i < clusters.size(); ++i) {
+              if (clusters.data()[i] < 0 || clusters.data()[i] >= rows) {
+                throw py::value_error("cluster token ids must be rows of the table");
+              }
+            }
+            const int n = static_cast<int>(x.shape(0));
+            c.reserve(n, cols);
+            const Weight w = c.weight(type_id, table, cols, rows);
+            auto in = c.floats(x);
+            auto s = c.floats(scores);
+            auto ids = c.ids(clusters);
+            auto out = c.ops().alloc(static_cast<size_t>(n) * rows);
+            c.ops().clustered_logits(w, in.get(), n, s.get(), static_cast<int>(scores.shape(1)),
+                                     top_k, ids.get(), static_cast<int>(clusters.shape(1)),
+                                     out.get());
+            return c.result(out, {n, rows});
+          },
+          py::arg("type_id"), py::arg("table"), py::arg("cols"), py::arg("rows"), py::arg("x"),
+          py::arg("scores"), py::arg("top_k"), py::arg("clusters"),
+          "The centroid-masked head: row r of x scores the tokens of the top_k clusters of "
+          "scores[r] (rows of clusters), every other token the lowest of those minus 1.")
+      .def(
           "moe",
           [](OpsCheck& c, const FloatArray& router_logits, int k, int gate_up_type,
              const ByteArray& gate_up, int down_type, const ByteArray& down, int64_t n_ff,

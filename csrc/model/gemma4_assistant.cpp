@@ -57,6 +57,8 @@ Gemma4Assistant::Gemma4Assistant(Gemma4Model& target, const std::string& path,
   rope_freqs_ = weights_.get("rope_freqs.weight", false);
   pre_projection_ = weights_.get("nextn.pre_projection.weight");
   post_projection_ = weights_.get("nextn.post_projection.weight");
+  centroids_ = weights_.get("masked_embd_centroids.weight", false);
+  check_centroid_head();
   int max_q = 1, max_ff = 1;
   Ops::Limits limits;
   limits.n_batch = max_sequences_;
@@ -89,6 +91,56 @@ Gemma4Assistant::Gemma4Assistant(Gemma4Model& target, const std::string& path,
   logprobs_ = ops_.alloc(n);
   rope_positions_ = ops_.alloc_ids(n);
   draft_ids_ = ops_.alloc_ids(n * static_cast<size_t>(max_steps_));
+  if (centroids_.present()) {
+    centroid_scores_ = ops_.alloc(n * static_cast<size_t>(centroids_.rows()));
+    token_ordering_ = ops_.alloc_ids(config_.token_ordering.size());
+    ops_.upload(token_ordering_.get(), config_.token_ordering.data(),
+                config_.token_ordering.size() * sizeof(int32_t));
+  }
+}
+
+void Gemma4Assistant::check_centroid_head() const {
+  const int top_k = config_.centroid_top_k;
+  const std::vector<int32_t>& ordering = config_.token_ordering;
+  if (!centroids_.present()) {
+    if (top_k != 0 || !ordering.empty()) {
+      throw error("a centroid top-k and token ordering need masked_embd_centroids.weight");
+    }
+    return;
+  }
+  const ModelConfig& mc = config_.model;
+  const int64_t n_centroids = centroids_.rows();
+  if (centroids_.cols() != mc.n_embd || centroids_.ne[2] != 1 || mc.vocab_size % n_centroids) {
+    throw error("masked_embd_centroids.weight must be [" + std::to_string(mc.n_embd) +
+                ", a number of centroids dividing the vocabulary of " +
+                std::to_string(mc.vocab_size) + "]");
+  }
+  if (top_k < 1 || top_k > n_centroids) {
+    throw error("centroid top-k " + std::to_string(top_k) + " is not within 1.." +
+                std::to_string(n_centroids));
+  }
+  std::vector<bool> seen(mc.vocab_size, false);
+  bool permutation = ordering.size() == static_cast<size_t>(mc.vocab_size);
+  for (size_t i = 0; permutation && i < ordering.size(); ++i) {
+    permutation = ordering[i] >= 0 && ordering[i] < mc.vocab_size && !seen[ordering[i]];
+    if (permutation) seen[ordering[i]] = true;
+  }
+  if (!permutation) {
+    throw error("the token ordering is not a permutation of the " + std::to_string(mc.vocab_size) +
+                " token ids");
+  }
+}
+
+void Gemma4Assistant::output_logits(const float* y, int n) {
+  if (!centroids_.present()) {
+    ops_.matmul(token_embd_, y, n, logits_.get());
+    return;
+  }
+  const int n_centroids = static_cast<int>(centroids_.rows());
+  ops_.matmul(centroids_, y, n, centroid_scores_.get());
+  ops_.clustered_logits(token_embd_, y, n, centroid_scores_.get(), n_centroids,
+                        config_.centroid_top_k, token_ordering_.get(),
+                        config_.model.vocab_size / n_centroids, logits_.get());
 }
 
 void Gemma4Assistant::check_fits_target() const {
@@ -246,7 +298,7 @@ Gemma4Assistant::Result Gemma4Assistant::propose(const KvPool& pool, const Batch
     ops_.matmul(pre_projection_, joined_.get(), n, x);
     for (int il = 0; il < mc.n_layer; ++il) run_layer(il, attention_batch, pool);
     ops_.rms_norm(x, output_norm_.f32(), n, mc.n_embd, mc.rms_eps, y);
-    ops_.matmul(token_embd_, y, n, logits_.get());
+    output_logits(y, n);
     if (b.with_logits) {
       ops_.read(logits_.get(), n * vocab, step_logits.data());
       for (int i = 0; i < n; ++i) {

@@ -8,7 +8,9 @@
 // embeds the token with the target's table, joins it with h, projects, runs the layers with the
 // queries at position P (every step: the KV is never extended) attending to the target's shared
 // KV (full layers: positions 0..P-1; sliding layers: the last window + 1 of them), normalises to
-// y, takes the most likely token of y · token_embd^T and continues from h = post_projection(y).
+// y, takes the most likely token of y · token_embd^T (or, with the centroid head, of the
+// clusters y's centroid scores choose: Ops::clustered_logits) and continues from
+// h = post_projection(y).
 #pragma once
 
 #include <mutex>
@@ -29,6 +31,11 @@ struct AssistantConfig {
   // whose KV it reads, has_kv is false for all.
   ModelConfig model;
   int n_embd_target = 0;  // the width of the target's hidden state and embeddings
+  // The centroid head, where the file has masked_embd_centroids.weight ([n_embd, n_centroids]):
+  // the top centroid_top_k clusters are scored, cluster c being the tokens in row c of
+  // token_ordering (a permutation of the vocabulary, n_centroids rows). 0 and empty without.
+  int centroid_top_k = 0;
+  std::vector<int32_t> token_ordering;
 };
 
 class Gemma4Assistant {
@@ -64,6 +71,9 @@ class Gemma4Assistant {
 
  private:
   void check_fits_target() const;
+  void check_centroid_head() const;
+  // logits_ of the n rows of y, by the file's head.
+  void output_logits(const float* y, int n);
   void validate(const KvPool& pool, const Batch& batch) const;
   void run_layer(int il, const TokenBatch& attention_batch, const KvPool& pool);
 
@@ -73,12 +83,12 @@ class Gemma4Assistant {
   WeightTable weights_;
   Ops& ops_;
 
-  Weight token_embd_, output_norm_, rope_freqs_, pre_projection_, post_projection_;
+  Weight token_embd_, output_norm_, rope_freqs_, pre_projection_, post_projection_, centroids_;
   std::vector<LayerWeights> layers_;
 
   std::unique_ptr<LayerActivations> act_;
-  std::shared_ptr<float> embedded_, joined_, hidden_, logits_, logprobs_;
-  std::shared_ptr<int32_t> rope_positions_, draft_ids_;
+  std::shared_ptr<float> embedded_, joined_, hidden_, logits_, logprobs_, centroid_scores_;
+  std::shared_ptr<int32_t> rope_positions_, draft_ids_, token_ordering_;
 };
 
 }  // namespace pg4

@@ -168,6 +168,16 @@ class Ops {
     }
   }
 
+  // The centroid-masked output head of the Gemma 4 assistant drafters. Row r of x (n rows of
+  // table.cols() values) scores the tokens of the top_k clusters with the highest scores in
+  // row r of `scores` (n_clusters values; the lower index first on ties), cluster c being the
+  // cluster_size token ids in row c of `clusters`: logits[r][t] = dot(row t of table, x[r])
+  // for those tokens, and the lowest of them minus 1 for every other of the table.rows().
+  // The default scores every token with matmul and masks on the host.
+  virtual void clustered_logits(const Weight& table, const float* x, int n, const float* scores,
+                                int n_clusters, int top_k, const int32_t* clusters,
+                                int cluster_size, float* logits);
+
   // Fused operations.
 
   // Each of the n_products products of x with weights of x's width, as matmul computes them

@@ -5,6 +5,7 @@
 #include <cstring>
 #include <limits>
 
+#include "ops/clustered_logits.h"
 #include "quant/interleaved.h"
 #include "quant/quant.h"
 
@@ -301,6 +302,41 @@ void CpuOps::argmax(const float* x, int n_rows, int n_cols, int32_t* ids, float*
     for (int c = 0; c < n_cols; ++c) total += std::exp(static_cast<double>(row[c] - *best));
     ids[r] = static_cast<int32_t>(best - row);
     logprobs[r] = static_cast<float>(-std::log(total));
+  }
+}
+
+void CpuOps::clustered_logits(const Weight& table, const float* x, int n, const float* scores,
+                              int n_clusters, int top_k, const int32_t* clusters, int cluster_size,
+                              float* logits) {
+  const int64_t cols = table.cols();
+  const int64_t vocab = table.rows();
+  const quant::Type act_type = quant::type_info(table.type).activation;
+  const size_t act_row_bytes = quant::row_bytes(act_type, cols);
+  activation_scratch_.resize(act_row_bytes * n);
+  uint8_t* acts = activation_scratch_.data();
+  const int per_row = top_k * cluster_size;
+  std::vector<int32_t> tokens;
+  tokens.reserve(static_cast<size_t>(n) * per_row);
+  for (int r = 0; r < n; ++r) {
+    quant::quantize_activation_row(act_type, x + r * cols, acts + r * act_row_bytes, cols);
+    const std::vector<int32_t> row = cluster_tokens(
+        clusters, cluster_size,
+        top_clusters(scores + static_cast<size_t>(r) * n_clusters, n_clusters, top_k));
+    tokens.insert(tokens.end(), row.begin(), row.end());
+  }
+  std::vector<float> chosen(tokens.size());
+  const quant::VecDotFn dot = quant::vec_dot_fn(table.type, isa_);
+  constexpr int64_t kTokensPerChunk = 64;
+  pool_.parallel_for(
+      static_cast<int64_t>(tokens.size()), kTokensPerChunk, [&](int64_t begin, int64_t end, int) {
+        for (int64_t j = begin; j < end; ++j) {
+          chosen[j] = dot(cols, table.row(tokens[j]), acts + (j / per_row) * act_row_bytes);
+        }
+      });
+  for (int r = 0; r < n; ++r) {
+    const size_t first = static_cast<size_t>(r) * per_row;
+    masked_row(tokens.data() + first, chosen.data() + first, per_row, vocab,
+               logits + static_cast<size_t>(r) * vocab);
   }
 }
 

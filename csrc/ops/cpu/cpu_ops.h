@@ -49,6 +49,10 @@ class CpuOps final : public Ops {
                 KvPool& pool) override;
   void attention(const float* q, const TokenBatch& batch, const LayerConfig& layer, int window,
                  const KvPool& pool, float* out) override;
+  // Scores only the chosen clusters' tokens.
+  void clustered_logits(const Weight& table, const float* x, int n, const float* scores,
+                        int n_clusters, int top_k, const int32_t* clusters, int cluster_size,
+                        float* logits) override;
   void moe_route(const float* logits, int n_tokens, int n_expert, int k, int32_t* expert_ids,
                  float* expert_weights) override;
   void moe_experts(const Weight& gate_up, const Weight& down, const float* down_scale,
