@@ -180,6 +180,25 @@ def test_argmax_and_its_logprob_match_cpu(backends):
 
 @pytest.mark.cuda
 @needs_gpu
+@pytest.mark.parametrize("qtype", [T.Q8_0, T.F32], ids=lambda t: t.name)
+def test_clustered_logits_match_cpu(backends, qtype):
+    cpu, gpu = backends
+    rng = np.random.default_rng(int(qtype))
+    n, cols, n_clusters, cluster_size, top_k = 3, 256, 32, 64, 4
+    rows = n_clusters * cluster_size
+    table = random_weights(rng, qtype, rows, cols)
+    x = rng.standard_normal((n, cols)).astype(np.float32)
+    scores = rng.standard_normal((n, n_clusters)).astype(np.float32)
+    clusters = rng.permutation(rows).astype(np.int32).reshape(n_clusters, cluster_size)
+    args = (int(qtype), table, cols, rows, x, scores, top_k, clusters)
+    want, got = cpu.clustered_logits(*args), gpu.clustered_logits(*args)
+    masked = want == want.min(axis=1, keepdims=True)
+    np.testing.assert_array_equal(got == got.min(axis=1, keepdims=True), masked)
+    assert relative_error(got[~masked], want[~masked]) < (1e-5 if qtype == T.F32 else 3e-2)
+
+
+@pytest.mark.cuda
+@needs_gpu
 @pytest.mark.parametrize("qtype", [T.Q4_K, T.Q8_0, T.F32], ids=lambda t: t.name)
 def test_moe_routing_and_experts_match_cpu(backends, qtype):
     cpu, gpu = backends
@@ -352,11 +371,14 @@ def test_serving_on_cuda_gives_the_engines_tokens(fixtures_dir, tmp_path):
 
 @pytest.mark.cuda
 @needs_gpu
-@pytest.mark.parametrize("draft", ["assistant", "ngram"])
-def test_drafting_on_cuda_gives_the_cpu_greedy_tokens(fixtures_dir, draft):
+@pytest.mark.parametrize("draft", ["assistant", "ordered", "ngram"])
+def test_drafting_on_cuda_gives_the_cpu_greedy_tokens(fixtures_dir, draft, request):
     draft_dir = fixtures_dir / "gemma4-tiny-draft"
     target = draft_dir / "target-f32.gguf"
-    drafter = draft_dir / "assistant-f32.gguf" if draft == "assistant" else "ngram"
+    if draft == "ordered":  # the assistant with its centroid head
+        drafter = request.getfixturevalue("ordered_drafter")
+    else:
+        drafter = draft_dir / "assistant-f32.gguf" if draft == "assistant" else "ngram"
     ref = np.load(draft_dir / "ref_draft.npz")
     cpu = Engine(target, threads=2)
     for k in (1, 4, 8):

@@ -1,18 +1,22 @@
 """The assistant drafter: its logits and proposals equal transformers' on the tiny draft fixture,
-driven end to end from the target, one sequence or many per call; files that do not belong to
-the target, truncated or of another architecture are refused with errors naming the problem."""
+with the plain head llama.cpp's converter keeps and with the centroid head of the checkpoint
+(written into a copy of the GGUF), driven end to end from the target, one sequence or many per
+call; files that do not belong to the target, truncated, of another architecture or with a
+broken centroid head are refused with errors naming the problem."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import rewrite_gguf
+from conftest import centroid_head_of, rewrite_gguf, with_centroid_head
 
-from pygemma4 import open_model
-from pygemma4.assistant_config import AssistantMismatchError
+from pygemma4 import _core, open_model
+from pygemma4.assistant_config import AssistantMismatchError, CentroidHead
 from pygemma4.drafter import AssistantDrafter, DraftContext, DraftRequestError
 from pygemma4.errors import GGUFError, UnsupportedModelError
 from pygemma4.kv import BlockAllocator, KvLayout, SequenceKv
@@ -53,6 +57,12 @@ def drafter(runner, draft_dir: Path) -> AssistantDrafter:
     return AssistantDrafter(runner[0], draft_dir / "assistant-f32.gguf", max_sequences=3)
 
 
+@pytest.fixture(scope="module")
+def drafters(drafter, runner, ordered_drafter: Path) -> dict[str, AssistantDrafter]:
+    """The drafter by head: "plain" (the converted file), "ordered" (its centroid head)."""
+    return {"plain": drafter, "ordered": AssistantDrafter(runner[0], ordered_drafter, 3)}
+
+
 def cases(ref) -> list[tuple[int, int]]:
     """(prompt, P) of every fixture drafting position."""
     return [(i, int(p)) for i in range(3) for p in ref[f"p{i}/draft_positions"]]
@@ -81,8 +91,19 @@ def test_the_target_brings_back_the_stored_hidden_state_and_logits(runner, ref):
             kv.release()
 
 
+def test_the_ordered_file_carries_the_checkpoints_centroid_head(drafters, ref):
+    head = drafters["ordered"].file.config.centroid_head
+    assert head is not None and drafters["plain"].file.config.centroid_head is None
+    assert (head.n_centroids, head.top_k) == (ref["num_centroids"], ref["centroid_top_k"])
+    np.testing.assert_array_equal(head.token_ordering, ref["token_ordering"])
+
+
+@pytest.mark.parametrize("head", ["plain", "ordered"])
 @pytest.mark.parametrize("batched", [False, True], ids=["one-per-call", "all-in-one-call"])
-def test_plain_head_logits_and_proposals_equal_the_stored_ones(runner, drafter, ref, batched):
+def test_logits_and_proposals_equal_the_stored_ones(runner, drafters, ref, head, batched):
+    """Within the stored references' noise (STORED_LOGITS_ATOL), the same proposals; with the
+    centroid head the same tokens scored (the rest at the lowest score minus 1)."""
+    drafter = drafters[head]
     for p_index in range(3):
         sequences = []
         try:
@@ -94,24 +115,34 @@ def test_plain_head_logits_and_proposals_equal_the_stored_ones(runner, drafter, 
             for group in groups:
                 tokens, logits = drafter.propose([r for _, _, r in group], K, with_logits=True)
                 for row, (i, p, _) in enumerate(group):
-                    expected = ref[f"p{i}/plain/P{p}/draft_tokens"]
+                    expected = ref[f"p{i}/{head}/P{p}/draft_tokens"]
+                    expected_logits = ref[f"p{i}/{head}/P{p}/draft_logits"]
                     where = f"prompt {i}, P {p}"
                     np.testing.assert_allclose(
-                        logits[row],
-                        ref[f"p{i}/plain/P{p}/draft_logits"],
-                        atol=STORED_LOGITS_ATOL,
-                        err_msg=where,
+                        logits[row], expected_logits, atol=STORED_LOGITS_ATOL, err_msg=where
                     )
                     assert tokens[row].tolist() == expected.tolist(), where
+                    if head == "ordered":
+                        np.testing.assert_array_equal(
+                            scored(logits[row]), scored(expected_logits), err_msg=where
+                        )
         finally:
             for _, _, r in sequences:
                 r.kv.release()
 
 
-def test_logits_equal_transformers_run_live(runner, drafter, ref, draft_dir):
-    """transformers' target and assistant (plain head), driven as its assisted generation
-    drives them, at every fixture position: the target's hidden state within 1e-4, the
-    drafter's logits within 1e-3 at each of K steps, the same proposals."""
+def scored(logits: np.ndarray) -> np.ndarray:
+    """Per step, which tokens the centroid head scored: all but those at the step's lowest
+    logit, the mask value."""
+    return logits > logits.min(axis=-1, keepdims=True)
+
+
+@pytest.mark.parametrize("head", ["plain", "ordered"])
+def test_logits_equal_transformers_run_live(runner, drafters, ref, draft_dir, head):
+    """transformers' target and assistant (plain or centroid head), driven as its assisted
+    generation drives them, at every fixture position: the target's hidden state within 1e-4,
+    the drafter's logits within 1e-3 at each of K steps, the same proposals."""
+    drafter = drafters[head]
     torch = pytest.importorskip("torch", reason="torch (CPU) runs transformers live")
     transformers = pytest.importorskip("transformers")
     from transformers.models.gemma4_assistant.modeling_gemma4_assistant import (
@@ -122,7 +153,7 @@ def test_logits_equal_transformers_run_live(runner, drafter, ref, draft_dir):
         draft_dir / "hf-target", dtype=torch.float32
     ).eval()
     config = transformers.AutoConfig.from_pretrained(draft_dir / "hf-assistant")
-    config.use_ordered_embeddings = False  # the head llama.cpp's converter keeps
+    config.use_ordered_embeddings = head == "ordered"  # plain: what llama.cpp's converter keeps
     assistant = Gemma4AssistantForCausalLM.from_pretrained(
         draft_dir / "hf-assistant", config=config, dtype=torch.float32
     ).eval()
@@ -243,3 +274,102 @@ def test_a_drafter_needs_the_target_it_was_made_for(draft_dir, fixtures_dir, tmp
     runner = ModelRunner(model_file, layout.new_pool(model_file.config), N_BATCH, 1)
     with pytest.raises(AssistantMismatchError, match="does not fit target"):
         AssistantDrafter(runner, draft_dir / "assistant-f32.gguf")
+
+
+@pytest.fixture(scope="module")
+def centroid_head(draft_dir: Path) -> tuple[np.ndarray, np.ndarray, int]:
+    """The checkpoint's centroids, token ordering and top-k."""
+    config = json.loads((draft_dir / "hf-assistant" / "config.json").read_text())
+    return *centroid_head_of(draft_dir / "hf-assistant"), config["centroid_intermediate_top_k"]
+
+
+def _swapped(ordering: np.ndarray, at: int, value: int) -> np.ndarray:
+    changed = ordering.copy()
+    changed[at] = value
+    return changed
+
+
+BAD_HEADS = {
+    "centroids of another width": (
+        lambda c, o, k: (c[:, :32], o, k),
+        r"'masked_embd_centroids.weight' has shape \[32, 16\], not \[64 \(the drafter's width\)",
+    ),
+    "centroids that do not divide the vocabulary": (
+        lambda c, o, k: (c[:10], o, k),
+        "holds 10 centroids, which do not cut the 768 tokens into clusters of one size",
+    ),
+    "centroids of integers": (
+        lambda c, o, k: (c.astype(np.int32), o, k),
+        "'masked_embd_centroids.weight' has type I32, which pygemma4 cannot compute with",
+    ),
+    "a token twice": (
+        lambda c, o, k: (c, _swapped(o, 1, o[0]), k),
+        "not a permutation of the token ids 0..767: token 174 appears 2 times, token 348 never",
+    ),
+    "a token outside the vocabulary": (
+        lambda c, o, k: (c, _swapped(o, 5, 768), k),
+        "not a permutation of the token ids 0..767: entry 5 is 768, outside the vocabulary",
+    ),
+    "an ordering of another length": (
+        lambda c, o, k: (c, o[:700], k),
+        r"'masked_embd_ordering' is I32 \[700\], not I32 \[768\] \(one entry per token\)",
+    ),
+    "an ordering of floats": (
+        lambda c, o, k: (c, o.astype(np.float32), k),
+        r"'masked_embd_ordering' is F32 \[768\], not I32 \[768\]",
+    ),
+    "top-k 0": (
+        lambda c, o, k: (c, o, 0),
+        r"gemma4-assistant.centroid_top_k is 0, not within 1..16 \(the number of centroids\)",
+    ),
+    "top-k above the centroids": (
+        lambda c, o, k: (c, o, 17),
+        "gemma4-assistant.centroid_top_k is 17, not within 1..16",
+    ),
+    "no top-k": (
+        lambda c, o, k: (c, o, None),
+        "the centroid head lacks key 'gemma4-assistant.centroid_top_k'",
+    ),
+    "no ordering": (
+        lambda c, o, k: (c, None, k),
+        "the centroid head lacks tensor 'masked_embd_ordering'",
+    ),
+    "no centroids": (
+        lambda c, o, k: (None, o, k),
+        "the centroid head lacks tensor 'masked_embd_centroids.weight'",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_HEADS))
+def test_a_broken_centroid_head_is_refused_naming_the_file(
+    runner, draft_dir, centroid_head, tmp_path, case
+):
+    corrupt, message = BAD_HEADS[case]
+    bad = with_centroid_head(
+        draft_dir / "assistant-f32.gguf", tmp_path / "bad.gguf", *corrupt(*centroid_head)
+    )
+    with pytest.raises(UnsupportedModelError, match=message) as error:
+        AssistantDrafter(runner[0], bad)
+    assert str(bad) in str(error.value) and "target-f32.gguf" in str(error.value)
+
+
+def test_the_core_refuses_a_centroid_head_the_file_does_not_fit(runner, drafters):
+    """The core checks what the loader hands it: an ordering that is no permutation, a top-k
+    out of range, a head without its centroids."""
+    ordered, plain = drafters["ordered"].file, drafters["plain"].file
+    head = ordered.config.centroid_head
+    assert head is not None
+    repeated = _swapped(head.token_ordering, 1, int(head.token_ordering[0]))
+    for file, bad_head, message in [
+        (ordered, CentroidHead(16, 4, repeated), "not a permutation of the 768 token ids"),
+        (ordered, CentroidHead(16, 0, head.token_ordering), "top-k 0 is not within 1..16"),
+        (plain, head, "need masked_embd_centroids.weight"),
+    ]:
+        config = dataclasses.replace(file.config, centroid_head=bad_head)
+        tensors = [
+            _core.TensorEntry(t.name, t.type_id, list(t.shape), t.offset, t.nbytes)
+            for t in file.weights
+        ]
+        with pytest.raises(ValueError, match=message):
+            _core.Assistant(runner[0].model, str(file.gguf.path), tensors, config, 1, 1)

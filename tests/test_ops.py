@@ -37,3 +37,61 @@ def test_matmul_shared_needs_weights_of_one_width() -> None:
     with pytest.raises(ValueError, match="one width, not 256 and 512"):
         ops.matmul_shared([narrow, wide], x)
     assert ops.matmul_shared([], x) == []
+
+
+def masked_reference(
+    logits: np.ndarray, scores: np.ndarray, top_k: int, clusters: np.ndarray
+) -> np.ndarray:
+    """The centroid-masked head from every token's logits: per row, the tokens of the top_k
+    clusters by score (the lower index first on ties) keep theirs, every other token gets the
+    lowest of those minus 1."""
+    out = np.empty_like(logits)
+    for r, row in enumerate(logits):
+        chosen = np.argsort(-scores[r], kind="stable")[:top_k]
+        tokens = clusters[chosen].reshape(-1)
+        out[r] = row[tokens].min() - 1
+        out[r, tokens] = row[tokens]
+    return out
+
+
+def clustered_case(rng: np.random.Generator, n: int, n_clusters: int, cluster_size: int):
+    """Scores of n rows over the clusters (row 0 all tied, so the lowest indices win) and the
+    clusters of a random permutation of the vocabulary."""
+    scores = rng.standard_normal((n, n_clusters)).astype(np.float32)
+    scores[0] = 0.5
+    clusters = rng.permutation(n_clusters * cluster_size).astype(np.int32)
+    return scores, clusters.reshape(n_clusters, cluster_size)
+
+
+def test_clustered_logits_of_an_f32_table_equal_a_plain_reference() -> None:
+    ops = _core.OpsCheck("cpu", threads=2)
+    rng = np.random.default_rng(11)
+    n, cols, n_clusters, cluster_size, top_k = 5, 96, 12, 40, 3
+    table = rng.standard_normal((n_clusters * cluster_size, cols)).astype(np.float32)
+    x = rng.standard_normal((n, cols)).astype(np.float32)
+    scores, clusters = clustered_case(rng, n, n_clusters, cluster_size)
+    got = ops.clustered_logits(
+        int(T.F32), table.view(np.uint8), cols, len(table), x, scores, top_k, clusters
+    )
+    want = masked_reference(
+        x.astype(np.float64) @ table.T.astype(np.float64), scores, top_k, clusters
+    )
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
+    assert set(np.flatnonzero(got[0] > got[0].min())) == set(clusters[:top_k].reshape(-1).tolist())
+
+
+@pytest.mark.parametrize("qtype", [T.Q8_0, T.Q4_K, T.F16, T.F32], ids=lambda t: t.name)
+@pytest.mark.parametrize("n", [1, 7])
+def test_clustered_logits_are_the_matmuls_logits_of_the_chosen_clusters(qtype, n) -> None:
+    """Each scored token's logit is bit for bit what matmul gives it (600 rows: no interleaved
+    copy, the same dot kernel); the rest are masked as the reference masks them."""
+    ops = _core.OpsCheck("cpu", threads=2)
+    rng = np.random.default_rng(int(qtype) + n)
+    cols, n_clusters, cluster_size, top_k = 256, 12, 50, 4
+    rows = n_clusters * cluster_size
+    table = random_weights(rng, qtype, rows, cols)
+    x = rng.standard_normal((n, cols)).astype(np.float32)
+    scores, clusters = clustered_case(rng, n, n_clusters, cluster_size)
+    got = ops.clustered_logits(int(qtype), table, cols, rows, x, scores, top_k, clusters)
+    want = masked_reference(ops.matmul(int(qtype), table, cols, rows, x), scores, top_k, clusters)
+    assert same_bits(got, want)

@@ -65,16 +65,25 @@ def test_ngram_drafts_give_the_same_greedy_tokens_on_every_fixture_file(fixtures
             assert 0 < speculation.accepted < speculation.proposed, (model, k)
 
 
-def test_assistant_drafts_give_the_same_greedy_tokens(draft_dir, fixtures_dir):
+@pytest.mark.parametrize("head", ["plain", "ordered"])
+def test_assistant_drafts_give_the_same_greedy_tokens(draft_dir, fixtures_dir, head, request):
+    """With the converted assistant (plain head) and with its centroid head (`ordered`)."""
     model = draft_dir / "target-f32.gguf"
     ref = np.load(draft_dir / "ref_draft.npz")
+    if head == "ordered":
+        assistant = request.getfixturevalue("ordered_drafter")
+    else:
+        assistant = draft_dir / "assistant-f32.gguf"
+    plain = Engine(model, threads=1)
+    expected = [plain.generate(p, TOKENS, stop_tokens=()) for p in prompts(fixtures_dir, model)]
     for k in range(1, 9):
-        engine = Engine(model, threads=1, draft=draft_dir / "assistant-f32.gguf", draft_tokens=k)
+        engine = Engine(model, threads=1, draft=assistant, draft_tokens=k)
         for i, prompt in enumerate(prompts(fixtures_dir, model)):
             tokens = engine.generate(prompt, TOKENS, stop_tokens=())
+            assert tokens == expected[i], (k, i)
             assert tokens[:24] == ref[f"p{i}/greedy"].tolist(), (k, i)
             # transformers' own assisted generation gives the target's greedy tokens too.
-            assert tokens[:24] == ref[f"p{i}/plain/assisted"].tolist(), (k, i)
+            assert tokens[:24] == ref[f"p{i}/{head}/assisted"].tolist(), (k, i)
         speculation = engine.speculation
         assert speculation is not None and speculation.steps > 0
         assert len(speculation.acceptance_per_position()) == k
