@@ -326,7 +326,7 @@ void CpuOps::clustered_logits(const Weight& table, const float* x, int n, const 
   }
   std::vector<float> chosen(tokens.size());
   const quant::VecDotFn dot = quant::vec_dot_fn(table.type, isa_);
-  constexpr int64_t kTokensPerChunk = 64;
+  constexpr int64_t kTokensPerChunk = 512;
   pool_.parallel_for(
       static_cast<int64_t>(tokens.size()), kTokensPerChunk, [&](int64_t begin, int64_t end, int) {
         for (int64_t j = begin; j < end; ++j) {
