@@ -52,16 +52,16 @@ __all__ = [
 
 ASSISTANT_ARCH = "gemma4-assistant"
 _A = f"{ASSISTANT_ARCH}."
+CENTROIDS_TENSOR = "masked_embd_centroids.weight"
+ORDERING_TENSOR = "masked_embd_ordering"
+CENTROID_TOP_K_KEY = _A + "centroid_top_k"
 _KINDS: dict[str, _Kind] = {
     key.replace(f"{ARCH}.", _A, 1): kind for key, kind in KEY_KINDS.items()
 } | {
     _A + "embedding_length_out": _Kind.UINT,
     _A + "nextn_predict_layers": _Kind.UINT,
-    _A + "centroid_top_k": _Kind.UINT,
+    CENTROID_TOP_K_KEY: _Kind.UINT,
 }
-CENTROIDS_TENSOR = "masked_embd_centroids.weight"
-ORDERING_TENSOR = "masked_embd_ordering"
-CENTROID_TOP_K_KEY = _A + "centroid_top_k"
 
 
 class AssistantMismatchError(Gemma4Error, ValueError):

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import centroid_head_of, rewrite_gguf, with_centroid_head
+from gguf import GGUFValueType
 
 from pygemma4 import _core, open_model
 from pygemma4.assistant_config import AssistantMismatchError, CentroidHead
@@ -373,3 +374,17 @@ def test_the_core_refuses_a_centroid_head_the_file_does_not_fit(runner, drafters
         ]
         with pytest.raises(ValueError, match=message):
             _core.Assistant(runner[0].model, str(file.gguf.path), tensors, config, 1, 1)
+
+
+def test_a_top_k_that_is_not_an_integer_is_refused(runner, draft_dir, centroid_head, tmp_path):
+    centroids, ordering, _ = centroid_head
+    bad = rewrite_gguf(
+        draft_dir / "assistant-f32.gguf",
+        tmp_path / "bad.gguf",
+        {},
+        new_keys={"gemma4-assistant.centroid_top_k": ("four", GGUFValueType.STRING)},
+        new_tensors={"masked_embd_centroids.weight": centroids, "masked_embd_ordering": ordering},
+    )
+    with pytest.raises(GGUFError, match="'gemma4-assistant.centroid_top_k' must be") as error:
+        AssistantDrafter(runner[0], bad)
+    assert str(bad) in str(error.value)
