@@ -771,12 +771,20 @@ def create_app(
         if "prompt" in body:
             if not isinstance(body["prompt"], str):
                 raise bad_field("prompt", "prompt must be a string")
-            tokens = tokenizer.encode(body["prompt"], add_bos=add_special)
+            field = "prompt"
         else:
             chat = parse_request(
                 ChatCompletionRequest, {"model": info.model, "messages": body["messages"]}
             )
-            tokens = tokenizer.encode_chat([m.wire() for m in chat.messages])
+            field = "messages"
+        try:
+            if field == "prompt":
+                tokens = tokenizer.encode(body["prompt"], add_bos=add_special)
+            else:
+                tokens = tokenizer.encode_chat([m.wire() for m in chat.messages])
+        except Gemma4Error as e:
+            # The text cannot be tokenized, or the chat template refused the messages.
+            raise bad_field(field, str(e)) from None
         return {"count": len(tokens), "max_model_len": info.n_ctx, "tokens": tokens}
 
     @app.post("/detokenize")
