@@ -505,8 +505,12 @@ _internal_decoder = msgspec.msgpack.Decoder(Internal)
 
 
 def encode(message: msgspec.Struct) -> bytes:
-    """The message as one frame."""
-    return _encoder.encode(message)
+    """The message as one frame; ProtocolError where what it carries cannot be sent (an
+    integer beyond 64 bits, nesting deeper than the encoder recurses)."""
+    try:
+        return _encoder.encode(message)
+    except (OverflowError, RecursionError) as e:
+        raise ProtocolError(f"cannot encode the {type(message).__name__.lower()}: {e}") from None
 
 
 def _decoded(decoder: msgspec.msgpack.Decoder, frame: bytes) -> typing.Any:

@@ -19,7 +19,7 @@ from serve_helpers import RawDealer, ServeProcess, free_port
 from pygemma4 import protocol
 from pygemma4.client import AsyncClient, ServerBusyError, ServerError
 
-MESSAGE_BYTES = 4096
+MESSAGE_BYTES = 8192
 PROMPT_TOKENS = 40
 QUEUED_TOKENS = 50
 PER_CLIENT = 2
@@ -202,3 +202,38 @@ def test_http_requests_in_flight_per_client_address(server: Any) -> None:
             for s in opened:
                 s.__exit__(None, None, None)
     still_serves(server)
+
+
+# --- input a library would choke on: answered 400 naming it, never 500 ----------------------
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/tokenize"])
+def test_http_number_of_more_digits_than_python_converts(server: Any, path: str) -> None:
+    body = '{"model": "m", "max_tokens": ' + "9" * 5000 + "}"
+    with httpx.Client(base_url=server.base_url, timeout=60) as http:
+        reply = http.post(path, content=body, headers={"content-type": "application/json"})
+    assert reply.status_code == 400, reply.text
+    assert "not valid JSON" in reply.json()["error"]["message"]
+    assert "digits" in reply.json()["error"]["message"]
+
+
+def test_http_integer_beyond_64_bits_in_template_kwargs(server: Any) -> None:
+    request = {
+        "model": server.model.name,
+        "messages": [{"role": "user", "content": "hi"}],
+        "chat_template_kwargs": {"depth": 2**64},
+        "max_tokens": 1,
+    }
+    with httpx.Client(base_url=server.base_url, timeout=60) as http:
+        reply = http.post("/v1/chat/completions", json=request)
+    assert reply.status_code == 400, reply.text
+    assert "cannot encode the chat" in reply.json()["error"]["message"]
+
+
+def test_http_tokenize_text_that_is_not_unicode(server: Any) -> None:
+    body = '{"prompt": "a\\ud800b"}'
+    with httpx.Client(base_url=server.base_url, timeout=60) as http:
+        reply = http.post("/tokenize", content=body, headers={"content-type": "application/json"})
+    assert reply.status_code == 400, reply.text
+    error = reply.json()["error"]
+    assert error["param"] == "prompt" and "not valid Unicode" in error["message"]

@@ -237,7 +237,8 @@ class Api:
             return json.loads(body.decode("utf-8"))
         except UnicodeDecodeError as e:
             raise ApiError(400, f"the body is not valid UTF-8: {e}", code="invalid_json") from None
-        except (json.JSONDecodeError, RecursionError) as e:
+        except (ValueError, RecursionError) as e:
+            # ValueError beside JSONDecodeError: numbers of more digits than Python converts.
             raise ApiError(400, f"the body is not valid JSON: {e}", code="invalid_json") from None
 
     async def choice_events(self, generations: list[Generation]) -> AsyncIterator[ChoiceEvent]:
