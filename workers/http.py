@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import hmac
 import json
 import os
@@ -784,16 +785,16 @@ def create_app(
             if not isinstance(body["prompt"], str):
                 raise bad_field("prompt", "prompt must be a string")
             field = "prompt"
+            encode = functools.partial(tokenizer.encode, body["prompt"], add_bos=add_special)
         else:
             chat = parse_request(
                 ChatCompletionRequest, {"model": info.model, "messages": body["messages"]}
             )
             field = "messages"
+            encode = functools.partial(tokenizer.encode_chat, [m.wire() for m in chat.messages])
         try:
-            if field == "prompt":
-                tokens = tokenizer.encode(body["prompt"], add_bos=add_special)
-            else:
-                tokens = tokenizer.encode_chat([m.wire() for m in chat.messages])
+            # In a thread: a chat template may take its whole time limit to render.
+            tokens = await asyncio.to_thread(encode)
         except Gemma4Error as e:
             # The text cannot be tokenized, or the chat template refused the messages.
             raise bad_field(field, str(e)) from None
