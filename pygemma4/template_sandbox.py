@@ -43,6 +43,13 @@ _OBJECT_BYTES = 64
 # `\ud83d\ude00`).
 _ESCAPED_CHARACTER = 12
 _LOOP_FILTER = "__bounded_loop"
+_OPERAND_FILTER = "__bounded_operand"
+# Filters and tests that compare values, which takes time in proportion to their whole size.
+_COMPARING_FILTERS = frozenset({"sort", "unique", "min", "max", "groupby", "dictsort"})
+_COMPARING_TESTS = frozenset(
+    {"eq", "equalto", "==", "ne", "!=", "lt", "lessthan", "<", "le", "<="}
+    | {"gt", "greaterthan", ">", "ge", ">=", "in"}
+)
 _FOOTPRINT_SAMPLE = 4096
 
 
@@ -132,9 +139,12 @@ def _limit_output(characters: int, what: str) -> None:
         )
 
 
-def text_length(value: Any, budget: RenderBudget, escaped: bool = True, indent: int = 0) -> int:
+def text_length(
+    value: Any, budget: RenderBudget, escaped: bool = True, indent: int = 0, what: str = ""
+) -> int:
     """An upper bound of the length of `value` as text (str, repr or JSON, with `indent` per
-    nesting level), failing once it passes what the render may still allocate."""
+    nesting level), failing once it passes what the render may still allocate (naming `what`
+    the value is for)."""
     if isinstance(value, (str, bytes)) and not escaped:
         return len(value)
     room = limits.ALLOCATION_BYTES - budget.allocated
@@ -160,11 +170,12 @@ def text_length(value: Any, budget: RenderBudget, escaped: bool = True, indent: 
         elif isinstance(item, (list, tuple, set, frozenset)):
             stack.extend((entry, depth + 1) for entry in item)
         elif isinstance(item, Namespace):
-            stack.append((dict(item.__dict__.get("_Namespace__attrs", {})), depth))
+            # Jinja keeps a namespace's attributes in this name-mangled dict.
+            stack.append((object.__getattribute__(item, "_Namespace__attrs"), depth))
         else:
             total += 32
         if total > room:
-            budget.require(total, f"the text of a {type(value).__name__}")
+            budget.require(total, what or f"the text of a {type(value).__name__}")
     return total
 
 
@@ -208,6 +219,31 @@ class _BoundedLoop:
 
 def _bounded_loop(values: Iterable[Any]) -> _BoundedLoop:
     return _BoundedLoop(values, _budget())
+
+
+def _check_comparable(values: Iterable[Any], budget: RenderBudget, what: str) -> None:
+    """Fail for containers too large to compare or hash: their elements are visited once
+    for each path to them, which for shared elements can be exponentially many."""
+    for value in values:
+        if isinstance(value, (list, tuple, dict, set, frozenset, Namespace)):
+            text_length(value, budget, what=what)
+
+
+def _bounded_operand(value: Any) -> Any:
+    """An operand of a comparison or a dict key, checked to be comparable in bounded time."""
+    _check_comparable((value,), _budget(), "a comparison")
+    return value
+
+
+def _bounded_test(name: str, function: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(function)
+    def bounded(*args: Any, **kwargs: Any) -> Any:
+        budget = _budget()
+        budget.tick()
+        _check_comparable((*args, *kwargs.values()), budget, f"the {name} test")
+        return function(*args, **kwargs)
+
+    return bounded
 
 
 # --- size estimates of the operations that can allocate far more than their inputs ---------
@@ -363,6 +399,8 @@ def _specific_filter_bytes(
         indent = kwargs.get("indent", rest[1] if name == "tojson" and len(rest) > 1 else None)
         step = len(indent) if isinstance(indent, str) else indent if isinstance(indent, int) else 0
         return text_length(value, b, indent=max(step, 0) + 1) * 4
+    if name in _COMPARING_FILTERS:
+        _check_comparable((value,), b, f"the {name} filter")
     if name in ("batch", "slice"):
         count = rest[0] if rest else kwargs.get("linecount", kwargs.get("slices", 0))
         return (count if isinstance(count, int) else 0) * _OBJECT_BYTES
@@ -398,13 +436,22 @@ def _bounded_filter(name: str, function: Callable[..., Any]) -> Callable[..., An
     return bounded
 
 
+def _filtered(expr: nodes.Expr, name: str) -> nodes.Filter:
+    return nodes.Filter(expr, name, [], [], None, None, lineno=expr.lineno)
+
+
 class _BoundedCodeGenerator(CodeGenerator):
     """Jinja's code generator, with every `for` loop's iterable and every `~` bounded."""
 
     def visit_Template(self, node: nodes.Template, frame: Frame | None = None) -> None:
         for loop in node.find_all(nodes.For):
-            loop.iter = nodes.Filter(loop.iter, _LOOP_FILTER, [], [], None, None)
-            loop.iter.set_lineno(loop.lineno)
+            loop.iter = _filtered(loop.iter, _LOOP_FILTER)
+        for compare in node.find_all(nodes.Compare):
+            compare.expr = _filtered(compare.expr, _OPERAND_FILTER)
+            for operand in compare.ops:
+                operand.expr = _filtered(operand.expr, _OPERAND_FILTER)
+        for pair in node.find_all(nodes.Pair):
+            pair.key = _filtered(pair.key, _OPERAND_FILTER)
         super().visit_Template(node, frame)
 
     def visit_Concat(self, node: nodes.Concat, frame: Frame) -> None:
@@ -461,6 +508,9 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
         for name, function in list(self.filters.items()):
             self.filters[name] = _bounded_filter(name, function)
         self.filters[_LOOP_FILTER] = _bounded_loop
+        self.filters[_OPERAND_FILTER] = _bounded_operand
+        for name in _COMPARING_TESTS & set(self.tests):
+            self.tests[name] = _bounded_test(name, self.tests[name])
 
     def add_filter(self, name: str, function: Callable[..., Any]) -> None:
         """Install a filter, bounded as the built-in ones are."""
@@ -498,6 +548,8 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
             words = args[3] if len(args) > 3 else kwargs.get("max", 100)
             if isinstance(n, int) and isinstance(words, int):
                 budget.require(n * words * 16, what)
+        # Arguments may be hashed or compared (`dict.fromkeys`, `loop.changed`).
+        _check_comparable((*args, *kwargs.values()), budget, what)
         if budget.depth >= limits.CALL_DEPTH:
             raise ChatTemplateLimitError(
                 "CALL_DEPTH",

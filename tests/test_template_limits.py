@@ -99,6 +99,22 @@ HOSTILE: dict[str, tuple[str, str]] = {
         "{{ ('a ' * 1000000)|wordwrap(1, wrapstring='y' * 100000) }}",
         "ALLOCATION_BYTES",
     ),
+    "shared-compare": (
+        "{% set ns = namespace(x=[1], y=[1]) %}{% for i in range(200) %}"
+        "{% set ns.x = [ns.x, ns.x] %}{% set ns.y = [ns.y, ns.y] %}{% endfor %}"
+        "{{ ns.x == ns.y }}",
+        "RENDER_SECONDS",
+    ),
+    "shared-hash": (
+        "{% set ns = namespace(t=(1,)) %}{% for i in range(200) %}"
+        "{% set ns.t = (ns.t, ns.t) %}{% endfor %}{{ dict.fromkeys([ns.t])|length }}",
+        "RENDER_SECONDS",
+    ),
+    "shared-unique": (
+        "{% set ns = namespace(t=(1,)) %}{% for i in range(200) %}"
+        "{% set ns.t = (ns.t, ns.t) %}{% endfor %}{{ [ns.t, ns.t]|unique|list|length }}",
+        "RENDER_SECONDS",
+    ),
     "caller-doubling": (
         "{% macro twice() %}{{ caller() }}{{ caller() }}{% endmacro %}"
         "{% call twice() %}{% call twice() %}{{ 'x' * 5000000 }}{% endcall %}{% endcall %}",

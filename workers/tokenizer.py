@@ -222,9 +222,12 @@ class TokenizerWorker(Worker):
             )
 
     def check_prompt_length(self, n_prompt: int) -> None:
-        """Refuse a prompt longer than the server's limit."""
+        """Refuse a prompt longer than the server's limit (one longer than the context is
+        refused as such, by `max_tokens`)."""
         most = self.config.limits.max_prompt_tokens
-        if most is not None and n_prompt > most:
+        if most is None or most >= self.config.n_ctx:
+            return
+        if n_prompt > most:
             raise RequestRefused(
                 "too_large",
                 f"prompt of {n_prompt} tokens; this server takes at most {most} "
