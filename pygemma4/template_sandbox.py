@@ -107,11 +107,15 @@ def render_bounded(render: Callable[[], str]) -> str:
         return render()
     except RecursionError:
         raise ChatTemplateLimitError(
-            "CALL_DEPTH", "the chat template recursed deeper than Python allows"
+            "CALL_DEPTH",
+            "the chat template recursed deeper than Python allows, before the limit of "
+            f"{limits.CALL_DEPTH} calls (template_limits.CALL_DEPTH)",
         ) from None
     except MemoryError:
         raise ChatTemplateLimitError(
-            "ALLOCATION_BYTES", "the chat template ran the process out of memory"
+            "ALLOCATION_BYTES",
+            "the chat template ran the process out of memory before its limit of "
+            f"{limits.ALLOCATION_BYTES // 2**20} MiB (template_limits.ALLOCATION_BYTES)",
         ) from None
     finally:
         _active.reset(token)
