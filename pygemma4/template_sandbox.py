@@ -354,7 +354,7 @@ def _str_method_bytes(
 
 def _materialized(values: Any, budget: RenderBudget) -> Any:
     """`values` as a list where it is an iterator (each step checked), else itself."""
-    if not isinstance(values, Iterator):
+    if not _is_iterator(values):
         return values
     return list(_iterated(values, budget, "an iteration"))
 
@@ -363,12 +363,26 @@ _ITERATING_FILTERS = frozenset(
     {"list", "map", "select", "reject", "selectattr", "rejectattr", "unique", "sort", "groupby"}
     | {"sum", "min", "max", "join"}
 )
+# Filters `_specific_filter_bytes` has an estimate for.
+_ESTIMATED_FILTERS = (
+    frozenset({"center", "indent", "format", "replace", "wordwrap", "tojson", "pprint", "string"})
+    | frozenset({"batch", "slice"})
+    | _COMPARING_FILTERS
+    | _ITERATING_FILTERS
+)
+
+
+def _is_iterator(value: Any) -> bool:
+    # What `isinstance(value, Iterator)` says, without the cost of an ABC check on every call.
+    return hasattr(type(value), "__next__")
 
 
 def _filter_bytes(name: str, args: tuple[Any, ...], kwargs: dict[str, Any], b: RenderBudget) -> int:
     """Bytes the filter `name` can allocate for these arguments (the value first)."""
     value = args[0] if args else None
     rest = args[1:]
+    if name not in _ESTIMATED_FILTERS:
+        return _inserting_bytes(value, rest, kwargs)
     return max(
         _inserting_bytes(value, rest, kwargs), _specific_filter_bytes(name, value, rest, kwargs, b)
     )
@@ -403,6 +417,10 @@ def _specific_filter_bytes(
         indent = kwargs.get("indent", rest[1] if name == "tojson" and len(rest) > 1 else None)
         step = len(indent) if isinstance(indent, str) else indent if isinstance(indent, int) else 0
         return text_length(value, b, indent=max(step, 0) + 1) * 4
+    if name == "sum" and isinstance(value, (list, tuple)):
+        # Summing sequences copies the growing total once per item.
+        sizes = [len(v) for v in value if isinstance(v, (str, bytes, list, tuple))]
+        return len(sizes) * sum(sizes) * 8
     if name in _COMPARING_FILTERS:
         _check_comparable((value,), b, f"the {name} filter")
     if name in ("batch", "slice"):
@@ -432,7 +450,7 @@ def _bounded_filter(name: str, function: Callable[..., Any]) -> Callable[..., An
             if isinstance(sep, str):
                 budget.require(_join_bytes(sep, items, budget), what)
         result = function(*(args[:1] if passes_context else ()), *values, **kwargs)
-        if inspect.isgenerator(result) or isinstance(result, Iterator):
+        if _is_iterator(result):
             return _iterated(result, budget, what)
         budget.charge(_footprint(result), what)
         return result

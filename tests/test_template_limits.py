@@ -115,6 +115,7 @@ HOSTILE: dict[str, tuple[str, str]] = {
         "{% set ns.t = (ns.t, ns.t) %}{% endfor %}{{ [ns.t, ns.t]|unique|list|length }}",
         "RENDER_SECONDS",
     ),
+    "sum-of-lists": ("{{ ([[0] * 10000] * 1000)|sum(start=[])|length }}", "ALLOCATION_BYTES"),
     "caller-doubling": (
         "{% macro twice() %}{{ caller() }}{{ caller() }}{% endmacro %}"
         "{% call twice() %}{% call twice() %}{{ 'x' * 5000000 }}{% endcall %}{% endcall %}",
