@@ -6,7 +6,8 @@ The template sees the same Jinja environment (an immutable sandbox with `trim_bl
 keeps non-ASCII text, the globals `raise_exception` and `strftime_now`, and guarded `dict` and
 `namespace`) and the same variables (`messages`, `add_generation_prompt`, `tools`, `documents`,
 the special tokens and any extra keyword arguments) as under `transformers`. Every failure, in the
-messages or in the template, is a ChatTemplateError.
+messages or in the template, is a ChatTemplateError; a render stays within the time, memory,
+nesting and output bounds of `pygemma4.template_limits` (a ChatTemplateLimitError past them).
 """
 
 from __future__ import annotations
@@ -22,10 +23,11 @@ import numpy as np
 from jinja2 import nodes
 from jinja2.ext import Extension, loopcontrols
 from jinja2.parser import Parser
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 from jinja2.utils import Namespace
 
-from pygemma4.errors import ChatTemplateError
+from pygemma4 import template_limits
+from pygemma4.errors import ChatTemplateError, ChatTemplateLimitError
+from pygemma4.template_sandbox import BoundedSandbox, render_bounded
 
 __all__ = ["GEMMA4_TEMPLATE", "ChatTemplate"]
 
@@ -83,10 +85,17 @@ class ChatTemplate:
         `bos_token` to token texts such as `<bos>`.
 
         Raises ChatTemplateError for a source that is not a str, special tokens that are not
-        str -> str, and a template that does not compile (naming the line and the problem).
+        str -> str, and a template that does not compile (naming the line and the problem);
+        ChatTemplateLimitError for a source longer than `template_limits.SOURCE_CHARACTERS`.
         """
         if not isinstance(source, str):
             raise ChatTemplateError(f"a chat template must be a str, not {type(source).__name__}")
+        if len(source) > template_limits.SOURCE_CHARACTERS:
+            raise ChatTemplateLimitError(
+                "SOURCE_CHARACTERS",
+                f"the chat template is {len(source):,} characters long, past the limit of "
+                f"{template_limits.SOURCE_CHARACTERS:,} (template_limits.SOURCE_CHARACTERS)",
+            )
         tokens = dict(special_tokens or {})
         for name, text in tokens.items():
             if not isinstance(name, str) or not isinstance(text, str):
@@ -102,6 +111,8 @@ class ChatTemplate:
             raise ChatTemplateError(
                 f"chat template syntax error on line {e.lineno}: {e.message}"
             ) from None
+        except RecursionError:
+            raise ChatTemplateError("the chat template nests too deeply to compile") from None
 
     def render(
         self,
@@ -124,7 +135,8 @@ class ChatTemplate:
         Raises ChatTemplateError naming the problem for malformed messages, tools or documents;
         with the template's own message where the template calls `raise_exception`; and naming
         the line for any other failure inside the template (undefined values, type errors,
-        sandbox violations).
+        sandbox violations). Raises ChatTemplateLimitError, naming the limit, for a render that
+        goes past one of `pygemma4.template_limits`.
         """
         if "continue_final_message" in template_kwargs:
             raise ChatTemplateError("continue_final_message is not supported")
@@ -139,7 +151,7 @@ class ChatTemplate:
             add_generation_prompt=add_generation_prompt,
         )
         try:
-            return self._template.render(context)
+            return render_bounded(lambda: self._template.render(context))
         except ChatTemplateError:
             raise
         except Exception as e:
@@ -324,12 +336,13 @@ class _GenerationBlock(Extension):
         return caller()
 
 
-def _environment() -> ImmutableSandboxedEnvironment:
-    """A Jinja environment configured as transformers configures the one it renders with."""
-    env = ImmutableSandboxedEnvironment(
+def _environment() -> BoundedSandbox:
+    """A Jinja environment configured as transformers configures the one it renders with,
+    bounded by `pygemma4.template_limits`."""
+    env = BoundedSandbox(
         trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationBlock, loopcontrols]
     )
-    env.filters["tojson"] = _tojson
+    env.add_filter("tojson", _tojson)
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
     env.globals["dict"] = _DictFactory()

@@ -296,7 +296,43 @@ def inspect(model: Path, as_json: bool, tensors: bool, template: bool) -> None:
     type=click.IntRange(min=1),
     help="Requests in flight before 'busy'.",
 )
-@click.option("--max-message-bytes", default=4 << 20, type=click.IntRange(min=1024))
+@click.option(
+    "--max-message-bytes",
+    default=4 << 20,
+    type=click.IntRange(min=1024),
+    help="Largest client message and HTTP body.",
+)
+@click.option(
+    "--max-pending-per-client",
+    type=click.IntRange(min=1),
+    help="Requests in flight from one connection (one HTTP client address) before 'busy' "
+    "[default: 64].",
+)
+@click.option(
+    "--max-prompt-tokens",
+    type=click.IntRange(min=1),
+    help="Tokens of one prompt, after the chat template [default: the context].",
+)
+@click.option(
+    "--max-queued-tokens",
+    type=click.IntRange(min=1),
+    help="Prompt tokens of all requests waiting to start before 'busy' [default: 1048576].",
+)
+@click.option(
+    "--max-stop-strings",
+    type=click.IntRange(min=0),
+    help="Stop strings of one request [default and most: 16].",
+)
+@click.option(
+    "--max-stop-chars",
+    type=click.IntRange(min=1),
+    help="Characters of one stop string [default and most: 256].",
+)
+@click.option(
+    "--max-logprobs",
+    type=click.IntRange(min=0),
+    help="Logprobs of alternatives per token of one request [default and most: 20].",
+)
 @click.option(
     "--curve-secret-key",
     type=click.Path(dir_okay=False),
@@ -335,6 +371,7 @@ def serve(
 
     from rich.console import Console
 
+    from pygemma4.protocol import ServeLimits
     from pygemma4.runner import default_threads
     from pygemma4.workers.server import Server
 
@@ -350,9 +387,12 @@ def serve(
     key = _api_key(api_key, api_key_file)
     listen = None if http == "off" else _checked_listen(http, "--http", key)
     threads = default_threads() if threads is None else threads
+    given = {f: options.pop(f) for f in ServeLimits.__struct_fields__}
+    limits = ServeLimits.checked(**{f: v for f, v in given.items() if v is not None})
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # while loading: as Ctrl-C
     server = Server(
         _model_path(None if model is None else str(model)),
+        limits=limits,
         endpoint=endpoint,
         threads=threads,
         prefill_threads=prefill_threads or threads,

@@ -388,7 +388,8 @@ class AsyncClient:
 
     A server that requires CURVE takes `curve_secret_key` (this client's NAME.key_secret
     file, or a `curve.KeyPair`) and `curve_server_key` (the server's public NAME.key file);
-    see `pygemma4 keygen`.
+    see `pygemma4 keygen`. `routing_id` names the connection to the server (a server's own
+    HTTP front end uses the one it was given, which the per-client limit spares).
     """
 
     def __init__(
@@ -398,6 +399,7 @@ class AsyncClient:
         timeout: float | None = DEFAULT_TIMEOUT,
         curve_secret_key: str | os.PathLike[str] | curve.KeyPair | None = None,
         curve_server_key: str | os.PathLike[str] | None = None,
+        routing_id: bytes | None = None,
     ) -> None:
         if not isinstance(endpoint, str):
             raise TypeError(f"endpoint must be a str, got {_type_name(endpoint)}")
@@ -407,6 +409,8 @@ class AsyncClient:
         self.timeout = _checked_timeout(timeout)
         socket = zmq.asyncio.Context.instance().socket(zmq.DEALER)
         socket.setsockopt(zmq.LINGER, 0)
+        if routing_id is not None:
+            socket.routing_id = routing_id
         if curve_secret_key is not None and curve_server_key is not None:
             try:
                 public, secret = curve.load_secret(curve_secret_key)

@@ -28,6 +28,8 @@ def create_keypair(directory: str | os.PathLike[str], name: str) -> tuple[Path, 
     overwrite either); returns their paths."""
     if not zmq.has("curve"):
         raise CurveKeyError("this ZeroMQ library was built without CURVE")
+    if not name or name.startswith(".") or Path(name).name != name:
+        raise CurveKeyError(f"a key's name must be a plain file name, not {name!r}")
     folder = Path(directory)
     public, secret = folder / f"{name}.key", folder / f"{name}.key_secret"
     for path in (public, secret):

@@ -30,7 +30,9 @@ def located(path: os.PathLike[str] | str) -> Iterator[None]:
     try:
         yield
     except Gemma4Error as e:
-        raise type(e)(f"{path}: {e}") from None
+        # The same exception, so that a subclass's own attributes survive.
+        e.args = (f"{path}: {e}",)
+        raise e from None
 
 
 class TokenizerError(Gemma4Error, ValueError):
@@ -39,6 +41,18 @@ class TokenizerError(Gemma4Error, ValueError):
 
 class ChatTemplateError(Gemma4Error, ValueError):
     """Messages are malformed, or the chat template rejected them or failed to render."""
+
+
+class ChatTemplateLimitError(ChatTemplateError):
+    """A chat template went past one of the bounds of `pygemma4.template_limits` while it
+    rendered; `limit` is the name of that bound (e.g. "RENDER_SECONDS")."""
+
+    def __init__(self, limit: str, message: str) -> None:
+        super().__init__(message)
+        self.limit = limit
+
+    def __reduce__(self) -> tuple[type[ChatTemplateLimitError], tuple[str, str]]:
+        return type(self), (self.limit, str(self))
 
 
 class SamplingParamsError(Gemma4Error, ValueError):

@@ -23,6 +23,10 @@ from pygemma4.errors import Gemma4Error, require_positive
 DEFAULT_BLOCK_SIZE = 16
 
 
+# The core counts blocks in 32-bit integers.
+_MAX_BLOCKS = 2**31 - 1
+
+
 class KvExhaustedError(Gemma4Error, RuntimeError):
     """The pool has fewer free blocks or ring sets than were asked for."""
 
@@ -109,7 +113,14 @@ class KvLayout:
     def of(
         cls, config: ModelConfig, block_size: int, n_blocks: int, n_ring_sets: int, ring_blocks: int
     ) -> KvLayout:
-        """The layout of these dimensions for a model of `config` (its `nbytes` from the core)."""
+        """The layout of these dimensions for a model of `config` (its `nbytes` from the core);
+        KvExhaustedError for dimensions past what the core addresses."""
+        for name, value in (("blocks", n_blocks), ("ring blocks", ring_blocks)):
+            if value > _MAX_BLOCKS:
+                raise KvExhaustedError(
+                    f"a KV pool of {value} {name} of {block_size} positions is more than the "
+                    f"core addresses ({_MAX_BLOCKS}); ask for a smaller context or pool"
+                )
         nbytes = _core.KvPool.bytes_needed(config, block_size, n_blocks, n_ring_sets, ring_blocks)
         return cls(block_size, n_blocks, n_ring_sets, ring_blocks, nbytes)
 
@@ -127,17 +138,22 @@ class KvLayout:
         """A pool of this layout for a model of `config`: in `buffer` (any writable buffer of
         at least `nbytes` bytes, such as an mmap of shared memory), or in memory of its own,
         on CUDA device `device` where that is >= 0 (the pool another process exported, given
-        its `ipc_handle`)."""
-        return _core.KvPool(
-            config,
-            self.block_size,
-            self.n_blocks,
-            self.n_ring_sets,
-            self.ring_blocks,
-            buffer,
-            device,
-            ipc_handle,
-        )
+        its `ipc_handle`); KvExhaustedError where its memory cannot be had."""
+        try:
+            return _core.KvPool(
+                config,
+                self.block_size,
+                self.n_blocks,
+                self.n_ring_sets,
+                self.ring_blocks,
+                buffer,
+                device,
+                ipc_handle,
+            )
+        except RuntimeError as e:
+            if not str(e).startswith("cannot allocate"):
+                raise
+            raise KvExhaustedError(f"{e}; ask for a smaller context or pool") from None
 
 
 class _IdPool:

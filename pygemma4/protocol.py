@@ -43,8 +43,8 @@ from typing import Annotated, Literal
 
 import msgspec
 
-from pygemma4.errors import Gemma4Error
-from pygemma4.sampling import SamplingParams
+from pygemma4.errors import Gemma4Error, SamplingParamsError
+from pygemma4.sampling import MAX_LOGPROBS, MAX_STOP_CHARS, MAX_STOP_STRINGS, SamplingParams
 
 PROTOCOL_VERSION = 1
 """Bumped whenever a message changes incompatibly."""
@@ -302,6 +302,40 @@ class HealthStatus(_Reply, tag="health"):
     """Of those, the tokens it held."""
 
 
+class ServeLimits(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """What a server lets one client ask of it (`pygemma4 serve --max-...`); a request past
+    any of them is refused with an error naming the limit. Beside these, `max_message_bytes`
+    bounds every message and HTTP body, `max_pending` the requests in flight from everyone."""
+
+    max_pending_per_client: int = 64
+    """Requests in flight from one connection (one HTTP client address) before 'busy'."""
+    max_prompt_tokens: int | None = None
+    """Tokens of one prompt, after the chat template (None: the context)."""
+    max_queued_tokens: int = 1 << 20
+    """Prompt tokens of all requests waiting for the decode worker before 'busy'."""
+    max_stop_strings: int = MAX_STOP_STRINGS
+    """Stop strings of one request."""
+    max_stop_chars: int = MAX_STOP_CHARS
+    """Characters of one stop string."""
+    max_logprobs: int = MAX_LOGPROBS
+    """Alternatives' logprobs per token of one request."""
+
+    @classmethod
+    def checked(cls, **limits: int) -> ServeLimits:
+        """Limits as given (the rest default), refusing those past what the engine takes."""
+        most = {
+            "max_stop_strings": MAX_STOP_STRINGS,
+            "max_stop_chars": MAX_STOP_CHARS,
+            "max_logprobs": MAX_LOGPROBS,
+        }
+        for name, value in limits.items():
+            if name in most and value > most[name]:
+                raise SamplingParamsError(
+                    f"{name} {value} is more than the engine takes ({most[name]})"
+                )
+        return cls(**limits)
+
+
 class ServerInfo(_Reply, tag="info"):
     """The model served and the limits a client must respect."""
 
@@ -318,6 +352,8 @@ class ServerInfo(_Reply, tag="info"):
     draft_tokens: int = 0
     """Tokens it drafts per step."""
     speculation: SpeculationCounts | None = None
+    limits: ServeLimits | None = None
+    """What one client may ask of the server (None from servers older than the field)."""
 
 
 ServerReply = Chunk | Done | Cancelled | Error | HealthStatus | ServerInfo
@@ -469,8 +505,12 @@ _internal_decoder = msgspec.msgpack.Decoder(Internal)
 
 
 def encode(message: msgspec.Struct) -> bytes:
-    """The message as one frame."""
-    return _encoder.encode(message)
+    """The message as one frame; ProtocolError where what it carries cannot be sent (an
+    integer beyond 64 bits, nesting deeper than the encoder recurses)."""
+    try:
+        return _encoder.encode(message)
+    except (OverflowError, RecursionError) as e:
+        raise ProtocolError(f"cannot encode the {type(message).__name__.lower()}: {e}") from None
 
 
 def _decoded(decoder: msgspec.msgpack.Decoder, frame: bytes) -> typing.Any:

@@ -64,7 +64,11 @@ class Tokenizer:
         end_of_generation_ids: Iterable[int] = (),
         chat_template: str | None = None,
     ) -> None:
-        """Build from the vocabulary as a GGUF stores it; see `from_gguf` for files."""
+        """Build from the vocabulary as a GGUF stores it; see `from_gguf` for files.
+
+        Merges may name texts the vocabulary lacks (as parts or as what they make): they still
+        merge, and a text that is no token comes out as the byte tokens of its UTF-8, which is
+        how llama.cpp encodes with such a file."""
         if not tokens:
             raise TokenizerError("the vocabulary is empty")
         if len(token_types) != len(tokens):
@@ -75,10 +79,12 @@ class Tokenizer:
         self.eos_id = _checked_id("EOS", eos_id, len(tokens))
         # A later duplicate of a token text wins, as in llama.cpp's text-to-id map.
         self._ids = {text: i for i, text in enumerate(self.tokens)}
+        pairs = [_split_merge(rank, merge) for rank, merge in enumerate(merges)]
+        self._spelled: dict[int, tuple[int, ...]] = {}
         self._bpe = _BPETokenizer(
             BPE(
-                vocab=self._ids,
-                merges=[_split_merge(i, merge) for i, merge in enumerate(merges)],
+                vocab=self._bpe_vocabulary(pairs),
+                merges=pairs,
                 byte_fallback=True,
                 fuse_unk=False,
             )
@@ -100,6 +106,31 @@ class Tokenizer:
             special_tokens=self._special_token_texts(),
         )
         self.has_own_chat_template = chat_template is not None
+
+    def _bpe_vocabulary(self, pairs: Sequence[tuple[str, str]]) -> dict[str, int]:
+        """The vocabulary the merges run on: the real one, plus an id past its end for every
+        text a merge names that it lacks (recorded in `_spelled` with the byte tokens that
+        spell it)."""
+        vocabulary = dict(self._ids)
+        for rank, (left, right) in enumerate(pairs):
+            for text in (left, right, left + right):
+                if text in vocabulary:
+                    continue
+                vocabulary[text] = len(self.tokens) + len(self._spelled)
+                self._spelled[vocabulary[text]] = self._byte_ids(rank, text)
+        return vocabulary
+
+    def _byte_ids(self, rank: int, text: str) -> tuple[int, ...]:
+        ids = []
+        for byte in text.encode("utf-8", "surrogatepass"):
+            byte_id = self._ids.get(f"<0x{byte:02X}>")
+            if byte_id is None:
+                raise TokenizerError(
+                    f"merge {rank} names {text!r}, which the vocabulary lacks, and there is no "
+                    f"byte token <0x{byte:02X}> to spell it with"
+                )
+            ids.append(byte_id)
+        return tuple(ids)
 
     @classmethod
     def from_gguf(cls, path: str | os.PathLike[str]) -> Tokenizer:
@@ -183,7 +214,11 @@ class Tokenizer:
         start = 0
         for slot, encoding in zip(word_slots, merged, strict=True):
             out.extend(ids[start:slot])
-            out.extend(encoding.ids)
+            if self._spelled:
+                for token_id in encoding.ids:
+                    out.extend(self._spelled.get(token_id, (token_id,)))
+            else:
+                out.extend(encoding.ids)
             start = slot + 1
         out.extend(ids[start:])
         return out

@@ -143,6 +143,10 @@ def test_inspect(tmp_path: Path, fixtures_dir: Path) -> None:
         (["generate"], "PROMPT"),
         (["generate", "Hi", "--n-ctx", "2"], "longer than the context"),
         (["inspect", "/nonexistent/model.gguf"], "no such file"),
+        (["generate", "Hi", "--n-ctx", "99999999999"], "more than the core addresses"),
+        (["generate", "Hi", "--n-ctx", "2000000000"], "cannot allocate a KV pool"),
+        (["keygen", "keys", "../outside"], "must be a plain file name"),
+        (["serve", "--max-logprobs", "21", "--http", "off"], "more than the engine takes (20)"),
     ],
 )
 def test_bad_input_is_a_message_not_a_traceback(

@@ -155,3 +155,8 @@ def test_sequence_kv_grows_and_releases(allocator):
         seq.ensure(1)
     other.release()
     assert allocator.free_blocks == 6 and allocator.free_ring_sets == 2
+
+
+def test_layout_past_what_the_core_addresses(config: ModelConfig) -> None:
+    with pytest.raises(KvExhaustedError, match="more than the core addresses"):
+        KvLayout.for_model(config, 2**40, 1, 16)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import msgspec
 import pytest
@@ -236,3 +237,21 @@ def test_a_chat_of_plain_messages_encodes_as_before() -> None:
     }
     done = protocol.Done(id=1, finish_reason="stop", prompt_tokens=3, completion_tokens=1)
     assert "in_reasoning" not in msgspec.msgpack.decode(protocol.encode(done))
+
+
+def _nested(depth: int) -> dict[str, Any]:
+    value: dict[str, Any] = {}
+    for _ in range(depth):
+        value = {"a": value}
+    return value
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [({"x": 2**64}, "can't serialize ints"), (_nested(100_000), "recursion")],
+    ids=["int-beyond-64-bits", "deep-nesting"],
+)
+def test_encode_refuses_what_msgpack_cannot_carry(kwargs: dict[str, Any], match: str) -> None:
+    chat = protocol.Chat(id=1, messages=[], chat_template_kwargs=kwargs)
+    with pytest.raises(protocol.ProtocolError, match=f"cannot encode the chat: .*{match}"):
+        protocol.encode(chat)

@@ -279,3 +279,46 @@ def test_built_in_chat_template_where_the_file_has_none(demo_model_file: Path) -
     assert tokenizer.apply_chat_template(messages, add_generation_prompt=False).endswith(
         "Hi<turn|>\n"
     )
+
+
+@pytest.fixture(scope="module")
+def merges_beyond_vocab_file(fixtures_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The e fixture with merges, ranked first, that name texts its vocabulary lacks: one makes
+    a text that is no token ("q q"), two have a part that is no token ("Ω x", "x Ω")."""
+    source = fixtures_dir / "gemma4-tiny-e" / "model-f32.gguf"
+    fields = GGUFReader(source).fields
+    vocab = set(fields["tokenizer.ggml.tokens"].contents())
+    assert {"q", "x"} <= vocab and "qq" not in vocab and "Ω" not in vocab
+    merges = list(fields["tokenizer.ggml.merges"].contents())
+    overrides = {"tokenizer.ggml.merges": ["q q", "Ω x", "x Ω", *merges]}
+    target = tmp_path_factory.mktemp("merges") / "merges-beyond-vocab.gguf"
+    return rewrite_gguf(source, target, overrides)
+
+
+def test_merges_naming_absent_tokens_encode_as_llama_cpp(merges_beyond_vocab_file: Path) -> None:
+    """Such a file loads, and encodes token for token as llama.cpp encodes it: the merges
+    apply, and what they make that is no token comes out as byte tokens."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+    reference = llama_cpp.Llama(str(merges_beyond_vocab_file), vocab_only=True, verbose=False)
+    tokenizer = Tokenizer.from_gguf(merges_beyond_vocab_file)
+    samples = ["qq", "a qqq u", "Ωx", "xΩx xxΩΩxx", "Ω", "quiz qqquux ΩΩ", *CORPUS]
+    mismatches = [
+        (text, ours, theirs)
+        for text in samples
+        if (ours := tokenizer.encode(text))
+        != (theirs := reference.tokenize(text.encode(), special=True))
+    ]
+    assert not mismatches, f"{len(mismatches)} of {len(samples)} differ, first: {mismatches[0]}"
+    byte_q = tokenizer.token_id("<0x71>")
+    assert tokenizer.encode("qq", add_bos=False) == [byte_q, byte_q]
+    assert tokenizer.decode(tokenizer.encode("xΩx qq")) == "xΩx qq"
+
+
+def test_merge_of_a_text_no_byte_token_spells_is_refused(demo_model_file: Path) -> None:
+    metadata = metadata_of(demo_model_file)
+    tokens = list(metadata["tokenizer.ggml.tokens"])  # type: ignore[call-overload]
+    tokens[tokens.index("<0xCE>")] = "<unused-ce>"
+    metadata["tokenizer.ggml.tokens"] = tokens
+    metadata["tokenizer.ggml.merges"] = ["Ω x", *metadata["tokenizer.ggml.merges"]]  # type: ignore[misc]
+    with pytest.raises(TokenizerError, match=r"merge 0 names 'Ω'.*no byte token <0xCE>"):
+        Tokenizer.from_metadata(metadata)

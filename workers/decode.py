@@ -169,7 +169,19 @@ class DecodeWorker(Worker):
             self.mail.send("frontend", load)
 
     def queue(self, request: TokenizedRequest) -> None:
-        """Queue a request to be admitted when it fits."""
+        """Queue a request to be admitted when it fits, unless the prompt tokens waiting
+        would pass the server's limit."""
+        most = self.config.limits.max_queued_tokens
+        queued = sum(len(i.prompt_ids) for i in self.waiting if isinstance(i, TokenizedRequest))
+        if queued + len(request.prompt_ids) > most:
+            self.fail(
+                request,
+                "busy",
+                f"server busy: {queued} prompt tokens wait to start, and this prompt's "
+                f"{len(request.prompt_ids)} would pass the limit of {most} "
+                "(--max-queued-tokens); retry later",
+            )
+            return
         self.waiting.append(request)
 
     def admit(self) -> None:

@@ -66,8 +66,17 @@ class Tracked:
 class FrontEnd(Process):
     """Routes client messages to the workers and replies back, and reacts to worker deaths."""
 
-    def __init__(self, config: ServerConfig, supervisor: Supervisor, info: ServerInfo) -> None:
+    def __init__(
+        self,
+        config: ServerConfig,
+        supervisor: Supervisor,
+        info: ServerInfo,
+        http_routing_id: bytes | None = None,
+    ) -> None:
+        """`http_routing_id` is the connection of the server's own HTTP front end, which
+        the per-client limit spares."""
         self.config = config
+        self.http_routing_id = http_routing_id
         self.supervisor = supervisor
         self.info = info
         self.mail = Mailbox(config, "frontend", [*config.tokenizer_names(), "decode"], self.takes)
@@ -246,6 +255,18 @@ class FrontEnd(Process):
                 f"server busy: {len(self.requests)} requests in flight, the limit; retry later",
             )
             return
+        per_client = self.config.limits.max_pending_per_client
+        if identity != self.http_routing_id:
+            mine = sum(1 for t in self.requests.values() if t.identity == identity)
+            if mine >= per_client:
+                self.refuse(
+                    identity,
+                    request.id,
+                    "busy",
+                    f"this connection has {mine} requests in flight, the limit per client "
+                    f"(--max-pending-per-client {per_client}); retry when one ends",
+                )
+                return
         rid = next(self.rids)
         tokenizer = rid % self.config.tokenizer_workers
         self.requests[rid] = Tracked(identity, request.id, tokenizer)

@@ -11,7 +11,9 @@ token. A client that disconnects has its sequences cancelled on the server.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import functools
 import hmac
 import json
 import os
@@ -68,6 +70,7 @@ from pygemma4.workers.http_metrics import Metrics
 from pygemma4.workers.runtime import (
     HTTP_API_KEY_ENV,
     HTTP_CURVE_KEYS_ENV,
+    HTTP_ROUTING_ID_ENV,
     ServerConfig,
     decode_config,
     supervisor_alive,
@@ -166,8 +169,12 @@ class Api:
         tokenizer: Tokenizer | None,
         metrics: Metrics,
         curve_keys: ServerKeys | None,
+        routing_id: bytes | None = None,
     ) -> None:
         self.endpoint = endpoint
+        self.routing_id = routing_id
+        self.in_flight: collections.Counter[str] = collections.Counter()
+        """Requests being answered, per client address."""
         self.curve_keys = curve_keys
         self.api_key = api_key
         self.tokenizer = tokenizer
@@ -194,6 +201,7 @@ class Api:
                 timeout=REQUEST_TIMEOUT_S,
                 curve_secret_key=None if keys is None else keys.own,
                 curve_server_key=None if keys is None else keys.server,
+                routing_id=self.routing_id,
             )
         return self.client
 
@@ -230,7 +238,8 @@ class Api:
             return json.loads(body.decode("utf-8"))
         except UnicodeDecodeError as e:
             raise ApiError(400, f"the body is not valid UTF-8: {e}", code="invalid_json") from None
-        except (json.JSONDecodeError, RecursionError) as e:
+        except (ValueError, RecursionError) as e:
+            # ValueError beside JSONDecodeError: numbers of more digits than Python converts.
             raise ApiError(400, f"the body is not valid JSON: {e}", code="invalid_json") from None
 
     async def choice_events(self, generations: list[Generation]) -> AsyncIterator[ChoiceEvent]:
@@ -597,12 +606,15 @@ def create_app(
     api_key: str | None = None,
     tokenizer: Tokenizer | None = None,
     curve_keys: ServerKeys | None = None,
+    routing_id: bytes | None = None,
 ) -> FastAPI:
     """The OpenAI API over the pygemma4 server at `endpoint` (which requires CURVE where
-    `curve_keys` are given); with `api_key`, every route but /health and /metrics requires
-    `Authorization: Bearer KEY`."""
+    `curve_keys` are given, and which knows this front end's connection by `routing_id`, if
+    given); with `api_key`, every route but /health and /metrics requires
+    `Authorization: Bearer KEY`. Each client address may have as many requests in flight as
+    the server's per-client limit."""
     metrics = Metrics()
-    api = Api(endpoint, api_key, tokenizer, metrics, curve_keys)
+    api = Api(endpoint, api_key, tokenizer, metrics, curve_keys, routing_id)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -640,6 +652,7 @@ def create_app(
         body = ApiError(500, f"internal error: {error!r}", type="server_error").body()
         return JSONResponse(body, status_code=500)
 
+    app.add_middleware(_LimitPerClient, api=api)
     app.add_middleware(_RequireKey, api=api)
 
     @app.post("/v1/chat/completions")
@@ -771,12 +784,20 @@ def create_app(
         if "prompt" in body:
             if not isinstance(body["prompt"], str):
                 raise bad_field("prompt", "prompt must be a string")
-            tokens = tokenizer.encode(body["prompt"], add_bos=add_special)
+            field = "prompt"
+            encode = functools.partial(tokenizer.encode, body["prompt"], add_bos=add_special)
         else:
             chat = parse_request(
                 ChatCompletionRequest, {"model": info.model, "messages": body["messages"]}
             )
-            tokens = tokenizer.encode_chat([m.wire() for m in chat.messages])
+            field = "messages"
+            encode = functools.partial(tokenizer.encode_chat, [m.wire() for m in chat.messages])
+        try:
+            # In a thread: a chat template may take its whole time limit to render.
+            tokens = await asyncio.to_thread(encode)
+        except Gemma4Error as e:
+            # The text cannot be tokenized, or the chat template refused the messages.
+            raise bad_field(field, str(e)) from None
         return {"count": len(tokens), "max_model_len": info.n_ctx, "tokens": tokens}
 
     @app.post("/detokenize")
@@ -837,6 +858,44 @@ class _RequireKey:
                 await JSONResponse(error.body(), status_code=401)(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+class _LimitPerClient:
+    """ASGI middleware: a client address with as many POST requests in flight as the
+    server's per-client limit gets 429 for more."""
+
+    def __init__(self, app: Any, api: Api) -> None:
+        self.app = app
+        self.api = api
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        try:
+            limits = (await self.api.server_info()).limits
+        except ApiError:
+            limits = None  # the route itself answers that the server is unreachable
+        address = scope["client"][0] if scope.get("client") else ""
+        most = None if limits is None else limits.max_pending_per_client
+        if most is not None and self.api.in_flight[address] >= most:
+            self.api.metrics.http_errors.labels("429").inc()
+            error = ApiError(
+                429,
+                f"{self.api.in_flight[address]} requests from {address} are in flight, the "
+                f"limit per client (--max-pending-per-client {most}); retry when one ends",
+                type="rate_limit_error",
+                code="busy",
+            )
+            await JSONResponse(error.body(), status_code=429)(scope, receive, send)
+            return
+        self.api.in_flight[address] += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.api.in_flight[address] -= 1
+            if not self.api.in_flight[address]:
+                del self.api.in_flight[address]
 
 
 def _open(path: str) -> bool:
@@ -937,6 +996,7 @@ async def _serve_supervised(config: ServerConfig, name: str, sock: socket.socket
             if pair is None or config.curve_secret_key is None
             else ServerKeys(KeyPair.from_text(pair), config.curve_secret_key)
         ),
+        routing_id=bytes.fromhex(os.environ.get(HTTP_ROUTING_ID_ENV, "")) or None,
     )
     # SIGINT (Ctrl-C in the terminal reaches every process) is the supervisor's to act on.
     server = _Server(uvicorn_config(app), (signal.SIGTERM,), (signal.SIGINT,))

@@ -17,11 +17,12 @@ import zmq
 from pygemma4 import protocol
 from pygemma4.config import ModelConfig, open_model
 from pygemma4.kv import KvLayout
-from pygemma4.protocol import KvPoolSpec
+from pygemma4.protocol import KvPoolSpec, ServeLimits
 from pygemma4.runner import ModelRunner
 
 HTTP_API_KEY_ENV = "PYGEMMA4_API_KEY"
 HTTP_CURVE_KEYS_ENV = "PYGEMMA4_HTTP_CURVE_KEYS"
+HTTP_ROUTING_ID_ENV = "PYGEMMA4_HTTP_ROUTING_ID"
 """The environment variables that give the HTTP front end its API key and, under CURVE, its
 key pair (not its command line, which any user of the host can read)."""
 # How long a worker waits on its inbox before checking that its supervisor still lives.
@@ -68,6 +69,8 @@ class ServerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     http_curve_public: str | None = None
     """Under CURVE, the public key of the HTTP front end's pair (made for this run; the
     secret reaches it in its environment), admitted beside the clients' keys."""
+    limits: ServeLimits = msgspec.field(default_factory=ServeLimits)
+    """What one client may ask of the server."""
 
     def inbox(self, name: str) -> str:
         """The ipc endpoint of the process called `name` (e.g. "decode", "tokenizer-0")."""

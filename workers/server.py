@@ -14,6 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 from pygemma4.assistant_config import open_assistant
 from pygemma4.config import ARCH, ModelConfig, open_model
 from pygemma4.curve import KeyPair
@@ -21,7 +23,7 @@ from pygemma4.drafter import NGRAM
 from pygemma4.engine import default_n_ctx
 from pygemma4.kv import DEFAULT_BLOCK_SIZE, KvExhaustedError, KvLayout
 from pygemma4.memory import MemoryBudget, memory_available_bytes
-from pygemma4.protocol import KvPoolSpec, ServerInfo
+from pygemma4.protocol import KvPoolSpec, ServeLimits, ServerInfo
 from pygemma4.runner import check_backend
 from pygemma4.speculative import DEFAULT_DRAFT_TOKENS, check_draft_tokens
 from pygemma4.tokenizer import carries_tokenizer
@@ -106,6 +108,7 @@ class Server:
         api_key: str | None = None,
         draft: str | None = None,
         draft_tokens: int = DEFAULT_DRAFT_TOKENS,
+        limits: ServeLimits | None = None,
     ) -> None:
         """`http` is HOST:PORT of the HTTP front end (None: none), `api_key` the key it
         requires (None: none); `draft` the drafter to decode with ("ngram", or an assistant
@@ -113,7 +116,8 @@ class Server:
         positions, or what `kv_memory` (a size, or a fraction of the memory available) holds;
         by default on the CPU what DEFAULT_KV_FRACTION of the memory available holds, up to
         every sequence at the model's trained context. `n_ctx` (default: the model's trained
-        context, where the pool holds it) bounds one sequence."""
+        context, where the pool holds it) bounds one sequence. `limits` bound what one client
+        may ask (by default ServeLimits' defaults, prompts up to the context)."""
         check_backend(backend, device)
         model_file = open_model(model)
         if not carries_tokenizer(model_file.gguf.metadata):
@@ -144,6 +148,9 @@ class Server:
                 f"--n-ctx {n_ctx}: one sequence of that length needs KV for {n_ctx} positions; "
                 f"the pool holds {pool_positions} ({layout.nbytes / 2**30:.2f} GiB)"
             )
+        limits = limits or ServeLimits()
+        if limits.max_prompt_tokens is None or limits.max_prompt_tokens > n_ctx:
+            limits = msgspec.structs.replace(limits, max_prompt_tokens=n_ctx)
         self.kv_layout = layout
         self.socket_dir: Path | None = None
         ipc_base = self._ipc_base()
@@ -176,9 +183,16 @@ class Server:
             draft_tokens=draft_tokens if draft is not None else 0,
             prefix_snapshots=prefix_snapshots,
             http_curve_public=None if http_curve_keys is None else http_curve_keys.public.decode(),
+            limits=limits,
         )
+        # The HTTP front end serves many clients over one connection, which the per-client
+        # limit must spare (it limits each HTTP client address itself).
+        http_routing_id = secrets.token_bytes(16) if http else None
         self.supervisor = Supervisor(
-            self.config, http_api_key=api_key, http_curve_keys=http_curve_keys
+            self.config,
+            http_api_key=api_key,
+            http_curve_keys=http_curve_keys,
+            http_routing_id=http_routing_id,
         )
         info = ServerInfo(
             id=None,
@@ -191,9 +205,10 @@ class Server:
             max_message_bytes=max_message_bytes,
             draft=None if draft is None else Path(draft).name,
             draft_tokens=self.config.draft_tokens,
+            limits=limits,
         )
         try:
-            self.frontend = FrontEnd(self.config, self.supervisor, info)
+            self.frontend = FrontEnd(self.config, self.supervisor, info, http_routing_id)
         except BaseException:
             self._free_memory_and_sockets()
             raise

@@ -14,6 +14,7 @@ from pygemma4.protocol import WorkerState
 from pygemma4.workers.runtime import (
     HTTP_API_KEY_ENV,
     HTTP_CURVE_KEYS_ENV,
+    HTTP_ROUTING_ID_ENV,
     ServerConfig,
     encode_config,
 )
@@ -62,10 +63,11 @@ class Supervisor:
         config: ServerConfig,
         http_api_key: str | None = None,
         http_curve_keys: KeyPair | None = None,
+        http_routing_id: bytes | None = None,
     ) -> None:
-        """`http_api_key` is the key the HTTP front end requires, if any, and
-        `http_curve_keys` its CURVE pair under CURVE (both given in its environment, never on
-        a command line)."""
+        """`http_api_key` is the key the HTTP front end requires, if any, `http_curve_keys`
+        its CURVE pair under CURVE, and `http_routing_id` the name its connection to the front
+        end goes by (all given in its environment, never on a command line)."""
         self.config = config
         self.config_text = encode_config(config)
         self.epoch = 0
@@ -80,6 +82,8 @@ class Supervisor:
             env = {} if http_api_key is None else {HTTP_API_KEY_ENV: http_api_key}
             if http_curve_keys is not None:
                 env[HTTP_CURVE_KEYS_ENV] = http_curve_keys.text()
+            if http_routing_id is not None:
+                env[HTTP_ROUTING_ID_ENV] = http_routing_id.hex()
             workers.append(
                 WorkerProcess(
                     "http", "pygemma4.workers.http", "http", holds_requests=False, env=env

@@ -30,6 +30,7 @@ from pygemma4.protocol import (
     TokenLogprobs,
     TokenOutput,
 )
+from pygemma4.sampling import SamplingParams
 from pygemma4.tokenizer import Tokenizer
 from pygemma4.workers.runtime import ServerConfig, Worker, run_worker
 
@@ -148,7 +149,9 @@ class TokenizerWorker(Worker):
         rid, request = admitted.rid, admitted.request
         try:
             sampling = protocol.sampling_params(request.sampling)
+            self.check_limits(sampling)
             prompt = self.prompt_ids(request)
+            self.check_prompt_length(len(prompt))
             max_tokens = self.max_tokens(len(prompt), request.max_tokens)
             text = TextStream(self.tokenizer, sampling.stop, skip_special=not request.raw_text)
         except RequestRefused as e:
@@ -194,6 +197,42 @@ class TokenizerWorker(Worker):
                 "bad_request", f"prompt token id {bad} out of range [0, {self.vocab_size})"
             )
         return list(request.prompt)
+
+    def check_limits(self, sampling: SamplingParams) -> None:
+        """Refuse stop strings and logprobs past the server's limits."""
+        limits = self.config.limits
+        if len(sampling.stop) > limits.max_stop_strings:
+            raise RequestRefused(
+                "bad_request",
+                f"{len(sampling.stop)} stop strings; this server takes at most "
+                f"{limits.max_stop_strings} (--max-stop-strings)",
+            )
+        for i, stop in enumerate(sampling.stop):
+            if len(stop) > limits.max_stop_chars:
+                raise RequestRefused(
+                    "bad_request",
+                    f"stop[{i}] is {len(stop)} characters; this server takes at most "
+                    f"{limits.max_stop_chars} (--max-stop-chars)",
+                )
+        if sampling.logprobs > limits.max_logprobs:
+            raise RequestRefused(
+                "bad_request",
+                f"logprobs {sampling.logprobs}; this server gives at most "
+                f"{limits.max_logprobs} (--max-logprobs)",
+            )
+
+    def check_prompt_length(self, n_prompt: int) -> None:
+        """Refuse a prompt longer than the server's limit (one longer than the context is
+        refused as such, by `max_tokens`)."""
+        most = self.config.limits.max_prompt_tokens
+        if most is None or most >= self.config.n_ctx:
+            return
+        if n_prompt > most:
+            raise RequestRefused(
+                "too_large",
+                f"prompt of {n_prompt} tokens; this server takes at most {most} "
+                "(--max-prompt-tokens)",
+            )
 
     def max_tokens(self, n_prompt: int, requested: int | None) -> int:
         """How many tokens the request may generate: all it asks, within the context."""
