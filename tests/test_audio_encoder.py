@@ -1,0 +1,136 @@
+"""The audio encoder of an mmproj GGUF: its embeddings equal transformers' (the fixture's stored
+outputs, and the audio tower run live on clips made here), one soft token per 40 ms; files
+without a Gemma 4 audio encoder and unusable features are refused with clear errors."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pygemma4.errors import GGUFError, UnsupportedModelError
+from pygemma4.media.audio import SAMPLE_RATE, AudioError, decode_wav, log_mel, prepare_samples
+from pygemma4.media.audio_encoder import AudioEncoder, AudioEncoderError, embed_audio
+
+EMBEDDING_ATOL = 1e-3
+
+
+@pytest.fixture(scope="module")
+def mm_dir(fixtures_dir: Path) -> Path:
+    return fixtures_dir / "gemma4-tiny-mm"
+
+
+@pytest.fixture(scope="module")
+def ref(mm_dir: Path):
+    return np.load(mm_dir / "ref_mm.npz")
+
+
+@pytest.fixture(scope="module")
+def encoder(mm_dir: Path) -> AudioEncoder:
+    return AudioEncoder(mm_dir / "mmproj-f32.gguf", threads=2)
+
+
+@pytest.mark.parametrize("k", [0, 1])
+def test_stored_features_give_the_stored_embeddings(encoder, ref, k):
+    embeddings = encoder.encode_features(ref[f"aud{k}/input_features"])
+    expected = ref[f"aud{k}/embeddings"]
+    assert embeddings.shape == expected.shape == (int(ref[f"aud{k}/num_soft_tokens"]), 128)
+    assert np.abs(embeddings - expected).max() <= EMBEDDING_ATOL
+
+
+@pytest.mark.parametrize("k", [0, 1])
+def test_wav_files_give_the_stored_embeddings(encoder, mm_dir, ref, k):
+    samples = decode_wav(mm_dir / "inputs" / f"aud{k}.wav")
+    expected = ref[f"aud{k}/embeddings"]
+    assert np.abs(embed_audio(encoder, samples, SAMPLE_RATE) - expected).max() <= EMBEDDING_ATOL
+    # From the file's path as well: the encoder loaded for the call.
+    from_path = embed_audio(mm_dir / "mmproj-f32.gguf", samples)
+    assert np.abs(from_path - expected).max() <= EMBEDDING_ATOL
+
+
+def clip(seconds: float, rate: int, channels: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * rate)) / rate
+    tone = 0.5 * np.sin(2 * np.pi * (300 + 400 * np.sin(3 * t)) * t)
+    mono = tone + 0.1 * rng.standard_normal(t.size)
+    return np.stack([mono, 0.5 * mono], axis=1) if channels > 1 else mono
+
+
+@pytest.fixture(scope="module")
+def live_tower(mm_dir):
+    """transformers' audio tower and embedder of the fixture's checkpoint, run on the CPU."""
+    torch = pytest.importorskip("torch", reason="torch (CPU) runs transformers live")
+    transformers = pytest.importorskip("transformers")
+    model = transformers.AutoModelForImageTextToText.from_pretrained(
+        mm_dir / "hf", dtype=torch.float32
+    ).eval()
+    extractor = transformers.AutoFeatureExtractor.from_pretrained(mm_dir / "hf")
+
+    def embed(samples: np.ndarray) -> np.ndarray:
+        inputs = extractor([samples], return_tensors="pt")
+        with torch.no_grad():
+            out = model.model.get_audio_features(
+                inputs["input_features"], inputs["input_features_mask"]
+            )
+        return out.pooler_output[0][out.attention_mask[0]].numpy()
+
+    return embed
+
+
+@pytest.mark.parametrize(
+    ("seconds", "rate", "channels"),
+    [(0.05, 16_000, 1), (0.37, 44_100, 2), (3.7, 22_050, 1), (7.9, 48_000, 2)],
+)
+def test_embeddings_equal_the_audio_tower_run_live(encoder, live_tower, seconds, rate, channels):
+    samples = prepare_samples(clip(seconds, rate, channels, seed=rate), rate)
+    expected = live_tower(samples)
+    embeddings = encoder.embed(samples, SAMPLE_RATE)
+    assert embeddings.shape == expected.shape
+    assert np.abs(embeddings - expected).max() <= EMBEDDING_ATOL
+    # About one soft token per 40 ms: four log-mel frames of 10 ms each.
+    assert len(embeddings) == encoder.n_tokens(int(log_mel(samples).mask.sum()))
+
+
+def test_n_tokens():
+    assert [AudioEncoder.n_tokens(n) for n in (1, 2, 3, 4, 5, 8, 9, 99, 59)] == [
+        1, 1, 1, 1, 2, 2, 3, 25, 15,
+    ]  # fmt: skip
+
+
+def test_bad_features_are_refused(encoder):
+    good = np.zeros((8, 128), np.float32)
+    cases = {
+        "1-D": (np.zeros(128, np.float32), "2-D"),
+        "wrong width": (np.zeros((8, 80), np.float32), r"\[frames >= 1, 128\]"),
+        "no frames": (np.zeros((0, 128), np.float32), r"\[frames >= 1, 128\]"),
+        "nan": (np.where(np.arange(good.size).reshape(good.shape) == 7, np.nan, good), "NaN"),
+        "a list": ([[0.0] * 128], "numpy array"),
+    }
+    for features, message in cases.values():
+        with pytest.raises(AudioEncoderError, match=message):
+            encoder.encode_features(features)
+
+
+def test_bad_samples_are_refused_through_embed(encoder):
+    with pytest.raises(AudioError, match="silent"):
+        encoder.embed(np.zeros(4000, np.float32), SAMPLE_RATE)
+
+
+def test_files_without_a_gemma4_audio_encoder_are_refused(fixtures_dir, tmp_path):
+    unified = fixtures_dir / "gemma4-tiny-unified" / "mmproj-f32.gguf"
+    with pytest.raises(UnsupportedModelError, match="gemma4ua") as info:
+        AudioEncoder(unified)
+    assert str(unified) in str(info.value)
+    text = fixtures_dir / "gemma4-tiny-mm" / "model-f32.gguf"
+    with pytest.raises(UnsupportedModelError, match="no audio encoder"):
+        AudioEncoder(text)
+    with pytest.raises(GGUFError, match="absent.gguf"):
+        AudioEncoder(tmp_path / "absent.gguf")
+    truncated = tmp_path / "truncated.gguf"
+    shutil.copyfile(fixtures_dir / "gemma4-tiny-mm" / "mmproj-f32.gguf", truncated)
+    with open(truncated, "r+b") as f:
+        f.truncate(truncated.stat().st_size // 2)
+    with pytest.raises(GGUFError, match="truncated.gguf"):
+        AudioEncoder(truncated)
