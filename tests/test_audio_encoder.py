@@ -1,6 +1,7 @@
-"""The audio encoder of an mmproj GGUF: its embeddings equal transformers' (the fixture's stored
-outputs, and the audio tower run live on clips made here), one soft token per 40 ms; files
-without a Gemma 4 audio encoder and unusable features are refused with clear errors."""
+"""The audio input of an mmproj GGUF: the Conformer's embeddings equal transformers' (the
+fixture's stored outputs, and the audio tower run live on clips made here), the unified models'
+raw-frame embeddings the unified fixture's, one soft token per 40 ms; files without a Gemma 4
+audio input and unusable features are refused with clear errors."""
 
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import rewrite_gguf
 
 from pygemma4.errors import GGUFError, UnsupportedModelError
-from pygemma4.media.audio import SAMPLE_RATE, AudioError, decode_wav, log_mel, prepare_samples
+from pygemma4.media.audio import SAMPLE_RATE, AudioError, decode_wav, prepare_samples
 from pygemma4.media.audio_encoder import AudioEncoder, AudioEncoderError, embed_audio
 
 EMBEDDING_ATOL = 1e-3
@@ -90,21 +92,48 @@ def test_embeddings_equal_the_audio_tower_run_live(encoder, live_tower, seconds,
     assert embeddings.shape == expected.shape
     assert np.abs(embeddings - expected).max() <= EMBEDDING_ATOL
     # About one soft token per 40 ms: four log-mel frames of 10 ms each.
-    assert len(embeddings) == encoder.n_tokens(int(log_mel(samples).mask.sum()))
+    assert len(embeddings) == encoder.n_tokens(samples.size)
 
 
-def test_n_tokens():
-    assert [AudioEncoder.n_tokens(n) for n in (1, 2, 3, 4, 5, 8, 9, 99, 59)] == [
-        1, 1, 1, 1, 2, 2, 3, 25, 15,
-    ]  # fmt: skip
+@pytest.fixture(scope="module")
+def unified_dir(fixtures_dir: Path) -> Path:
+    return fixtures_dir / "gemma4-tiny-unified"
+
+
+@pytest.fixture(scope="module")
+def unified(unified_dir: Path) -> AudioEncoder:
+    return AudioEncoder(unified_dir / "mmproj-f32.gguf", threads=2)
+
+
+@pytest.mark.parametrize("k", [0, 1, 2])
+def test_unified_raw_frames_give_the_stored_embeddings(unified, unified_dir, k):
+    ref = np.load(unified_dir / "ref_unified.npz")
+    samples = decode_wav(unified_dir / "inputs" / f"aud{k}.wav")
+    features = unified.features(samples)
+    np.testing.assert_array_equal(features, ref[f"aud{k}/input_features"])
+    embeddings = unified.embed(samples, SAMPLE_RATE)
+    assert embeddings.shape == ref[f"aud{k}/embeddings"].shape
+    assert np.abs(embeddings - ref[f"aud{k}/embeddings"]).max() <= EMBEDDING_ATOL
+    assert unified.n_tokens(samples.size) == int(ref[f"aud{k}/num_soft_tokens"])
+
+
+@pytest.mark.parametrize("n", [161, 300, 5900, 9600, 16_000, 77_777, 480_000])
+def test_n_tokens_counts_the_rows_embed_makes(encoder, unified, n):
+    samples = (0.1 * np.random.default_rng(n).standard_normal(n)).astype(np.float32)
+    assert encoder.n_tokens(n) == len(encoder.features(samples)) // 4 + (
+        len(encoder.features(samples)) % 4 > 0
+    )
+    assert unified.n_tokens(n) == len(unified.embed(samples, SAMPLE_RATE)) == -(-n // 640)
+    if n <= 16_000:
+        assert encoder.n_tokens(n) == len(encoder.embed(samples, SAMPLE_RATE))
 
 
 def test_bad_features_are_refused(encoder):
     good = np.zeros((8, 128), np.float32)
     cases = {
         "1-D": (np.zeros(128, np.float32), "2-D"),
-        "wrong width": (np.zeros((8, 80), np.float32), r"\[frames >= 1, 128\]"),
-        "no frames": (np.zeros((0, 128), np.float32), r"\[frames >= 1, 128\]"),
+        "wrong width": (np.zeros((8, 80), np.float32), r"\[rows >= 1, 128\]"),
+        "no frames": (np.zeros((0, 128), np.float32), r"\[rows >= 1, 128\]"),
         "nan": (np.where(np.arange(good.size).reshape(good.shape) == 7, np.nan, good), "NaN"),
         "a list": ([[0.0] * 128], "numpy array"),
     }
@@ -119,10 +148,19 @@ def test_bad_samples_are_refused_through_embed(encoder):
 
 
 def test_files_without_a_gemma4_audio_encoder_are_refused(fixtures_dir, tmp_path):
-    unified = fixtures_dir / "gemma4-tiny-unified" / "mmproj-f32.gguf"
-    with pytest.raises(UnsupportedModelError, match="gemma4ua") as info:
-        AudioEncoder(unified)
-    assert str(unified) in str(info.value)
+    mmproj = fixtures_dir / "gemma4-tiny-mm" / "mmproj-f32.gguf"
+    other = rewrite_gguf(
+        mmproj, tmp_path / "whisper.gguf", {"clip.audio.projector_type": "whisper"}
+    )
+    with pytest.raises(UnsupportedModelError, match="'whisper' is not one of") as info:
+        AudioEncoder(other)
+    assert str(other) in str(info.value)
+    bins = rewrite_gguf(mmproj, tmp_path / "bins.gguf", {"clip.audio.num_mel_bins": 80})
+    with pytest.raises(UnsupportedModelError, match="80 mel bins"):
+        AudioEncoder(bins)
+    layers = rewrite_gguf(mmproj, tmp_path / "layers.gguf", {"clip.audio.block_count": 3})
+    with pytest.raises(UnsupportedModelError, match="a.blk.2"):
+        AudioEncoder(layers)
     text = fixtures_dir / "gemma4-tiny-mm" / "model-f32.gguf"
     with pytest.raises(UnsupportedModelError, match="no audio encoder"):
         AudioEncoder(text)

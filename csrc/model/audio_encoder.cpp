@@ -223,6 +223,7 @@ void AudioEncoder::convolution(const Layer& layer, float* x, int n, float* h, fl
 
 std::vector<float> AudioEncoder::encode(const float* features, int n_frames) {
   if (n_frames < 1) throw error("no log-mel frames to encode");
+  std::lock_guard<std::mutex> lock(encode_mutex_);
   // The two subsampling convolutions, each followed by a layer norm over channels and ReLU.
   int height = n_frames, width = config_.n_mel, channels = 1;
   auto x = ops_->alloc(static_cast<size_t>(height) * width);

@@ -4,6 +4,7 @@
 
 #include <cmath>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -40,7 +41,8 @@ class AudioEncoder {
   // Soft tokens from n_frames log-mel frames: ceil(ceil(n_frames / 2) / 2).
   static int n_tokens(int n_frames) { return ((n_frames + 1) / 2 + 1) / 2; }
 
-  // The embeddings [n_tokens(n_frames)][embedding_dim] of log-mel frames [n_frames][n_mel].
+  // The embeddings [n_tokens(n_frames)][embedding_dim] of log-mel frames [n_frames][n_mel]
+  // (one call at a time: the backend's scratch is shared).
   std::vector<float> encode(const float* features, int n_frames);
 
  private:
@@ -76,6 +78,7 @@ class AudioEncoder {
   Weight input_projection_, output_proj_, projection_;
   std::shared_ptr<float> output_bias_;
   std::vector<Layer> layers_;
+  std::mutex encode_mutex_;
 };
 
 }  // namespace pg4
