@@ -1,6 +1,7 @@
 """Whole-model numbers against the outside references in ../shared/fixtures.
 
-f32 GGUF vs Hugging Face fp32 logits; every quantized GGUF vs llama.cpp on the same file. Each
+f32 GGUF vs Hugging Face fp32 logits (the 12B-style unified fixture's against transformers run
+live); every quantized GGUF vs llama.cpp on the same file. Each
 runs on every CPU kernel set the build has (PYGEMMA4_CPU_KERNELS), the scalar fallback included.
 """
 
@@ -77,3 +78,51 @@ def test_matches_llama_cpp(fixtures_dir, parity_report, model, qtype, isa):
         greedy = engine.generate(ids, N_GREEDY, stop_tokens=())
         assert greedy == llama[f"{qtype}/greedy{i}"].tolist(), f"greedy differs on prompt {i}"
     parity_report(f"{model} {qtype} vs llama.cpp ({isa})", worst)
+
+
+UNIFIED = "gemma4-tiny-unified"
+# The unified fixture's stored logits were computed where transformers' float32 arithmetic
+# strays from what it gives here: transformers 5.24 on torch 2.13 (CPU) itself sits 0.011 to
+# 0.033 from them on the fixture's own checkpoint, and this engine within 3e-5 of it. So the
+# f32 file is held to transformers run live, and to the stored references by their greedy
+# continuations (identical) and that measured distance.
+UNIFIED_STORED_TOLERANCE = 0.05
+
+
+@pytest.fixture(scope="module")
+def unified_live_logits(fixtures_dir) -> list[np.ndarray]:
+    """transformers' float32 logits of the unified fixture's checkpoint, run live on the CPU
+    for each stored prompt."""
+    torch = pytest.importorskip("torch", reason="torch (CPU) runs transformers live")
+    transformers = pytest.importorskip("transformers")
+    ref = np.load(fixtures_dir / UNIFIED / "ref_unified.npz")
+    model = transformers.AutoModelForImageTextToText.from_pretrained(
+        fixtures_dir / UNIFIED / "hf", dtype=torch.float32
+    ).eval()
+    with torch.no_grad():
+        return [
+            model(input_ids=torch.tensor(ref[f"p{i}/ids"], dtype=torch.long)[None])
+            .logits[0]
+            .numpy()
+            for i in range(N_PROMPTS)
+        ]
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_unified_f32_matches_huggingface(fixtures_dir, parity_report, unified_live_logits, isa):
+    """The 12B-style text model (no per-layer embeddings, KV shared across layer kinds)."""
+    engine = engine_for(fixtures_dir, UNIFIED, "f32", isa)
+    ref = np.load(fixtures_dir / UNIFIED / "ref_unified.npz")
+    worst = 0.0
+    for i in range(N_PROMPTS):
+        ids = ref[f"p{i}/ids"]
+        logits = engine.forward(ids)
+        assert logits.shape == unified_live_logits[i].shape
+        delta = float(np.abs(logits - unified_live_logits[i]).max())
+        worst = max(worst, delta)
+        assert delta <= HF_TOLERANCE, f"prompt {i}: max |dlogit| {delta} vs transformers live"
+        stored = float(np.abs(logits - ref[f"p{i}/logits"]).max())
+        assert stored <= UNIFIED_STORED_TOLERANCE, f"prompt {i}: {stored} from the stored logits"
+        greedy = engine.generate(ids, N_GREEDY, stop_tokens=())
+        assert greedy == ref[f"p{i}/greedy"].tolist(), f"greedy differs on prompt {i}"
+    parity_report(f"{UNIFIED} f32 vs transformers live ({isa})", worst)

@@ -210,12 +210,112 @@ void register_ops_check(py::module_& m) {
               c.ops().scale(in.get(), value, x.size());
             } else if (op == "softcap") {
               c.ops().softcap(in.get(), value, x.size());
+            } else if (op == "silu") {
+              c.ops().silu(in.get(), x.size());
+            } else if (op == "relu") {
+              c.ops().relu(in.get(), x.size());
             } else {
               throw py::value_error("unknown element-wise op '" + op + "'");
             }
             return c.result(in, {x.size()});
           },
           py::arg("op"), py::arg("x"), py::arg("value") = 0.0f, py::arg("y") = py::none())
+      .def(
+          "clamp",
+          [](OpsCheck& c, const FloatArray& x, float lo, float hi) {
+            auto in = c.floats(x);
+            c.ops().clamp(in.get(), lo, hi, x.size());
+            return c.result(in, {x.size()});
+          },
+          py::arg("x"), py::arg("lo"), py::arg("hi"))
+      .def(
+          "cols",
+          [](OpsCheck& c, const std::string& op, const FloatArray& x, const FloatArray& s) {
+            const int dim = static_cast<int>(s.size()), rows = static_cast<int>(x.size() / dim);
+            auto in = c.floats(x), values = c.floats(s);
+            if (op == "mul") {
+              c.ops().mul_cols(in.get(), values.get(), rows, dim);
+            } else if (op == "add") {
+              c.ops().add_cols(in.get(), values.get(), rows, dim);
+            } else {
+              throw py::value_error("unknown column op '" + op + "'");
+            }
+            return c.result(in, {rows, dim});
+          },
+          py::arg("op"), py::arg("x"), py::arg("s"), "x [rows, len(s)] times or plus s per row.")
+      .def(
+          "layer_norm",
+          [](OpsCheck& c, const FloatArray& x, const FloatArray& weight,
+             std::optional<FloatArray> bias, float eps) {
+            const int dim = static_cast<int>(x.shape(x.ndim() - 1));
+            const int rows = static_cast<int>(x.size() / dim);
+            auto in = c.floats(x), w = c.floats(weight);
+            std::shared_ptr<float> b = bias ? c.floats(*bias) : nullptr;
+            auto out = c.ops().alloc(x.size());
+            c.ops().layer_norm(in.get(), w.get(), b.get(), rows, dim, eps, out.get());
+            return c.result(out, {rows, dim});
+          },
+          py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("eps"))
+      .def(
+          "conv2d_3x3_s2",
+          [](OpsCheck& c, const FloatArray& x, const FloatArray& weight) {
+            if (x.ndim() != 3 || weight.ndim() != 4 || weight.shape(1) != x.shape(2) ||
+                weight.shape(2) != 3 || weight.shape(3) != 3) {
+              throw py::value_error("x must be [height, width, in], weight [out, in, 3, 3]");
+            }
+            const int h = static_cast<int>(x.shape(0)), w = static_cast<int>(x.shape(1));
+            const int in_ch = static_cast<int>(x.shape(2)),
+                      out_ch = static_cast<int>(weight.shape(0));
+            auto in = c.floats(x), wt = c.floats(weight);
+            const int oh = (h + 1) / 2, ow = (w + 1) / 2;
+            auto out = c.ops().alloc(static_cast<size_t>(oh) * ow * out_ch);
+            c.ops().conv2d_3x3_s2(in.get(), h, w, in_ch, wt.get(), out_ch, out.get());
+            return c.result(out, {oh, ow, out_ch});
+          },
+          py::arg("x"), py::arg("weight"))
+      .def(
+          "depthwise_conv_causal",
+          [](OpsCheck& c, const FloatArray& x, const FloatArray& weight) {
+            if (x.ndim() != 2 || weight.ndim() != 2 || weight.shape(0) != x.shape(1)) {
+              throw py::value_error("x must be [n, channels], weight [channels, kernel]");
+            }
+            const int n = static_cast<int>(x.shape(0)), ch = static_cast<int>(x.shape(1));
+            auto in = c.floats(x), wt = c.floats(weight);
+            auto out = c.ops().alloc(x.size());
+            c.ops().depthwise_conv_causal(in.get(), n, ch, wt.get(),
+                                          static_cast<int>(weight.shape(1)), out.get());
+            return c.result(out, {n, ch});
+          },
+          py::arg("x"), py::arg("weight"))
+      .def(
+          "glu",
+          [](OpsCheck& c, const FloatArray& x) {
+            const int rows = static_cast<int>(x.shape(0)), dim = static_cast<int>(x.shape(1) / 2);
+            auto in = c.floats(x);
+            auto out = c.ops().alloc(static_cast<size_t>(rows) * dim);
+            c.ops().glu(in.get(), rows, dim, out.get());
+            return c.result(out, {rows, dim});
+          },
+          py::arg("x"))
+      .def(
+          "local_attention",
+          [](OpsCheck& c, const FloatArray& q, const FloatArray& k, const FloatArray& v,
+             const FloatArray& rel, int n_head, int max_past, float cap) {
+            const int n = static_cast<int>(q.shape(0)), width = static_cast<int>(q.shape(1));
+            if (k.size() != q.size() || v.size() != q.size() ||
+                rel.size() != static_cast<py::ssize_t>(max_past + 1) * width ||
+                width % n_head != 0) {
+              throw py::value_error(
+                  "q, k, v must be [n, n_head * head_dim], rel [max_past + 1, same]");
+            }
+            auto qq = c.floats(q), kk = c.floats(k), vv = c.floats(v), rr = c.floats(rel);
+            auto out = c.ops().alloc(q.size());
+            c.ops().local_attention(qq.get(), kk.get(), vv.get(), rr.get(), n, n_head,
+                                    width / n_head, max_past, cap, out.get());
+            return c.result(out, {n, width});
+          },
+          py::arg("q"), py::arg("k"), py::arg("v"), py::arg("rel"), py::arg("n_head"),
+          py::arg("max_past"), py::arg("cap"))
       .def(
           "argmax",
           [](OpsCheck& c, const FloatArray& x) {

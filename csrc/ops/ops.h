@@ -178,6 +178,54 @@ class Ops {
                                 int n_clusters, int top_k, const int32_t* clusters,
                                 int cluster_size, float* logits);
 
+  // Operations of the audio encoder (a Conformer over log-mel frames), on row-major [rows, dim]
+  // activations. A backend without them refuses the encoder (see audio_unsupported).
+
+  // out[r] = (x[r] - mean) / sqrt(var + eps) * weight (+ bias where given), per row of dim.
+  virtual void layer_norm(const float* x, const float* weight, const float* bias, int n_rows,
+                          int dim, float eps, float* out) {
+    audio_unsupported("layer_norm");
+  }
+  // A 3x3 convolution with stride 2 and zero padding 1 on both axes, no bias: x is
+  // [height][width][in_ch], weight [out_ch][in_ch][3][3] (PyTorch's order), out
+  // [(height + 1) / 2][(width + 1) / 2][out_ch].
+  virtual void conv2d_3x3_s2(const float* x, int height, int width, int in_ch, const float* weight,
+                             int out_ch, float* out) {
+    audio_unsupported("conv2d_3x3_s2");
+  }
+  // out[t][c] = sum over i < kernel of x[t - kernel + 1 + i][c] * weight[c][i] (x zero before
+  // row 0): a causal depthwise convolution over n rows of channels values.
+  virtual void depthwise_conv_causal(const float* x, int n, int channels, const float* weight,
+                                     int kernel, float* out) {
+    audio_unsupported("depthwise_conv_causal");
+  }
+  // out[r][i] = x[r][i] * sigmoid(x[r][dim + i]): the gated linear unit of rows of 2 * dim.
+  virtual void glu(const float* x, int n_rows, int dim, float* out) { audio_unsupported("glu"); }
+  // x = x * sigmoid(x), element-wise.
+  virtual void silu(float* x, size_t n) { audio_unsupported("silu"); }
+  // x = max(x, 0), element-wise.
+  virtual void relu(float* x, size_t n) { audio_unsupported("relu"); }
+  // x = min(max(x, lo), hi), element-wise.
+  virtual void clamp(float* x, float lo, float hi, size_t n) { audio_unsupported("clamp"); }
+  // x[r][i] *= s[i] for n_rows rows of dim (a per-column scale; also the bias-free half of an
+  // affine map).
+  virtual void mul_cols(float* x, const float* s, int n_rows, int dim) {
+    audio_unsupported("mul_cols");
+  }
+  // x[r][i] += b[i] for n_rows rows of dim.
+  virtual void add_cols(float* x, const float* b, int n_rows, int dim) {
+    audio_unsupported("add_cols");
+  }
+  // Local attention with relative positions over one sequence of n rows of n_head * head_dim:
+  // query t sees keys t - max_past .. t (those that exist); the logit of key j is
+  // q_t · (k_j + rel[t - j]) (rel: max_past + 1 rows of n_head * head_dim, by distance), capped
+  // as cap * tanh(logit / cap); out[t] = the softmax-weighted sum of the v_j.
+  virtual void local_attention(const float* q, const float* k, const float* v, const float* rel,
+                               int n, int n_head, int head_dim, int max_past, float cap,
+                               float* out) {
+    audio_unsupported("local_attention");
+  }
+
   // Fused operations.
 
   // Each of the n_products products of x with weights of x's width, as matmul computes them
@@ -208,6 +256,12 @@ class Ops {
     rms_norm(v, nullptr, rows, layer.head_dim, eps, v);
     rope_neox(k, batch.positions, batch.n, layer.n_head_kv, layer.head_dim, rope);
     write_kv(k, v, batch, layer.index, pool);
+  }
+
+ protected:
+  [[noreturn]] void audio_unsupported(const char* op) const {
+    throw std::runtime_error(std::string("the audio encoder's operation ") + op +
+                             " is not implemented on this backend; encode audio on the CPU");
   }
 };
 

@@ -58,6 +58,21 @@ class CpuOps final : public Ops {
   void moe_experts(const Weight& gate_up, const Weight& down, const float* down_scale,
                    const float* x, const int32_t* expert_ids, const float* expert_weights,
                    int n_tokens, int k, float* out) override;
+  // The audio encoder's operations (cpu/audio_ops.cpp).
+  void layer_norm(const float* x, const float* weight, const float* bias, int n_rows, int dim,
+                  float eps, float* out) override;
+  void conv2d_3x3_s2(const float* x, int height, int width, int in_ch, const float* weight,
+                     int out_ch, float* out) override;
+  void depthwise_conv_causal(const float* x, int n, int channels, const float* weight, int kernel,
+                             float* out) override;
+  void glu(const float* x, int n_rows, int dim, float* out) override;
+  void silu(float* x, size_t n) override;
+  void relu(float* x, size_t n) override;
+  void clamp(float* x, float lo, float hi, size_t n) override;
+  void mul_cols(float* x, const float* s, int n_rows, int dim) override;
+  void add_cols(float* x, const float* b, int n_rows, int dim) override;
+  void local_attention(const float* q, const float* k, const float* v, const float* rel, int n,
+                       int n_head, int head_dim, int max_past, float cap, float* out) override;
 
  private:
   // The product of w with activations already converted to its activation format.

@@ -1,0 +1,1 @@
+"""Media inputs (audio, images) turned into what the model's encoders read."""
