@@ -79,6 +79,33 @@ def test_kernel_matches_its_reference_bit_for_bit(qtype: T) -> None:
 
 @needs_kernel
 @pytest.mark.parametrize("qtype", INTERLEAVED_TYPES, ids=lambda t: t.name)
+def test_kernel_matches_its_reference_at_the_integer_extremes(qtype: T) -> None:
+    """Every activation at full scale with one sign (the largest block sums, which the kernel
+    adds in pairs of sub-blocks) against weights whose scale and minimum bytes are all ones
+    (the largest sub-block scales and minimums)."""
+    rng = np.random.default_rng(400 + int(qtype))
+    n = 768
+    rows = random_weights(rng, qtype, ROWS, n)
+    row_bytes = rows.shape[1] // (n // 256)
+    blocks = rows.reshape(ROWS, n // 256, row_bytes)
+    scale_bytes = slice(4, 16) if qtype == T.Q4_K else slice(192, 208)
+    blocks[:, :, scale_bytes] = 0xFF if qtype == T.Q4_K else 0x7F
+    group = _core.interleave_rows(int(qtype), blocks.reshape(ROWS, -1), n)
+    for sign in (1.0, -1.0):
+        for count in range(1, 9):
+            acts = np.stack(
+                [
+                    _core.quantize_activation(int(T.Q8_K), np.full(n, sign * (t + 1), np.float32))
+                    for t in range(count)
+                ]
+            )
+            got = _core.interleaved_dot(int(qtype), group, acts, n)
+            want = _core.interleaved_dot(int(qtype), group, acts, n, reference=True)
+            assert same_bits(got, want), (sign, count)
+
+
+@needs_kernel
+@pytest.mark.parametrize("qtype", INTERLEAVED_TYPES, ids=lambda t: t.name)
 def test_a_tile_gives_each_token_the_bits_it_gets_alone(qtype: T) -> None:
     """So a batch of sequences decodes exactly as each would one at a time."""
     rng = np.random.default_rng(300 + int(qtype))

@@ -95,3 +95,36 @@ def test_clustered_logits_are_the_matmuls_logits_of_the_chosen_clusters(qtype, n
     got = ops.clustered_logits(int(qtype), table, cols, rows, x, scores, top_k, clusters)
     want = masked_reference(ops.matmul(int(qtype), table, cols, rows, x), scores, top_k, clusters)
     assert same_bits(got, want)
+
+
+def test_softcap_is_cap_times_tanh() -> None:
+    """The vectorised tanh against float64's, across the range where each of its two forms
+    serves (below a quarter, the series; above, the exponential) and where it saturates."""
+    ops = _core.OpsCheck("cpu", threads=2)
+    rng = np.random.default_rng(1)
+    cap = 30.0
+    x = np.concatenate(
+        [
+            rng.standard_normal(100_003) * 10.0 ** rng.uniform(-6, 3, 100_003),
+            [0.0, -0.0, 7.5, -7.5, 7.4999995, 1e-30, -1e-30, 1e4, -1e4, 3e38, -3e38],
+        ]
+    ).astype(np.float32)
+    got = ops.elementwise("softcap", x, cap).astype(np.float64)
+    want = cap * np.tanh(x.astype(np.float64) / np.float32(cap))
+    assert np.all(np.abs(got - want) <= 4e-7 * np.abs(want) + 1e-37)
+    assert np.array_equal(np.signbit(got), np.signbit(x))
+    assert np.abs(got).max() <= cap
+
+
+def test_gelu_mul_is_the_tanh_gelu_times_up() -> None:
+    ops = _core.OpsCheck("cpu", threads=2)
+    rng = np.random.default_rng(2)
+    gate = (rng.standard_normal((7, 3001)) * 10.0 ** rng.uniform(-3, 2, (7, 3001))).astype(
+        np.float32
+    )
+    gate[0, :6] = [0.0, -0.0, 100.0, -100.0, 1e-20, -1e-20]
+    up = rng.standard_normal(gate.shape).astype(np.float32)
+    got = ops.gelu_mul(gate, up).astype(np.float64)
+    g = gate.astype(np.float64)
+    want = 0.5 * g * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (g + 0.044715 * g**3))) * up
+    assert np.all(np.abs(got - want) <= 2e-6 * np.abs(g * up) + 1e-37)

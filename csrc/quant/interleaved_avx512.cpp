@@ -32,12 +32,6 @@ inline __m512i lane_byte(__m512i v, int byte) {
   return _mm512_and_si512(_mm512_srli_epi32(v, 8 * byte), _mm512_set1_epi32(0xff));
 }
 
-// Byte `byte` of each int32 lane as the int16 pair (b, b).
-inline __m512i lane_byte_pair(__m512i v, int byte) {
-  const __m512i b = lane_byte(v, byte);
-  return _mm512_or_si512(b, _mm512_slli_epi32(b, 16));
-}
-
 // Asks for the part `part` of kParts of the super-block kPrefetchAhead ahead of `block`: spread
 // over the sub-blocks, so that the group streams from memory while the tile computes (without
 // it, eight tokens against weights from DRAM ran at a third of their speed from L1).
@@ -101,6 +95,11 @@ void q4_k_tile(int64_t n, const uint8_t* group, const uint8_t* acts, size_t stri
   zero_outputs<T>(out, out_stride);
   const __m512i low4 = _mm512_set1_epi8(0x0f), low6 = _mm512_set1_epi8(0x3f);
   const __m512i low2 = _mm512_set1_epi8(0x03);
+  // Bytes 0 and 1 (2 and 3) of each int32 lane, zero-extended to its two int16 halves.
+  const __m512i first_pair = _mm512_broadcast_i32x4(
+      _mm_setr_epi8(0, -1, 1, -1, 4, -1, 5, -1, 8, -1, 9, -1, 12, -1, 13, -1));
+  const __m512i second_pair = _mm512_broadcast_i32x4(
+      _mm_setr_epi8(2, -1, 3, -1, 6, -1, 7, -1, 10, -1, 11, -1, 14, -1, 15, -1));
   for (int64_t i = 0; i < n / kQKK; ++i) {
     const GroupQ4_K& b = g[i];
     // The scales and minimums of the 16 rows, four sub-blocks to a vector (see k_scales_mins).
@@ -132,13 +131,22 @@ void q4_k_tile(int64_t n, const uint8_t* group, const uint8_t* acts, size_t stri
     const __m512i mins_high =
         _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32(w2, 4), low4),
                         _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(w1, 6), low2), 4));
+    // mins = sum_j min_j * (bsums 2j and 2j+1), two sub-blocks per int16 pair: (min_j,
+    // min_j+1) against (sum of sub-block j, of j+1), half the products of one pair per j.
+    const __m512i min_pairs[4] = {
+        _mm512_shuffle_epi8(mins_low, first_pair), _mm512_shuffle_epi8(mins_low, second_pair),
+        _mm512_shuffle_epi8(mins_high, first_pair), _mm512_shuffle_epi8(mins_high, second_pair)};
 #pragma GCC unroll 8
-    for (int j = 0; j < 8; ++j) {
-      const __m512i pair = lane_byte_pair(j < 4 ? mins_low : mins_high, j % 4);
-#pragma GCC unroll 8
-      for (int t = 0; t < T; ++t) {
-        acc[t] = _mm512_dpwssd_epi32(j == 0 ? _mm512_setzero_si512() : acc[t], pair,
-                                     broadcast32(tile.y[t][i].bsums + 2 * j));
+    for (int t = 0; t < T; ++t) {
+      const __m256i sums = _mm256_madd_epi16(load256(tile.y[t][i].bsums), _mm256_set1_epi16(1));
+      // Sub-block sums 0-3 in dwords 0-1 of the low half, 4-7 in dwords 4-5.
+      alignas(32) int32_t sum_pairs[8];
+      _mm256_store_si256(reinterpret_cast<__m256i*>(sum_pairs), _mm256_packs_epi32(sums, sums));
+      constexpr int kDword[4] = {0, 1, 4, 5};
+#pragma GCC unroll 4
+      for (int p = 0; p < 4; ++p) {
+        acc[t] = _mm512_dpwssd_epi32(p == 0 ? _mm512_setzero_si512() : acc[t], min_pairs[p],
+                                     _mm512_set1_epi32(sum_pairs[kDword[p]]));
       }
     }
     const __m512 d = _mm512_cvtph_ps(load256(b.d));
