@@ -584,6 +584,7 @@ def bench() -> None:
 )
 @click.option("--seed", type=click.IntRange(min=0), default=0, help="Seed of the token ids fed.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write JSON.")
+@_kv_dtype_option
 @_draft_options
 @_runs_cleanly
 def bench_model(
@@ -600,6 +601,7 @@ def bench_model(
     compare: str | None,
     seed: int,
     json_path: str | None,
+    kv_dtype: str | None,
     draft: str | None,
     draft_tokens: int,
 ) -> None:
@@ -656,6 +658,7 @@ def bench_model(
             threads=default_threads() if threads is None else threads,
             synthetic=synthetic,
             progress=status.update,
+            kv_dtype=kv_dtype,
         )
     print_model_bench(result, console)
     if json_path is not None:
