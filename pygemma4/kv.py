@@ -123,7 +123,8 @@ class KvFootprint:
 
 @dataclass(frozen=True)
 class KvLayout:
-    """The dimensions of a KV pool, and the bytes it lays out (`nbytes`, the core's figure)."""
+    """The dimensions of a KV pool, its entries' type (`kv_dtype`, one of KV_DTYPES; f32
+    unless asked), and the bytes it lays out (`nbytes`, the core's figure)."""
 
     block_size: int
     n_blocks: int
