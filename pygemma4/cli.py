@@ -79,6 +79,16 @@ def _backend_options(command: Callable[..., None]) -> Callable[..., None]:
     )(command)
 
 
+def _kv_dtype_option(command: Callable[..., None]) -> Callable[..., None]:
+    """Add --kv-dtype; it arrives as the keyword argument kv_dtype (None: the backend's
+    default). A name the engine does not know is refused by it, naming the accepted ones."""
+    return click.option(
+        "--kv-dtype",
+        metavar="f32|f16|bf16|q8_0",
+        help="Type of the KV cache's entries [default: f16 on the CPU, f32 on CUDA].",
+    )(command)
+
+
 def _draft_options(command: Callable[..., None]) -> Callable[..., None]:
     """Add --draft and --draft-tokens; they arrive as keyword arguments of those names."""
     command = click.option(
@@ -124,6 +134,7 @@ def main() -> None:
 @_backend_options
 @click.option("--threads", type=click.IntRange(min=1), help="CPU threads [default: all].")
 @click.option("--n-ctx", type=click.IntRange(min=1), help="Context length [default: 4096].")
+@_kv_dtype_option
 @_draft_options
 @_runs_cleanly
 def generate(
@@ -137,6 +148,7 @@ def generate(
     device: int,
     threads: int | None,
     n_ctx: int | None,
+    kv_dtype: str | None,
     draft: str | None,
     draft_tokens: int,
     **sampling_options: Any,
@@ -171,6 +183,7 @@ def generate(
         device=device,
         threads=threads,
         n_ctx=n_ctx,
+        kv_dtype=kv_dtype,
         draft=draft,
         draft_tokens=draft_tokens,
     )
@@ -288,6 +301,7 @@ def inspect(model: Path, as_json: bool, tensors: bool, template: bool) -> None:
     "(0.5) [default: 0.4 on the CPU, up to every sequence at the model's context; on CUDA "
     "max-batch × 4096 positions].",
 )
+@_kv_dtype_option
 @click.option("--tokenizer-workers", default=1, type=click.IntRange(min=1))
 @click.option("--prefill-workers", default=1, type=click.IntRange(min=1))
 @click.option(
@@ -415,6 +429,7 @@ def serve(
             f"({layout.nbytes / 2**30:.2f} GiB); context per sequence: {server.config.n_ctx}",
             err=True,
         )
+        click.echo(server.kv_footprint.describe(layout), err=True)
         click.echo(f"connect with: pygemma4.Client({endpoint!r})", err=True)
         if listen is not None:
             click.echo(f"OpenAI API on http://{listen}/v1", err=True)
@@ -609,6 +624,7 @@ def bench() -> None:
 )
 @click.option("--seed", type=click.IntRange(min=0), default=0, help="Seed of the token ids fed.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write JSON.")
+@_kv_dtype_option
 @_draft_options
 @_runs_cleanly
 def bench_model(
@@ -625,6 +641,7 @@ def bench_model(
     compare: str | None,
     seed: int,
     json_path: str | None,
+    kv_dtype: str | None,
     draft: str | None,
     draft_tokens: int,
 ) -> None:
@@ -681,6 +698,7 @@ def bench_model(
             threads=default_threads() if threads is None else threads,
             synthetic=synthetic,
             progress=status.update,
+            kv_dtype=kv_dtype,
         )
     print_model_bench(result, console)
     if json_path is not None:

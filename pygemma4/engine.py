@@ -13,7 +13,13 @@ from pygemma4.config import ModelConfig, ModelFile, open_model
 from pygemma4.drafter import DraftContext
 from pygemma4.errors import Gemma4Error, TokenizerError, require_positive
 from pygemma4.generation import Generation, GenerationChunk, room_for_tokens
-from pygemma4.kv import DEFAULT_BLOCK_SIZE, BlockAllocator, KvLayout, SequenceKv
+from pygemma4.kv import (
+    DEFAULT_BLOCK_SIZE,
+    BlockAllocator,
+    KvLayout,
+    SequenceKv,
+    resolve_kv_dtype,
+)
 from pygemma4.prefix_cache import PrefixCache
 from pygemma4.runner import (
     Feed,
@@ -55,7 +61,9 @@ class Engine:
     KV pool of the engine's own, laid out as `kv_layout`); `n_batch` bounds the tokens of one
     forward step (longer prompts are split into chunks). `backend` "cuda" computes on CUDA
     device `device` (BackendUnavailableError says why where it cannot). Every step runs through
-    `runner`, the same `ModelRunner` the server's workers use.
+    `runner`, the same `ModelRunner` the server's workers use. KV entries are stored as
+    `kv_dtype` (one of `pygemma4.kv.KV_DTYPES`; by default f16 on the CPU, f32 on CUDA, the
+    only type CUDA takes).
 
     With `draft` ("ngram", or the path of a Gemma 4 assistant GGUF made for this model),
     `generate` and `stream` decode speculatively: the drafter proposes `draft_tokens` tokens,
@@ -75,7 +83,9 @@ class Engine:
         draft: str | os.PathLike[str] | None = None,
         draft_tokens: int = DEFAULT_DRAFT_TOKENS,
         prefix_snapshots: int | None = None,
+        kv_dtype: str | None = None,
     ) -> None:
+        kv_dtype = resolve_kv_dtype(kv_dtype, backend)
         check_backend(backend, device)
         threads = default_threads() if threads is None else threads
         require_positive("threads", threads)
@@ -102,6 +112,7 @@ class Engine:
             max_sequences + prefix_snapshots,
             n_batch,
             n_blocks=-(-n_ctx // DEFAULT_BLOCK_SIZE) * max_sequences,
+            kv_dtype=kv_dtype,
         )
         pool = self.kv_layout.new_pool(self.config, device=pool_device(backend, device))
         self.runner = ModelRunner(self.model_file, pool, n_batch, threads, backend, device)

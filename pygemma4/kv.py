@@ -6,6 +6,9 @@ block_size]`), and its sliding-window KV in a ring of `ring_blocks` blocks: its 
 model holds no sequence state; each forward call brings the tables. So one process can own a
 `BlockAllocator`, reserve blocks for its sequences, and send their tables to other processes that
 run the model over the same pool memory (a shared mapping).
+
+Entries are stored as one of `KV_DTYPES` (the pool's `kv_dtype`); attention converts them to
+float as it reads them.
 """
 
 from __future__ import annotations
@@ -22,6 +25,13 @@ from pygemma4.errors import Gemma4Error, require_positive
 
 DEFAULT_BLOCK_SIZE = 16
 
+KV_DTYPES: dict[str, int] = {"f32": 0, "f16": 1, "bf16": 30, "q8_0": 8}
+"""The types KV entries can be stored as, by name, with their GGUF type ids (the core's).
+q8_0 is blocks of 32 entries with an f16 scale, as in GGUF files."""
+
+_BLOCK_BYTES = {"f32": (1, 4), "f16": (1, 2), "bf16": (1, 2), "q8_0": (32, 34)}
+"""Entries per block, and bytes per block, of each KV type."""
+
 
 # The core counts blocks in 32-bit integers.
 _MAX_BLOCKS = 2**31 - 1
@@ -31,15 +41,101 @@ class KvExhaustedError(Gemma4Error, RuntimeError):
     """The pool has fewer free blocks or ring sets than were asked for."""
 
 
+class KvDtypeError(Gemma4Error, ValueError):
+    """A KV entry type that is not one of KV_DTYPES, or that the backend does not store."""
+
+
+def default_kv_dtype(backend: str) -> str:
+    """The KV entry type used where none is given: f16 on the CPU (as llama.cpp), f32 on CUDA
+    (the only type its kernels read)."""
+    return "f32" if backend == "cuda" else "f16"
+
+
+def resolve_kv_dtype(kv_dtype: str | None, backend: str) -> str:
+    """`kv_dtype`, or the backend's default for None; KvDtypeError, naming the accepted values,
+    for any other name, and for another type than f32 on CUDA."""
+    if kv_dtype is None:
+        return default_kv_dtype(backend)
+    if kv_dtype not in KV_DTYPES:
+        raise KvDtypeError(f"unknown KV type {kv_dtype!r}: expected one of {', '.join(KV_DTYPES)}")
+    if backend == "cuda" and kv_dtype != "f32":
+        raise KvDtypeError(
+            f"the CUDA backend stores KV entries as f32 only, not {kv_dtype!r}: "
+            "use --kv-dtype f32 (kv_dtype='f32') with --backend cuda"
+        )
+    return kv_dtype
+
+
+def kv_row_bytes(kv_dtype: str, n_entries: int) -> int:
+    """Bytes of `n_entries` KV entries (a whole number of blocks) of type `kv_dtype`."""
+    per_block, block_bytes = _BLOCK_BYTES[kv_dtype]
+    return n_entries // per_block * block_bytes
+
+
+@dataclass(frozen=True)
+class KvFootprint:
+    """What one position costs in a model's KV pool, by layer kind, from the model's shapes and
+    the entry type: K and V rows of every KV-owning layer (layers sharing another's KV cost
+    nothing). Full-attention layers cost this per position of a sequence; sliding-window layers
+    per position of a ring."""
+
+    kv_dtype: str
+    full_layers: int
+    sliding_layers: int
+    full_bytes_per_token: int
+    sliding_bytes_per_token: int
+
+    @classmethod
+    def of(cls, config: ModelConfig, kv_dtype: str) -> KvFootprint:
+        """The footprint of `config`'s KV-owning layers with entries of `kv_dtype`."""
+        full = sliding = full_bytes = sliding_bytes = 0
+        for layer in config.layers:
+            if not layer.has_kv:
+                continue
+            row = 2 * kv_row_bytes(kv_dtype, layer.n_head_kv * layer.head_dim)  # K and V
+            if layer.is_sliding:
+                sliding, sliding_bytes = sliding + 1, sliding_bytes + row
+            else:
+                full, full_bytes = full + 1, full_bytes + row
+        return cls(kv_dtype, full, sliding, full_bytes, sliding_bytes)
+
+    def predicted_bytes(self, layout: KvLayout) -> int:
+        """The pool's size by these numbers: every full-attention block and every ring
+        position (the core adds at most 63 bytes of alignment per store)."""
+        full_positions = layout.n_blocks * layout.block_size
+        ring_positions = layout.n_ring_sets * layout.ring_blocks * layout.block_size
+        return (
+            self.full_bytes_per_token * full_positions
+            + self.sliding_bytes_per_token * ring_positions
+        )
+
+    def describe(self, layout: KvLayout) -> str:
+        """The prediction for `layout`, by layer kind, in words."""
+        full_positions = layout.n_blocks * layout.block_size
+        ring_positions = layout.ring_blocks * layout.block_size
+        return (
+            f"KV entries {self.kv_dtype}: {self.full_layers} full-attention layers "
+            f"{self.full_bytes_per_token} bytes per token x {full_positions} positions = "
+            f"{self.full_bytes_per_token * full_positions / 2**30:.2f} GiB; "
+            f"{self.sliding_layers} sliding-window layers {self.sliding_bytes_per_token} "
+            f"bytes per token x {layout.n_ring_sets} rings of {ring_positions} positions = "
+            f"{self.sliding_bytes_per_token * layout.n_ring_sets * ring_positions / 2**30:.2f} "
+            f"GiB; predicted {self.predicted_bytes(layout) / 2**30:.2f} GiB, "
+            f"laid out {layout.nbytes / 2**30:.2f} GiB"
+        )
+
+
 @dataclass(frozen=True)
 class KvLayout:
-    """The dimensions of a KV pool, and the bytes it lays out (`nbytes`, the core's figure)."""
+    """The dimensions of a KV pool, its entries' type (`kv_dtype`, one of KV_DTYPES; f32
+    unless asked), and the bytes it lays out (`nbytes`, the core's figure)."""
 
     block_size: int
     n_blocks: int
     n_ring_sets: int
     ring_blocks: int
     nbytes: int
+    kv_dtype: str = "f32"
 
     @classmethod
     def for_model(
@@ -50,9 +146,10 @@ class KvLayout:
         max_chunk: int,
         block_size: int = DEFAULT_BLOCK_SIZE,
         n_blocks: int | None = None,
+        kv_dtype: str = "f32",
     ) -> KvLayout:
         """A layout for `max_sequences` sequences (one ring set each) of up to `n_ctx` positions,
-        fed at most `max_chunk` tokens per forward call.
+        fed at most `max_chunk` tokens per forward call, with entries of `kv_dtype`.
 
         By default there are blocks for every sequence to reach `n_ctx`; the rings are the
         smallest that the core accepts a chunk of `max_chunk` tokens into at any position.
@@ -76,7 +173,7 @@ class KvLayout:
             # No ring needs more blocks than n_ctx positions fill: it then never wraps.
             span = config.sliding_window + max_chunk - 1
             ring_blocks = min((span + block_size - 2) // block_size + 1, blocks_per_sequence)
-        return cls.of(config, block_size, n_blocks, max_sequences, ring_blocks)
+        return cls.of(config, block_size, n_blocks, max_sequences, ring_blocks, kv_dtype)
 
     @classmethod
     def for_memory(
@@ -87,20 +184,24 @@ class KvLayout:
         max_chunk: int,
         max_positions: int,
         block_size: int = DEFAULT_BLOCK_SIZE,
+        kv_dtype: str = "f32",
     ) -> KvLayout:
-        """The layout of `for_model` with as many full-attention blocks as `budget_bytes`
-        holds beside the rings of `max_sequences` sequences, up to `max_positions` positions
-        in all; KvExhaustedError, with the numbers, where the rings leave no room for one
-        block."""
+        """The layout of `for_model` with as many full-attention blocks of `kv_dtype` entries
+        as `budget_bytes` holds beside the rings of `max_sequences` sequences, up to
+        `max_positions` positions in all; KvExhaustedError, with the numbers, where the rings
+        leave no room for one block."""
         capped = _ceil_div(max_positions, block_size)
-        one = cls.for_model(config, max_positions, max_sequences, max_chunk, block_size, 1)
-        per_block = cls.of(config, block_size, 2, one.n_ring_sets, one.ring_blocks).nbytes
-        per_block -= one.nbytes
+        one = cls.for_model(
+            config, max_positions, max_sequences, max_chunk, block_size, 1, kv_dtype
+        )
+        per_block = block_size * KvFootprint.of(config, kv_dtype).full_bytes_per_token
         n_blocks = min(capped, 1 + max(0, budget_bytes - one.nbytes) // max(1, per_block))
-        layout = cls.of(config, block_size, n_blocks, one.n_ring_sets, one.ring_blocks)
+        layout = cls.of(config, block_size, n_blocks, one.n_ring_sets, one.ring_blocks, kv_dtype)
         while layout.nbytes > budget_bytes and n_blocks > 1:  # alignment padding
             n_blocks -= 1
-            layout = cls.of(config, block_size, n_blocks, one.n_ring_sets, one.ring_blocks)
+            layout = cls.of(
+                config, block_size, n_blocks, one.n_ring_sets, one.ring_blocks, kv_dtype
+            )
         if layout.nbytes > budget_bytes:
             raise KvExhaustedError(
                 f"a KV budget of {budget_bytes} bytes holds no block of {block_size} positions "
@@ -111,18 +212,28 @@ class KvLayout:
 
     @classmethod
     def of(
-        cls, config: ModelConfig, block_size: int, n_blocks: int, n_ring_sets: int, ring_blocks: int
+        cls,
+        config: ModelConfig,
+        block_size: int,
+        n_blocks: int,
+        n_ring_sets: int,
+        ring_blocks: int,
+        kv_dtype: str = "f32",
     ) -> KvLayout:
-        """The layout of these dimensions for a model of `config` (its `nbytes` from the core);
-        KvExhaustedError for dimensions past what the core addresses."""
+        """The layout of these dimensions and entry type for a model of `config` (its `nbytes`
+        from the core); KvDtypeError for an unknown `kv_dtype`, KvExhaustedError for dimensions
+        past what the core addresses."""
+        kv_dtype = resolve_kv_dtype(kv_dtype, "cpu")
         for name, value in (("blocks", n_blocks), ("ring blocks", ring_blocks)):
             if value > _MAX_BLOCKS:
                 raise KvExhaustedError(
                     f"a KV pool of {value} {name} of {block_size} positions is more than the "
                     f"core addresses ({_MAX_BLOCKS}); ask for a smaller context or pool"
                 )
-        nbytes = _core.KvPool.bytes_needed(config, block_size, n_blocks, n_ring_sets, ring_blocks)
-        return cls(block_size, n_blocks, n_ring_sets, ring_blocks, nbytes)
+        nbytes = _core.KvPool.bytes_needed(
+            config, block_size, n_blocks, n_ring_sets, ring_blocks, KV_DTYPES[kv_dtype]
+        )
+        return cls(block_size, n_blocks, n_ring_sets, ring_blocks, nbytes, kv_dtype)
 
     def blocks_for(self, n_positions: int) -> int:
         """How many full-attention blocks hold `n_positions` positions of a sequence."""
@@ -149,6 +260,7 @@ class KvLayout:
                 buffer,
                 device,
                 ipc_handle,
+                KV_DTYPES[self.kv_dtype],
             )
         except RuntimeError as e:
             if not str(e).startswith("cannot allocate"):

@@ -486,6 +486,8 @@ class KvPoolSpec(_Strict):
     n_ring_sets: int
     ring_blocks: int
     nbytes: int
+    kv_dtype: str
+    """The entries' type, one of pygemma4.kv.KV_DTYPES."""
     fd: int = -1
     """shm: a descriptor of the pool's memory file that every worker inherits, under this
     number, from the supervisor (the file has no name, so nothing is left behind whatever

@@ -108,6 +108,25 @@ def test_compare_runs_llama_cpp_on_the_same_work(tmp_path: Path, model_file: Pat
         assert figures["llamacpp"][test]["runs"] == 2
 
 
+def test_both_engines_store_the_kv_type_asked_for(tmp_path: Path, model_file: Path) -> None:
+    out = tmp_path / "bench.json"
+    result = run_bench(
+        str(model_file), "-p", "16", "-n", "4", "-r", "1", "-t", "1", "--kv-dtype", "q8_0",
+        "--compare", "llamacpp", "--json", str(out), cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "KV q8_0" in result.stdout
+    document = json.loads(out.read_text())
+    assert document["kv_dtype"] == "q8_0"
+    assert {e["engine"] for e in document["engines"]} == {"pygemma4", "llamacpp"}
+    default = run_bench(str(model_file), "-p", "8", "-n", "0", "-r", "1", "-t", "1", cwd=tmp_path)
+    assert default.returncode == 0, default.stderr
+    assert "KV f16" in default.stdout
+    bad = run_bench(str(model_file), "--kv-dtype", "q4", cwd=tmp_path)
+    assert bad.returncode == 1
+    assert "unknown KV type 'q4': expected one of f32, f16, bf16, q8_0" in bad.stderr
+
+
 def bench_both_engines(
     model_file: Path, plan: BenchPlan, memory_available: int
 ) -> tuple[BenchResult, list[str]]:
@@ -203,7 +222,9 @@ def test_the_footprint_rule(model_file: Path) -> None:
     assert repacked_bytes(model) == repacked > 0
     assert {t.type_id for t in multiplied} > {q4_k, q6_k}  # other types are not counted
     spec = RunnerSpec("pygemma4", model_file, max_prompt=64, max_decode=16, max_sequences=4)
-    kv = KvLayout.for_model(model.config, n_ctx=64, max_sequences=4, max_chunk=64).nbytes
+    kv = KvLayout.for_model(
+        model.config, n_ctx=64, max_sequences=4, max_chunk=64, kv_dtype="f16"
+    ).nbytes  # the default on the CPU
     needed = footprint_bytes(model, spec)
     assert needed == model.gguf.file_size + 2 * repacked + 2 * kv
     assert choose_schedule(model, spec, needed).kind == "interleaved"

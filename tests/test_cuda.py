@@ -226,7 +226,8 @@ def engine_for(fixtures_dir, model: str, qtype: str, backend: str) -> Engine:
     key = (model, qtype, backend)
     if key not in _engines:
         path = fixtures_dir / model / f"model-{qtype}.gguf"
-        _engines[key] = Engine(path, backend=backend, threads=2, max_sequences=4)
+        # f32 KV on both: the CUDA backend stores no other type.
+        _engines[key] = Engine(path, backend=backend, threads=2, max_sequences=4, kv_dtype="f32")
     return _engines[key]
 
 
@@ -380,7 +381,7 @@ def test_drafting_on_cuda_gives_the_cpu_greedy_tokens(fixtures_dir, draft, reque
     else:
         drafter = draft_dir / "assistant-f32.gguf" if draft == "assistant" else "ngram"
     ref = np.load(draft_dir / "ref_draft.npz")
-    cpu = Engine(target, threads=2)
+    cpu = Engine(target, threads=2, kv_dtype="f32")  # the KV type of the CUDA backend
     for k in (1, 4, 8):
         gpu = Engine(target, backend="cuda", draft=drafter, draft_tokens=k)
         for i in range(3):

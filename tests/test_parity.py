@@ -1,7 +1,8 @@
 """Whole-model numbers against the outside references in ../shared/fixtures.
 
 f32 GGUF vs Hugging Face fp32 logits (the 12B-style unified fixture's against transformers run
-live); every quantized GGUF vs llama.cpp on the same file. Each
+live); every quantized GGUF vs llama.cpp on the same file; f32 KV entries (test_kv_dtype
+measures the other KV types). Each
 runs on every CPU kernel set the build has (PYGEMMA4_CPU_KERNELS), the scalar fallback included.
 """
 
@@ -32,7 +33,9 @@ def engine_for(fixtures_dir, model: str, qtype: str, isa: str) -> Engine:
         saved = os.environ.get("PYGEMMA4_CPU_KERNELS")
         os.environ["PYGEMMA4_CPU_KERNELS"] = isa
         try:
-            _engines[key] = Engine(fixtures_dir / model / f"model-{qtype}.gguf", threads=2)
+            _engines[key] = Engine(
+                fixtures_dir / model / f"model-{qtype}.gguf", threads=2, kv_dtype="f32"
+            )
         finally:
             if saved is None:
                 del os.environ["PYGEMMA4_CPU_KERNELS"]

@@ -1,5 +1,6 @@
 """Prefix reuse: logits computed through a cached prefix equal a cold computation bit for bit on
-every fixture model, for prefixes ending before, at and after the sliding window's edge; shared
+every fixture model and KV entry type, for prefixes ending before, at and after the sliding
+window's edge (the ring snapshots copied whole, whatever the bytes per entry); shared
 blocks are counted, kept while used and evicted least recently used; a snapshot whose ring no
 longer holds the window is not used; the engine reuses what earlier generations computed."""
 
@@ -13,7 +14,7 @@ import pytest
 from serve_helpers import ServeProcess, free_port
 
 from pygemma4 import Engine, open_model
-from pygemma4.kv import BlockAllocator, KvExhaustedError, KvLayout, SequenceKv
+from pygemma4.kv import KV_DTYPES, BlockAllocator, KvExhaustedError, KvLayout, SequenceKv
 from pygemma4.prefix_cache import PrefixCache, block_names
 from pygemma4.runner import Feed, ModelRunner
 
@@ -29,18 +30,21 @@ def fixture_models(fixtures_dir: Path) -> list[Path]:
     ]
 
 
-def setup(path: Path, snapshots: int = 2, n_ctx: int = 256):
+def setup(path: Path, snapshots: int = 2, n_ctx: int = 256, kv_dtype: str = "f16"):
     model_file = open_model(path)
-    layout = KvLayout.for_model(model_file.config, n_ctx, 2 + snapshots, N_BATCH, BLOCK)
+    layout = KvLayout.for_model(
+        model_file.config, n_ctx, 2 + snapshots, N_BATCH, BLOCK, kv_dtype=kv_dtype
+    )
     pool = layout.new_pool(model_file.config)
     runner = ModelRunner(model_file, pool, N_BATCH, 1)
     allocator = BlockAllocator(layout)
     return runner, allocator, PrefixCache(allocator, pool, model_file.config, snapshots)
 
 
-def test_logits_through_a_cached_prefix_equal_a_cold_computation(fixtures_dir):
+@pytest.mark.parametrize("kv_dtype", KV_DTYPES)
+def test_logits_through_a_cached_prefix_equal_a_cold_computation(fixtures_dir, kv_dtype):
     for path in fixture_models(fixtures_dir):
-        runner, allocator, cache = setup(path)
+        runner, allocator, cache = setup(path, kv_dtype=kv_dtype)
         window = runner.config.sliding_window
         rng = np.random.default_rng(0)
         vocab = runner.config.vocab_size
@@ -64,8 +68,11 @@ def test_logits_through_a_cached_prefix_equal_a_cold_computation(fixtures_dir):
         assert cache.stats.hit == sum((window - BLOCK, window, window + BLOCK, 40))
 
 
-def test_a_snapshot_whose_ring_lost_the_window_is_not_used(fixtures_dir):
-    runner, allocator, cache = setup(fixtures_dir / "gemma4-tiny-e" / "model-Q8_0.gguf")
+@pytest.mark.parametrize("kv_dtype", KV_DTYPES)
+def test_a_snapshot_whose_ring_lost_the_window_is_not_used(fixtures_dir, kv_dtype):
+    runner, allocator, cache = setup(
+        fixtures_dir / "gemma4-tiny-e" / "model-Q8_0.gguf", kv_dtype=kv_dtype
+    )
     ring_positions = runner.pool.ring_blocks * BLOCK
     rng = np.random.default_rng(1)
     long = rng.integers(10, runner.config.vocab_size, 3 * ring_positions).astype(np.int32)
@@ -119,8 +126,11 @@ def test_shared_blocks_are_counted_kept_while_used_and_evicted_least_recently_us
         allocator.allocate(3)
 
 
-def test_a_sequence_that_runs_out_of_ring_sets_takes_a_snapshots(fixtures_dir):
-    runner, allocator, cache = setup(fixtures_dir / "gemma4-tiny-e" / "model-Q8_0.gguf", 1)
+@pytest.mark.parametrize("kv_dtype", KV_DTYPES)
+def test_a_sequence_that_runs_out_of_ring_sets_takes_a_snapshots(fixtures_dir, kv_dtype):
+    runner, allocator, cache = setup(
+        fixtures_dir / "gemma4-tiny-e" / "model-Q8_0.gguf", 1, kv_dtype=kv_dtype
+    )
     tokens = np.arange(10, 30, dtype=np.int32)
     kv, _ = cache.new_sequence(tokens)
     runner.prefill(Feed(kv, tokens, "none"))
@@ -142,11 +152,12 @@ def test_copying_a_ring_set_is_checked(fixtures_dir):
         runner.pool.copy_ring_set(0, 9)
 
 
-def test_the_engine_reuses_what_earlier_generations_computed(fixtures_dir):
+@pytest.mark.parametrize("kv_dtype", KV_DTYPES)
+def test_the_engine_reuses_what_earlier_generations_computed(fixtures_dir, kv_dtype):
     path = fixtures_dir / "gemma4-tiny-e" / "model-f32.gguf"
     prompt = np.load(fixtures_dir / "gemma4-tiny-e" / "ref.npz")["ids1"]
-    cached = Engine(path, threads=1)
-    cold = Engine(path, threads=1, prefix_snapshots=0)
+    cached = Engine(path, threads=1, kv_dtype=kv_dtype)
+    cold = Engine(path, threads=1, prefix_snapshots=0, kv_dtype=kv_dtype)
     first = cached.generate(prompt, 24, stop_tokens=())
     assert cached.prefix_cache.stats.hit == 0
     assert (

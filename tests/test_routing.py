@@ -42,7 +42,13 @@ def server_config(socket_dir: Path) -> ServerConfig:
         max_pending=1,
         max_message_bytes=1024,
         kv=KvPoolSpec(
-            kind="shm", block_size=16, n_blocks=1, n_ring_sets=1, ring_blocks=1, nbytes=0
+            kind="shm",
+            block_size=16,
+            n_blocks=1,
+            n_ring_sets=1,
+            ring_blocks=1,
+            nbytes=0,
+            kv_dtype="f32",
         ),
         supervisor_pid=0,
     )

@@ -181,6 +181,7 @@ def kv_layout(spec: KvPoolSpec) -> KvLayout:
         n_ring_sets=spec.n_ring_sets,
         ring_blocks=spec.ring_blocks,
         nbytes=spec.nbytes,
+        kv_dtype=spec.kv_dtype,
     )
 
 

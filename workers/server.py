@@ -21,7 +21,13 @@ from pygemma4.config import ARCH, ModelConfig, open_model
 from pygemma4.curve import KeyPair
 from pygemma4.drafter import NGRAM
 from pygemma4.engine import default_n_ctx
-from pygemma4.kv import DEFAULT_BLOCK_SIZE, KvExhaustedError, KvLayout
+from pygemma4.kv import (
+    DEFAULT_BLOCK_SIZE,
+    KvExhaustedError,
+    KvFootprint,
+    KvLayout,
+    resolve_kv_dtype,
+)
 from pygemma4.memory import MemoryBudget, memory_available_bytes
 from pygemma4.protocol import KvPoolSpec, ServeLimits, ServerInfo
 from pygemma4.runner import check_backend
@@ -44,16 +50,19 @@ def _pool_layout(
     max_positions: int,
     kv_tokens: int | None,
     kv_memory: str | None,
+    kv_dtype: str,
 ) -> KvLayout:
-    """The KV pool's layout: rings for `sequences` sequences fed up to `max_chunk` tokens a
-    call, and blocks for `kv_tokens` positions, for what `kv_memory` holds, or by default
-    (see `Server`), never more than `max_positions`."""
+    """The KV pool's layout, entries of `kv_dtype`: rings for `sequences` sequences fed up to
+    `max_chunk` tokens a call, and blocks for `kv_tokens` positions, for what `kv_memory`
+    holds, or by default (see `Server`), never more than `max_positions`."""
     if kv_tokens is not None and kv_memory is not None:
         raise ServerStartError("--kv-tokens and --kv-memory are alternatives")
     n_ctx = min(config.n_ctx_train, max_positions)
     if kv_tokens is not None:
         n_blocks = -(-kv_tokens // DEFAULT_BLOCK_SIZE)
-        return KvLayout.for_model(config, n_ctx, sequences, max_chunk, n_blocks=n_blocks)
+        return KvLayout.for_model(
+            config, n_ctx, sequences, max_chunk, n_blocks=n_blocks, kv_dtype=kv_dtype
+        )
     available = memory_available_bytes() if backend == "cpu" else None
     if kv_memory is not None:
         budget = MemoryBudget.parse(kv_memory).resolve(available)
@@ -62,9 +71,13 @@ def _pool_layout(
     else:  # no figure to size by (a CUDA device): every sequence at the default context
         positions = min(max_positions, sequences * default_n_ctx(config))
         n_blocks = -(-positions // DEFAULT_BLOCK_SIZE)
-        return KvLayout.for_model(config, n_ctx, sequences, max_chunk, n_blocks=n_blocks)
+        return KvLayout.for_model(
+            config, n_ctx, sequences, max_chunk, n_blocks=n_blocks, kv_dtype=kv_dtype
+        )
     try:
-        return KvLayout.for_memory(config, budget, sequences, max_chunk, max_positions)
+        return KvLayout.for_memory(
+            config, budget, sequences, max_chunk, max_positions, kv_dtype=kv_dtype
+        )
     except KvExhaustedError as e:
         raise ServerStartError(str(e)) from None
 
@@ -102,6 +115,7 @@ class Server:
         max_message_bytes: int,
         kv_tokens: int | None,
         kv_memory: str | None = None,
+        kv_dtype: str | None = None,
         curve_secret_key: str | None = None,
         curve_clients: str | None = None,
         http: str | None = None,
@@ -115,9 +129,11 @@ class Server:
         GGUF made for the model), `draft_tokens` per step. The KV pool holds `kv_tokens`
         positions, or what `kv_memory` (a size, or a fraction of the memory available) holds;
         by default on the CPU what DEFAULT_KV_FRACTION of the memory available holds, up to
-        every sequence at the model's trained context. `n_ctx` (default: the model's trained
+        every sequence at the model's trained context. KV entries are stored as `kv_dtype`
+        (default: f16 on the CPU, f32 on CUDA). `n_ctx` (default: the model's trained
         context, where the pool holds it) bounds one sequence. `limits` bound what one client
         may ask (by default ServeLimits' defaults, prompts up to the context)."""
+        kv_dtype = resolve_kv_dtype(kv_dtype, backend)
         check_backend(backend, device)
         model_file = open_model(model)
         if not carries_tokenizer(model_file.gguf.metadata):
@@ -139,6 +155,7 @@ class Server:
             max_positions=max_batch * (config.n_ctx_train if n_ctx is None else n_ctx),
             kv_tokens=kv_tokens,
             kv_memory=kv_memory,
+            kv_dtype=kv_dtype,
         )
         pool_positions = layout.n_blocks * layout.block_size
         if n_ctx is None:
@@ -152,6 +169,7 @@ class Server:
         if limits.max_prompt_tokens is None or limits.max_prompt_tokens > n_ctx:
             limits = msgspec.structs.replace(limits, max_prompt_tokens=n_ctx)
         self.kv_layout = layout
+        self.kv_footprint = KvFootprint.of(config, kv_dtype)
         self.socket_dir: Path | None = None
         ipc_base = self._ipc_base()
         self.kv_fd: int | None = None

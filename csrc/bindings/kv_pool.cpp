@@ -14,12 +14,21 @@ void PyKvPool::ReleaseView::operator()(Py_buffer* view) const {
   delete view;
 }
 
+quant::Type kv_entry_type(int type_id) {
+  if (!quant::is_known_type(type_id)) {
+    throw py::value_error("KV entry type id " + std::to_string(type_id) + " is no GGUF type");
+  }
+  return static_cast<quant::Type>(type_id);
+}
+
 PyKvPool::PyKvPool(const py::object& config, int block_size, int n_blocks, int n_ring_sets,
                    int ring_blocks, const py::object& buffer, int device,
-                   const py::object& ipc_handle) {
+                   const py::object& ipc_handle, int kv_type) {
   const ModelConfig model_config = to_model_config(config);
-  const size_t needed =
-      KvPool::bytes_needed(model_config, block_size, n_blocks, n_ring_sets, ring_blocks);
+  const quant::Type entry_type = kv_entry_type(kv_type);
+  KvPool::check_device_type(entry_type, device);  // before any device memory is taken
+  const size_t needed = KvPool::bytes_needed(model_config, block_size, n_blocks, n_ring_sets,
+                                             ring_blocks, entry_type);
   void* memory = nullptr;
   if (device >= 0) {
     if (!buffer.is_none()) throw py::value_error("a KV pool on a CUDA device takes no buffer");
@@ -46,7 +55,7 @@ PyKvPool::PyKvPool(const py::object& config, int block_size, int n_blocks, int n
     memory = view_->buf;
   }
   pool_ = std::make_unique<KvPool>(model_config, block_size, n_blocks, n_ring_sets, ring_blocks,
-                                   memory, device < 0 ? -1 : device);
+                                   entry_type, memory, device < 0 ? -1 : device);
 }
 
 py::bytes PyKvPool::ipc_handle() const {
@@ -61,14 +70,15 @@ using namespace pg4;
 void register_kv_pool(py::module_& m) {
   py::class_<PyKvPool>(m, "KvPool")
       .def(py::init<const py::object&, int, int, int, int, const py::object&, int,
-                    const py::object&>(),
+                    const py::object&, int>(),
            py::arg("config"), py::arg("block_size"), py::arg("n_blocks"), py::arg("n_ring_sets"),
            py::arg("ring_blocks"), py::arg("buffer") = py::none(), py::arg("device") = -1,
-           py::arg("ipc_handle") = py::none(),
+           py::arg("ipc_handle") = py::none(), py::arg("kv_type") = 0,
            "Paged K/V storage for a model of `config`, in `buffer` (any writable buffer of at "
            "least bytes_needed bytes, held while the pool lives) or, without one, in memory of "
            "its own: host memory, or with device >= 0 zeroed memory of that CUDA device, or "
-           "with an ipc_handle too the device pool another process exported.")
+           "with an ipc_handle too the device pool another process exported. kv_type: the GGUF "
+           "type id of the entries (0 F32, 1 F16, 30 BF16, 8 Q8_0; F32 on a CUDA device).")
       .def(
           "copy_ring_set", [](PyKvPool& p, int src, int dst) { p.pool().copy_ring_set(src, dst); },
           py::arg("src"), py::arg("dst"),
@@ -79,12 +89,15 @@ void register_kv_pool(py::module_& m) {
       .def_static(
           "bytes_needed",
           [](const py::object& config, int block_size, int n_blocks, int n_ring_sets,
-             int ring_blocks) {
+             int ring_blocks, int kv_type) {
             return KvPool::bytes_needed(to_model_config(config), block_size, n_blocks, n_ring_sets,
-                                        ring_blocks);
+                                        ring_blocks, kv_entry_type(kv_type));
           },
           py::arg("config"), py::arg("block_size"), py::arg("n_blocks"), py::arg("n_ring_sets"),
-          py::arg("ring_blocks"), "Bytes of memory a pool of these dimensions lays out.")
+          py::arg("ring_blocks"), py::arg("kv_type") = 0,
+          "Bytes of memory a pool of these dimensions and entry type lays out.")
+      .def_property_readonly("kv_type",
+                             [](const PyKvPool& p) { return static_cast<int>(p.pool().kv_type()); })
       .def_property_readonly("block_size", [](const PyKvPool& p) { return p.pool().block_size(); })
       .def_property_readonly("n_blocks", [](const PyKvPool& p) { return p.pool().n_blocks(); })
       .def_property_readonly("n_ring_sets",

@@ -6,6 +6,10 @@
 #include <cstring>
 #include <stdexcept>
 
+#if defined(__F16C__)
+#include <immintrin.h>
+#endif
+
 #include "quant/blocks.h"
 #include "quant/quant.h"
 
@@ -174,7 +178,17 @@ void dequantize_row(Type type, const void* src, float* dst, int64_t n) {
       return;
     case Type::F16: {
       const auto* h = static_cast<const uint16_t*>(src);
-      for (int64_t i = 0; i < n; ++i) dst[i] = half_to_float(h[i]);
+      int64_t i = 0;
+#if defined(__F16C__)
+      // The hardware conversion: the same float for every number as half_to_float (a
+      // signalling NaN comes back quiet), and several times faster; attention converts every
+      // f16 KV row it reads.
+      for (; i + 8 <= n; i += 8) {
+        const __m128i halves = _mm_loadu_si128(reinterpret_cast<const __m128i*>(h + i));
+        _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(halves));
+      }
+#endif
+      for (; i < n; ++i) dst[i] = half_to_float(h[i]);
       return;
     }
     case Type::BF16: {

@@ -28,6 +28,7 @@ from pygemma4.benchmark.schedule import Schedule, choose_schedule
 from pygemma4.benchmark.stats import Spread
 from pygemma4.benchmark.tokens import BOS, random_ids
 from pygemma4.config import ModelFile, open_model
+from pygemma4.kv import resolve_kv_dtype
 from pygemma4.memory import memory_available_bytes
 from pygemma4.model_info import decode_read_bytes
 from pygemma4.runner import check_backend
@@ -189,6 +190,7 @@ class BenchResult:
     memory_read_bytes_per_s: float | None = None
     # How the runs of two or more engines were ordered (None for one engine).
     schedule: Schedule | None = None
+    kv_dtype: str = "f16"  # the KV cache's entries, in every engine
 
     def ratio(self, test: str, engine: str = "pygemma4", other: str = "llamacpp") -> float | None:
         """`engine`'s tokens/s over `other`'s in test `test`, where both ran it."""
@@ -219,6 +221,7 @@ class BenchResult:
             "backend": self.backend,
             "device": self.device,
             "threads": self.threads,
+            "kv_dtype": self.kv_dtype,
             "plan": self.plan.to_json(),
             "engines": [e.to_json() for e in self.engines],
             "skipped": self.skipped,
@@ -250,14 +253,17 @@ def bench_model(
     synthetic: str | None = None,
     progress: Progress | None = None,
     memory_available: int | None = None,
+    kv_dtype: str | None = None,
 ) -> BenchResult:
     """Measure `plan` with each engine on `model`. An engine other than pygemma4 that cannot
     run here (not installed) is skipped with the reason in `skipped`; a backend that cannot
     run here, or an error in a run, raises.
 
     With two or more engines, `memory_available` (bytes; default: MemAvailable now) decides
-    whether their runs interleave (see `schedule`).
+    whether their runs interleave (see `schedule`). Both engines store KV entries as
+    `kv_dtype` (default: pygemma4's for the backend).
     """
+    kv_dtype = resolve_kv_dtype(kv_dtype, backend)
     check_backend(backend, device)  # here, before any engine's process starts
     report = progress or (lambda _: None)
     memory_read = None
@@ -276,6 +282,7 @@ def bench_model(
         max_prompt=max((t.tokens for t in tests if t.kind == "prefill"), default=1),
         max_decode=max((t.tokens for t in tests if t.kind == "decode"), default=1),
         max_sequences=max(t.sequences for t in tests),
+        kv_dtype=kv_dtype,
     )
     schedule = None
     if len(engines) > 1:
@@ -312,6 +319,7 @@ def bench_model(
         machine=machine_description(),
         memory_read_bytes_per_s=memory_read,
         schedule=schedule,
+        kv_dtype=kv_dtype,
     )
 
 

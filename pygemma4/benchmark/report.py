@@ -52,7 +52,8 @@ def model_bench_table(result: BenchResult) -> Table:
     where = "CPU" if result.backend == "cpu" else f"CUDA device {result.device}"
     title = (
         f"{model.name} {model.file_type} · {_bytes(model.file_bytes)} · "
-        f"{_count(model.parameters)} params · {where} · {result.threads} threads"
+        f"{_count(model.parameters)} params · {where} · {result.threads} threads · "
+        f"KV {result.kv_dtype}"
     )
     table = Table(title=title, title_justify="left")
     table.add_column("test", no_wrap=True)

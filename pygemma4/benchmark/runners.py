@@ -28,6 +28,7 @@ import numpy as np
 
 from pygemma4.benchmark.tokens import BOS
 from pygemma4.errors import Gemma4Error
+from pygemma4.kv import KV_DTYPES, resolve_kv_dtype
 
 ENGINES = ("pygemma4", "llamacpp")
 ENGINE_TITLES = {"pygemma4": "pygemma4", "llamacpp": "llama.cpp"}
@@ -39,8 +40,9 @@ class RunnerUnavailableError(Gemma4Error, RuntimeError):
 
 @dataclass(frozen=True)
 class RunnerSpec:
-    """What a runner loads and how: the file, where it computes, and the largest work it must
-    hold (a prompt of `max_prompt` tokens, `max_sequences` sequences of `max_decode` steps)."""
+    """What a runner loads and how: the file, where it computes, the largest work it must
+    hold (a prompt of `max_prompt` tokens, `max_sequences` sequences of `max_decode` steps),
+    and the type of its KV cache's entries (one of pygemma4.kv.KV_DTYPES, in both engines)."""
 
     engine: str
     model: Path
@@ -50,10 +52,13 @@ class RunnerSpec:
     max_prompt: int = 512
     max_decode: int = 128
     max_sequences: int = 1
+    kv_dtype: str | None = None
+    """None: pygemma4's default for the backend (set so by the constructor)."""
 
     def __post_init__(self) -> None:
         if self.engine not in ENGINES:
             raise ValueError(f"unknown engine {self.engine!r}: expected one of {ENGINES}")
+        object.__setattr__(self, "kv_dtype", resolve_kv_dtype(self.kv_dtype, self.backend))
         for name in ("threads", "max_prompt", "max_decode", "max_sequences"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, not {getattr(self, name)}")
@@ -112,6 +117,7 @@ class Pygemma4Runner:
             n_ctx=spec.n_ctx,
             max_sequences=spec.max_sequences,
             n_batch=spec.n_batch,
+            kv_dtype=spec.kv_dtype,
         )
 
     def prefill(self, tokens: Sequence[int]) -> float:
@@ -163,6 +169,7 @@ class LlamaCppRunner:
         context_params.n_threads = spec.threads
         context_params.n_threads_batch = spec.threads
         context_params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
+        context_params.type_k = context_params.type_v = KV_DTYPES[str(spec.kv_dtype)]
         context_params.no_perf = True
         self._context = llama_cpp.llama_init_from_model(self._model, context_params)
         if not self._context:

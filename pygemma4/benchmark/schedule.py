@@ -82,7 +82,9 @@ def repacked_bytes(model: ModelFile) -> int:
 def footprint_bytes(model: ModelFile, spec: RunnerSpec) -> int:
     """The estimate of two engines' memory, each loading `model` as `spec` says (see the
     module's description)."""
-    kv = KvLayout.for_model(model.config, spec.n_ctx, spec.max_sequences, spec.n_batch).nbytes
+    kv = KvLayout.for_model(
+        model.config, spec.n_ctx, spec.max_sequences, spec.n_batch, kv_dtype=spec.kv_dtype
+    ).nbytes
     return model.gguf.file_size + 2 * repacked_bytes(model) + 2 * kv
 
 

@@ -369,13 +369,15 @@ void CpuOps::copy_rows(const float* src, const int32_t* rows, int n_rows, int di
 
 void CpuOps::write_kv(const float* k, const float* v, const TokenBatch& batch, int layer,
                       KvPool& pool) {
-  const int row = pool.row_floats(layer);
+  const int row = pool.row_elements(layer);
   for (int i = 0; i < batch.n; ++i) {
     const int seq = batch.seqs[i];
     const size_t offset =
         pool.row_offset(layer, batch.table(seq), batch.ring_sets[seq], batch.positions[i]);
-    std::memcpy(pool.keys(layer) + offset, k + static_cast<size_t>(i) * row, sizeof(float) * row);
-    std::memcpy(pool.values(layer) + offset, v + static_cast<size_t>(i) * row, sizeof(float) * row);
+    quant::quantize_activation_row(pool.kv_type(), k + static_cast<size_t>(i) * row,
+                                   pool.keys(layer) + offset, row);
+    quant::quantize_activation_row(pool.kv_type(), v + static_cast<size_t>(i) * row,
+                                   pool.values(layer) + offset, row);
   }
 }
 
@@ -385,8 +387,12 @@ void CpuOps::attention(const float* q, const TokenBatch& batch, const LayerConfi
   const int head_dim = layer.head_dim;
   const int group = n_head / layer.n_head_kv;
   const int kv_layer = layer.kv_source;
-  const float* keys = pool.keys(kv_layer);
-  const float* values = pool.values(kv_layer);
+  const uint8_t* keys = pool.keys(kv_layer);
+  const uint8_t* values = pool.values(kv_layer);
+  const quant::Type kv_type = pool.kv_type();
+  const bool f32_entries = kv_type == quant::Type::F32;
+  // A head's entries start at a whole block (head_dim is a multiple of the block size).
+  const size_t head_bytes = quant::row_bytes(kv_type, head_dim);
   int max_span = 1;
   for (int i = 0; i < batch.n; ++i) {
     max_span = std::max(
@@ -395,10 +401,19 @@ void CpuOps::attention(const float* q, const TokenBatch& batch, const LayerConfi
   // The SIMD float dot of the quant layer: a plain loop would stay scalar (a float sum may not
   // be reordered), and q·k over every stored position dominates attention at long context.
   const quant::VecDotFn dot_f32 = quant::vec_dot_fn(quant::Type::F32, isa_);
-  attention_scratch_.resize(static_cast<size_t>(pool_.size()) * max_span);
+  // Per thread: the scores, then one head's K or V row converted to float (other entry types
+  // than F32 are converted as they are read).
+  const size_t per_thread = static_cast<size_t>(max_span) + head_dim;
+  attention_scratch_.resize(static_cast<size_t>(pool_.size()) * per_thread);
   pool_.parallel_for(
       static_cast<int64_t>(batch.n) * n_head, 1, [&](int64_t begin, int64_t end, int thread) {
-        float* scores = attention_scratch_.data() + static_cast<size_t>(thread) * max_span;
+        float* scores = attention_scratch_.data() + static_cast<size_t>(thread) * per_thread;
+        float* converted = scores + max_span;
+        const auto head_row = [&](const uint8_t* entries) {
+          if (f32_entries) return reinterpret_cast<const float*>(entries);
+          quant::dequantize_row(kv_type, entries, converted, head_dim);
+          return static_cast<const float*>(converted);
+        };
         for (int64_t task = begin; task < end; ++task) {
           const int i = static_cast<int>(task / n_head);
           const int h = static_cast<int>(task % n_head);
@@ -407,11 +422,11 @@ void CpuOps::attention(const float* q, const TokenBatch& batch, const LayerConfi
           const int ring_set = batch.ring_sets[seq];
           const int pos = batch.positions[i];
           const int first = window > 0 ? std::max(0, pos - window + 1) : 0;
-          const int kv_offset = (h / group) * head_dim;
+          const size_t kv_offset = (h / group) * head_bytes;
           const float* qh = q + (static_cast<int64_t>(i) * n_head + h) * head_dim;
           float max_score = -std::numeric_limits<float>::infinity();
           pool.for_each_row(kv_layer, table, ring_set, first, pos, [&](int p, size_t row) {
-            const float s = dot_f32(head_dim, qh, keys + row + kv_offset);
+            const float s = dot_f32(head_dim, qh, head_row(keys + row + kv_offset));
             scores[p - first] = s;
             max_score = std::max(max_score, s);
           });
@@ -425,7 +440,7 @@ void CpuOps::attention(const float* q, const TokenBatch& batch, const LayerConfi
           float* o = out + (static_cast<int64_t>(i) * n_head + h) * head_dim;
           std::fill(o, o + head_dim, 0.0f);
           pool.for_each_row(kv_layer, table, ring_set, first, pos, [&](int p, size_t row) {
-            const float* vp = values + row + kv_offset;
+            const float* vp = head_row(values + row + kv_offset);
             const float weight = scores[p - first] * inv;
             for (int d = 0; d < head_dim; ++d) o[d] += weight * vp[d];
           });

@@ -144,9 +144,14 @@ __global__ void combine_splits(const float* partials, int splits, int head_dim, 
 
 }  // namespace
 
+// A pool on a CUDA device stores F32 entries (its constructor refuses any other type).
 KvView kv_view(KvPool& pool, int layer) {
-  return {pool.keys(layer),    pool.values(layer), pool.row_floats(layer),
-          pool.sliding(layer), pool.block_size(),  pool.ring_blocks()};
+  return {reinterpret_cast<float*>(pool.keys(layer)),
+          reinterpret_cast<float*>(pool.values(layer)),
+          pool.row_elements(layer),
+          pool.sliding(layer),
+          pool.block_size(),
+          pool.ring_blocks()};
 }
 
 void store_kv(const float* k, const float* v, bool normalise, const float* k_weight, float eps,

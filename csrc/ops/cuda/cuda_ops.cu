@@ -382,7 +382,7 @@ void CudaOps::argmax(const float* x, int n_rows, int n_cols, int32_t* ids, float
 
 void CudaOps::write_kv(const float* k, const float* v, const TokenBatch& batch, int layer,
                        KvPool& pool) {
-  const int row = pool.row_floats(layer);
+  const int row = pool.row_elements(layer);
   cuda::store_kv(k, v, false, nullptr, 0.0f, Rope{}, batch, 1, row, kv_view(pool, layer), stream_);
 }
 
