@@ -263,8 +263,7 @@ def inspect(model: Path, as_json: bool, tensors: bool, template: bool) -> None:
     help="Where clients connect (tcp://HOST:PORT or ipc://PATH); loopback unless told.",
 )
 @_backend_options
-@click.option("--threads", type=click.IntRange(min=1), help="Decode threads [default: all].")
-@click.option("--prefill-threads", type=click.IntRange(min=1), help="[default: --threads].")
+@click.option("--threads", type=click.IntRange(min=1), help="CPU threads [default: all].")
 @click.option(
     "--max-batch", default=8, type=click.IntRange(min=1), help="Sequences decoded together."
 )
@@ -274,7 +273,10 @@ def inspect(model: Path, as_json: bool, tensors: bool, template: bool) -> None:
     help="Context per sequence [default: the model's, where the KV pool holds it].",
 )
 @click.option(
-    "--prefill-chunk", default=256, type=click.IntRange(min=1), help="Tokens per prefill call."
+    "--prefill-chunk",
+    default=256,
+    type=click.IntRange(min=1),
+    help="Prompt tokens computed per step, beside the running sequences' next tokens.",
 )
 @click.option(
     "--kv-tokens",
@@ -289,7 +291,6 @@ def inspect(model: Path, as_json: bool, tensors: bool, template: bool) -> None:
     "max-batch × 4096 positions].",
 )
 @click.option("--tokenizer-workers", default=1, type=click.IntRange(min=1))
-@click.option("--prefill-workers", default=1, type=click.IntRange(min=1))
 @click.option(
     "--max-pending",
     default=256,
@@ -319,7 +320,6 @@ def serve(
     model: Path | None,
     endpoint: str,
     threads: int | None,
-    prefill_threads: int | None,
     http: str,
     api_key: str | None,
     api_key_file: Path | None,
@@ -355,7 +355,6 @@ def serve(
         _model_path(None if model is None else str(model)),
         endpoint=endpoint,
         threads=threads,
-        prefill_threads=prefill_threads or threads,
         http=listen,
         api_key=key,
         **options,
@@ -723,8 +722,10 @@ def _bench_drafting(
     help="Seconds a request may take.",
 )  # fmt: skip
 @_backend_options
-@click.option("--threads", type=click.IntRange(min=1), help="The server's decode threads.")
-@click.option("--prefill-threads", type=click.IntRange(min=1), help="[default: --threads].")
+@click.option("--threads", type=click.IntRange(min=1), help="The server's threads.")
+@click.option(
+    "--prefill-chunk", type=click.IntRange(min=1), help="The server's prompt tokens per step."
+)
 @click.option(
     "--max-batch", type=click.IntRange(min=1), help="[default: --concurrency] for the server."
 )
