@@ -1,6 +1,6 @@
 """One forward step, assembled once: the batch the core runs, and the runner that runs it.
 
-The engine, the decode worker and the prefill workers all compute through a `ModelRunner`: it
+The engine and the server's decode worker both compute through a `ModelRunner`: it
 owns the core's model and the KV pool it writes, turns `Feed`s (tokens to append to one
 sequence, and which outputs to bring back) into one `ForwardBatch`, runs it and hands each feed
 its outputs. A sequence's place in the pool and its length are its `SequenceKv`; the runner
