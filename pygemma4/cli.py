@@ -276,8 +276,7 @@ def inspect(model: Path, as_json: bool, tensors: bool, template: bool) -> None:
     help="Where clients connect (tcp://HOST:PORT or ipc://PATH); loopback unless told.",
 )
 @_backend_options
-@click.option("--threads", type=click.IntRange(min=1), help="Decode threads [default: all].")
-@click.option("--prefill-threads", type=click.IntRange(min=1), help="[default: --threads].")
+@click.option("--threads", type=click.IntRange(min=1), help="CPU threads [default: all].")
 @click.option(
     "--max-batch", default=8, type=click.IntRange(min=1), help="Sequences decoded together."
 )
@@ -287,7 +286,10 @@ def inspect(model: Path, as_json: bool, tensors: bool, template: bool) -> None:
     help="Context per sequence [default: the model's, where the KV pool holds it].",
 )
 @click.option(
-    "--prefill-chunk", default=256, type=click.IntRange(min=1), help="Tokens per prefill call."
+    "--prefill-chunk",
+    default=256,
+    type=click.IntRange(min=1),
+    help="Prompt tokens computed per step, beside the running sequences' next tokens.",
 )
 @click.option(
     "--kv-tokens",
@@ -303,7 +305,6 @@ def inspect(model: Path, as_json: bool, tensors: bool, template: bool) -> None:
 )
 @_kv_dtype_option
 @click.option("--tokenizer-workers", default=1, type=click.IntRange(min=1))
-@click.option("--prefill-workers", default=1, type=click.IntRange(min=1))
 @click.option(
     "--max-pending",
     default=256,
@@ -369,7 +370,6 @@ def serve(
     model: Path | None,
     endpoint: str,
     threads: int | None,
-    prefill_threads: int | None,
     http: str,
     api_key: str | None,
     api_key_file: Path | None,
@@ -409,7 +409,6 @@ def serve(
         limits=limits,
         endpoint=endpoint,
         threads=threads,
-        prefill_threads=prefill_threads or threads,
         http=listen,
         api_key=key,
         **options,
@@ -781,8 +780,10 @@ def _bench_drafting(
     help="Seconds a request may take.",
 )  # fmt: skip
 @_backend_options
-@click.option("--threads", type=click.IntRange(min=1), help="The server's decode threads.")
-@click.option("--prefill-threads", type=click.IntRange(min=1), help="[default: --threads].")
+@click.option("--threads", type=click.IntRange(min=1), help="The server's threads.")
+@click.option(
+    "--prefill-chunk", type=click.IntRange(min=1), help="The server's prompt tokens per step."
+)
 @click.option(
     "--max-batch", type=click.IntRange(min=1), help="[default: --concurrency] for the server."
 )

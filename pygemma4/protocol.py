@@ -19,20 +19,17 @@ Clients (a ZeroMQ DEALER connected to the server's ROUTER endpoint)
     malformed to have a readable id.
 
 Workers (PUSH sockets into each process's one PULL inbox, over `ipc://` on one host)
-    exchange the `Internal` messages below; they carry token ids and KV block tables, never
-    tensors: the KV cache lives in a pool that the prefill and decode workers both map
-    (shared memory; the `KvPoolSpec` describes it). A pool in CUDA IPC memory, or KV blocks sent
-    as raw frames after a `PrefillResult` across hosts, fit the same messages: only the
-    `KvPoolSpec.kind` and the transport of the block contents change. Each process's inbox
-    takes only the messages of its union (`FrontEndInbox`, `TokenizerInbox`, `DecodeInbox`,
-    `PrefillInbox`); another message reaching it is a `MisroutedMessageError`.
+    exchange the `Internal` messages below; they carry token ids, never tensors: the KV cache
+    lives in a pool that the decode worker maps (shared memory, or CUDA IPC memory; the
+    `KvPoolSpec` describes it). Each process's inbox takes only the messages of its union
+    (`FrontEndInbox`, `TokenizerInbox`, `DecodeInbox`); another message reaching it is a
+    `MisroutedMessageError`.
 
 Request flow: client → front end (`AdmittedRequest`) → tokenizer worker (`TokenizedRequest`) →
-decode worker (`PromptToPrefill`) → prefill worker (`PrefillResult`) → decode worker, which
-decodes every running sequence together each step (`StepTokens`) → tokenizer worker
-(detokenize, stop strings; `EncodedReply`) → front end → client. The decode worker also tells
-the front end how much of the KV pool its sequences hold and what drafting kept (`DecodeLoad`),
-which health and info report.
+decode worker, which prefills prompts in chunks and decodes every running sequence, together
+in each step (`StepTokens`) → tokenizer worker (detokenize, stop strings; `EncodedReply`) →
+front end → client. The decode worker also tells the front end how much of the KV pool its
+sequences hold and what drafting kept (`DecodeLoad`), which health and info report.
 """
 
 from __future__ import annotations
@@ -395,27 +392,6 @@ class TokenizedRequest(_Internal, tag="tokenized"):
     speculative: bool = True
 
 
-class PromptToPrefill(_Internal, tag="prompt"):
-    """Decode worker → prefill worker: prompt tokens to compute at positions from `start` on
-    into the KV blocks given (a block table and a ring set of the shared pool)."""
-
-    rid: int
-    epoch: int
-    """The decode worker's incarnation: answers to an earlier one are ignored."""
-    token_ids: list[int]
-    start: int
-    block_table: list[int]
-    ring_set: int
-
-
-class PrefillResult(_Internal, tag="prefilled"):
-    """Prefill worker → decode worker: a prompt's KV is written (or `error` says why not)."""
-
-    rid: int
-    epoch: int
-    error: str | None = None
-
-
 class TokenOutput(_Strict):
     """One request's token from one decode step."""
 
@@ -472,9 +448,8 @@ class DecodeLoad(_Internal, tag="decode_load"):
 # What each process's inbox takes: anything else that reaches it is a misrouted message.
 FrontEndInbox = WorkerReady | EncodedReply | DecodeLoad
 TokenizerInbox = AdmittedRequest | StepTokens | RequestFailure | EndedRequests
-DecodeInbox = TokenizedRequest | PrefillResult | EndedRequests
-PrefillInbox = PromptToPrefill
-Internal = FrontEndInbox | TokenizerInbox | DecodeInbox | PrefillInbox
+DecodeInbox = TokenizedRequest | EndedRequests
+Internal = FrontEndInbox | TokenizerInbox | DecodeInbox
 
 
 class KvPoolSpec(_Strict):

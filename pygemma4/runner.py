@@ -1,6 +1,6 @@
 """One forward step, assembled once: the batch the core runs, and the runner that runs it.
 
-The engine, the decode worker and the prefill workers all compute through a `ModelRunner`: it
+The engine and the server's decode worker both compute through a `ModelRunner`: it
 owns the core's model and the KV pool it writes, turns `Feed`s (tokens to append to one
 sequence, and which outputs to bring back) into one `ForwardBatch`, runs it and hands each feed
 its outputs. A sequence's place in the pool and its length are its `SequenceKv`; the runner
@@ -269,11 +269,15 @@ class ModelRunner:
             feed.kv.advance(len(feed.tokens))
         return results
 
-    def next_prefill(self, pending: Sequence[tuple[SequenceKv, np.ndarray]]) -> list[Feed]:
-        """The feeds of the next prefill call: the first `n_batch` tokens of the pending
-        prompts, oldest first (a long prompt is cut into chunks, several short ones share a
-        call), bringing back no output. A feed for each prompt the call reaches."""
-        feeds, budget = [], self.n_batch
+    def next_prefill(
+        self, pending: Sequence[tuple[SequenceKv, np.ndarray]], budget: int | None = None
+    ) -> list[Feed]:
+        """The feeds of the next prefill call: the first `budget` (by default `n_batch`)
+        tokens of the pending prompts, oldest first (a long prompt is cut into chunks, several
+        short ones share a call), bringing back no output. A feed for each prompt the call
+        reaches."""
+        feeds = []
+        budget = self.n_batch if budget is None else budget
         for kv, tokens in pending:
             if budget == 0:
                 break

@@ -154,7 +154,7 @@ class ServeProcess:
         return self.health().workers
 
     def worker(self, name: str) -> protocol.WorkerState:
-        """The worker called `name` ("decode", "prefill-0", "tokenizer-0", ...)."""
+        """The worker called `name` ("decode", "tokenizer-0", ...)."""
         return next(w for w in self.workers() if w.name == name)
 
     def wait_healthy(self, timeout: float = 30.0) -> protocol.HealthStatus:

@@ -103,18 +103,16 @@ def test_internal_messages_round_trip_with_an_embedded_reply() -> None:
     decoded = frontend.decode(protocol.encode(reply))
     assert isinstance(decoded, protocol.EncodedReply)
     assert protocol.decode_reply(bytes(decoded.reply)) == done
-    prompt = protocol.PromptToPrefill(
-        rid=1, epoch=2, token_ids=[2, 3], start=0, block_table=[4], ring_set=0
-    )
-    prefill = protocol.InboxDecoder("prefill-0", protocol.PrefillInbox)
-    assert prefill.decode(protocol.encode(prompt)) == prompt
 
 
 def test_an_internal_message_for_another_inbox_is_misrouted_naming_both() -> None:
     tokenizer = protocol.InboxDecoder("tokenizer-0", protocol.TokenizerInbox)
-    frame = protocol.encode(protocol.PrefillResult(rid=1, epoch=1))
+    frame = protocol.encode(protocol.TokenizedRequest(
+        rid=1, prompt_ids=[2], max_tokens=1, sampling=protocol.Sampling(), stop_token_ids=[],
+        tokenizer=0,
+    ))  # fmt: skip
     with pytest.raises(
-        protocol.MisroutedMessageError, match=r"^PrefillResult sent to tokenizer-0, "
+        protocol.MisroutedMessageError, match=r"^TokenizedRequest sent to tokenizer-0, "
     ):
         tokenizer.decode(frame)
 

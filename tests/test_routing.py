@@ -10,16 +10,9 @@ from typing import Any
 import pytest
 
 from pygemma4 import protocol
-from pygemma4.protocol import (
-    EndedRequests,
-    KvPoolSpec,
-    PrefillResult,
-    PromptToPrefill,
-    TokenizedRequest,
-)
+from pygemma4.protocol import EndedRequests, KvPoolSpec, StepTokens, TokenizedRequest
 from pygemma4.workers.decode import DecodeWorker
 from pygemma4.workers.frontend import FrontEnd
-from pygemma4.workers.prefill import PrefillWorker
 from pygemma4.workers.runtime import Mailbox, Process, ServerConfig
 from pygemma4.workers.tokenizer import TokenizerWorker
 
@@ -33,12 +26,10 @@ def server_config(socket_dir: Path) -> ServerConfig:
         backend="cpu",
         device=0,
         threads=1,
-        prefill_threads=1,
         max_batch=1,
         n_ctx=16,
         prefill_chunk=16,
         tokenizer_workers=1,
-        prefill_workers=1,
         max_pending=1,
         max_message_bytes=1024,
         kv=KvPoolSpec(
@@ -86,7 +77,6 @@ def test_an_inbox_receives_its_messages(decode_and_frontend: Any) -> None:
             stop_token_ids=[1],
             tokenizer=0,
         ),
-        PrefillResult(rid=1, epoch=2, error="no room"),
         EndedRequests(rids=[1, 5]),
     ]
     for message in sent:
@@ -98,16 +88,13 @@ def test_a_message_for_another_process_is_reported_naming_it_and_the_process(
     decode_and_frontend: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:
     decode, frontend = decode_and_frontend
-    frontend.send(
-        "decode",
-        PromptToPrefill(rid=1, epoch=1, token_ids=[2], start=0, block_table=[0], ring_set=0),
-    )
+    frontend.send("decode", StepTokens(outputs=[]))
     frontend.send("decode", EndedRequests(rids=[7]))
     # Sent in order over one connection: the misrouted message was decoded before this one.
     assert receive(decode, 1) == [EndedRequests(rids=[7])]
     report = capsys.readouterr().err
-    assert "PromptToPrefill sent to decode" in report, report
-    assert "TokenizedRequest, PrefillResult, EndedRequests" in report, report
+    assert "StepTokens sent to decode" in report, report
+    assert "TokenizedRequest, EndedRequests" in report, report
 
 
 def test_a_frame_that_is_no_message_is_reported_by_the_process(
@@ -123,7 +110,7 @@ def test_a_frame_that_is_no_message_is_reported_by_the_process(
 
 @pytest.mark.parametrize(
     "process",
-    [FrontEnd, TokenizerWorker, DecodeWorker, PrefillWorker],
+    [FrontEnd, TokenizerWorker, DecodeWorker],
     ids=lambda p: p.__name__,
 )
 def test_each_process_handles_exactly_what_its_inbox_takes(process: type[Process]) -> None:
@@ -135,7 +122,6 @@ def test_every_message_between_workers_goes_to_some_inbox() -> None:
         protocol.FrontEndInbox,
         protocol.TokenizerInbox,
         protocol.DecodeInbox,
-        protocol.PrefillInbox,
     )
     taken = {t for inbox in inboxes for t in protocol.message_types(inbox)}
     assert taken == set(protocol.message_types(protocol.Internal))
@@ -143,15 +129,13 @@ def test_every_message_between_workers_goes_to_some_inbox() -> None:
 
 
 def test_a_process_without_a_handler_for_a_message_it_takes_is_refused() -> None:
-    with pytest.raises(TypeError, match=r"without a handler: PrefillResult; .*: none\)"):
+    with pytest.raises(TypeError, match=r"without a handler: EndedRequests; .*: none\)"):
 
         class Incomplete(Process):
             def queue(self, request: TokenizedRequest) -> None: ...
 
-            def end(self, ended: EndedRequests) -> None: ...
-
             takes = protocol.DecodeInbox
-            handlers = {TokenizedRequest: queue, EndedRequests: end}
+            handlers = {TokenizedRequest: queue}
 
 
 def test_handle_calls_the_handler_of_the_message_type() -> None:
@@ -162,17 +146,18 @@ def test_handle_calls_the_handler_of_the_message_type() -> None:
         def queue(self, request: TokenizedRequest) -> None:
             self.seen.append(("queue", request))
 
-        def prefilled(self, result: PrefillResult) -> None:
-            self.seen.append(("prefilled", result))
-
         def end(self, ended: EndedRequests) -> None:
             self.seen.append(("end", ended))
 
         takes = protocol.DecodeInbox
-        handlers = {TokenizedRequest: queue, PrefillResult: prefilled, EndedRequests: end}
+        handlers = {TokenizedRequest: queue, EndedRequests: end}
 
     recorder = Recorder()
-    result, ended = PrefillResult(rid=1, epoch=1), EndedRequests(rids=[1])
+    request = TokenizedRequest(
+        rid=1, prompt_ids=[2], max_tokens=1, sampling=protocol.Sampling(), stop_token_ids=[],
+        tokenizer=0,
+    )  # fmt: skip
+    ended = EndedRequests(rids=[1])
     recorder.handle(ended)
-    recorder.handle(result)
-    assert recorder.seen == [("end", ended), ("prefilled", result)]
+    recorder.handle(request)
+    assert recorder.seen == [("end", ended), ("queue", request)]

@@ -138,7 +138,7 @@ def test_a_step_brings_back_logits_only_for_the_rows_that_need_them(device_choos
         np.testing.assert_allclose(chosen.logprobs, expected, atol=1e-4)
 
 
-def test_prefill_packs_prompts_oldest_first_into_calls_of_n_batch(device_chooser, prompt):
+def test_prefill_packs_prompts_oldest_first_into_calls_of_n_batch_or_budget(device_chooser, prompt):
     runner, allocator = device_chooser
     pending = [(SequenceKv(allocator), prompt[:n]) for n in (3, 9, 2)]
     try:
@@ -149,6 +149,8 @@ def test_prefill_packs_prompts_oldest_first_into_calls_of_n_batch(device_chooser
         assert [kv.length for kv, _ in pending] == [3, 5, 0]
         rest = [(kv, tokens[kv.length :]) for kv, tokens in pending[1:]]
         assert [len(f.tokens) for f in runner.next_prefill(rest)] == [4, 2]
+        assert [len(f.tokens) for f in runner.next_prefill(rest, budget=3)] == [3]
+        assert [len(f.tokens) for f in runner.next_prefill(rest, budget=5)] == [4, 1]
     finally:
         for kv, _ in pending:
             kv.release()

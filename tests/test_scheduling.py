@@ -62,3 +62,42 @@ def test_a_request_that_can_never_fit_is_refused_with_the_numbers(
         ):
             client.complete([2] * 100, 300, ignore_eos=True)
         assert client.complete([2] * 100, 8, temperature=0).completion_tokens >= 1
+
+
+def test_running_sequences_keep_decoding_while_a_long_prompt_is_prefilled(
+    demo_model_file: Path, tmp_path: Path
+):
+    # Each step carries the running sequence's next token and 16 tokens of the long prompt:
+    # the running sequence's 24 tokens come in 24 steps, the long prompt's first token only
+    # after its 63 chunks, and both are the engine's tokens.
+    engine = Engine(demo_model_file, threads=1)
+    rng = np.random.default_rng(5)
+    short = [2, 40, 41, 42]
+    long = [2, *rng.integers(300, 600, 1000).tolist()]
+    expected = [engine.generate(p, 24, stop_tokens=()) for p in (short, long)]
+    args = ("--threads", "1", "--prefill-chunk", "16")
+    with ServeProcess.running(demo_model_file, tmp_path, *args) as server:
+
+        async def run() -> tuple[list[str], list[list[int]]]:
+            events: list[str] = []
+            async with AsyncClient(server.endpoint, timeout=120) as client:
+
+                async def one(name: str, prompt: list[int], started: asyncio.Event) -> list[int]:
+                    tokens = []
+                    async for chunk in client.stream(prompt, 24, temperature=0, ignore_eos=True):
+                        if not tokens:
+                            events.append(f"{name} first")
+                            started.set()
+                        tokens += chunk.token_ids
+                    events.append(f"{name} done")
+                    return tokens
+
+                running, waiting = asyncio.Event(), asyncio.Event()
+                first = asyncio.create_task(one("short", short, running))
+                await running.wait()
+                second = asyncio.create_task(one("long", long, waiting))
+                return events, [await first, await second]
+
+        events, got = asyncio.run(run())
+        assert got == expected
+        assert events == ["short first", "short done", "long first", "long done"]

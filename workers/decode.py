@@ -1,22 +1,28 @@
-"""The decode worker: owner of the KV pool and scheduler of every request.
+"""The decode worker: owner of the KV pool and of every computation of the model, and
+scheduler of every request.
 
 Requests wait in arrival order until a batch place and the KV blocks for their prompt are free
 (taking what the prefix cache holds of it); a sequence then grows block by block as it
 generates. When a step finds the pool short, the youngest sequences are paused (their KV left
 in the prefix cache) and wait at the head of the queue, to resume where they stopped: none
-fails, and no sequence can touch another's blocks. The prompt, but its last token, goes to a
-prefill worker; the last prompt token is the sequence's first decode step, which yields the
-first logits. Each step then decodes every running sequence together (the weights are read once
-for all of them), samples each one's next token, sends the tokens to the tokenizer workers and
-retires the sequences that ended. With a drafter, each sequence's step also carries its drafts,
-verified together: a sequence may gain several tokens in one step (`pygemma4.speculative`).
+fails, and no sequence can touch another's blocks.
+
+Each step is one forward call that carries every running sequence's next token and up to
+`prefill_chunk` tokens of the prompts being prefilled, oldest first. One process thus computes
+everything on all the threads it was given: an idle server prefills on the whole machine, and
+under load the decode tokens ride along with the prompt chunks (the weights read once for
+both), with no second process contending for the cores. A prompt is prefilled but its last
+token, which is the sequence's first decode step and yields the first logits. The step samples
+each running sequence's next token, sends the tokens to the tokenizer workers and retires the
+sequences that ended. With a drafter, each sequence's step also carries its drafts, verified
+together: a sequence may gain several tokens in one step (`pygemma4.speculative`).
 """
 
 from __future__ import annotations
 
 import threading
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -29,14 +35,12 @@ from pygemma4.prefix_cache import PrefixCache
 from pygemma4.protocol import (
     DecodeLoad,
     EndedRequests,
-    PrefillResult,
-    PromptToPrefill,
     RequestFailure,
     StepTokens,
     TokenizedRequest,
     TokenOutput,
 )
-from pygemma4.runner import next_tokens
+from pygemma4.runner import Feed, FeedResult, next_tokens
 from pygemma4.speculative import Speculator, verification_feed
 from pygemma4.tokenizer import Tokenizer
 from pygemma4.workers.runtime import (
@@ -57,8 +61,8 @@ class Sequence:
     choice: TokenChoice
     next_token: int = 0
     """The token the next step feeds."""
-    aborted: bool = False
-    """Aborted while its prompt was being prefilled: freed once the prefill is done."""
+    unwritten: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int32))
+    """While it is prefilled: the tokens still to write before `next_token`."""
     hidden: np.ndarray | None = None
     """The target's final hidden state before `next_token` (what an assistant drafts from),
     once a step brought it back."""
@@ -89,13 +93,12 @@ class DecodeWorker(Worker):
     """Schedules, batches and decodes."""
 
     def __init__(self, config: ServerConfig, name: str, epoch: int) -> None:
-        peers = ["frontend", *config.tokenizer_names(), *config.prefill_names()]
-        super().__init__(config, name, peers)
-        self.epoch = epoch
-        # A step feeds every running sequence its next token and its drafts.
+        super().__init__(config, name, ["frontend", *config.tokenizer_names()])
+        # A step feeds every running sequence its next token and its drafts, and a chunk of
+        # the prompts being prefilled.
         tokens_per_sequence = 1 + (config.draft_tokens if config.draft is not None else 0)
         self.runner = shared_pool_runner(
-            config, config.max_batch * tokens_per_sequence, config.threads
+            config, config.max_batch * tokens_per_sequence + config.prefill_chunk, config.threads
         )
         # Made before the target's first step (on CUDA the step is captured once).
         self.speculator = (
@@ -111,8 +114,8 @@ class DecodeWorker(Worker):
         self.waiting: deque[TokenizedRequest | Sequence] = deque()
         """New requests, and paused sequences (at the head), in the order they start."""
         self.prefilling: dict[int, Sequence] = {}
+        """Sequences whose prompts are being written, oldest first."""
         self.running: dict[int, Sequence] = {}
-        self.next_prefill = 0
         self.reported = DecodeLoad(kv_blocks_used=0, kv_blocks_total=self.layout.n_blocks)
         # A real model's grammar vocabulary takes seconds to build: it is built off the decode
         # loop from the start (llguidance releases the GIL meanwhile), so that the first
@@ -143,14 +146,15 @@ class DecodeWorker(Worker):
         return built
 
     def busy(self) -> bool:
-        """Whether sequences are running (the loop then steps without waiting)."""
-        return bool(self.running)
+        """Whether sequences are running or being prefilled (the loop then steps without
+        waiting)."""
+        return bool(self.running or self.prefilling)
 
     def work(self) -> None:
-        """Admit what fits, then decode one step; tell the front end when the KV held
+        """Admit what fits, then compute one step; tell the front end when the KV held
         changed."""
         self.admit()
-        if self.running:
+        if self.running or self.prefilling:
             self.step()
         self.report_load()
 
@@ -222,52 +226,65 @@ class DecodeWorker(Worker):
 
     def start(self, sequence: Sequence, tokens: np.ndarray) -> None:
         """Give a sequence its KV for `tokens` (its prompt, or its prompt and what it generated
-        before a pause), taking what the prefix cache holds of them, and send the rest, but
-        the last token, to be prefilled."""
+        before a pause), taking what the prefix cache holds of them; the rest, but the last
+        token, is prefilled in the steps to come."""
         kv, cached = self.prefix_cache.new_sequence(tokens[:-1])
         kv.ensure(len(tokens))
         sequence.kv, sequence.next_token, sequence.hidden = kv, int(tokens[-1]), None
         if not sequence.choice.token_ids:  # the first start: the client hears of the cache
             sequence.cached_tokens = cached
-        if cached == len(tokens) - 1:
+        sequence.unwritten = tokens[cached:-1]
+        if len(sequence.unwritten) == 0:
             self.running[sequence.rid] = sequence
-            return
-        self.prefilling[sequence.rid] = sequence
-        prefill = self.config.prefill_names()[self.next_prefill % self.config.prefill_workers]
-        self.next_prefill += 1
-        self.mail.send(
-            prefill,
-            PromptToPrefill(
-                rid=sequence.rid,
-                epoch=self.epoch,
-                token_ids=tokens[cached:-1].tolist(),
-                start=cached,
-                block_table=kv.block_table,
-                ring_set=kv.ring_set,
-            ),
-        )
-
-    def prefilled(self, done: PrefillResult) -> None:
-        """A prompt's KV is written: the sequence joins the next step."""
-        if done.epoch != self.epoch:
-            return
-        sequence = self.prefilling.pop(done.rid, None)
-        if sequence is None:
-            return
-        if sequence.aborted:
-            sequence.kv.release()
-        elif done.error is not None:
-            sequence.kv.release()
-            self.fail(sequence.request, "internal", f"prefill failed: {done.error}")
         else:
-            tokens = sequence.tokens()
-            sequence.kv.advance(len(tokens) - 1 - sequence.kv.length)
-            self.prefix_cache.remember(sequence.kv, tokens[:-1])
-            self.running[done.rid] = sequence
+            self.prefilling[sequence.rid] = sequence
+
+    def prefill_feeds(self) -> list[tuple[Sequence, Feed]]:
+        """The next `prefill_chunk` tokens of the prompts being prefilled, oldest first, as a
+        feed for each sequence they reach."""
+        sequences = list(self.prefilling.values())
+        feeds = self.runner.next_prefill(
+            [(s.kv, s.unwritten) for s in sequences], self.config.prefill_chunk
+        )
+        return list(zip(sequences, feeds, strict=False))
+
+    def prefilled(self, sequence: Sequence, feed: Feed) -> None:
+        """A chunk of a sequence's prompt is written; once the last one is, the sequence
+        joins the next step."""
+        sequence.unwritten = sequence.unwritten[len(feed.tokens) :]
+        if len(sequence.unwritten) == 0:
+            del self.prefilling[sequence.rid]
+            self.prefix_cache.remember(sequence.kv, sequence.tokens()[:-1])
+            self.running[sequence.rid] = sequence
+
+    def compute(
+        self, decoding: list[Feed], prefilling: list[tuple[Sequence, Feed]]
+    ) -> list[FeedResult]:
+        """Run the decode feeds and the prefill feeds in one call; the decode feeds' outputs.
+        Where the core refuses the call (it then writes nothing), each prefill feed is run
+        alone, and a sequence whose prompt it refuses fails, before the decode feeds run."""
+        try:
+            results = self.runner.forward([*decoding, *(feed for _, feed in prefilling)])
+        except ValueError:
+            if not prefilling:
+                raise
+        else:
+            for sequence, feed in prefilling:
+                self.prefilled(sequence, feed)
+            return results[: len(decoding)]
+        for sequence, feed in prefilling:
+            try:
+                self.runner.forward([feed])
+            except ValueError as e:
+                del self.prefilling[sequence.rid]
+                sequence.kv.release()
+                self.fail(sequence.request, "internal", f"prefill failed: {e}")
+            else:
+                self.prefilled(sequence, feed)
+        return self.runner.forward(decoding) if decoding else []
 
     def abort(self, ended: EndedRequests) -> None:
-        """Stop requests wherever they are; KV being prefilled is freed once the prefill
-        worker is done writing it."""
+        """Stop requests wherever they are, and free their KV."""
         rids = set(ended.rids)
         self.waiting = deque(item for item in self.waiting if item.rid not in rids)
         for rid in rids:
@@ -275,7 +292,7 @@ class DecodeWorker(Worker):
                 sequence = self.running.pop(rid)
                 self.prefix_cache.release(sequence.kv, sequence.tokens())
             elif rid in self.prefilling:
-                self.prefilling[rid].aborted = True
+                self.prefilling.pop(rid).kv.release()
 
     def make_room(self) -> None:
         """Give every running sequence the blocks its next step may write (its next token and
@@ -306,12 +323,14 @@ class DecodeWorker(Worker):
         self.waiting.appendleft(sequence)
 
     def step(self) -> None:
-        """Decode every running sequence: its next token and, where the server drafts, the
-        drafts after it, verified together."""
+        """Decode every running sequence (its next token and, where the server drafts, the
+        drafts after it, verified together) and write the next chunk of the prompts being
+        prefilled, in one call."""
         self.make_room()
-        if not self.running:
-            return
         sequences = list(self.running.values())
+        prefill = self.prefill_feeds()
+        if not sequences and not prefill:
+            return
         speculator = self.speculator
         if speculator is None:
             drafts = [np.empty(0, dtype=np.int32)] * len(sequences)
@@ -323,7 +342,7 @@ class DecodeWorker(Worker):
             verification_feed(s.kv, s.next_token, d, not s.choice.needs_logits, hidden)
             for s, d in zip(sequences, drafts, strict=True)
         ]
-        results = self.runner.decode(feeds)
+        results = self.compute(feeds, prefill)
         outputs: dict[int, list[TokenOutput]] = {}
         for sequence, result, drafted in zip(sequences, results, drafts, strict=True):
             rid = sequence.request.rid
@@ -365,7 +384,7 @@ class DecodeWorker(Worker):
         )
 
     takes = protocol.DecodeInbox
-    handlers = {TokenizedRequest: queue, PrefillResult: prefilled, EndedRequests: abort}
+    handlers = {TokenizedRequest: queue, EndedRequests: abort}
 
 
 if __name__ == "__main__":

@@ -43,12 +43,10 @@ class ServerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     backend: str
     device: int
     threads: int
-    prefill_threads: int
     max_batch: int
     n_ctx: int
     prefill_chunk: int
     tokenizer_workers: int
-    prefill_workers: int
     max_pending: int
     max_message_bytes: int
     kv: KvPoolSpec
@@ -79,10 +77,6 @@ class ServerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     def tokenizer_names(self) -> list[str]:
         """The names of the tokenizer workers."""
         return [f"tokenizer-{i}" for i in range(self.tokenizer_workers)]
-
-    def prefill_names(self) -> list[str]:
-        """The names of the prefill workers."""
-        return [f"prefill-{i}" for i in range(self.prefill_workers)]
 
 
 def encode_config(config: ServerConfig) -> str:

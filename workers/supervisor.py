@@ -75,9 +75,6 @@ class Supervisor:
             WorkerProcess(n, "pygemma4.workers.tokenizer", n) for n in config.tokenizer_names()
         ]
         workers.append(WorkerProcess("decode", "pygemma4.workers.decode", "kv"))
-        workers += [
-            WorkerProcess(n, "pygemma4.workers.prefill", "kv") for n in config.prefill_names()
-        ]
         if config.http is not None:
             env = {} if http_api_key is None else {HTTP_API_KEY_ENV: http_api_key}
             if http_curve_keys is not None:
