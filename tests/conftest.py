@@ -118,10 +118,16 @@ def rename(data: bytearray, at: int, old: str, new: str) -> bytearray:
 
 
 def rewrite_gguf(
-    source: Path, target: Path, overrides: dict[str, object], architecture: str | None = None
+    source: Path,
+    target: Path,
+    overrides: dict[str, object],
+    architecture: str | None = None,
+    drop_tensors: tuple[str, ...] = (),
+    extra_tensors: dict[str, np.ndarray] | None = None,
 ) -> Path:
     """Copy the GGUF `source` to `target` with the metadata values in `overrides` replaced
-    (each keeps its key's value type), and the architecture if given; returns `target`."""
+    (each keeps its key's value type), and the architecture if given, without the tensors in
+    `drop_tensors` and with `extra_tensors` added; returns `target`."""
     reader = GGUFReader(source)
     arch = architecture or str(reader.fields["general.architecture"].contents())
     writer = GGUFWriter(target, arch)
@@ -132,7 +138,10 @@ def rewrite_gguf(
         sub_type = field.types[1] if field.types[0] == GGUFValueType.ARRAY else None
         writer.add_key_value(key, value, field.types[0], sub_type=sub_type)
     for tensor in reader.tensors:
-        writer.add_tensor(tensor.name, np.array(tensor.data), raw_dtype=tensor.tensor_type)
+        if tensor.name not in drop_tensors:
+            writer.add_tensor(tensor.name, np.array(tensor.data), raw_dtype=tensor.tensor_type)
+    for name, data in (extra_tensors or {}).items():
+        writer.add_tensor(name, data)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
