@@ -41,6 +41,10 @@ class ChatTemplateError(Gemma4Error, ValueError):
     """Messages are malformed, or the chat template rejected them or failed to render."""
 
 
+class MediaError(Gemma4Error, ValueError):
+    """An image or other media input cannot be decoded or is not one the model can take."""
+
+
 class SamplingParamsError(Gemma4Error, ValueError):
     """A sampling parameter is out of its range or of the wrong type."""
 
