@@ -10,6 +10,7 @@ void register_kv_pool(py::module_& m);
 void register_model(py::module_& m);
 void register_assistant(py::module_& m);
 void register_ops_check(py::module_& m);
+void register_vision(py::module_& m);
 
 PYBIND11_MODULE(_core, m) {
   m.doc() = "pygemma4 C++ core";
@@ -18,6 +19,7 @@ PYBIND11_MODULE(_core, m) {
   register_model(m);
   register_assistant(m);
   register_ops_check(m);
+  register_vision(m);
   m.def(
       "memory_read_bandwidth",
       [](int threads, size_t bytes, int passes) {

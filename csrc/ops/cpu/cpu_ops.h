@@ -49,6 +49,11 @@ class CpuOps final : public Ops {
                 KvPool& pool) override;
   void attention(const float* q, const TokenBatch& batch, const LayerConfig& layer, int window,
                  const KvPool& pool, float* out) override;
+  // The vision-tower operations, threaded over elements / query rows (cpu/vision_ops.cpp).
+  void clamp(float* x, float lo, float hi, size_t n) override;
+  void attention_dense(const float* q, const float* k, const float* v, int n_tokens, int n_head,
+                       int n_head_kv, int head_dim, float scale, float* out) override;
+  void avg_pool_2d(const float* x, int rows, int cols, int dim, int k, float* out) override;
   void moe_route(const float* logits, int n_tokens, int n_expert, int k, int32_t* expert_ids,
                  float* expert_weights) override;
   void moe_experts(const Weight& gate_up, const Weight& down, const float* down_scale,
