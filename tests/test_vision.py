@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import rewrite_gguf
+from PIL import Image
 
 from pygemma4.errors import MediaError, UnsupportedModelError
 from pygemma4.mmproj import open_mmproj
@@ -61,8 +63,6 @@ def hf_embeddings(model, image, budget: int = 70) -> tuple[np.ndarray, np.ndarra
 
 
 def _images(mm_dir: Path) -> dict[str, object]:
-    from PIL import Image
-
     rng = np.random.default_rng(4)
     generated = {
         f"noise {h}x{w}": Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
@@ -129,3 +129,59 @@ def test_towers_the_file_lacks_or_the_engine_cannot_run_are_refused(mmproj):
         VisionTower(standardized)
     with pytest.raises(MediaError, match="max_image_tokens must be one of"):
         VisionTower(mmproj, max_image_tokens=100)
+
+
+LINEARS = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_out": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+
+
+def test_clipped_linears_equal_transformers(mm_dir, hf_model, tmp_path, parity_report):
+    """Clamp ranges on every vision linear (as E2B/E4B have), tight enough to bite, give
+    transformers' embeddings with use_clipped_linears and the same ranges."""
+    rng = np.random.default_rng(7)
+    ranges = {}
+    for layer in range(2):
+        for linear in LINEARS:
+            lo_in, lo_out = -rng.uniform(0.3, 1.0), -rng.uniform(0.2, 0.8)
+            ranges[layer, linear] = (lo_in, -lo_in * 1.1, lo_out, -lo_out * 0.9)
+    extra = {
+        f"v.blk.{layer}.{linear}.{suffix}": np.array([value], dtype=np.float32)
+        for (layer, linear), values in ranges.items()
+        for suffix, value in zip(
+            ("input_min", "input_max", "output_min", "output_max"), values, strict=True
+        )
+    }
+    path = rewrite_gguf(
+        mm_dir / "mmproj-f32.gguf", tmp_path / "clipped.gguf", {}, extra_tensors=extra
+    )
+    mmproj = open_mmproj(path)
+    assert mmproj.vision is not None and len(mmproj.vision.clipped) == 14
+    tower = VisionTower(mmproj, max_image_tokens=70, threads=2)
+
+    config = transformers.AutoConfig.from_pretrained(mm_dir / "hf")
+    config.vision_config.use_clipped_linears = True
+    model = transformers.Gemma4ForConditionalGeneration.from_pretrained(
+        mm_dir / "hf", config=config, dtype=torch.float32
+    ).eval()
+    layers = model.model.vision_tower.encoder.layers
+    for (layer, linear), values in ranges.items():
+        module = layers[layer].get_submodule(LINEARS[linear])
+        for name, value in zip(
+            ("input_min", "input_max", "output_min", "output_max"), values, strict=True
+        ):
+            getattr(module, name).fill_(float(np.float32(value)))
+    image = mm_dir / "inputs" / "img0.png"
+
+    _, expected = hf_embeddings(model, Image.open(image))
+    _, unclipped = hf_embeddings(hf_model, Image.open(image))
+    assert np.abs(expected - unclipped).max() > 0.05  # the ranges change the output
+    worst = float(np.abs(tower.embed(image).embeddings - expected).max())
+    assert worst < LIVE_ATOL
+    parity_report("clipped vision embeddings vs transformers (live)", worst)
