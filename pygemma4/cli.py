@@ -136,9 +136,30 @@ def main() -> None:
 @click.option("--n-ctx", type=click.IntRange(min=1), help="Context length [default: 4096].")
 @_kv_dtype_option
 @_draft_options
+@click.option(
+    "--mmproj",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="MODEL's multimodal projector GGUF (needed for --image).",
+)
+@click.option(
+    "--image",
+    "images",
+    multiple=True,
+    metavar="FILE",
+    help="An image (PNG, JPEG, WebP) before PROMPT in the user turn; repeatable; implies --chat.",
+)
+@click.option(
+    "--max-image-tokens",
+    default=280,
+    type=click.Choice(["70", "140", "280", "560", "1120"]),
+    help="Soft tokens per image at most.",
+)
 @_runs_cleanly
 def generate(
     arguments: tuple[str, ...],
+    mmproj: Path | None,
+    images: tuple[str, ...],
+    max_image_tokens: str,
     chat: bool,
     system: str | None,
     max_tokens: int,
@@ -160,11 +181,15 @@ def generate(
     """
     from pygemma4.engine import Engine
     from pygemma4.generation import room_for_tokens
+    from pygemma4.multimodal import Prompt
     from pygemma4.sampling import SamplingParams
 
     if len(arguments) > 2:
         raise click.UsageError("expected [MODEL] PROMPT: quote a prompt that has spaces")
     model, prompt = (None, arguments[0]) if len(arguments) == 1 else arguments
+    if images and mmproj is None:
+        raise click.UsageError("--image needs --mmproj FILE (the model's projector)")
+    chat = chat or bool(images)
     if system is not None and not chat:
         raise click.UsageError("--system needs --chat")
     try:
@@ -186,12 +211,22 @@ def generate(
         kv_dtype=kv_dtype,
         draft=draft,
         draft_tokens=draft_tokens,
+        mmproj=mmproj,
+        max_image_tokens=int(max_image_tokens),
     )
     tokenizer = engine.tokenizer
+    ids: list[int] | Prompt
     if chat:
-        messages = [{"role": "system", "content": system}] if system is not None else []
-        messages.append({"role": "user", "content": prompt})
-        ids = tokenizer.encode_chat(messages)
+        messages: list[dict[str, Any]] = (
+            [{"role": "system", "content": system}] if system is not None else []
+        )
+        content = [{"type": "image", "image": image} for image in images]
+        messages.append(
+            {"role": "user", "content": content + [{"type": "text", "text": prompt}]}
+            if images
+            else {"role": "user", "content": prompt}
+        )
+        ids = engine.prepare(messages)
     else:
         ids = tokenizer.encode(prompt)
     room = room_for_tokens(engine.n_ctx, len(ids))
@@ -257,13 +292,19 @@ def generate(
 @click.option("--template", is_flag=True, help="Print the whole chat template.")
 @_runs_cleanly
 def inspect(model: Path, as_json: bool, tensors: bool, template: bool) -> None:
-    """Describe MODEL: architecture, shapes, tensor types and sizes, tokenizer, template."""
-    from pygemma4.model_info import describe_model
-    from pygemma4.model_report import print_report
+    """Describe MODEL: architecture, shapes, tensor types and sizes, tokenizer, template; or,
+    for a projector (mmproj) file, its vision and audio encoders."""
+    from pygemma4.gguf_file import read_gguf
+    from pygemma4.mmproj import MMPROJ_ARCH
+    from pygemma4.model_info import describe_mmproj, describe_model
+    from pygemma4.model_report import print_mmproj_report, print_report
 
-    info = describe_model(model)
+    is_mmproj = read_gguf(model).metadata.get("general.architecture") == MMPROJ_ARCH
+    info = describe_mmproj(model) if is_mmproj else describe_model(model)
     if as_json:
         click.echo(json.dumps(info, ensure_ascii=False, indent=2))
+    elif is_mmproj:
+        print_mmproj_report(info, tensors=tensors)
     else:
         print_report(info, tensors=tensors, template=template)
 

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from pygemma4.config import ModelConfig, ModelFile, open_model
 from pygemma4.drafter import DraftContext
-from pygemma4.errors import Gemma4Error, TokenizerError, require_positive
+from pygemma4.errors import Gemma4Error, MediaError, TokenizerError, require_positive
 from pygemma4.generation import Generation, GenerationChunk, room_for_tokens
 from pygemma4.kv import (
     DEFAULT_BLOCK_SIZE,
@@ -20,6 +21,9 @@ from pygemma4.kv import (
     SequenceKv,
     resolve_kv_dtype,
 )
+from pygemma4.media.image import DEFAULT_SOFT_TOKENS, ImageInput
+from pygemma4.mmproj import open_mmproj
+from pygemma4.multimodal import Prompt, prepare_prompt
 from pygemma4.prefix_cache import PrefixCache
 from pygemma4.runner import (
     Feed,
@@ -37,8 +41,12 @@ from pygemma4.speculative import (
     verification_feed,
 )
 from pygemma4.tokenizer import Tokenizer, carries_tokenizer
+from pygemma4.vision import ImageEmbedding, VisionTower
 
 DEFAULT_N_CTX = 4096
+
+PromptInput = Sequence[int] | np.ndarray | Prompt
+"""Token ids, or a Prompt of `Engine.prepare` (token ids with media embeddings)."""
 
 
 class ContextFullError(Gemma4Error, ValueError):
@@ -69,6 +77,11 @@ class Engine:
     `generate` and `stream` decode speculatively: the drafter proposes `draft_tokens` tokens,
     one step verifies them, and the output is what it would be without drafting (greedy: the
     same tokens; sampled: the same distribution). `speculation` counts what was kept.
+
+    With `mmproj` (the model's projector GGUF, checked against the model), the engine takes
+    images: `prepare` turns chat messages with image parts into a `Prompt` that `forward`,
+    `generate` and `stream` take, `embed_image` encodes one image; each image becomes at most
+    `max_image_tokens` soft tokens (70, 140, 280, 560 or 1120).
     """
 
     def __init__(
@@ -84,6 +97,8 @@ class Engine:
         draft_tokens: int = DEFAULT_DRAFT_TOKENS,
         prefix_snapshots: int | None = None,
         kv_dtype: str | None = None,
+        mmproj: str | os.PathLike[str] | None = None,
+        max_image_tokens: int = DEFAULT_SOFT_TOKENS,
     ) -> None:
         kv_dtype = resolve_kv_dtype(kv_dtype, backend)
         check_backend(backend, device)
@@ -123,6 +138,60 @@ class Engine:
             if draft is None
             else Speculator.open(draft, draft_tokens, self.runner, max_sequences)
         )
+        self.vision: VisionTower | None = None
+        if mmproj is not None:
+            self.vision = VisionTower(
+                open_mmproj(mmproj, self.model_file), max_image_tokens, threads, backend, device
+            )
+
+    def embed_image(self, image: ImageInput) -> ImageEmbedding:
+        """The embeddings `image` (a path, bytes, data URI, PIL image or uint8 array) gives the
+        model in place of its soft tokens."""
+        if self.vision is None:
+            raise MediaError(f"{self.path}: the engine takes no images (give mmproj=FILE)")
+        return self.vision.embed(image)
+
+    def prepare(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        add_generation_prompt: bool = True,
+        **template_kwargs: Any,
+    ) -> Prompt:
+        """The prompt of a conversation whose messages may hold image parts (see
+        pygemma4.multimodal): rendered by the chat template, each image's soft tokens placed
+        and its embeddings computed."""
+
+        def embed(image: ImageInput) -> tuple[np.ndarray, str]:
+            encoded = self.embed_image(image)
+            return encoded.embeddings, encoded.digest
+
+        return prepare_prompt(
+            self.tokenizer, messages, embed, add_generation_prompt, **template_kwargs
+        )
+
+    def as_prompt(self, prompt: PromptInput) -> Prompt:
+        """`prompt` as a Prompt, its token ids checked (and its media's rows against the
+        model's width)."""
+        if isinstance(prompt, Prompt):
+            ids = self.check_tokens(prompt.token_ids)
+            for m in prompt.media:
+                if m.embeddings.shape[1:] != (self.config.n_embd,) or not (
+                    m.offset >= 0 and m.offset + m.length <= len(ids)
+                ):
+                    raise MediaError(
+                        f"media at {m.offset} of a prompt of {len(ids)} tokens with rows of "
+                        f"{m.embeddings.shape[1:]} do not fit this model (width "
+                        f"{self.config.n_embd})"
+                    )
+            return Prompt(ids, prompt.media)
+        return Prompt(self.check_tokens(prompt))
+
+    @cached_property
+    def pad_id(self) -> int:
+        """The padding token, whose per-layer embeddings media positions take."""
+        pad = self.model_file.gguf.metadata.get("tokenizer.ggml.padding_token_id", 0)
+        assert isinstance(pad, int)
+        return pad
 
     @property
     def speculation(self) -> SpeculationStats | None:
@@ -159,10 +228,21 @@ class Engine:
                 f"all {self.max_sequences} sequence slots are in use; close one first"
             )
 
-    def forward(self, token_ids: Sequence[int] | np.ndarray) -> np.ndarray:
-        """Logits float32 [len(token_ids), vocab] for every position of a fresh sequence."""
+    def forward(self, token_ids: PromptInput) -> np.ndarray:
+        """Logits float32 [len(token_ids), vocab] for every position of a fresh sequence (of
+        token ids, or a Prompt with media)."""
+        prompt = self.as_prompt(token_ids)
+        if not prompt.media:
+            with self.new_sequence() as seq:
+                return seq.append(prompt.token_ids, all_logits=True)
         with self.new_sequence() as seq:
-            return seq.append(token_ids, all_logits=True)
+            seq._room_for(prompt.token_ids)
+            feed = Feed(
+                seq.kv, prompt.model_tokens(self.pad_id), "all", embeddings=prompt.embeddings()
+            )
+            logits = self.runner.prefill(feed).logits
+            assert logits is not None
+            return logits
 
     @property
     def has_tokenizer(self) -> bool:
@@ -178,7 +258,7 @@ class Engine:
 
     def generate(
         self,
-        token_ids: Sequence[int] | np.ndarray,
+        token_ids: PromptInput,
         max_tokens: int,
         sampling: SamplingParams | None = None,
         stop_tokens: Iterable[int] | None = None,
@@ -196,16 +276,18 @@ class Engine:
 
     def stream(
         self,
-        token_ids: Sequence[int] | np.ndarray,
+        token_ids: PromptInput,
         max_tokens: int,
         sampling: SamplingParams | None = None,
         stop_tokens: Iterable[int] | None = None,
         speculative: bool = True,
     ) -> Iterator[GenerationChunk]:
         """The continuation of `generate`, one chunk (token, text, logprobs) at a time."""
-        prompt = self.check_tokens(token_ids)
+        prompt = self.as_prompt(token_ids)
         tokenizer = self.tokenizer if self.has_tokenizer else None
-        generation = Generation(prompt.tolist(), max_tokens, sampling, tokenizer, stop_tokens)
+        generation = Generation(
+            prompt.token_ids.tolist(), max_tokens, sampling, tokenizer, stop_tokens
+        )
         if max_tokens > room_for_tokens(self.n_ctx, len(prompt)):
             raise ContextFullError(
                 f"prompt of {len(prompt)} tokens plus {max_tokens} new tokens exceeds the "
@@ -214,21 +296,25 @@ class Engine:
         return self._run(prompt, generation, self.speculator if speculative else None)
 
     def _run(
-        self, prompt: np.ndarray, generation: Generation, speculator: Speculator | None
+        self, prompt: Prompt, generation: Generation, speculator: Speculator | None
     ) -> Iterator[GenerationChunk]:
         self._check_free_slot()
         # The prompt as a server computes it (one process prefills all but the last token, the
         # last runs in a decode step), so that both give the same tokens; the prefix cache
-        # holds what earlier sequences computed of it.
-        kv, cached = self.prefix_cache.new_sequence(prompt[:-1])
+        # holds what earlier sequences computed of it, named by its media's content too.
+        ids, media = prompt.token_ids, prompt.media_keys()
+        model_ids = prompt.model_tokens(self.pad_id)
+        given = prompt.embeddings()
+        kv, cached = self.prefix_cache.new_sequence(ids[:-1], media)
         with GenerationSequence(self, kv) as seq:
             try:
-                self.runner.prefill(Feed(seq.kv, prompt[cached:-1], "none"))
-                self.prefix_cache.remember(seq.kv, prompt[:-1])
-                yield from self._decode(seq.kv, prompt, generation, speculator)
+                rest = None if given is None else given.window(cached, len(ids) - 1)
+                self.runner.prefill(Feed(seq.kv, model_ids[cached:-1], "none", embeddings=rest))
+                self.prefix_cache.remember(seq.kv, ids[:-1], media)
+                yield from self._decode(seq.kv, ids, generation, speculator)
             finally:
-                tokens = np.concatenate([prompt, np.asarray(generation.token_ids, np.int32)])
-                self.prefix_cache.release(seq.kv, tokens)
+                tokens = np.concatenate([ids, np.asarray(generation.token_ids, np.int32)])
+                self.prefix_cache.release(seq.kv, tokens, media)
 
     def _decode(
         self,

@@ -55,6 +55,10 @@ class ChatTemplateLimitError(ChatTemplateError):
         return type(self), (self.limit, str(self))
 
 
+class MediaError(Gemma4Error, ValueError):
+    """An image or other media input cannot be decoded or is not one the model can take."""
+
+
 class SamplingParamsError(Gemma4Error, ValueError):
     """A sampling parameter is out of its range or of the wrong type."""
 

@@ -13,7 +13,8 @@ from typing import Any, Protocol
 
 from pygemma4.config import ModelConfig, ModelFile, open_model
 from pygemma4.errors import TokenizerError
-from pygemma4.gguf_file import type_name
+from pygemma4.gguf_file import GGUFFile, type_name
+from pygemma4.mmproj import open_mmproj
 from pygemma4.tokenizer import (
     BYTE,
     CONTROL,
@@ -101,6 +102,27 @@ def describe_model(path: str | os.PathLike[str]) -> dict[str, Any]:
     """
     model = open_model(path)
     gguf, config = model.gguf, model.config
+    summary = dataclasses.asdict(config)
+    layers = summary.pop("layers")
+    return _describe_file(gguf) | {
+        "config": summary,
+        "layers": layers,
+        "tokenizer": _describe_tokenizer(gguf.metadata),
+    }
+
+
+def describe_mmproj(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """What `pygemma4 inspect` shows about a projector (mmproj) file: its towers' shapes and
+    its tensors, as JSON-compatible values (GGUFError / UnsupportedModelError for bad files)."""
+    mmproj = open_mmproj(path)
+    return _describe_file(mmproj.gguf) | {
+        "vision": None if mmproj.vision is None else dataclasses.asdict(mmproj.vision),
+        "audio": None if mmproj.audio is None else dataclasses.asdict(mmproj.audio),
+    }
+
+
+def _describe_file(gguf: GGUFFile) -> dict[str, Any]:
+    """The file's identity and its tensors, by type and one by one."""
     by_type: dict[str, dict[str, int]] = defaultdict(
         lambda: {"tensors": 0, "parameters": 0, "bytes": 0}
     )
@@ -115,8 +137,6 @@ def describe_model(path: str | os.PathLike[str]) -> dict[str, Any]:
         tensors.append(
             {"name": tensor.name, "type": name, "shape": list(tensor.shape), "bytes": tensor.nbytes}
         )
-    summary = dataclasses.asdict(config)
-    layers = summary.pop("layers")
     return {
         "path": str(gguf.path),
         "file_bytes": gguf.file_size,
@@ -124,11 +144,8 @@ def describe_model(path: str | os.PathLike[str]) -> dict[str, Any]:
         "architecture": gguf.metadata.get("general.architecture"),
         "parameters": sum(t["parameters"] for t in by_type.values()),
         "tensor_bytes": sum(t["bytes"] for t in tensors),
-        "config": summary,
-        "layers": layers,
         "tensor_types": dict(sorted(by_type.items(), key=lambda kv: -kv[1]["bytes"])),
         "tensors": tensors,
-        "tokenizer": _describe_tokenizer(gguf.metadata),
     }
 
 

@@ -11,12 +11,57 @@ from rich.table import Table
 LAYER_COLUMNS = ("attention", "heads", "kv heads", "head dim", "rope dims", "rope base", "ffn")
 
 
-def print_report(info: dict[str, Any], tensors: bool = False, template: bool = False) -> None:
-    """Print the description's tables to standard output."""
+def _console() -> Console:
     console = Console()
     if not console.is_terminal:
         # Piped output has no width to follow; wide enough for the tables not to wrap.
         console = Console(width=120)
+    return console
+
+
+def print_mmproj_report(info: dict[str, Any], tensors: bool = False) -> None:
+    """Print a projector file's description (model_info.describe_mmproj) to standard output."""
+    console = _console()
+    summary = Table.grid(padding=(0, 2))
+    for key, value in (
+        ("file", info["path"]),
+        ("name", str(info["name"])),
+        ("architecture", f"{info['architecture']} (multimodal projector)"),
+        ("parameters", _count(info["parameters"])),
+        ("file size", _size(info["file_bytes"])),
+    ):
+        summary.add_row(f"[bold]{key}[/bold]", value)
+    console.print(summary)
+    for tower in ("vision", "audio"):
+        shape = Table("", "", title=f"{tower} encoder", show_header=False)
+        config = info[tower]
+        if config is None:
+            shape.add_row("none", "")
+        else:
+            for key, value in config.items():
+                shape.add_row(key, str(value))
+        console.print(shape)
+    _print_tensors(console, info, tensors)
+
+
+def _print_tensors(console: Console, info: dict[str, Any], tensors: bool) -> None:
+    types = Table("type", "tensors", "parameters", "size", title="tensor types")
+    for name, entry in info["tensor_types"].items():
+        types.add_row(
+            name, str(entry["tensors"]), f"{entry['parameters']:,}", _size(entry["bytes"])
+        )
+    console.print(types)
+    if tensors:
+        listing = Table("tensor", "type", "shape", "size", title="tensors")
+        for tensor in info["tensors"]:
+            shape = " × ".join(str(d) for d in tensor["shape"])
+            listing.add_row(tensor["name"], tensor["type"], shape, _size(tensor["bytes"]))
+        console.print(listing)
+
+
+def print_report(info: dict[str, Any], tensors: bool = False, template: bool = False) -> None:
+    """Print the description's tables to standard output."""
+    console = _console()
     config = info["config"]
     summary = Table.grid(padding=(0, 2))
     rows = [
@@ -51,20 +96,7 @@ def print_report(info: dict[str, Any], tensors: bool = False, template: bool = F
         layers.add_row(span, *key)
     console.print(layers)
 
-    types = Table("type", "tensors", "parameters", "size", title="tensor types")
-    for name, entry in info["tensor_types"].items():
-        types.add_row(
-            name, str(entry["tensors"]), f"{entry['parameters']:,}", _size(entry["bytes"])
-        )
-    console.print(types)
-
-    if tensors:
-        listing = Table("tensor", "type", "shape", "size", title="tensors")
-        for tensor in info["tensors"]:
-            shape = " × ".join(str(d) for d in tensor["shape"])
-            listing.add_row(tensor["name"], tensor["type"], shape, _size(tensor["bytes"]))
-        console.print(listing)
-
+    _print_tensors(console, info, tensors)
     _print_tokenizer(console, info["tokenizer"], template)
 
 

@@ -34,14 +34,32 @@ SNAPSHOT_AFTER_PROMPT_TOKENS = 256
 share them (shorter ones are cheap to compute again)."""
 
 
-def block_names(tokens: Sequence[int] | np.ndarray, block_size: int) -> list[bytes]:
-    """The name of each full block of `tokens`: a hash of its tokens chained to the name of the
-    block before."""
+@dataclass(frozen=True)
+class MediaKey:
+    """Positions [offset, offset + length) of a prompt hold the embeddings of the media whose
+    content `digest` names (an image's soft tokens): equal tokens there are not equal KV."""
+
+    offset: int
+    length: int
+    digest: str
+
+
+def block_names(
+    tokens: Sequence[int] | np.ndarray, block_size: int, media: Sequence[MediaKey] = ()
+) -> list[bytes]:
+    """The name of each full block of `tokens`: a hash of its tokens, and of the content of the
+    media whose positions it holds, chained to the name of the block before."""
     ids = np.ascontiguousarray(tokens, dtype=np.int32)
     names, parent = [], b""
     for start in range(0, len(ids) - block_size + 1, block_size):
+        stop = start + block_size
+        content = b"".join(
+            f"{m.digest}:{m.offset - start}:{m.length};".encode()
+            for m in media
+            if m.offset < stop and m.offset + m.length > start
+        )
         parent = hashlib.blake2b(
-            parent + ids[start : start + block_size].tobytes(), digest_size=16
+            parent + ids[start:stop].tobytes() + content, digest_size=16
         ).digest()
         names.append(parent)
     return names
@@ -89,14 +107,16 @@ class PrefixCache:
         """Ring set → snapshot, least recently used first."""
         self.stats = PrefixStats()
 
-    def new_sequence(self, tokens: Sequence[int] | np.ndarray) -> tuple[SequenceKv, int]:
-        """A new sequence's KV holding the longest cached prefix of `tokens` that ends on a
-        block boundary, and that prefix's length (its blocks shared, its sliding window copied
-        in); KvExhaustedError where no ring set is free."""
+    def new_sequence(
+        self, tokens: Sequence[int] | np.ndarray, media: Sequence[MediaKey] = ()
+    ) -> tuple[SequenceKv, int]:
+        """A new sequence's KV holding the longest cached prefix of `tokens` (with `media` at
+        its positions) that ends on a block boundary, and that prefix's length (its blocks
+        shared, its sliding window copied in); KvExhaustedError where no ring set is free."""
         if self.allocator.free_ring_sets == 0 and self.snapshots:
             self.allocator.free_ring_set(self.snapshots.popitem(last=False)[0])
         kv = SequenceKv(self.allocator)
-        names = block_names(tokens, self.block_size)
+        names = block_names(tokens, self.block_size, media)
         blocks = self.allocator.share(names)
         boundary, ring_set = len(blocks), None
         if self.window:
@@ -133,20 +153,25 @@ class PrefixCache:
                     return boundary, ring_set
         return 0, None
 
-    def remember(self, kv: SequenceKv, tokens: Sequence[int] | np.ndarray) -> None:
-        """Register the full blocks of `kv`, whose first positions hold `tokens`, for later
-        sequences; after a long prompt, also copy its ring as a snapshot."""
-        names = self._register(kv, tokens)
+    def remember(
+        self, kv: SequenceKv, tokens: Sequence[int] | np.ndarray, media: Sequence[MediaKey] = ()
+    ) -> None:
+        """Register the full blocks of `kv`, whose first positions hold `tokens` (and `media`),
+        for later sequences; after a long prompt, also copy its ring as a snapshot."""
+        names = self._register(kv, tokens, media)
         if self.max_snapshots and len(tokens) >= SNAPSHOT_AFTER_PROMPT_TOKENS:
             ring_set = self._spare_ring_set()
             if ring_set is not None:
                 self.pool.copy_ring_set(kv.ring_set, ring_set)
                 self.snapshots[ring_set] = _Snapshot(names, kv.written_end)
 
-    def release(self, kv: SequenceKv, tokens: Sequence[int] | np.ndarray) -> None:
-        """End a sequence whose first positions hold `tokens`: its full blocks stay cached and
-        its ring set becomes a snapshot (the least recently used one making way)."""
-        names = self._register(kv, tokens)
+    def release(
+        self, kv: SequenceKv, tokens: Sequence[int] | np.ndarray, media: Sequence[MediaKey] = ()
+    ) -> None:
+        """End a sequence whose first positions hold `tokens` (and `media`): its full blocks
+        stay cached and its ring set becomes a snapshot (the least recently used one making
+        way)."""
+        names = self._register(kv, tokens, media)
         ring_set, written_end = kv.ring_set, kv.written_end
         keep = self.max_snapshots > 0 and bool(names)
         kv.release(keep_ring_set=keep)
@@ -155,10 +180,12 @@ class PrefixCache:
                 self.allocator.free_ring_set(self.snapshots.popitem(last=False)[0])
             self.snapshots[ring_set] = _Snapshot(names, written_end)
 
-    def _register(self, kv: SequenceKv, tokens: Sequence[int] | np.ndarray) -> list[bytes]:
-        """Register the full blocks of `kv` (its first positions holding `tokens`); their
-        names."""
-        names = block_names(np.asarray(tokens)[: kv.length], self.block_size)
+    def _register(
+        self, kv: SequenceKv, tokens: Sequence[int] | np.ndarray, media: Sequence[MediaKey]
+    ) -> list[bytes]:
+        """Register the full blocks of `kv` (its first positions holding `tokens` and
+        `media`); their names."""
+        names = block_names(np.asarray(tokens)[: kv.length], self.block_size, media)
         for block, name in zip(kv.block_table, names, strict=False):
             self.allocator.register(block, name)
         return names

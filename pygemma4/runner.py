@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, Protocol, TypeVar
 
 import numpy as np
@@ -78,6 +78,23 @@ def load_core_model(
 
 
 @dataclass(frozen=True)
+class Embeddings:
+    """Rows that take given embeddings in place of their tokens' (an image's soft tokens):
+    `offsets` int32 [m], rows of a feed counted from its first, take the rows of `rows`
+    float32 [m, n_embd]."""
+
+    offsets: np.ndarray
+    rows: np.ndarray
+
+    def window(self, start: int, stop: int) -> Embeddings | None:
+        """Those of rows [start, stop), counted from `start`; None where there are none."""
+        inside = (self.offsets >= start) & (self.offsets < stop)
+        if not inside.any():
+            return None
+        return Embeddings((self.offsets[inside] - start).astype(np.int32), self.rows[inside])
+
+
+@dataclass(frozen=True)
 class Feed:
     """Tokens (int32, already checked) to append to one sequence in a forward call, and which
     of their rows bring back an output. With `greedy`, an output is the most likely token and
@@ -90,6 +107,7 @@ class Feed:
     outputs: Outputs = "last"
     greedy: bool = False
     hidden: bool = False
+    embeddings: Embeddings | None = None
 
     def output_offsets(self) -> np.ndarray:
         """The rows of the feed, counted from its first, that bring back an output."""
@@ -182,6 +200,8 @@ class ForwardBatch:
     logit_rows: np.ndarray
     argmax_rows: np.ndarray
     hidden_rows: np.ndarray
+    embedding_rows: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int32))
+    embeddings: np.ndarray = field(default_factory=lambda: np.empty((0, 0), dtype=np.float32))
 
     @classmethod
     def of(cls, feeds: Sequence[Feed], greedy_on_device: bool) -> ForwardBatch:
@@ -193,11 +213,15 @@ class ForwardBatch:
         width = max(len(feed.kv.block_table) for feed in feeds)
         first_rows = np.cumsum([0] + [len(feed.tokens) for feed in feeds[:-1]], dtype=np.int32)
         logit_rows, argmax_rows, hidden_rows = [], [], []
+        embedding_rows, embeddings = [], []
         for first, feed in zip(first_rows, feeds, strict=True):
             rows = first + feed.output_offsets()
             (argmax_rows if feed.greedy and greedy_on_device else logit_rows).append(rows)
             if feed.hidden:
                 hidden_rows.append(rows)
+            if feed.embeddings is not None:
+                embedding_rows.append(first + feed.embeddings.offsets)
+                embeddings.append(feed.embeddings.rows)
         empty = np.empty(0, dtype=np.int32)
         return cls(
             tokens=np.concatenate([feed.tokens for feed in feeds]).astype(np.int32, copy=False),
@@ -213,6 +237,12 @@ class ForwardBatch:
             logit_rows=np.concatenate([empty, *logit_rows]),
             argmax_rows=np.concatenate([empty, *argmax_rows]),
             hidden_rows=np.concatenate([empty, *hidden_rows]),
+            embedding_rows=np.concatenate([empty, *embedding_rows]).astype(np.int32),
+            embeddings=(
+                np.concatenate(embeddings).astype(np.float32, copy=False)
+                if embeddings
+                else np.empty((0, 0), dtype=np.float32)
+            ),
         )
 
 
@@ -292,9 +322,13 @@ class ModelRunner:
             chunk = feed.tokens[first : first + self.n_batch]
             last_chunk = first + len(chunk) == len(feed.tokens)
             outputs = feed.outputs if feed.outputs == "all" or last_chunk else "none"
-            results.append(
-                self.forward([Feed(feed.kv, chunk, outputs, feed.greedy, feed.hidden)])[0]
+            given = (
+                None
+                if feed.embeddings is None
+                else feed.embeddings.window(first, first + len(chunk))
             )
+            chunk_feed = Feed(feed.kv, chunk, outputs, feed.greedy, feed.hidden, given)
+            results.append(self.forward([chunk_feed])[0])
         if not results:
             return FeedResult(logits=np.empty((0, self.config.vocab_size), dtype=np.float32))
         return _concatenate(results)

@@ -126,11 +126,12 @@ def rewrite_gguf(
     architecture: str | None = None,
     new_keys: dict[str, tuple[object, GGUFValueType]] | None = None,
     new_tensors: dict[str, np.ndarray] | None = None,
+    drop_tensors: tuple[str, ...] = (),
 ) -> Path:
     """Copy the GGUF `source` to `target` with the metadata values in `overrides` replaced
     (each keeps its key's value type), and the architecture if given, the keys `new_keys`
-    (value, type) and the tensors `new_tensors` (numpy shape, so GGUF ne reversed) added;
-    returns `target`."""
+    (value, type) and the tensors `new_tensors` (numpy shape, so GGUF ne reversed) added,
+    without the tensors in `drop_tensors`; returns `target`."""
     reader = GGUFReader(source)
     arch = architecture or str(reader.fields["general.architecture"].contents())
     writer = GGUFWriter(target, arch)
@@ -143,7 +144,8 @@ def rewrite_gguf(
     for key, (value, value_type) in (new_keys or {}).items():
         writer.add_key_value(key, value, value_type)
     for tensor in reader.tensors:
-        writer.add_tensor(tensor.name, np.array(tensor.data), raw_dtype=tensor.tensor_type)
+        if tensor.name not in drop_tensors:
+            writer.add_tensor(tensor.name, np.array(tensor.data), raw_dtype=tensor.tensor_type)
     for name, data in (new_tensors or {}).items():
         writer.add_tensor(name, data)
     writer.write_header_to_file()

@@ -14,6 +14,7 @@ using namespace pg4;
 namespace {
 
 using IntArray = py::array_t<int32_t, py::array::c_style | py::array::forcecast>;
+using FloatArray = py::array_t<float, py::array::c_style | py::array::forcecast>;
 
 std::vector<int32_t> to_vector(const IntArray& a) {
   return std::vector<int32_t>(a.data(), a.data() + a.size());
@@ -65,6 +66,9 @@ void register_model(py::module_& m) {
             in.logit_rows = to_vector(batch.attr("logit_rows").cast<IntArray>());
             in.argmax_rows = to_vector(batch.attr("argmax_rows").cast<IntArray>());
             in.hidden_rows = to_vector(batch.attr("hidden_rows").cast<IntArray>());
+            in.embedding_rows = to_vector(batch.attr("embedding_rows").cast<IntArray>());
+            const FloatArray embeddings = batch.attr("embeddings").cast<FloatArray>();
+            in.embeddings.assign(embeddings.data(), embeddings.data() + embeddings.size());
             Gemma4Model::Result result;
             {
               py::gil_scoped_release release;
@@ -86,7 +90,9 @@ void register_model(py::module_& m) {
           "Run one batch against the pool. `batch` (a pygemma4.runner.ForwardBatch) gives int32 "
           "arrays: row i is tokens[i] at positions[i] of sequence seqs[i], whose full-attention "
           "KV lives in the blocks of block_tables[seqs[i]] ([n_seq, width], -1 for none) and "
-          "sliding KV in ring set ring_sets[seqs[i]]. Returns (logits float32 "
+          "sliding KV in ring set ring_sets[seqs[i]]; the rows in embedding_rows take the rows of "
+          "embeddings (float32 [len(embedding_rows), n_embd]) in place of their tokens'. Returns "
+          "(logits float32 "
           "[len(logit_rows), vocab], tokens int32 [len(argmax_rows)], logprobs float32 "
           "[len(argmax_rows)], hidden float32 [len(hidden_rows), n_embd]): the logits of the logit "
           "rows, for each argmax row its most likely token and that token's log-probability, "

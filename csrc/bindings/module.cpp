@@ -11,6 +11,7 @@ void register_model(py::module_& m);
 void register_assistant(py::module_& m);
 void register_ops_check(py::module_& m);
 void register_audio_encoder(py::module_& m);
+void register_vision(py::module_& m);
 
 PYBIND11_MODULE(_core, m) {
   m.doc() = "pygemma4 C++ core";
@@ -20,6 +21,7 @@ PYBIND11_MODULE(_core, m) {
   register_assistant(m);
   register_ops_check(m);
   register_audio_encoder(m);
+  register_vision(m);
   m.def(
       "memory_read_bandwidth",
       [](int threads, size_t bytes, int passes) {

@@ -317,6 +317,55 @@ void register_ops_check(py::module_& m) {
           py::arg("q"), py::arg("k"), py::arg("v"), py::arg("rel"), py::arg("n_head"),
           py::arg("max_past"), py::arg("cap"))
       .def(
+          "attention_dense",
+          [](OpsCheck& c, const FloatArray& q, const FloatArray& k, const FloatArray& v, int n_head,
+             int n_head_kv, int head_dim, float scale) {
+            const int n = static_cast<int>(q.shape(0));
+            if (q.ndim() != 2 || k.ndim() != 2 || v.ndim() != 2 || k.shape(0) != n ||
+                v.shape(0) != n || q.shape(1) != n_head * head_dim ||
+                k.shape(1) != n_head_kv * head_dim || v.shape(1) != k.shape(1) ||
+                n_head % n_head_kv != 0) {
+              throw py::value_error("q [n, n_head*head_dim], k and v [n, n_head_kv*head_dim]");
+            }
+            auto dq = c.floats(q), dk = c.floats(k), dv = c.floats(v);
+            auto out = c.ops().alloc(q.size());
+            c.ops().attention_dense(dq.get(), dk.get(), dv.get(), n, n_head, n_head_kv, head_dim,
+                                    scale, out.get());
+            return c.result(out, {n, q.shape(1)});
+          },
+          py::arg("q"), py::arg("k"), py::arg("v"), py::arg("n_head"), py::arg("n_head_kv"),
+          py::arg("head_dim"), py::arg("scale"))
+      .def(
+          "avg_pool_2d",
+          [](OpsCheck& c, const FloatArray& x, int k) {
+            if (x.ndim() != 3 || x.shape(0) % k != 0 || x.shape(1) % k != 0) {
+              throw py::value_error(
+                  "x must be [rows, cols, dim] with rows and cols multiples of k");
+            }
+            const int rows = static_cast<int>(x.shape(0)), cols = static_cast<int>(x.shape(1));
+            const int dim = static_cast<int>(x.shape(2));
+            auto in = c.floats(x);
+            auto out = c.ops().alloc(x.size() / (static_cast<size_t>(k) * k));
+            c.ops().avg_pool_2d(in.get(), rows, cols, dim, k, out.get());
+            return c.result(out, {rows / k, cols / k, dim});
+          },
+          py::arg("x"), py::arg("k"))
+      .def(
+          "rope_2d",
+          [](OpsCheck& c, const FloatArray& x, const IdArray& pos_x, const IdArray& pos_y,
+             int n_head, int head_dim, float base) {
+            const int n = static_cast<int>(pos_x.size());
+            if (pos_y.size() != n || x.size() != static_cast<py::ssize_t>(n) * n_head * head_dim) {
+              throw py::value_error("x must be [n, n_head*head_dim] with n x and y positions");
+            }
+            auto in = c.floats(x);
+            auto px = c.ids(pos_x), py_ = c.ids(pos_y);
+            c.ops().rope_2d(in.get(), px.get(), py_.get(), n, n_head, head_dim, base);
+            return c.result(in, {n, static_cast<py::ssize_t>(n_head) * head_dim});
+          },
+          py::arg("x"), py::arg("pos_x"), py::arg("pos_y"), py::arg("n_head"), py::arg("head_dim"),
+          py::arg("base"))
+      .def(
           "argmax",
           [](OpsCheck& c, const FloatArray& x) {
             const int rows = static_cast<int>(x.shape(0)), cols = static_cast<int>(x.shape(1));

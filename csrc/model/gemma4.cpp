@@ -101,6 +101,39 @@ Gemma4Model::Gemma4Model(const std::string& path, const std::vector<TensorEntry>
   logits_ = ops_->alloc(static_cast<size_t>(kLogitRowsPerChunk) * config_.vocab_size);
   argmax_ = ops_->alloc_ids(n);
   logprobs_ = ops_->alloc(n);
+  given_ = ops_->alloc(2 * n * config_.n_embd);
+  given_rows_ = ops_->alloc_ids(n);
+}
+
+int Gemma4Model::stage_embeddings(const Batch& in) {
+  const size_t n = in.tokens.size();
+  const size_t m = in.embedding_rows.size();
+  const size_t embd = static_cast<size_t>(config_.n_embd);
+  if (in.embeddings.size() != m * embd) {
+    throw error("embeddings must hold n_embd (" + std::to_string(embd) +
+                ") values for each of the " + std::to_string(m) + " embedding rows");
+  }
+  if (m == 0) return 0;
+  // Row i of the batch reads row i of the token embeddings, or row n + j of the table for the
+  // j-th embedding given.
+  std::vector<int32_t> rows(n);
+  for (size_t i = 0; i < n; ++i) rows[i] = static_cast<int32_t>(i);
+  std::vector<bool> taken(n, false);
+  for (size_t j = 0; j < m; ++j) {
+    const int32_t row = in.embedding_rows[j];
+    if (row < 0 || static_cast<size_t>(row) >= n || taken[row]) {
+      throw error("embedding row " + std::to_string(row) +
+                  " is not a distinct row of the batch's " + std::to_string(n));
+    }
+    taken[row] = true;
+    rows[row] = static_cast<int32_t>(n + j);
+  }
+  for (float value : in.embeddings) {
+    if (!std::isfinite(value)) throw error("embeddings must be finite");
+  }
+  ops_->upload(given_.get() + n * embd, in.embeddings.data(), m * embd * sizeof(float));
+  ops_->upload(given_rows_.get(), rows.data(), n * sizeof(int32_t));
+  return static_cast<int>(m);
 }
 
 void Gemma4Model::validate_pool(const KvPool& pool) const {
@@ -288,13 +321,19 @@ Gemma4Model::Result Gemma4Model::forward(KvPool& pool, const Batch& in) {
   host.output_rows = output_rows.data();
   std::lock_guard<std::mutex> lock(forward_mutex_);
   validate_batch(pool, host);
+  const int n_given = stage_embeddings(in);
 
   const TokenBatch batch = ops_->stage(host);
   const int embd = config_.n_embd;
   // Everything up to the last layer depends on the host only through the batch's shape.
-  ops_->run_step({batch.n, batch.n_seq, batch.table_width}, [&] {
-    ops_->get_rows(token_embd_, batch.tokens, batch.n, std::sqrt(static_cast<float>(embd)),
-                   act_->x.get());
+  ops_->run_step({batch.n, batch.n_seq, batch.table_width, n_given}, [&] {
+    const float embd_scale = std::sqrt(static_cast<float>(embd));
+    if (n_given > 0) {
+      ops_->get_rows(token_embd_, batch.tokens, batch.n, embd_scale, given_.get());
+      ops_->copy_rows(given_.get(), given_rows_.get(), batch.n, embd, act_->x.get());
+    } else {
+      ops_->get_rows(token_embd_, batch.tokens, batch.n, embd_scale, act_->x.get());
+    }
     if (config_.n_embd_per_layer > 0) per_layer_inputs(batch);
     for (int il = 0; il < config_.n_layer; ++il) run_layer(il, batch, pool);
   });

@@ -32,8 +32,14 @@ class Gemma4Model {
   // most likely token and its log-probability, chosen where the model computes; of the rows in
   // hidden_rows the final hidden state (after the output norm, before the head: what a drafter
   // continues from).
+  // Rows listed in embedding_rows take the matching rows of `embeddings` ([rows, n_embd], as
+  // they are, unscaled) in place of their tokens' embeddings (an image's soft tokens); their
+  // per-layer embeddings are computed from their token ids (the padding id, for media) and the
+  // embeddings given.
   struct Batch {
     std::vector<int32_t> tokens, positions, seqs;
+    std::vector<int32_t> embedding_rows;
+    std::vector<float> embeddings;
     std::vector<int32_t> block_tables;
     int table_width = 0;
     std::vector<int32_t> ring_sets;
@@ -66,6 +72,8 @@ class Gemma4Model {
   void validate_batch(const KvPool& pool, const TokenBatch& batch) const;
   void run_layer(int il, const TokenBatch& batch, KvPool& pool);
   void per_layer_inputs(const TokenBatch& batch);
+  // Stages the embeddings that replace rows of the batch; returns how many there are.
+  int stage_embeddings(const Batch& in);
 
   ModelConfig config_;
   int n_batch_;
@@ -83,6 +91,10 @@ class Gemma4Model {
   std::unique_ptr<LayerActivations> act_;
   std::shared_ptr<float> ple_, ple_gate_, logits_, logprobs_;
   std::shared_ptr<int32_t> argmax_;
+  // The batch's token embeddings followed by the embeddings given, and for each row of the
+  // batch the row of that table it takes (Batch::embedding_rows).
+  std::shared_ptr<float> given_;
+  std::shared_ptr<int32_t> given_rows_;
 };
 
 }  // namespace pg4

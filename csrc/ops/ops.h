@@ -205,8 +205,6 @@ class Ops {
   virtual void silu(float* x, size_t n) { audio_unsupported("silu"); }
   // x = max(x, 0), element-wise.
   virtual void relu(float* x, size_t n) { audio_unsupported("relu"); }
-  // x = min(max(x, lo), hi), element-wise.
-  virtual void clamp(float* x, float lo, float hi, size_t n) { audio_unsupported("clamp"); }
   // x[r][i] *= s[i] for n_rows rows of dim (a per-column scale; also the bias-free half of an
   // affine map).
   virtual void mul_cols(float* x, const float* s, int n_rows, int dim) {
@@ -224,6 +222,30 @@ class Ops {
                                int n, int n_head, int head_dim, int max_past, float cap,
                                float* out) {
     audio_unsupported("local_attention");
+  }
+
+  // Vision-tower operations. The defaults compute on the host (reading the inputs back and
+  // uploading the result), so every backend has them; a backend overrides what it runs often.
+
+  // x = min(max(x, lo), hi), element-wise.
+  virtual void clamp(float* x, float lo, float hi, size_t n);
+  // Every token attends to every token of the call (no mask): for each of the n_head query
+  // heads, out = softmax(scale * q k^T) v over the n_tokens keys and values of its KV head
+  // (grouped-query); q and out are [n_tokens, n_head * head_dim], k and v
+  // [n_tokens, n_head_kv * head_dim].
+  virtual void attention_dense(const float* q, const float* k, const float* v, int n_tokens,
+                               int n_head, int n_head_kv, int head_dim, float scale, float* out);
+  // The mean of each k×k block of a grid of rows×cols vectors of dim values (row-major, rows
+  // and cols multiples of k) into a (rows/k)×(cols/k) grid, row-major.
+  virtual void avg_pool_2d(const float* x, int rows, int cols, int dim, int k, float* out);
+  // 2-D rotation of each head: its first half rotated (NEOX, base^(-4i/head_dim)) by pos_x, its
+  // second half by pos_y.
+  virtual void rope_2d(float* x, const int32_t* pos_x, const int32_t* pos_y, int n_tokens,
+                       int n_head, int head_dim, float base) {
+    const int half = head_dim / 2;
+    const Rope rope{half, base, nullptr};
+    rope_neox(x, pos_x, n_tokens, n_head, head_dim, rope);
+    rope_neox(x + half, pos_y, n_tokens, n_head, head_dim, rope);
   }
 
   // Fused operations.

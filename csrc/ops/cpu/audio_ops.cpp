@@ -99,10 +99,6 @@ void CpuOps::relu(float* x, size_t n) {
   for (size_t i = 0; i < n; ++i) x[i] = std::max(x[i], 0.0f);
 }
 
-void CpuOps::clamp(float* x, float lo, float hi, size_t n) {
-  for (size_t i = 0; i < n; ++i) x[i] = std::min(std::max(x[i], lo), hi);
-}
-
 void CpuOps::mul_cols(float* x, const float* s, int n_rows, int dim) {
   for (int64_t r = 0; r < n_rows; ++r) {
     for (int i = 0; i < dim; ++i) x[r * dim + i] *= s[i];

@@ -53,6 +53,11 @@ class CpuOps final : public Ops {
   void clustered_logits(const Weight& table, const float* x, int n, const float* scores,
                         int n_clusters, int top_k, const int32_t* clusters, int cluster_size,
                         float* logits) override;
+  // The vision-tower operations, threaded over elements / query rows (cpu/vision_ops.cpp).
+  void clamp(float* x, float lo, float hi, size_t n) override;
+  void attention_dense(const float* q, const float* k, const float* v, int n_tokens, int n_head,
+                       int n_head_kv, int head_dim, float scale, float* out) override;
+  void avg_pool_2d(const float* x, int rows, int cols, int dim, int k, float* out) override;
   void moe_route(const float* logits, int n_tokens, int n_expert, int k, int32_t* expert_ids,
                  float* expert_weights) override;
   void moe_experts(const Weight& gate_up, const Weight& down, const float* down_scale,
@@ -68,7 +73,6 @@ class CpuOps final : public Ops {
   void glu(const float* x, int n_rows, int dim, float* out) override;
   void silu(float* x, size_t n) override;
   void relu(float* x, size_t n) override;
-  void clamp(float* x, float lo, float hi, size_t n) override;
   void mul_cols(float* x, const float* s, int n_rows, int dim) override;
   void add_cols(float* x, const float* b, int n_rows, int dim) override;
   void local_attention(const float* q, const float* k, const float* v, const float* rel, int n,

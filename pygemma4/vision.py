@@ -1,0 +1,96 @@
+"""Gemma 4's vision tower on the core: images to the embeddings that replace their soft tokens."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import _core
+from .errors import MediaError, UnsupportedModelError
+from .media.image import DEFAULT_SOFT_TOKENS, SOFT_TOKEN_BUDGETS, ImageInput, image_patches
+from .mmproj import MmprojFile
+
+__all__ = ["ImageEmbedding", "VisionTower"]
+
+# Tensors whose file shape the core reads as a matrix: the patch embedding's [p, p, 3, width]
+# as [3p², width], the two position tables [width, n, 2] as [width, 2n].
+_FLATTENED = ("v.patch_embd.weight", "v.position_embd.weight")
+
+
+@dataclass(frozen=True)
+class ImageEmbedding:
+    """One image encoded: `embeddings` float32 [n_tokens, text width] (the rows that replace its
+    soft tokens), `pooled` float32 [n_tokens, tower width] (the tower's own output), the patch
+    `grid` and the `digest` of its decoded pixels."""
+
+    embeddings: np.ndarray
+    pooled: np.ndarray
+    grid: tuple[int, int]
+    digest: str
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.embeddings.shape[0])
+
+
+class VisionTower:
+    """The vision tower of a projector file, computing on `backend` with `threads` threads;
+    images are resized to at most `max_image_tokens` soft tokens (70, 140, 280, 560, 1120)."""
+
+    def __init__(
+        self,
+        mmproj: MmprojFile,
+        max_image_tokens: int = DEFAULT_SOFT_TOKENS,
+        threads: int | None = None,
+        backend: str = "cpu",
+        device: int = 0,
+    ) -> None:
+        vision = mmproj.vision
+        if vision is None:
+            raise UnsupportedModelError(f"{mmproj.gguf.path}: the file has no vision encoder")
+        if vision.standardize:
+            raise UnsupportedModelError(
+                f"{mmproj.gguf.path}: vision towers with standardized outputs (v.std_bias) are "
+                "not supported"
+            )
+        if max_image_tokens not in SOFT_TOKEN_BUDGETS:
+            raise MediaError(
+                f"max_image_tokens must be one of {', '.join(map(str, SOFT_TOKEN_BUDGETS))}, "
+                f"not {max_image_tokens!r}"
+            )
+        self.config = vision
+        self.max_image_tokens = max_image_tokens
+        entries = []
+        for name in mmproj.tensor_names("v.") + ["mm.input_projection.weight"]:
+            t = mmproj.gguf.tensors[name]
+            shape = list(t.shape)
+            if name in _FLATTENED:
+                shape = [shape[0] * shape[1] * shape[2], shape[3]] if len(shape) == 4 else shape
+                shape = [shape[0], shape[1] * shape[2]] if len(shape) == 3 else shape
+            entries.append(_core.TensorEntry(t.name, t.type_id, shape, t.offset, t.nbytes))
+        max_patches = max_image_tokens * vision.pooling**2
+        self._encoder = _core.VisionEncoder(
+            str(mmproj.gguf.path),
+            entries,
+            vision,
+            max_patches,
+            threads or max(1, os.cpu_count() or 1),
+            backend,
+            device,
+        )
+
+    def embed(self, image: ImageInput, name: str | None = None) -> ImageEmbedding:
+        """The embeddings of `image` (a path, bytes, data URI, PIL image or uint8 array)."""
+        patches = image_patches(
+            image, self.max_image_tokens, self.config.patch_size, self.config.pooling, name
+        )
+        rows, cols = patches.grid
+        if max(rows, cols) > self.config.n_pos:
+            raise MediaError(
+                f"image {name or ''}: {rows}×{cols} patches exceed the tower's position tables "
+                f"({self.config.n_pos} per side)"
+            )
+        pooled, embeddings = self._encoder.encode(patches.pixels, rows, cols)
+        return ImageEmbedding(embeddings, pooled, patches.grid, patches.digest)
