@@ -37,6 +37,7 @@ def engine(mm_dir: Path) -> Engine:
     return Engine(
         mm_dir / "model-f32.gguf",
         threads=2,
+        kv_dtype="f32",
         mmproj=mm_dir / "mmproj-f32.gguf",
         max_image_tokens=70,
     )
@@ -122,6 +123,7 @@ def test_chunked_prefill_and_generation_agree_with_the_whole_prompt(engine, mm_d
         mm_dir / "model-f32.gguf",
         threads=2,
         n_batch=16,
+        kv_dtype="f32",
         mmproj=mm_dir / "mmproj-f32.gguf",
         max_image_tokens=70,
     )
