@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Build the C++ core with AddressSanitizer + UndefinedBehaviorSanitizer (-DPYGEMMA4_SANITIZE=ON,
+# into build/sanitize) and run tests against it: the core-heavy tests unless test files are
+# named. The sanitized module stands in for pygemma4/_core*.so during the run (the link is put
+# back afterwards), so run nothing else in this checkout meanwhile.
+#
+#   bench/sanitize.sh                             # the core-heavy tests
+#   bench/sanitize.sh tests/test_ops.py -k q8     # these
+#   bench/sanitize.sh --exec python script.py     # any command (bench/fuzz.sh with ASAN=1)
+#
+# Python itself is not instrumented: the ASan runtime is preloaded, leak detection is off (the
+# interpreter keeps its memory to the end), and any UBSan report ends the run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BUILD=build/sanitize
+command=()
+if [ "${1:-}" = --exec ]; then
+  shift
+  command=("$@")
+elif [ $# -eq 0 ]; then
+  set -- tests/test_ops.py tests/test_quant.py tests/test_interleaved.py tests/test_kv_pool.py \
+    tests/test_gguf_file.py tests/test_runner.py tests/test_parity.py tests/test_engine.py \
+    tests/test_prefix_cache.py
+fi
+
+if [ ${#command[@]} -eq 0 ]; then
+  command=(python -m pytest -q -p no:cacheprovider "$@")
+fi
+
+cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DPYGEMMA4_CUDA=off \
+  -DPYGEMMA4_SANITIZE=ON ${CMAKE_CXX_COMPILER_LAUNCHER:+-DCMAKE_CXX_COMPILER_LAUNCHER=$CMAKE_CXX_COMPILER_LAUNCHER} \
+  -Dpybind11_DIR="$(python -c 'import pybind11; print(pybind11.get_cmake_dir())')" >/dev/null
+ninja -C "$BUILD" >&2
+sanitized=$(ls "$PWD/$BUILD"/_core*.so)
+
+# Swap the module in, and put whatever was there back however the run ends.
+shopt -s nullglob
+previous=(pygemma4/_core*.so)
+saved=$(mktemp -d)
+for f in "${previous[@]}"; do mv "$f" "$saved/"; done
+restore() {
+  rm -f pygemma4/_core*.so
+  for f in "$saved"/*; do mv "$f" pygemma4/; done
+  rmdir "$saved"
+}
+trap restore EXIT
+ln -s "$sanitized" pygemma4/
+
+libasan=$(${CXX:-g++} -print-file-name=libasan.so)
+echo "sanitized module: $sanitized (runtime $libasan)" >&2
+status=0
+LD_PRELOAD="$libasan" \
+  ASAN_OPTIONS="detect_leaks=0:abort_on_error=1:halt_on_error=1:print_summary=1" \
+  UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1" \
+  CI="${CI:-true}" PYTHONPATH="$PWD" "${command[@]}" || status=$?
+echo "sanitized run: exit status $status" >&2
+exit "$status"

@@ -1,0 +1,105 @@
+"""What the fuzz targets share: their corpora, a scratch file for inputs that must be files, and
+the command line that runs a target under atheris.
+
+A target is a module `fuzz_<name>.py` in this folder with a `fuzz_one(data: bytes) -> None`
+that may raise only `Gemma4Error` subclasses: any other exception, a crash or a hang is a
+finding. `fuzz_one` needs nothing but pygemma4, so that tests/test_fuzz_corpus.py replays the
+corpora without atheris; only `main` imports atheris.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from pygemma4.errors import Gemma4Error
+from pygemma4.models.demo import demo_vocabulary
+from pygemma4.models.vocabulary import tokenizer_metadata
+from pygemma4.tokenizer import Tokenizer
+
+FUZZ_DIR = Path(__file__).resolve().parent
+CORPUS_ROOT = FUZZ_DIR / "corpus"
+# The modules whose Python code atheris instruments for coverage; the rest (numpy, jinja2,
+# pydantic, ...) runs uninstrumented, so that executions stay fast and coverage means ours.
+INSTRUMENTED_PACKAGES = ("pygemma4", "workers")
+
+_scratch_dir: tempfile.TemporaryDirectory[str] | None = None
+
+
+def target_names() -> list[str]:
+    """The names of the fuzz targets in this folder (`fuzz_<name>.py`)."""
+    return sorted(p.stem.removeprefix("fuzz_") for p in FUZZ_DIR.glob("fuzz_*.py"))
+
+
+def corpus_dir(target: str) -> Path:
+    """Where the seeds and regression inputs of `target` are kept."""
+    return CORPUS_ROOT / target
+
+
+def scratch_file(data: bytes, suffix: str = ".gguf") -> Path:
+    """`data` written to this process's scratch file (in memory where /dev/shm exists), for
+    code under test that reads paths."""
+    global _scratch_dir
+    if _scratch_dir is None:
+        root = "/dev/shm" if os.path.isdir("/dev/shm") else None
+        _scratch_dir = tempfile.TemporaryDirectory(prefix="pygemma4-fuzz-", dir=root)
+    path = Path(_scratch_dir.name) / f"input{suffix}"
+    path.write_bytes(data)
+    return path
+
+
+def text_of(data: bytes) -> str:
+    """`data` as text: UTF-8, with bytes that are not UTF-8 kept as lone surrogates (text no
+    client can send as JSON, but Python callers can pass)."""
+    return data.decode("utf-8", "surrogateescape")
+
+
+def demo_tokenizer(chat_template: str | None = None) -> Tokenizer:
+    """The demo model's tokenizer, with `chat_template` or else the built-in Gemma 4 one."""
+    metadata = tokenizer_metadata(demo_vocabulary())
+    if chat_template is not None:
+        metadata["tokenizer.chat_template"] = chat_template
+    return Tokenizer.from_metadata(metadata)
+
+
+def main(fuzz_one: Callable[[bytes], None]) -> None:
+    """Run `fuzz_one` under atheris with libFuzzer's command line (sys.argv): a Gemma4Error is
+    the expected answer to bad input, anything else stops the run as a finding."""
+    import atheris
+
+    def test_one(data: bytes) -> None:
+        with contextlib.suppress(Gemma4Error):
+            fuzz_one(data)
+
+    for name, module in list(sys.modules.items()):
+        if name.split(".")[0] in INSTRUMENTED_PACKAGES and module is not None:
+            _instrument_module(atheris, module)
+    atheris.Setup(sys.argv, test_one)
+    atheris.Fuzz()
+
+
+def _instrument_module(atheris: object, module: object) -> None:
+    """Instrument the functions and methods defined in `module` (not those it imports)."""
+    name = getattr(module, "__name__", "")
+    for value in list(vars(module).values()):
+        candidates = [value]
+        if isinstance(value, type):
+            candidates = [
+                getattr(member, "__func__", member)
+                for member in vars(value).values()
+                if not isinstance(member, (staticmethod, classmethod))
+            ] + [
+                member.__func__
+                for member in vars(value).values()
+                if isinstance(member, (staticmethod, classmethod))
+            ]
+            candidates += [p.fget for p in vars(value).values() if isinstance(p, property)]
+        for function in candidates:
+            code = getattr(function, "__code__", None)
+            if code is None or getattr(function, "__module__", None) != name:
+                continue
+            atheris.instrument_func(function)  # type: ignore[attr-defined]
