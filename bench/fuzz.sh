@@ -18,16 +18,16 @@ shift
 if [ $# -eq 0 ]; then
   set -- $(cd tests/fuzz && ls fuzz_*.py | sed 's/^fuzz_//; s/\.py$//')
 fi
-runner=()
+runner=(env PYTHONPATH="$PWD")
 if [ "${ASAN:-0}" = 1 ]; then runner=(bench/sanitize.sh --exec); fi
 
 printf '%-20s %12s %8s %8s %8s %8s  %s\n' target executions exec/s cov ft corpus findings
 for target in "$@"; do
-  work=build/fuzz/$target
+  work=$PWD/build/fuzz/$target
   mkdir -p "$work/corpus"
   log=$work/fuzz.log
-  "${runner[@]}" env PYTHONPATH="$PWD" python "tests/fuzz/fuzz_$target.py" \
-    "$work/corpus" "tests/fuzz/corpus/$target" \
+  "${runner[@]}" python "$PWD/tests/fuzz/fuzz_$target.py" \
+    "$work/corpus" "$PWD/tests/fuzz/corpus/$target" \
     -max_total_time="$seconds" -timeout=1 -rss_limit_mb=4096 -print_final_stats=1 \
     -artifact_prefix="$work/" >"$log" 2>&1
   status=$?

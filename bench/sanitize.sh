@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Build the C++ core with AddressSanitizer + UndefinedBehaviorSanitizer (-DPYGEMMA4_SANITIZE=ON,
 # into build/sanitize) and run tests against it: the core-heavy tests unless test files are
-# named. The sanitized module stands in for pygemma4/_core*.so during the run (the link is put
-# back afterwards), so run nothing else in this checkout meanwhile.
+# named. They run in a shadow of the checkout (build/sanitize/shadow) whose core module is the
+# sanitized one; subprocesses inherit it and the preloaded runtime.
 #
 #   bench/sanitize.sh                             # the core-heavy tests
 #   bench/sanitize.sh tests/test_ops.py -k q8     # these
@@ -33,18 +33,19 @@ cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DPYGEMMA4_CUD
 ninja -C "$BUILD" >&2
 sanitized=$(ls "$PWD/$BUILD"/_core*.so)
 
-# Swap the module in, and put whatever was there back however the run ends.
-shopt -s nullglob
-previous=(pygemma4/_core*.so)
-saved=$(mktemp -d)
-for f in "${previous[@]}"; do mv "$f" "$saved/"; done
-restore() {
-  rm -f pygemma4/_core*.so
-  for f in "$saved"/*; do mv "$f" pygemma4/; done
-  rmdir "$saved"
-}
-trap restore EXIT
-ln -s "$sanitized" pygemma4/
+# A shadow of the checkout that differs only in its core module (links to everything else),
+# run from, so that the checkout's own module stays as it is for whatever else runs meanwhile.
+shadow=$PWD/$BUILD/shadow
+rm -rf "$shadow"
+mkdir -p "$shadow/pygemma4"
+for f in * pygemma4/*; do
+  case $f in
+    pygemma4 | build | pygemma4/_core*.so | pygemma4/__pycache__) ;;
+    *) ln -s "$PWD/$f" "$shadow/$f" ;;
+  esac
+done
+ln -s "$sanitized" "$shadow/pygemma4/"
+cd "$shadow"
 
 libasan=$(${CXX:-g++} -print-file-name=libasan.so)
 echo "sanitized module: $sanitized (runtime $libasan)" >&2
@@ -52,6 +53,6 @@ status=0
 LD_PRELOAD="$libasan" \
   ASAN_OPTIONS="detect_leaks=0:abort_on_error=1:halt_on_error=1:print_summary=1" \
   UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1" \
-  CI="${CI:-true}" PYTHONPATH="$PWD" "${command[@]}" || status=$?
+  CI="${CI:-true}" PYTHONPATH="$shadow" "${command[@]}" || status=$?
 echo "sanitized run: exit status $status" >&2
 exit "$status"
