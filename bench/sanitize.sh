@@ -24,7 +24,8 @@ elif [ $# -eq 0 ]; then
 fi
 
 if [ ${#command[@]} -eq 0 ]; then
-  command=(python -m pytest -q -p no:cacheprovider "$@")
+  # --capture=sys: the sanitizers write their reports to fd 2, which pytest must not swallow.
+  command=(python -m pytest -q -p no:cacheprovider --capture=sys "$@")
 fi
 
 cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DPYGEMMA4_CUDA=off \
@@ -48,9 +49,12 @@ ln -s "$sanitized" "$shadow/pygemma4/"
 cd "$shadow"
 
 libasan=$(${CXX:-g++} -print-file-name=libasan.so)
+# The C++ runtime too: ASan intercepts C++ throws, and finds nothing to intercept where the
+# runtime loads only later, with the module (Python itself is C).
+libstdcxx=$(${CXX:-g++} -print-file-name=libstdc++.so.6)
 echo "sanitized module: $sanitized (runtime $libasan)" >&2
 status=0
-LD_PRELOAD="$libasan" \
+LD_PRELOAD="$libasan $libstdcxx" \
   ASAN_OPTIONS="detect_leaks=0:abort_on_error=1:halt_on_error=1:print_summary=1" \
   UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1" \
   CI="${CI:-true}" PYTHONPATH="$shadow" "${command[@]}" || status=$?

@@ -102,6 +102,8 @@ class ChatTemplate:
             raise ChatTemplateError(
                 f"chat template syntax error on line {e.lineno}: {e.message}"
             ) from None
+        except RecursionError:
+            raise ChatTemplateError("chat template nests too deeply to compile") from None
 
     def render(
         self,

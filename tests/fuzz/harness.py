@@ -13,8 +13,9 @@ import contextlib
 import os
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import FunctionType, ModuleType
 
 from pygemma4.errors import Gemma4Error
 from pygemma4.models.demo import demo_vocabulary
@@ -77,29 +78,20 @@ def main(fuzz_one: Callable[[bytes], None]) -> None:
 
     for name, module in list(sys.modules.items()):
         if name.split(".")[0] in INSTRUMENTED_PACKAGES and module is not None:
-            _instrument_module(atheris, module)
+            for function in _functions_of(module):
+                atheris.instrument_func(function)
     atheris.Setup(sys.argv, test_one)
     atheris.Fuzz()
 
 
-def _instrument_module(atheris: object, module: object) -> None:
-    """Instrument the functions and methods defined in `module` (not those it imports)."""
-    name = getattr(module, "__name__", "")
+def _functions_of(module: ModuleType) -> Iterator[FunctionType]:
+    """The functions and methods `module` defines (not those it imports)."""
     for value in list(vars(module).values()):
-        candidates = [value]
-        if isinstance(value, type):
-            candidates = [
-                getattr(member, "__func__", member)
-                for member in vars(value).values()
-                if not isinstance(member, (staticmethod, classmethod))
-            ] + [
-                member.__func__
-                for member in vars(value).values()
-                if isinstance(member, (staticmethod, classmethod))
-            ]
-            candidates += [p.fget for p in vars(value).values() if isinstance(p, property)]
-        for function in candidates:
-            code = getattr(function, "__code__", None)
-            if code is None or getattr(function, "__module__", None) != name:
-                continue
-            atheris.instrument_func(function)  # type: ignore[attr-defined]
+        members = list(vars(value).values()) if isinstance(value, type) else [value]
+        for member in members:
+            if isinstance(member, (staticmethod, classmethod)):
+                member = member.__func__
+            elif isinstance(member, property):
+                member = member.fget
+            if isinstance(member, FunctionType) and member.__module__ == module.__name__:
+                yield member
