@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from pygemma4.constraints import check_constraint, tool_call_grammar
 from pygemma4.errors import Gemma4Error, SamplingParamsError
-from pygemma4.protocol import TokenLogprobs
+from pygemma4.protocol import TOOL_NAME_PATTERN, TokenLogprobs
 from pygemma4.sampling import MAX_LOGPROBS, SamplingParams
 
 MAX_CHOICES = 128
@@ -93,8 +93,12 @@ class TextPart(_Strict):
         return value
 
 
+# What the server takes as a function's name (what the model can write after `call:`).
+ToolName = Annotated[str, Field(pattern=TOOL_NAME_PATTERN)]
+
+
 class FunctionCallIn(_Strict):
-    name: str
+    name: ToolName
     arguments: str
     """The arguments as a JSON object's text."""
 
@@ -129,7 +133,7 @@ class ChatMessageIn(_Strict):
 
 
 class FunctionIn(_Strict):
-    name: str
+    name: ToolName
     description: str | None = None
     parameters: dict[str, Any] | None = None
     strict: bool | None = None
@@ -143,7 +147,7 @@ class ToolIn(_Strict):
 
 
 class FunctionName(_Strict):
-    name: str
+    name: ToolName
 
 
 class NamedToolChoice(_Strict):
@@ -350,6 +354,7 @@ class CompletionRequest(_GenerationRequest):
 def parse_request(model: type[_Strict], body: Any) -> Any:
     """`body` (parsed JSON) as a request of type `model`; ApiError 400 naming the first field
     that is wrong."""
+    _check_unicode(body)
     try:
         return model.model_validate(body)
     except ValidationError as e:
@@ -363,6 +368,19 @@ def parse_request(model: type[_Strict], body: Any) -> Any:
         raise ApiError(
             400, f"{param}: {message}" if param else message, param=param, code="invalid_value"
         ) from None
+
+
+def _check_unicode(body: Any) -> None:
+    """ApiError 400 where the body's text holds a lone surrogate (JSON's `\\ud83d` escape
+    alone), which no UTF-8 spells and so no request to the server can carry."""
+    try:
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ApiError(
+            400, f"the body holds text that is not valid Unicode: {e.reason}", code="invalid_json"
+        ) from None
+    except RecursionError:
+        raise ApiError(400, "the body nests too deeply", code="invalid_json") from None
 
 
 def _union_member(part: object) -> bool:

@@ -75,14 +75,12 @@ class Tokenizer:
         self.eos_id = _checked_id("EOS", eos_id, len(tokens))
         # A later duplicate of a token text wins, as in llama.cpp's text-to-id map.
         self._ids = {text: i for i, text in enumerate(self.tokens)}
-        self._bpe = _BPETokenizer(
-            BPE(
-                vocab=self._ids,
-                merges=[_split_merge(i, merge) for i, merge in enumerate(merges)],
-                byte_fallback=True,
-                fuse_unk=False,
-            )
-        )
+        split_merges = [_split_merge(i, merge) for i, merge in enumerate(merges)]
+        try:
+            bpe = BPE(vocab=self._ids, merges=split_merges, byte_fallback=True, fuse_unk=False)
+        except Exception as e:  # tokenizers raises a bare Exception for merges it refuses
+            raise TokenizerError(f"the merges do not fit the vocabulary: {e}") from None
+        self._bpe = _BPETokenizer(bpe)
         # Longest first, so a special token that contains another wins where both match.
         self._special_ids = sorted(
             (i for i, kind in enumerate(self.token_types) if kind in _SPECIAL_TYPES),
