@@ -11,7 +11,8 @@ The bars it checks:
 - no request lost (every one ends: a result, an error, or its cancellation) or mixed (each
   greedy result is the token ids an in-process Engine gives for that prompt);
 - the requests a killed worker held fail within 1 s, and the server serves again afterwards;
-- RSS and open fds of each process grow less than 5% over the last two thirds of the run;
+- the private RSS (less the shared KV pool's pages, bounded by the pool's size) and open fds
+  of each process grow less than 5% over the last two thirds of the run;
 - nothing left behind after SIGTERM.
 
     python bench/soak.py --minutes 10 --out bench/results/soak
@@ -327,12 +328,14 @@ async def monitor(soak: Soak, server: psutil.Process, every: float) -> None:
             for pid, name in process_names(server, workers).items():
                 with contextlib.suppress(psutil.Error):
                     p = psutil.Process(pid)
+                    memory = p.memory_info()
                     soak.samples.append(
                         {
                             "t": soak.now(),
                             "name": name,
                             "pid": pid,
-                            "rss": p.memory_info().rss,
+                            "rss": memory.rss,
+                            "private": memory.rss - memory.shared,
                             "fds": p.num_fds(),
                         }
                     )
@@ -377,7 +380,9 @@ async def killer(soak: Soak, every: float) -> None:
 
 
 def growth(samples: list[dict], duration: float) -> dict[str, dict[str, float]]:
-    """Per process name, the growth of RSS and fds over the last two thirds of the run: the
+    """Per process name, the growth of RSS (all, and private: less the pages of shared memory,
+    the KV pool's, which fill up to the pool's size as its blocks are first used) and fds
+    over the last two thirds of the run: the
     mean of the last quarter of that window over the mean of its first quarter, for the
     process that ran last under that name (from WARMUP_S after it started, where a restart
     falls in the window)."""
@@ -392,18 +397,24 @@ def growth(samples: list[dict], duration: float) -> dict[str, dict[str, float]]:
             continue
         quarter = len(window) // 4
         first, last = window[:quarter], window[-quarter:]
-        rss = [sum(s["rss"] for s in part) / len(part) / 2**20 for part in (first, last)]
-        fds = [sum(s["fds"] for s in part) / len(part) for part in (first, last)]
+        rss, private, fds = (_means(first, last, key) for key in ("rss", "private", "fds"))
         out[name] = {
             "from_s": round(window[0]["t"], 1),
-            "rss_start_mb": round(rss[0], 1),
-            "rss_end_mb": round(rss[1], 1),
+            "rss_start_mb": round(rss[0] / 2**20, 1),
+            "rss_end_mb": round(rss[1] / 2**20, 1),
             "rss_growth": round(rss[1] / rss[0] - 1, 4),
+            "private_start_mb": round(private[0] / 2**20, 1),
+            "private_end_mb": round(private[1] / 2**20, 1),
+            "private_growth": round(private[1] / private[0] - 1, 4),
             "fds_start": round(fds[0], 1),
             "fds_end": round(fds[1], 1),
             "fds_growth": round(fds[1] / fds[0] - 1, 4),
         }
     return out
+
+
+def _means(first: list[dict], last: list[dict], key: str) -> tuple[float, float]:
+    return (sum(s[key] for s in first) / len(first), sum(s[key] for s in last) / len(last))
 
 
 def plot(samples: list[dict], kills: list[Kill], path: Path) -> None:
@@ -412,16 +423,18 @@ def plot(samples: list[dict], kills: list[Kill], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, (rss_axes, fd_axes) = plt.subplots(2, 1, figsize=(11, 8), sharex=True)
+    figure, (rss_axes, private_axes, fd_axes) = plt.subplots(3, 1, figsize=(11, 10), sharex=True)
     for name in sorted({s["name"] for s in samples}):
         mine = [s for s in samples if s["name"] == name]
         t = [s["t"] / 60 for s in mine]
         rss_axes.plot(t, [s["rss"] / 2**20 for s in mine], ".-", markersize=2, label=name)
-        fd_axes.plot(t, [s["fds"] for s in mine], ".-", markersize=2, label=name)
-    for axes in (rss_axes, fd_axes):
+        private_axes.plot(t, [s["private"] / 2**20 for s in mine], ".-", markersize=2)
+        fd_axes.plot(t, [s["fds"] for s in mine], ".-", markersize=2)
+    for axes in (rss_axes, private_axes, fd_axes):
         for kill in kills:
             axes.axvline(kill.at / 60, color="red", alpha=0.3)
     rss_axes.set_ylabel("RSS (MiB)")
+    private_axes.set_ylabel("private RSS (MiB)")
     fd_axes.set_ylabel("open fds")
     fd_axes.set_xlabel("minutes (red: a worker SIGKILLed)")
     rss_axes.legend(fontsize=8, ncol=3)
@@ -510,8 +523,9 @@ def main() -> None:
             k.slowest_failure_s < FAILURE_BAR_S for k in soak.kills
         ),
         "served again after every kill": all(k.served_after_s is not None for k in soak.kills),
-        "RSS and fds grew < 5% over the last 2/3": all(
-            g["rss_growth"] < GROWTH_BAR and g["fds_growth"] < GROWTH_BAR for g in grown.values()
+        "private RSS and fds grew < 5% over the last 2/3": all(
+            g["private_growth"] < GROWTH_BAR and g["fds_growth"] < GROWTH_BAR
+            for g in grown.values()
         ),
         "nothing left after shutdown": code == 0 and not any(left.values()),
     }

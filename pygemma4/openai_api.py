@@ -16,7 +16,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from pygemma4.constraints import check_constraint, tool_call_grammar
 from pygemma4.errors import Gemma4Error, SamplingParamsError
@@ -120,6 +127,12 @@ class ChatMessageIn(_Strict):
     tool_call_id: str | None = None
     name: str | None = None
     reasoning_content: str | None = None
+
+    @model_validator(mode="after")
+    def _has_content(self) -> ChatMessageIn:
+        if self.content is None and not self.tool_calls:
+            raise ValueError("content is required (it may be null only beside tool_calls)")
+        return self
 
     def text(self) -> str | None:
         """The content as one text (parts joined by newlines, as other servers do)."""

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FunctionType, ModuleType
@@ -28,7 +27,7 @@ CORPUS_ROOT = FUZZ_DIR / "corpus"
 # pydantic, ...) runs uninstrumented, so that executions stay fast and coverage means ours.
 INSTRUMENTED_PACKAGES = ("pygemma4", "workers")
 
-_scratch_dir: tempfile.TemporaryDirectory[str] | None = None
+_scratch_fd: int | None = None
 
 
 def target_names() -> list[str]:
@@ -41,16 +40,16 @@ def corpus_dir(target: str) -> Path:
     return CORPUS_ROOT / target
 
 
-def scratch_file(data: bytes, suffix: str = ".gguf") -> Path:
-    """`data` written to this process's scratch file (in memory where /dev/shm exists), for
-    code under test that reads paths."""
-    global _scratch_dir
-    if _scratch_dir is None:
-        root = "/dev/shm" if os.path.isdir("/dev/shm") else None
-        _scratch_dir = tempfile.TemporaryDirectory(prefix="pygemma4-fuzz-", dir=root)
-    path = Path(_scratch_dir.name) / f"input{suffix}"
-    path.write_bytes(data)
-    return path
+def scratch_file(data: bytes) -> Path:
+    """`data` as the content of this process's scratch file, for code under test that reads
+    paths: a memory file without a name (its path is /proc/self/fd/N), so that nothing is
+    left behind however the process ends (libFuzzer leaves without Python's cleanup)."""
+    global _scratch_fd
+    if _scratch_fd is None:
+        _scratch_fd = os.memfd_create("pygemma4-fuzz")
+    os.ftruncate(_scratch_fd, 0)
+    os.pwrite(_scratch_fd, data, 0)
+    return Path(f"/proc/self/fd/{_scratch_fd}")
 
 
 def text_of(data: bytes) -> str:
