@@ -7,9 +7,15 @@
 # it). It is left under build/fuzz/TARGET/ to be fixed and then copied into
 # tests/fuzz/corpus/TARGET/ as regression-NAME. Needs atheris (`pip install atheris`).
 #
+# With ASAN=1 the core is the one built with AddressSanitizer + UndefinedBehaviorSanitizer
+# (bench/sanitize.sh). Atheris takes no coverage through GCC's sanitizer runtime (it warns so),
+# and mutating blind reaches little, so this mode runs every input the plain runs collected
+# (build/fuzz/TARGET/corpus) and the seeds once each instead, SECONDS unused; its findings go
+# to build/fuzz-asan/TARGET/.
+#
 #   bench/fuzz.sh 300                 # every target, 5 minutes each
 #   bench/fuzz.sh 60 gguf protocol    # these two, a minute each
-#   ASAN=1 bench/fuzz.sh 300 gguf     # with the core built under ASan + UBSan (bench/sanitize.sh)
+#   ASAN=1 bench/fuzz.sh 0 gguf       # what fuzzing gguf collected, under ASan + UBSan
 #   SLOW=3 bench/fuzz.sh 300          # an input is slow at 3 s, not 1 (a loaded machine)
 #
 # New inputs that reach new coverage go to build/fuzz/TARGET/corpus, not to the committed seeds.
@@ -21,17 +27,25 @@ if [ $# -eq 0 ]; then
   set -- $(cd tests/fuzz && ls fuzz_*.py | sed 's/^fuzz_//; s/\.py$//')
 fi
 runner=(env PYTHONPATH="$PWD")
-if [ "${ASAN:-0}" = 1 ]; then runner=(bench/sanitize.sh --exec); fi
+mode=(-max_total_time="$seconds")
+if [ "${ASAN:-0}" = 1 ]; then
+  runner=(bench/sanitize.sh --exec)
+  mode=(-runs=0)
+fi
 
 printf '%-20s %12s %8s %8s %8s %8s  %s\n' target executions exec/s cov ft corpus findings
 for target in "$@"; do
   work=$PWD/build/fuzz/$target
+  corpora=("$work/corpus" "$PWD/tests/fuzz/corpus/$target")
+  if [ "${ASAN:-0}" = 1 ]; then
+    work=$PWD/build/fuzz-asan/$target
+    corpora=("$work/corpus" "${corpora[@]}")
+  fi
   mkdir -p "$work/corpus"
   log=$work/fuzz.log
   "${runner[@]}" python "$PWD/tests/fuzz/fuzz_$target.py" \
-    "$work/corpus" "$PWD/tests/fuzz/corpus/$target" \
-    -max_total_time="$seconds" -timeout=30 -report_slow_units=$((${SLOW:-1} - 1)) -rss_limit_mb=4096 -print_final_stats=1 \
-    -artifact_prefix="$work/" >"$log" 2>&1
+    "${corpora[@]}" "${mode[@]}" -timeout=30 -report_slow_units=$((${SLOW:-1} - 1)) \
+    -rss_limit_mb=4096 -print_final_stats=1 -artifact_prefix="$work/" >"$log" 2>&1
   status=$?
   runs=$(grep -oE 'stat::number_of_executed_units: *[0-9]+' "$log" | grep -oE '[0-9]+$' | tail -1)
   rate=$(grep -oE 'stat::average_exec_per_sec: *[0-9]+' "$log" | grep -oE '[0-9]+$' | tail -1)
