@@ -482,8 +482,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench/results/soak"))
     args = parser.parse_args()
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    workdir = args.out.parent / (args.out.name + "-server")
-    workdir.mkdir(exist_ok=True)
+    # The server's own output, for a look after the run; not a result to keep.
+    workdir = Path("build") / "soak-server"
+    workdir.mkdir(parents=True, exist_ok=True)
 
     expected = references(PROMPTS)
     shm_before = set(os.listdir("/dev/shm"))
