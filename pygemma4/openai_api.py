@@ -168,7 +168,9 @@ class NamedToolChoice(_Strict):
     function: FunctionName
 
 
-PositiveInt = Annotated[int, Field(ge=1)]
+# Counts of tokens: anything beyond 2**31 - 1 is past every context, and past what the
+# protocol carries.
+PositiveInt = Annotated[int, Field(ge=1, lt=2**31)]
 TokenIdInt = Annotated[int, Field(ge=0, lt=2**31)]
 
 

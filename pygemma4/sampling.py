@@ -194,7 +194,10 @@ class SamplingParams:
                 "temperature", self.temperature, "a finite number >= 0", lambda x: x >= 0
             ),
             "top_k": _integer(
-                "top_k", self.top_k, "an integer >= 0 (0 disables it)", lambda k: k >= 0
+                "top_k",
+                self.top_k,
+                "an integer in [0, 2**31) (0 disables it)",
+                lambda k: 0 <= k < 2**31,
             ),
             "top_p": _number("top_p", self.top_p, "in (0, 1]", lambda x: 0 < x <= 1),
             "min_p": _number("min_p", self.min_p, "in [0, 1]", lambda x: 0 <= x <= 1),
