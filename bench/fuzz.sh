@@ -41,7 +41,10 @@ for target in "$@"; do
     work=$PWD/build/fuzz-asan/$target
     corpora=("$work/corpus" "${corpora[@]}")
   fi
-  mkdir -p "$work/corpus"
+  mkdir -p "$work/corpus" "$work/earlier"
+  # Findings of earlier runs move aside, so that those listed below are this run's.
+  find "$work" -maxdepth 1 \( -name 'crash-*' -o -name 'timeout-*' -o -name 'oom-*' \
+    -o -name 'slow-unit-*' \) -exec mv -t "$work/earlier" {} +
   log=$work/fuzz.log
   "${runner[@]}" python "$PWD/tests/fuzz/fuzz_$target.py" \
     "${corpora[@]}" "${mode[@]}" -timeout=30 -report_slow_units=$((${SLOW:-1} - 1)) \
