@@ -227,6 +227,8 @@ class _Rules:
         if not isinstance(schema, Mapping):
             raise ConstraintError(f"{where} must be a JSON schema object")
         kind = schema.get("type")
+        if kind is not None and not isinstance(kind, str):
+            raise ConstraintError(f"{where}.type must be one type's name, got {kind!r}")
         enforced = {"enum", "type"} if "enum" in schema else _ENFORCED.get(kind, {"type"})
         unsupported = sorted(set(schema) - enforced - _ANNOTATIONS)
         if unsupported:

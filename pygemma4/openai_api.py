@@ -16,11 +16,18 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from pygemma4.constraints import check_constraint, tool_call_grammar
 from pygemma4.errors import Gemma4Error, SamplingParamsError
-from pygemma4.protocol import TokenLogprobs
+from pygemma4.protocol import TOOL_NAME_PATTERN, TokenLogprobs
 from pygemma4.sampling import MAX_LOGPROBS, SamplingParams
 
 MAX_CHOICES = 128
@@ -93,8 +100,12 @@ class TextPart(_Strict):
         return value
 
 
+# What the server takes as a function's name (what the model can write after `call:`).
+ToolName = Annotated[str, Field(pattern=TOOL_NAME_PATTERN)]
+
+
 class FunctionCallIn(_Strict):
-    name: str
+    name: ToolName
     arguments: str
     """The arguments as a JSON object's text."""
 
@@ -117,6 +128,12 @@ class ChatMessageIn(_Strict):
     name: str | None = None
     reasoning_content: str | None = None
 
+    @model_validator(mode="after")
+    def _has_content(self) -> ChatMessageIn:
+        if self.content is None and not self.tool_calls:
+            raise ValueError("content is required (it may be null only beside tool_calls)")
+        return self
+
     def text(self) -> str | None:
         """The content as one text (parts joined by newlines, as other servers do)."""
         if self.content is None or isinstance(self.content, str):
@@ -129,7 +146,7 @@ class ChatMessageIn(_Strict):
 
 
 class FunctionIn(_Strict):
-    name: str
+    name: ToolName
     description: str | None = None
     parameters: dict[str, Any] | None = None
     strict: bool | None = None
@@ -143,7 +160,7 @@ class ToolIn(_Strict):
 
 
 class FunctionName(_Strict):
-    name: str
+    name: ToolName
 
 
 class NamedToolChoice(_Strict):
@@ -151,7 +168,9 @@ class NamedToolChoice(_Strict):
     function: FunctionName
 
 
-PositiveInt = Annotated[int, Field(ge=1)]
+# Counts of tokens: anything beyond 2**31 - 1 is past every context, and past what the
+# protocol carries.
+PositiveInt = Annotated[int, Field(ge=1, lt=2**31)]
 TokenIdInt = Annotated[int, Field(ge=0, lt=2**31)]
 
 
@@ -350,6 +369,7 @@ class CompletionRequest(_GenerationRequest):
 def parse_request(model: type[_Strict], body: Any) -> Any:
     """`body` (parsed JSON) as a request of type `model`; ApiError 400 naming the first field
     that is wrong."""
+    _check_unicode(body)
     try:
         return model.model_validate(body)
     except ValidationError as e:
@@ -363,6 +383,19 @@ def parse_request(model: type[_Strict], body: Any) -> Any:
         raise ApiError(
             400, f"{param}: {message}" if param else message, param=param, code="invalid_value"
         ) from None
+
+
+def _check_unicode(body: Any) -> None:
+    """ApiError 400 where the body's text holds a lone surrogate (JSON's `\\ud83d` escape
+    alone), which no UTF-8 spells and so no request to the server can carry."""
+    try:
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ApiError(
+            400, f"the body holds text that is not valid Unicode: {e.reason}", code="invalid_json"
+        ) from None
+    except RecursionError:
+        raise ApiError(400, "the body nests too deeply", code="invalid_json") from None
 
 
 def _union_member(part: object) -> bool:

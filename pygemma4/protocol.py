@@ -102,7 +102,8 @@ class TextPart(_Strict, tag="text", tag_field="type"):
     text: str
 
 
-ToolName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")]
+TOOL_NAME_PATTERN = r"^[A-Za-z0-9_.\-]{1,64}$"
+ToolName = Annotated[str, msgspec.Meta(pattern=TOOL_NAME_PATTERN)]
 """A function's name: what the model can write after `call:`."""
 
 
@@ -476,9 +477,21 @@ class KvPoolSpec(_Strict):
 # --- Encoding --------------------------------------------------------------------------------
 
 _encoder = msgspec.msgpack.Encoder()
-_client_decoder = msgspec.msgpack.Decoder(ClientRequest)
-_reply_decoder = msgspec.msgpack.Decoder(ServerReply)
-_internal_decoder = msgspec.msgpack.Decoder(Internal)
+
+
+def _no_extensions(code: int, data: memoryview) -> typing.NoReturn:
+    # Free-form fields (tool parameters, template variables) would otherwise carry msgspec's
+    # Ext objects on to code that cannot handle them.
+    raise ProtocolError(f"undecodable message: MessagePack extension type {code} is not used")
+
+
+def _decoder(kind: typing.Any) -> msgspec.msgpack.Decoder:
+    return msgspec.msgpack.Decoder(kind, ext_hook=_no_extensions)
+
+
+_client_decoder = _decoder(ClientRequest)
+_reply_decoder = _decoder(ServerReply)
+_internal_decoder = _decoder(Internal)
 
 
 def encode(message: msgspec.Struct) -> bytes:
@@ -527,7 +540,7 @@ class InboxDecoder:
     def __init__(self, process: str, inbox: typing.Any) -> None:
         self.process = process
         self.takes = message_types(inbox)
-        self._decoder = msgspec.msgpack.Decoder(inbox)
+        self._decoder = _decoder(inbox)
 
     def decode(self, frame: bytes) -> typing.Any:
         """The message; ProtocolError when the frame is no message between workers,

@@ -114,14 +114,25 @@ def _stop_strings(value: object) -> tuple[str, ...]:
     return tuple(strings)
 
 
+def _check_unicode(name: str, text: str) -> None:
+    """SamplingParamsError where `text` holds lone surrogates (no UTF-8 spells them)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise SamplingParamsError(
+            f"{name} is not valid Unicode: {e.reason} at index {e.start}"
+        ) from None
+
+
 def _json_schema(value: object) -> str | None:
     """`value` when it is None or the JSON text of a schema (an object or a boolean)."""
     if value is None:
         return None
     if isinstance(value, str):
+        _check_unicode("json_schema", value)
         try:
             schema = json.loads(value)
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, RecursionError) as e:
             raise SamplingParamsError(f"json_schema is not valid JSON: {e}") from None
         if isinstance(schema, (dict, bool)):
             return value
@@ -133,6 +144,8 @@ def _json_schema(value: object) -> str | None:
 def _grammar(value: object) -> str | None:
     """`value` when it is None or a non-empty string."""
     if value is None or (isinstance(value, str) and value.strip()):
+        if value is not None:
+            _check_unicode("grammar", value)
         return value
     raise SamplingParamsError(
         f"grammar must be None or a non-empty Lark grammar, got {_shown(value)}"
@@ -181,7 +194,10 @@ class SamplingParams:
                 "temperature", self.temperature, "a finite number >= 0", lambda x: x >= 0
             ),
             "top_k": _integer(
-                "top_k", self.top_k, "an integer >= 0 (0 disables it)", lambda k: k >= 0
+                "top_k",
+                self.top_k,
+                "an integer in [0, 2**31) (0 disables it)",
+                lambda k: 0 <= k < 2**31,
             ),
             "top_p": _number("top_p", self.top_p, "in (0, 1]", lambda x: 0 < x <= 1),
             "min_p": _number("min_p", self.min_p, "in [0, 1]", lambda x: 0 <= x <= 1),

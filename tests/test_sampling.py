@@ -154,7 +154,7 @@ def test_bad_value_is_rejected_naming_parameter_and_value(name: str, value: obje
         ({"temperature": -1.0}, "temperature must be a finite number >= 0, got -1.0"),
         ({"top_p": 1.5}, "top_p must be in (0, 1], got 1.5"),
         ({"min_p": 2}, "min_p must be in [0, 1], got 2"),
-        ({"top_k": -3}, "top_k must be an integer >= 0 (0 disables it), got -3"),
+        ({"top_k": -3}, "top_k must be an integer in [0, 2**31) (0 disables it), got -3"),
         ({"presence_penalty": 3.0}, "presence_penalty must be in [-2, 2], got 3.0"),
         ({"logprobs": 21}, "logprobs must be an integer in [0, 20], got 21"),
         ({"seed": -1}, "seed must be None or an integer in [0, 2**64), got -1"),
