@@ -2,7 +2,7 @@
 
 The load: greedy completions and chats, streamed and whole, over ZeroMQ and HTTP; streams
 cancelled after a few chunks; HTTP streams whose client disconnects mid-stream; oversized and
-malformed requests; and every --kill-every seconds a worker SIGKILLed (decode, prefill and
+malformed requests; and every --kill-every seconds a worker SIGKILLed (decode and
 tokenizer in turn). Recorded: every request's outcome, errors by kind, the RSS and open file
 descriptors of every process over time (a PNG plot), and what is left in /dev/shm and among the
 abstract sockets after shutdown.
@@ -343,9 +343,9 @@ async def monitor(soak: Soak, server: psutil.Process, every: float) -> None:
 
 
 async def killer(soak: Soak, every: float) -> None:
-    """SIGKILL decode, prefill and tokenizer workers in turn, every `every` seconds, and
+    """SIGKILL the decode and tokenizer workers in turn, every `every` seconds, and
     time how the requests they held fail and how soon the server serves again."""
-    victims = ["decode", "prefill-0", "tokenizer-0"]
+    victims = ["decode", "tokenizer-0"]
     async with AsyncClient(soak.endpoint, timeout=10) as client:
         n = 0
         while True:

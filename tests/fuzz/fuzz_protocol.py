@@ -20,7 +20,6 @@ INBOXES = (
     protocol.FrontEndInbox,
     protocol.TokenizerInbox,
     protocol.DecodeInbox,
-    protocol.PrefillInbox,
 )
 DECODERS = (
     protocol.decode_request,
