@@ -416,7 +416,7 @@ BAD_SAMPLING: list[tuple[str, Any]] = [
 EXTREME_SAMPLING: list[dict[str, Any]] = [
     {"temperature": 1e30, "top_p": 1e-300, "min_p": 1.0, "seed": 3},
     {"temperature": 1e-300, "repetition_penalty": 1e300, "seed": 3},
-    {"temperature": 5.0, "top_k": 2**63 - 1, "presence_penalty": -2.0, "seed": 2**64 - 1},
+    {"temperature": 5.0, "top_k": 2**31 - 1, "presence_penalty": -2.0, "seed": 2**64 - 1},
     {"temperature": 1.0, "min_p": 1.0, "logprobs": 20, "stop": ["a"] * 16},
 ]
 
