@@ -5,6 +5,7 @@ frames projected without an encoder (`gemma4ua`: 12B)."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 
@@ -13,10 +14,32 @@ import numpy as np
 from pygemma4 import _core
 from pygemma4.errors import Gemma4Error, UnsupportedModelError, located
 from pygemma4.gguf_file import GGUFFile, read_gguf
-from pygemma4.media.audio import FRAME_LENGTH, HOP_LENGTH, N_MEL, log_mel, prepare_samples
+from pygemma4.media.audio import (
+    FRAME_LENGTH,
+    HOP_LENGTH,
+    N_MEL,
+    AudioInput,
+    audio_samples,
+    log_mel,
+    prepare_samples,
+)
+from pygemma4.mmproj import MmprojFile
 
 CONFORMER = "gemma4a"
 RAW_FRAMES = "gemma4ua"
+
+
+@dataclass(frozen=True)
+class AudioEmbedding:
+    """One clip encoded: `embeddings` float32 [n_tokens, text width] (the rows that replace its
+    soft tokens) and the `digest` of its 16 kHz samples."""
+
+    embeddings: np.ndarray
+    digest: str
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.embeddings.shape[0])
 
 
 class AudioEncoderError(Gemma4Error, ValueError):
@@ -83,10 +106,13 @@ def audio_encoder_config(gguf: GGUFFile) -> AudioEncoderConfig:
 
 
 class AudioEncoder:
-    """The audio input of an mmproj GGUF (projector `gemma4a` or `gemma4ua`), on the CPU."""
+    """The audio input of an mmproj GGUF (projector `gemma4a` or `gemma4ua`), on the CPU: from
+    its path, or from the file `open_mmproj` already read and checked."""
 
-    def __init__(self, mmproj_path: str | os.PathLike[str], threads: int | None = None) -> None:
-        gguf = read_gguf(mmproj_path)
+    def __init__(
+        self, mmproj: str | os.PathLike[str] | MmprojFile, threads: int | None = None
+    ) -> None:
+        gguf = mmproj.gguf if isinstance(mmproj, MmprojFile) else read_gguf(mmproj)
         n_threads = threads or max(1, os.cpu_count() or 1)
         with located(gguf.path):
             self.config = config = audio_encoder_config(gguf)
@@ -164,6 +190,12 @@ class AudioEncoder:
         """Embeddings [n_tokens, embedding_dim] of a clip: samples as `prepare_samples` takes
         them ([n] or [n, channels], any rate)."""
         return self.encode_features(self.features(prepare_samples(samples, sample_rate, name)))
+
+    def embed_input(self, audio: AudioInput, name: str | None = None) -> AudioEmbedding:
+        """The embeddings of a clip given as a WAV path, WAV bytes or 16 kHz samples."""
+        samples = audio_samples(audio, name)
+        digest = hashlib.sha256(samples.tobytes()).hexdigest()
+        return AudioEmbedding(self.encode_features(self.features(samples)), digest)
 
 
 def embed_audio(
