@@ -23,7 +23,7 @@ from pygemma4.media.audio import (
     log_mel,
     prepare_samples,
 )
-from pygemma4.mmproj import MmprojFile
+from pygemma4.mmproj import MmprojFile, open_mmproj
 
 CONFORMER = "gemma4a"
 RAW_FRAMES = "gemma4ua"
@@ -63,12 +63,22 @@ class AudioEncoderConfig:
 
 def audio_encoder_config(gguf: GGUFFile) -> AudioEncoderConfig:
     """The audio encoder's hyperparameters, checked; UnsupportedModelError for a file without a
-    Gemma 4 audio encoder."""
+    Gemma 4 audio encoder. A Conformer's come from `open_mmproj`, which checks the whole file;
+    the raw-frame projector's (whose file `open_mmproj` does not take) from its few keys."""
     meta = gguf.metadata
+    projector = meta.get("clip.audio.projector_type", meta.get("clip.projector_type"))
+    if meta.get("clip.has_audio_encoder", False) and projector == CONFORMER:
+        mmproj = open_mmproj(gguf.path)
+        with located(gguf.path):
+            return conformer_config(mmproj)
+    with located(gguf.path):
+        return _raw_frames_config(meta, projector)
+
+
+def _raw_frames_config(meta: dict[str, object], projector: object) -> AudioEncoderConfig:
     if not meta.get("clip.has_audio_encoder", False):
         raise UnsupportedModelError("the file has no audio encoder (clip.has_audio_encoder)")
-    projector = meta.get("clip.audio.projector_type", meta.get("clip.projector_type"))
-    if projector not in (CONFORMER, RAW_FRAMES):
+    if projector != RAW_FRAMES:
         raise UnsupportedModelError(
             f"audio projector type {projector!r} is not one of Gemma 4's "
             f"({CONFORMER!r}, {RAW_FRAMES!r})"
@@ -83,25 +93,30 @@ def audio_encoder_config(gguf: GGUFFile) -> AudioEncoderConfig:
     eps = meta.get("clip.audio.attention.layer_norm_epsilon", 1e-6)
     if not isinstance(eps, float) or not 0 < eps < 1:
         raise UnsupportedModelError(f"clip.audio.attention.layer_norm_epsilon is {eps!r}")
-    if projector == RAW_FRAMES:
-        return AudioEncoderConfig(
-            projector=projector,
-            feature_dim=integer("clip.audio.embedding_length"),
-            n_layer=0,
-            n_head=0,
-            eps=eps,
-            embedding_dim=integer("clip.audio.projection_dim"),
-        )
-    n_mel = integer("clip.audio.num_mel_bins")
-    if n_mel != N_MEL:
-        raise UnsupportedModelError(f"{n_mel} mel bins; the feature extractor makes {N_MEL}")
     return AudioEncoderConfig(
         projector=projector,
-        feature_dim=n_mel,
-        n_layer=integer("clip.audio.block_count"),
-        n_head=integer("clip.audio.attention.head_count"),
+        feature_dim=integer("clip.audio.embedding_length"),
+        n_layer=0,
+        n_head=0,
         eps=eps,
         embedding_dim=integer("clip.audio.projection_dim"),
+    )
+
+
+def conformer_config(mmproj: MmprojFile) -> AudioEncoderConfig:
+    """The Conformer's hyperparameters from a projector file `open_mmproj` checked."""
+    audio = mmproj.audio
+    if audio is None:
+        raise UnsupportedModelError("the file has no audio encoder (clip.has_audio_encoder)")
+    if audio.n_mel != N_MEL:
+        raise UnsupportedModelError(f"{audio.n_mel} mel bins; the feature extractor makes {N_MEL}")
+    return AudioEncoderConfig(
+        projector=CONFORMER,
+        feature_dim=audio.n_mel,
+        n_layer=audio.n_layer,
+        n_head=audio.n_head,
+        eps=audio.eps,
+        embedding_dim=audio.projection_dim,
     )
 
 
@@ -112,10 +127,16 @@ class AudioEncoder:
     def __init__(
         self, mmproj: str | os.PathLike[str] | MmprojFile, threads: int | None = None
     ) -> None:
-        gguf = mmproj.gguf if isinstance(mmproj, MmprojFile) else read_gguf(mmproj)
+        if isinstance(mmproj, MmprojFile):
+            gguf = mmproj.gguf
+            with located(gguf.path):
+                config = conformer_config(mmproj)
+        else:
+            gguf = read_gguf(mmproj)
+            config = audio_encoder_config(gguf)
+        self.config = config
         n_threads = threads or max(1, os.cpu_count() or 1)
         with located(gguf.path):
-            self.config = config = audio_encoder_config(gguf)
             tensors = [
                 _core.TensorEntry(t.name, t.type_id, list(t.shape), t.offset, t.nbytes)
                 for t in gguf.tensors.values()
