@@ -139,7 +139,7 @@ def main() -> None:
 @click.option(
     "--mmproj",
     type=click.Path(dir_okay=False, path_type=Path),
-    help="MODEL's multimodal projector GGUF (needed for --image).",
+    help="MODEL's multimodal projector GGUF (needed for --image and --audio).",
 )
 @click.option(
     "--image",
@@ -147,6 +147,13 @@ def main() -> None:
     multiple=True,
     metavar="FILE",
     help="An image (PNG, JPEG, WebP) before PROMPT in the user turn; repeatable; implies --chat.",
+)
+@click.option(
+    "--audio",
+    "clips",
+    multiple=True,
+    metavar="FILE",
+    help="A WAV clip (up to 30 s) after the images, before PROMPT; repeatable; implies --chat.",
 )
 @click.option(
     "--max-image-tokens",
@@ -159,6 +166,7 @@ def generate(
     arguments: tuple[str, ...],
     mmproj: Path | None,
     images: tuple[str, ...],
+    clips: tuple[str, ...],
     max_image_tokens: str,
     chat: bool,
     system: str | None,
@@ -187,9 +195,10 @@ def generate(
     if len(arguments) > 2:
         raise click.UsageError("expected [MODEL] PROMPT: quote a prompt that has spaces")
     model, prompt = (None, arguments[0]) if len(arguments) == 1 else arguments
-    if images and mmproj is None:
-        raise click.UsageError("--image needs --mmproj FILE (the model's projector)")
-    chat = chat or bool(images)
+    for option, given in (("--image", images), ("--audio", clips)):
+        if given and mmproj is None:
+            raise click.UsageError(f"{option} needs --mmproj FILE (the model's projector)")
+    chat = chat or bool(images) or bool(clips)
     if system is not None and not chat:
         raise click.UsageError("--system needs --chat")
     try:
@@ -221,9 +230,10 @@ def generate(
             [{"role": "system", "content": system}] if system is not None else []
         )
         content = [{"type": "image", "image": image} for image in images]
+        content += [{"type": "audio", "audio": clip} for clip in clips]
         messages.append(
             {"role": "user", "content": content + [{"type": "text", "text": prompt}]}
-            if images
+            if content
             else {"role": "user", "content": prompt}
         )
         ids = engine.prepare(messages)

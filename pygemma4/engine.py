@@ -21,9 +21,11 @@ from pygemma4.kv import (
     SequenceKv,
     resolve_kv_dtype,
 )
+from pygemma4.media.audio import AudioInput
+from pygemma4.media.audio_encoder import AudioEmbedding, AudioEncoder
 from pygemma4.media.image import DEFAULT_SOFT_TOKENS, ImageInput
 from pygemma4.mmproj import open_mmproj
-from pygemma4.multimodal import Prompt, prepare_prompt
+from pygemma4.multimodal import AUDIO, MediaKind, Prompt, prepare_prompt
 from pygemma4.prefix_cache import PrefixCache
 from pygemma4.runner import (
     Feed,
@@ -79,9 +81,10 @@ class Engine:
     same tokens; sampled: the same distribution). `speculation` counts what was kept.
 
     With `mmproj` (the model's projector GGUF, checked against the model), the engine takes
-    images: `prepare` turns chat messages with image parts into a `Prompt` that `forward`,
-    `generate` and `stream` take, `embed_image` encodes one image; each image becomes at most
-    `max_image_tokens` soft tokens (70, 140, 280, 560 or 1120).
+    the images and audio its towers hear: `prepare` turns chat messages with image and audio
+    parts into a `Prompt` that `forward`, `generate` and `stream` take; `embed_image` and
+    `embed_audio` encode one image or clip; each image becomes at most `max_image_tokens` soft
+    tokens (70, 140, 280, 560 or 1120), each clip one per 40 ms.
     """
 
     def __init__(
@@ -139,17 +142,32 @@ class Engine:
             else Speculator.open(draft, draft_tokens, self.runner, max_sequences)
         )
         self.vision: VisionTower | None = None
+        self.audio: AudioEncoder | None = None
         if mmproj is not None:
-            self.vision = VisionTower(
-                open_mmproj(mmproj, self.model_file), max_image_tokens, threads, backend, device
-            )
+            projector = open_mmproj(mmproj, self.model_file)
+            if projector.vision is not None:
+                self.vision = VisionTower(projector, max_image_tokens, threads, backend, device)
+            if projector.audio is not None:
+                # The audio tower computes on the CPU whatever the backend.
+                self.audio = AudioEncoder(projector, threads)
 
     def embed_image(self, image: ImageInput) -> ImageEmbedding:
         """The embeddings `image` (a path, bytes, data URI, PIL image or uint8 array) gives the
         model in place of its soft tokens."""
         if self.vision is None:
-            raise MediaError(f"{self.path}: the engine takes no images (give mmproj=FILE)")
+            raise MediaError(
+                f"{self.path}: the engine takes no images (give mmproj=FILE with a vision tower)"
+            )
         return self.vision.embed(image)
+
+    def embed_audio(self, audio: AudioInput) -> AudioEmbedding:
+        """The embeddings `audio` (a WAV path, WAV bytes or float samples at 16 kHz) gives the
+        model in place of its soft tokens."""
+        if self.audio is None:
+            raise MediaError(
+                f"{self.path}: the engine takes no audio (give mmproj=FILE with an audio tower)"
+            )
+        return self.audio.embed_input(audio)
 
     def prepare(
         self,
@@ -157,12 +175,12 @@ class Engine:
         add_generation_prompt: bool = True,
         **template_kwargs: Any,
     ) -> Prompt:
-        """The prompt of a conversation whose messages may hold image parts (see
-        pygemma4.multimodal): rendered by the chat template, each image's soft tokens placed
+        """The prompt of a conversation whose messages may hold image and audio parts (see
+        pygemma4.multimodal): rendered by the chat template, each medium's soft tokens placed
         and its embeddings computed."""
 
-        def embed(image: ImageInput) -> tuple[np.ndarray, str]:
-            encoded = self.embed_image(image)
+        def embed(kind: MediaKind, source: Any) -> tuple[np.ndarray, str]:
+            encoded = self.embed_audio(source) if kind is AUDIO else self.embed_image(source)
             return encoded.embeddings, encoded.digest
 
         return prepare_prompt(

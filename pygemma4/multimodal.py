@@ -1,15 +1,22 @@
-"""Multimodal prompts: chat messages with image parts, rendered by the model's chat template,
-each image's placeholder expanded into its soft tokens and paired with its embeddings.
+"""Multimodal prompts: chat messages with image and audio parts, rendered by the model's chat
+template, each medium's placeholder expanded into its soft tokens and paired with its embeddings.
 
 An image part is `{"type": "image", "image": <path | bytes | PIL image | array>}` (or `"url"` /
 `"path"` in place of `"image"`), or OpenAI's `{"type": "image_url", "image_url": {"url":
 "data:image/png;base64,..."}}`. The template writes one `<|image|>` per image; like the model's
 processor, the prompt puts `<|image>`, one `<|image|>` per soft token, and `<image|>` in its
 place. The model sees the image's embeddings at those soft tokens.
+
+An audio part is `{"type": "audio", "audio": <path | WAV bytes | float array at 16 kHz>}` (or
+`"path"`), or OpenAI's `{"type": "input_audio", "input_audio": {"data": <base64 WAV>, "format":
+"wav"}}`; the template writes `<|audio|>`, which becomes `<|audio>`, one `<|audio|>` per soft
+token, and `<audio|>`.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -17,20 +24,29 @@ from typing import Any
 import numpy as np
 
 from .errors import ChatTemplateError, MediaError
-from .media.image import ImageInput
 from .prefix_cache import MediaKey
 from .runner import Embeddings
 from .tokenizer import Tokenizer
 
-__all__ = ["IMAGE_TOKENS", "PlacedMedia", "Prompt", "image_parts", "prepare_prompt"]
+__all__ = ["AUDIO", "IMAGE", "MediaKind", "PlacedMedia", "Prompt", "media_parts", "prepare_prompt"]
 
-# The special tokens of an image: begin, one per soft token, end.
-IMAGE_TOKENS = ("<|image>", "<|image|>", "<image|>")
+
+@dataclass(frozen=True)
+class MediaKind:
+    """A kind of media in chats: its content part type and its special tokens (begin, one per
+    soft token, end)."""
+
+    name: str
+    tokens: tuple[str, str, str]
+
+
+IMAGE = MediaKind("image", ("<|image>", "<|image|>", "<image|>"))
+AUDIO = MediaKind("audio", ("<|audio>", "<|audio|>", "<audio|>"))
 
 
 @dataclass(frozen=True)
 class PlacedMedia:
-    """One image in a prompt: its soft tokens start at `offset`; `embeddings` float32
+    """One image or clip in a prompt: its soft tokens start at `offset`; `embeddings` float32
     [n, n_embd] replace them; `digest` names its content."""
 
     offset: int
@@ -76,12 +92,15 @@ class Prompt:
         return tuple(MediaKey(m.offset, m.length, m.digest) for m in self.media)
 
 
-def image_parts(messages: Sequence[Mapping[str, Any]]) -> tuple[list[dict[str, Any]], list]:
-    """The messages with every image part reduced to `{"type": "image"}` (what the chat
-    template renders), and the images in the order they appear."""
+def media_parts(
+    messages: Sequence[Mapping[str, Any]],
+) -> tuple[list[dict[str, Any]], list[tuple[MediaKind, Any]]]:
+    """The messages with every image part reduced to `{"type": "image"}` and every audio part
+    to `{"type": "audio"}` (what the chat template renders), and the media (kind, source) in
+    the order they appear."""
     if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
         raise ChatTemplateError("messages must be a list of mappings")
-    images: list[ImageInput] = []
+    media: list[tuple[MediaKind, Any]] = []
     rendered = []
     for i, message in enumerate(messages):
         if not isinstance(message, Mapping):
@@ -94,54 +113,80 @@ def image_parts(messages: Sequence[Mapping[str, Any]]) -> tuple[list[dict[str, A
         for j, part in enumerate(content):
             kind = part.get("type") if isinstance(part, Mapping) else None
             if kind == "image":
-                images.append(_image_source(part, ("image", "url", "path"), i, j))
-                parts.append({"type": "image"})
+                media.append((IMAGE, _source(part, ("image", "url", "path"), "an image", i, j)))
             elif kind == "image_url":
                 url = part.get("image_url")
                 source = url.get("url") if isinstance(url, Mapping) else url
-                images.append(_image_source({"url": source}, ("url",), i, j))
-                parts.append({"type": "image"})
+                media.append((IMAGE, _source({"url": source}, ("url",), "an image", i, j)))
+            elif kind == "audio":
+                media.append((AUDIO, _source(part, ("audio", "path"), "an audio", i, j)))
+            elif kind == "input_audio":
+                media.append((AUDIO, _input_audio(part.get("input_audio"), i, j)))
             else:
                 parts.append(part)
+                continue
+            parts.append({"type": media[-1][0].name})
         rendered.append({**message, "content": parts})
-    return rendered, images
+    return rendered, media
 
 
-def _image_source(part: Mapping[str, Any], keys: tuple[str, ...], i: int, j: int) -> ImageInput:
+def _source(part: Mapping[str, Any], keys: tuple[str, ...], what: str, i: int, j: int) -> Any:
     for key in keys:
         if part.get(key) is not None:
-            source: ImageInput = part[key]
-            return source
-    raise MediaError(f"message {i} content part {j}: an image part needs one of {', '.join(keys)}")
+            return part[key]
+    raise MediaError(f"message {i} content part {j}: {what} part needs one of {', '.join(keys)}")
+
+
+def _input_audio(spec: Any, i: int, j: int) -> bytes:
+    """The WAV bytes of an OpenAI `input_audio` part `{"data": base64, "format": "wav"}`."""
+    where = f"message {i} content part {j}"
+    if not isinstance(spec, Mapping) or not isinstance(spec.get("data"), str):
+        raise MediaError(f'{where}: input_audio must be {{"data": base64, "format": "wav"}}')
+    if spec.get("format", "wav") != "wav":
+        raise MediaError(f"{where}: audio format {spec.get('format')!r}; only 'wav' is read")
+    try:
+        return base64.b64decode(spec["data"], validate=True)
+    except (binascii.Error, ValueError):
+        raise MediaError(f"{where}: input_audio data is not valid base64") from None
 
 
 def prepare_prompt(
     tokenizer: Tokenizer,
     messages: Sequence[Mapping[str, Any]],
-    embed: Callable[[ImageInput], tuple[np.ndarray, str]],
+    embed: Callable[[MediaKind, Any], tuple[np.ndarray, str]],
     add_generation_prompt: bool = True,
     **template_kwargs: Any,
 ) -> Prompt:
-    """The prompt of a conversation whose images `embed` turns into (embeddings, digest)."""
-    rendered, images = image_parts(messages)
+    """The prompt of a conversation whose media `embed(kind, source)` turns into (embeddings,
+    digest)."""
+    rendered, media = media_parts(messages)
     ids = tokenizer.encode_chat(rendered, add_generation_prompt, **template_kwargs)
-    boi, soft, eoi = (tokenizer.token_id(t) for t in IMAGE_TOKENS)
-    if images and (boi is None or soft is None or eoi is None):
-        raise MediaError("the model's vocabulary has no image tokens; it cannot take images")
-    places = [k for k, token in enumerate(ids) if token == soft] if images else []
-    if len(places) != len(images):
-        raise ChatTemplateError(
-            f"the rendered prompt holds {len(places)} image placeholders for {len(images)} "
-            "images (the template must write one <|image|> per image part, and text may not)"
-        )
+    # Each kind's placeholders, in prompt order, take that kind's media in message order.
+    pending = {kind: [source for k, source in media if k is kind] for kind in (IMAGE, AUDIO)}
+    places: list[tuple[int, MediaKind]] = []
+    for kind, sources in pending.items():
+        begin, soft, end = (tokenizer.token_id(t) for t in kind.tokens)
+        if sources and (begin is None or soft is None or end is None):
+            raise MediaError(
+                f"the model's vocabulary has no {kind.name} tokens; it cannot take {kind.name}"
+            )
+        found = [k for k, token in enumerate(ids) if token == soft] if sources else []
+        if len(found) != len(sources):
+            raise ChatTemplateError(
+                f"the rendered prompt holds {len(found)} {kind.name} placeholders for "
+                f"{len(sources)} {kind.name} parts (the template must write one {kind.tokens[1]} "
+                f"per {kind.name} part, and text may not)"
+            )
+        places += [(k, kind) for k in found]
     tokens: list[int] = []
-    media = []
+    placed = []
     previous = 0
-    for place, image in zip(places, images, strict=True):
-        embeddings, digest = embed(image)
-        tokens += ids[previous:place] + [boi]
-        media.append(PlacedMedia(len(tokens), embeddings, digest))
-        tokens += [soft] * len(embeddings) + [eoi]
+    for place, kind in sorted(places, key=lambda p: p[0]):
+        begin, soft, end = (tokenizer.token_id(t) for t in kind.tokens)
+        embeddings, digest = embed(kind, pending[kind].pop(0))
+        tokens += ids[previous:place] + [begin]
+        placed.append(PlacedMedia(len(tokens), embeddings, digest))
+        tokens += [soft] * len(embeddings) + [end]
         previous = place + 1
     tokens += ids[previous:]
-    return Prompt(np.asarray(tokens, dtype=np.int32), tuple(media))
+    return Prompt(np.asarray(tokens, dtype=np.int32), tuple(placed))

@@ -37,7 +37,8 @@ share them (shorter ones are cheap to compute again)."""
 @dataclass(frozen=True)
 class MediaKey:
     """Positions [offset, offset + length) of a prompt hold the embeddings of the media whose
-    content `digest` names (an image's soft tokens): equal tokens there are not equal KV."""
+    content `digest` names (an image's or a clip's soft tokens): equal tokens there are not
+    equal KV."""
 
     offset: int
     length: int

@@ -174,7 +174,7 @@ def test_bad_messages_and_prompts_are_refused(engine, mm_dir, tmp_path):
         engine.prepare(chat(image(tmp_path / "absent.png"), TEXT))
     with pytest.raises(MediaError, match="needs one of image, url, path"):
         engine.prepare(chat({"type": "image"}, TEXT))
-    with pytest.raises(ChatTemplateError, match="2 image placeholders for 1 images"):
+    with pytest.raises(ChatTemplateError, match="2 image placeholders for 1 image parts"):
         engine.prepare(
             chat(image(mm_dir / "inputs" / "img0.png"), {"type": "text", "text": "<|image|>"})
         )

@@ -47,6 +47,22 @@ class MelFeatures:
     mask: np.ndarray
 
 
+AudioInput = str | os.PathLike[str] | bytes | np.ndarray
+"""A clip: a WAV file's path, a WAV file's bytes, or samples at 16 kHz ([n] or [n, channels])."""
+
+
+def audio_samples(source: AudioInput, name: str | None = None) -> np.ndarray:
+    """The 16 kHz mono float32 samples of a clip given as an AudioInput."""
+    if isinstance(source, np.ndarray):
+        return prepare_samples(source, SAMPLE_RATE, name or "audio samples")
+    if not isinstance(source, (str, bytes, os.PathLike)):
+        raise AudioError(
+            f"{name or 'audio'}: expected a WAV path, WAV bytes or a sample array, "
+            f"not {type(source).__name__}"
+        )
+    return decode_wav(source, name)
+
+
 def decode_wav(source: bytes | str | os.PathLike[str], name: str | None = None) -> np.ndarray:
     """The 16 kHz mono float32 samples of a WAV file (path or bytes) of any sample rate,
     channel count and PCM/float sample format."""

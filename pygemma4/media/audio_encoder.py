@@ -5,6 +5,7 @@ frames projected without an encoder (`gemma4ua`: 12B)."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 
@@ -13,10 +14,32 @@ import numpy as np
 from pygemma4 import _core
 from pygemma4.errors import Gemma4Error, UnsupportedModelError, located
 from pygemma4.gguf_file import GGUFFile, read_gguf
-from pygemma4.media.audio import FRAME_LENGTH, HOP_LENGTH, N_MEL, log_mel, prepare_samples
+from pygemma4.media.audio import (
+    FRAME_LENGTH,
+    HOP_LENGTH,
+    N_MEL,
+    AudioInput,
+    audio_samples,
+    log_mel,
+    prepare_samples,
+)
+from pygemma4.mmproj import MmprojFile, open_mmproj
 
 CONFORMER = "gemma4a"
 RAW_FRAMES = "gemma4ua"
+
+
+@dataclass(frozen=True)
+class AudioEmbedding:
+    """One clip encoded: `embeddings` float32 [n_tokens, text width] (the rows that replace its
+    soft tokens) and the `digest` of its 16 kHz samples."""
+
+    embeddings: np.ndarray
+    digest: str
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.embeddings.shape[0])
 
 
 class AudioEncoderError(Gemma4Error, ValueError):
@@ -40,12 +63,22 @@ class AudioEncoderConfig:
 
 def audio_encoder_config(gguf: GGUFFile) -> AudioEncoderConfig:
     """The audio encoder's hyperparameters, checked; UnsupportedModelError for a file without a
-    Gemma 4 audio encoder."""
+    Gemma 4 audio encoder. A Conformer's come from `open_mmproj`, which checks the whole file;
+    the raw-frame projector's (whose file `open_mmproj` does not take) from its few keys."""
     meta = gguf.metadata
+    projector = meta.get("clip.audio.projector_type", meta.get("clip.projector_type"))
+    if meta.get("clip.has_audio_encoder", False) and projector == CONFORMER:
+        mmproj = open_mmproj(gguf.path)
+        with located(gguf.path):
+            return conformer_config(mmproj)
+    with located(gguf.path):
+        return _raw_frames_config(meta, projector)
+
+
+def _raw_frames_config(meta: dict[str, object], projector: object) -> AudioEncoderConfig:
     if not meta.get("clip.has_audio_encoder", False):
         raise UnsupportedModelError("the file has no audio encoder (clip.has_audio_encoder)")
-    projector = meta.get("clip.audio.projector_type", meta.get("clip.projector_type"))
-    if projector not in (CONFORMER, RAW_FRAMES):
+    if projector != RAW_FRAMES:
         raise UnsupportedModelError(
             f"audio projector type {projector!r} is not one of Gemma 4's "
             f"({CONFORMER!r}, {RAW_FRAMES!r})"
@@ -60,36 +93,50 @@ def audio_encoder_config(gguf: GGUFFile) -> AudioEncoderConfig:
     eps = meta.get("clip.audio.attention.layer_norm_epsilon", 1e-6)
     if not isinstance(eps, float) or not 0 < eps < 1:
         raise UnsupportedModelError(f"clip.audio.attention.layer_norm_epsilon is {eps!r}")
-    if projector == RAW_FRAMES:
-        return AudioEncoderConfig(
-            projector=projector,
-            feature_dim=integer("clip.audio.embedding_length"),
-            n_layer=0,
-            n_head=0,
-            eps=eps,
-            embedding_dim=integer("clip.audio.projection_dim"),
-        )
-    n_mel = integer("clip.audio.num_mel_bins")
-    if n_mel != N_MEL:
-        raise UnsupportedModelError(f"{n_mel} mel bins; the feature extractor makes {N_MEL}")
     return AudioEncoderConfig(
         projector=projector,
-        feature_dim=n_mel,
-        n_layer=integer("clip.audio.block_count"),
-        n_head=integer("clip.audio.attention.head_count"),
+        feature_dim=integer("clip.audio.embedding_length"),
+        n_layer=0,
+        n_head=0,
         eps=eps,
         embedding_dim=integer("clip.audio.projection_dim"),
     )
 
 
-class AudioEncoder:
-    """The audio input of an mmproj GGUF (projector `gemma4a` or `gemma4ua`), on the CPU."""
+def conformer_config(mmproj: MmprojFile) -> AudioEncoderConfig:
+    """The Conformer's hyperparameters from a projector file `open_mmproj` checked."""
+    audio = mmproj.audio
+    if audio is None:
+        raise UnsupportedModelError("the file has no audio encoder (clip.has_audio_encoder)")
+    if audio.n_mel != N_MEL:
+        raise UnsupportedModelError(f"{audio.n_mel} mel bins; the feature extractor makes {N_MEL}")
+    return AudioEncoderConfig(
+        projector=CONFORMER,
+        feature_dim=audio.n_mel,
+        n_layer=audio.n_layer,
+        n_head=audio.n_head,
+        eps=audio.eps,
+        embedding_dim=audio.projection_dim,
+    )
 
-    def __init__(self, mmproj_path: str | os.PathLike[str], threads: int | None = None) -> None:
-        gguf = read_gguf(mmproj_path)
+
+class AudioEncoder:
+    """The audio input of an mmproj GGUF (projector `gemma4a` or `gemma4ua`), on the CPU: from
+    its path, or from the file `open_mmproj` already read and checked."""
+
+    def __init__(
+        self, mmproj: str | os.PathLike[str] | MmprojFile, threads: int | None = None
+    ) -> None:
+        if isinstance(mmproj, MmprojFile):
+            gguf = mmproj.gguf
+            with located(gguf.path):
+                config = conformer_config(mmproj)
+        else:
+            gguf = read_gguf(mmproj)
+            config = audio_encoder_config(gguf)
+        self.config = config
         n_threads = threads or max(1, os.cpu_count() or 1)
         with located(gguf.path):
-            self.config = config = audio_encoder_config(gguf)
             tensors = [
                 _core.TensorEntry(t.name, t.type_id, list(t.shape), t.offset, t.nbytes)
                 for t in gguf.tensors.values()
@@ -164,6 +211,12 @@ class AudioEncoder:
         """Embeddings [n_tokens, embedding_dim] of a clip: samples as `prepare_samples` takes
         them ([n] or [n, channels], any rate)."""
         return self.encode_features(self.features(prepare_samples(samples, sample_rate, name)))
+
+    def embed_input(self, audio: AudioInput, name: str | None = None) -> AudioEmbedding:
+        """The embeddings of a clip given as a WAV path, WAV bytes or 16 kHz samples."""
+        samples = audio_samples(audio, name)
+        digest = hashlib.sha256(samples.tobytes()).hexdigest()
+        return AudioEmbedding(self.encode_features(self.features(samples)), digest)
 
 
 def embed_audio(
