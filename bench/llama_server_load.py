@@ -117,6 +117,7 @@ def main() -> None:
     args = parser.parse_args()
     config = open_model(args.model).config
     server = ServerInfo(
+        id=0,
         model=f"{args.model.name} (llama-server)",
         architecture=ARCH,
         vocab_size=config.vocab_size,
