@@ -40,6 +40,12 @@ def fixtures_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def mm_dir(fixtures_dir: Path) -> Path:
+    """The tiny multimodal fixture (a text model, its mmproj, images, clips, references)."""
+    return fixtures_dir / "gemma4-tiny-mm"
+
+
+@pytest.fixture(scope="session")
 def demo_model_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The demo model, generated once per session into a private cache directory."""
     with pytest.MonkeyPatch.context() as mp:

@@ -27,11 +27,6 @@ MEL_ATOL = 1e-4
 
 
 @pytest.fixture(scope="module")
-def mm_dir(fixtures_dir: Path) -> Path:
-    return fixtures_dir / "gemma4-tiny-mm"
-
-
-@pytest.fixture(scope="module")
 def extractor(mm_dir: Path):
     transformers = pytest.importorskip("transformers")
     return transformers.AutoFeatureExtractor.from_pretrained(mm_dir / "hf")

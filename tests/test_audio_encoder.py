@@ -20,11 +20,6 @@ EMBEDDING_ATOL = 1e-3
 
 
 @pytest.fixture(scope="module")
-def mm_dir(fixtures_dir: Path) -> Path:
-    return fixtures_dir / "gemma4-tiny-mm"
-
-
-@pytest.fixture(scope="module")
 def ref(mm_dir: Path):
     return np.load(mm_dir / "ref_mm.npz")
 

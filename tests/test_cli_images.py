@@ -13,11 +13,6 @@ from test_cli import run_cli
 from pygemma4 import Engine
 
 
-@pytest.fixture(scope="module")
-def mm_dir(fixtures_dir: Path) -> Path:
-    return fixtures_dir / "gemma4-tiny-mm"
-
-
 def test_generate_with_images_gives_the_engines_tokens(mm_dir: Path, tmp_path: Path) -> None:
     images = [mm_dir / "inputs" / "img0.png", mm_dir / "inputs" / "img1.png"]
     result = run_cli(

@@ -16,11 +16,6 @@ from pygemma4.mmproj import CLAMP_SUFFIXES, MmprojMismatchError, open_mmproj
 
 
 @pytest.fixture(scope="module")
-def mm_dir(fixtures_dir: Path) -> Path:
-    return fixtures_dir / "gemma4-tiny-mm"
-
-
-@pytest.fixture(scope="module")
 def mmproj_path(mm_dir: Path) -> Path:
     return mm_dir / "mmproj-f32.gguf"
 

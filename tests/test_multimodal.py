@@ -28,11 +28,6 @@ IMAGE_TOKEN = 11
 
 
 @pytest.fixture(scope="module")
-def mm_dir(fixtures_dir: Path) -> Path:
-    return fixtures_dir / "gemma4-tiny-mm"
-
-
-@pytest.fixture(scope="module")
 def engine(mm_dir: Path) -> Engine:
     return Engine(
         mm_dir / "model-f32.gguf",

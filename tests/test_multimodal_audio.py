@@ -35,11 +35,6 @@ QUESTION = {"type": "text", "text": "What do you hear?"}
 
 
 @pytest.fixture(scope="module")
-def mm_dir(fixtures_dir: Path) -> Path:
-    return fixtures_dir / "gemma4-tiny-mm"
-
-
-@pytest.fixture(scope="module")
 def engine(mm_dir: Path) -> Engine:
     return Engine(
         mm_dir / "model-f32.gguf",

@@ -31,11 +31,6 @@ STORED_EMBEDDING_ATOL = 2e-2
 
 
 @pytest.fixture(scope="module")
-def mm_dir(fixtures_dir: Path) -> Path:
-    return fixtures_dir / "gemma4-tiny-mm"
-
-
-@pytest.fixture(scope="module")
 def mmproj(mm_dir: Path):
     return open_mmproj(mm_dir / "mmproj-f32.gguf")
 
