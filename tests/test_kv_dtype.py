@@ -148,6 +148,7 @@ def test_generate_refuses_a_bad_kv_type(fixtures_dir, tmp_path):
         capture_output=True,
         text=True,
         env={**os.environ, "PYGEMMA4_CACHE": str(tmp_path)},
+        cwd=tmp_path,
         timeout=120,
         check=False,
     )
@@ -164,6 +165,7 @@ def test_the_cli_generates_with_each_kv_type(fixtures_dir, tmp_path):
             capture_output=True,
             text=True,
             env={**os.environ, "PYGEMMA4_CACHE": str(tmp_path)},
+            cwd=tmp_path,
             timeout=120,
             check=False,
         )

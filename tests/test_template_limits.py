@@ -208,6 +208,7 @@ def engine_results(hostile_model: Path) -> dict[str, dict[str, Any]]:
         text=True,
         timeout=300,
         preexec_fn=cap_address_space,
+        cwd=hostile_model.parent,
         check=False,
     )
     assert done.returncode == 0, done.stderr[-3000:]
