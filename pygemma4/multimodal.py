@@ -115,28 +115,9 @@ class PreparedPrompt:
     token_ids: np.ndarray
     media: tuple[tuple[int, PreparedMedia], ...] = ()
 
-    def media_keys(self) -> tuple[MediaKey, ...]:
-        """What the prefix cache names the media's positions by (their content)."""
-        return tuple(MediaKey(offset, m.n_tokens, m.digest) for offset, m in self.media)
-
-    def encoded(
-        self,
-        encode: Callable[[PreparedMedia], np.ndarray],
-        needed: Callable[[int, PreparedMedia], bool] = lambda offset, media: True,
-    ) -> Prompt:
-        """The prompt with the embeddings `encode` makes of each medium that is `needed`
-        (the others are left out: their positions are never computed)."""
-        placed = []
-        for offset, media in self.media:
-            if not needed(offset, media):
-                continue
-            embeddings = encode(media)
-            if len(embeddings) != media.n_tokens:
-                raise MediaError(
-                    f"the {media.kind.name} encoder made {len(embeddings)} rows for "
-                    f"{media.n_tokens} soft tokens"
-                )
-            placed.append(PlacedMedia(offset, embeddings, media.digest))
+    def encoded(self, encode: Callable[[PreparedMedia], np.ndarray]) -> Prompt:
+        """The prompt with the embeddings `encode` makes of each medium."""
+        placed = [PlacedMedia(offset, encode(m), m.digest) for offset, m in self.media]
         return Prompt(self.token_ids, tuple(placed))
 
 
