@@ -19,7 +19,8 @@ Clients (a ZeroMQ DEALER connected to the server's ROUTER endpoint)
     malformed to have a readable id.
 
 Workers (PUSH sockets into each process's one PULL inbox, over `ipc://` on one host)
-    exchange the `Internal` messages below; they carry token ids, never tensors: the KV cache
+    exchange the `Internal` messages below; they carry token ids (and a chat's images and
+    clips, preprocessed, in frames of their own: `encode_frames`), never KV: the KV cache
     lives in a pool that the decode worker maps (shared memory, or CUDA IPC memory; the
     `KvPoolSpec` describes it). Each process's inbox takes only the messages of its union
     (`FrontEndInbox`, `TokenizerInbox`, `DecodeInbox`); another message reaching it is a
