@@ -26,6 +26,16 @@ from test_cli import run_cli
 
 from pygemma4 import Engine, SamplingParams
 from pygemma4.client import ServerError
+from pygemma4.protocol import (
+    DecodeInbox,
+    InboxDecoder,
+    MediaFeatures,
+    ProtocolError,
+    Sampling,
+    TokenizedRequest,
+    encode,
+    encode_frames,
+)
 
 MAX_IMAGE_TOKENS = "70"
 NEW_TOKENS = 8
@@ -400,16 +410,53 @@ def test_media_without_mmproj_is_refused(mm_dir: Path, tmp_path: Path, media) ->
 
 
 @pytest.mark.parametrize(
-    ("mmproj", "words"),
+    ("model", "mmproj", "words"),
     [
-        ("MODEL", "not 'clip'"),
-        ("absent.gguf", "absent.gguf"),
+        ("gemma4-tiny-mm/model-f32.gguf", "gemma4-tiny-mm/model-f32.gguf", "not 'clip'"),
+        ("gemma4-tiny-mm/model-f32.gguf", "absent.gguf", "absent.gguf"),
+        ("gemma4-tiny-e/model-f32.gguf", "gemma4-tiny-mm/mmproj-f32.gguf", "does not fit model"),
     ],
 )
 def test_a_bad_projector_stops_serve_at_once(
-    mm_dir: Path, tmp_path: Path, mmproj: str, words: str
+    fixtures_dir: Path, tmp_path: Path, model: str, mmproj: str, words: str
 ) -> None:
-    path = str(mm_dir / "model-f32.gguf") if mmproj == "MODEL" else str(tmp_path / mmproj)
-    result = run_serve(mm_dir / "model-f32.gguf", "--mmproj", path, cwd=tmp_path)
+    result = run_serve(fixtures_dir / model, "--mmproj", str(fixtures_dir / mmproj), cwd=tmp_path)
     assert result.returncode != 0
     assert words in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+def tokenized(media: list[MediaFeatures]) -> TokenizedRequest:
+    return TokenizedRequest(
+        rid=1,
+        prompt_ids=[2, 9, 11, 11, 10],
+        max_tokens=4,
+        sampling=Sampling(),
+        stop_token_ids=[1],
+        tokenizer=0,
+        media=media,
+    )
+
+
+def test_media_features_travel_as_raw_frames_beside_a_small_message() -> None:
+    features = np.arange(2 * 768, dtype=np.float32).reshape(2, 768)
+    one = MediaFeatures(
+        kind="image",
+        offset=2,
+        n_tokens=2,
+        digest="d",
+        rows=2,
+        cols=768,
+        grid=(1, 2),
+        data=features.tobytes(),
+    )
+    frames = encode_frames(tokenized([one, one]))
+    assert len(frames) == 3 and len(frames[0]) < 300  # the features are not in it
+    assert frames[1] == frames[2] == features.tobytes()
+    decoder = InboxDecoder("decode", DecodeInbox)
+    assert decoder.decode_frames(frames) == tokenized([one, one])
+    with pytest.raises(ProtocolError, match="2 media came with 1 payload frames"):
+        decoder.decode_frames(frames[:2])
+    with pytest.raises(ProtocolError, match="a frame of 12 bytes for float32"):
+        decoder.decode_frames([frames[0], frames[1], b"x" * 12])
+    with pytest.raises(ProtocolError, match="0 media came with 1 payload frames"):
+        decoder.decode_frames([encode(tokenized([])), b"x"])
