@@ -275,7 +275,7 @@ class DecodeWorker(Worker):
             self.encode_media(sequence, cached)
         except (Gemma4Error, ValueError) as e:
             kv.release()
-            self.fail(sequence.request, "bad_request", f"cannot encode the prompt's media: {e}")
+            self.fail(sequence.request, "internal", f"cannot encode the prompt's media: {e}")
             return
         kv.ensure(len(tokens))
         sequence.kv, sequence.next_token, sequence.hidden = kv, int(tokens[-1]), None

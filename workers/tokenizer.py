@@ -199,6 +199,7 @@ class TokenizerWorker(Worker):
         """The request's prompt as token ids (checked against the vocabulary), with a chat's
         images and clips prepared for their towers."""
         if isinstance(request, Chat):
+            self.check_media_taken(request)
             messages, variables = chat_template_input(request)
             return prepare_chat(self.tokenizer, messages, self.prepare_media, **variables)
         if isinstance(request.prompt, str):
@@ -214,23 +215,33 @@ class TokenizerWorker(Worker):
             )
         return PreparedPrompt(np.asarray(ids, dtype=np.int32))
 
+    def check_media_taken(self, request: Chat) -> None:
+        """Refuse a chat with images or clips where the server has no tower for them."""
+        for i, message in enumerate(request.messages):
+            parts = message.content if isinstance(message.content, list) else ()
+            for j, part in enumerate(parts):
+                if isinstance(part, protocol.TextPart):
+                    continue
+                image = isinstance(part, protocol.ImageUrlPart)
+                what, tower = ("images", "vision") if image else ("audio", "audio")
+                if self.media is None:
+                    raise RequestRefused(
+                        "bad_request",
+                        f"messages[{i}].content[{j}]: this server takes no {what}: it was "
+                        "started without --mmproj (the model's projector file)",
+                    )
+                if (self.media.vision if image else self.media.audio) is None:
+                    raise RequestRefused(
+                        "bad_request",
+                        f"messages[{i}].content[{j}]: this server takes no {what}: its "
+                        f"projector file has no {tower} encoder",
+                    )
+
     def prepare_media(self, kind: MediaKind, source: Any) -> PreparedMedia:
         """An image (a data URI) or a clip (WAV bytes) of a chat, decoded and preprocessed
-        for its tower; refused where the server has no tower for it, and for images given
-        any other way (the server fetches no URL and reads no file)."""
-        what, part = ("images", "image_url") if kind is IMAGE else ("audio", "input_audio")
-        if self.media is None:
-            raise RequestRefused(
-                "bad_request",
-                f"this server takes no {what}: it was started without --mmproj (the model's "
-                f"projector file), so {part} parts cannot be read",
-            )
-        if (self.media.vision if kind is IMAGE else self.media.audio) is None:
-            raise RequestRefused(
-                "bad_request",
-                f"this server takes no {what}: its projector file has no "
-                f"{'vision' if kind is IMAGE else 'audio'} encoder",
-            )
+        for its tower; images given any other way are refused (the server fetches no URL
+        and reads no file)."""
+        assert self.media is not None  # check_media_taken refused media without a tower
         if kind is IMAGE and not (isinstance(source, str) and source.startswith("data:")):
             raise RequestRefused(
                 "bad_request",
