@@ -415,6 +415,17 @@ def inspect(model: Path, as_json: bool, tensors: bool, template: bool) -> None:
     help="Where the OpenAI-compatible HTTP API listens (HOST:PORT), or 'off'.",
 )
 @_draft_options
+@click.option(
+    "--mmproj",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="MODEL's multimodal projector GGUF: chats may then hold images and audio.",
+)
+@click.option(
+    "--max-image-tokens",
+    default="280",
+    type=click.Choice(["70", "140", "280", "560", "1120"]),
+    help="Soft tokens per image at most (with --mmproj).",
+)
 @_api_key_options
 @_runs_cleanly
 def serve(
@@ -424,6 +435,7 @@ def serve(
     http: str,
     api_key: str | None,
     api_key_file: Path | None,
+    max_image_tokens: str,
     **options: Any,
 ) -> None:
     """Serve MODEL (a Gemma 4 GGUF; the demo model without one) to ZeroMQ clients and, over
@@ -462,6 +474,7 @@ def serve(
         threads=threads,
         http=listen,
         api_key=key,
+        max_image_tokens=int(max_image_tokens),
         **options,
     )
     try:
@@ -481,6 +494,10 @@ def serve(
         )
         click.echo(server.kv_footprint.describe(layout), err=True)
         click.echo(f"connect with: pygemma4.Client({endpoint!r})", err=True)
+        if options["mmproj"] is not None:
+            info = server.frontend.info
+            takes = [m for m, on in (("images", info.vision), ("audio", info.audio)) if on]
+            click.echo(f"chats take {' and '.join(takes)} ({options['mmproj']})", err=True)
         if listen is not None:
             click.echo(f"OpenAI API on http://{listen}/v1", err=True)
         sys.stdout.flush()

@@ -33,6 +33,7 @@ import math
 import numbers
 import os
 import threading
+import typing
 from collections.abc import (
     AsyncIterator,
     Callable,
@@ -224,12 +225,14 @@ def _checked_prompt(prompt: object) -> str | list[int]:
 
 
 _MESSAGE_KEYS: Final = tuple(f.name for f in msgspec.structs.fields(ChatMessage))
+_CONTENT_PARTS: Final = typing.get_args(protocol.ContentPart)
 
 
 def _checked_messages(messages: object) -> list[ChatMessage]:
     """`messages` as wire messages: each a ChatMessage or a mapping with a str "role", a
-    "content" (a str or a list of text parts; None only beside "tool_calls") and optionally
-    the other keys of a ChatMessage, in OpenAI's shapes."""
+    "content" (a str or a list of content parts: text, `image_url` with a data: URI,
+    `input_audio` with base64 WAV; None only beside "tool_calls") and optionally the other
+    keys of a ChatMessage, in OpenAI's shapes."""
     if isinstance(messages, (str, ChatMessage, *_NOT_SEQUENCES)) or not isinstance(
         messages, Iterable
     ):
@@ -265,14 +268,14 @@ def _checked_messages(messages: object) -> list[ChatMessage]:
             raise ValueError(f"messages[{i}] has no 'content'")
         if content is not None and not isinstance(content, (str, list, tuple)):
             raise TypeError(
-                f"messages[{i}] content must be a str or a list of text parts, "
+                f"messages[{i}] content must be a str or a list of content parts, "
                 f"got {_type_name(content)}"
             )
         for j, part in enumerate(content if isinstance(content, (list, tuple)) else ()):
-            if not isinstance(part, (Mapping, protocol.TextPart)):
+            if not isinstance(part, (Mapping, *_CONTENT_PARTS)):
                 raise TypeError(
-                    f"messages[{i}] content[{j}] must be a text part "
-                    f"{{'type': 'text', 'text': ...}}, got {_type_name(part)}"
+                    f"messages[{i}] content[{j}] must be a content part {{'type': 'text' | "
+                    f"'image_url' | 'input_audio', ...}}, got {_type_name(part)}"
                 )
         checked.append(_converted(f"messages[{i}]", fields, ChatMessage))
     if not checked:
@@ -502,7 +505,10 @@ class AsyncClient:
         definitions) and `chat_template_kwargs` (e.g. {"enable_thinking": True}) given to the
         template. With `raw_text` the text keeps the special tokens' texts, for
         `pygemma4.chat_output`; the result's `in_reasoning` says whether it starts as
-        reasoning."""
+        reasoning. A server started with --mmproj takes images (`{"type": "image_url",
+        "image_url": {"url": "data:image/png;base64,..."}}`) and clips (`{"type":
+        "input_audio", "input_audio": {"data": <base64 WAV>, "format": "wav"}}`) among the
+        content parts (`info()` says which)."""
         fields = _chat_fields(messages, tools, chat_template_kwargs, raw_text)
         call = self._generation(
             protocol.Chat,

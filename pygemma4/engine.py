@@ -23,9 +23,10 @@ from pygemma4.kv import (
 )
 from pygemma4.media.audio import AudioInput
 from pygemma4.media.audio_encoder import AudioEmbedding, AudioEncoder
+from pygemma4.media.encoders import MediaEncoders
 from pygemma4.media.image import DEFAULT_SOFT_TOKENS, ImageInput
-from pygemma4.mmproj import open_mmproj
-from pygemma4.multimodal import AUDIO, MediaKind, Prompt, prepare_prompt
+from pygemma4.media.kinds import AUDIO, IMAGE, PreparedMedia
+from pygemma4.multimodal import MediaKind, Prompt, media_pad_id, prepare_prompt
 from pygemma4.prefix_cache import PrefixCache
 from pygemma4.runner import (
     Feed,
@@ -141,33 +142,27 @@ class Engine:
             if draft is None
             else Speculator.open(draft, draft_tokens, self.runner, max_sequences)
         )
-        self.vision: VisionTower | None = None
-        self.audio: AudioEncoder | None = None
+        self.media: MediaEncoders | None = None
         if mmproj is not None:
-            projector = open_mmproj(mmproj, self.model_file)
-            if projector.vision is not None:
-                self.vision = VisionTower(projector, max_image_tokens, threads, backend, device)
-            if projector.audio is not None:
-                # The audio tower computes on the CPU whatever the backend.
-                self.audio = AudioEncoder(projector, threads)
+            self.media = MediaEncoders(
+                mmproj, self.model_file, max_image_tokens, threads, backend, device
+            )
+        self.vision: VisionTower | None = None if self.media is None else self.media.vision
+        self.audio: AudioEncoder | None = None if self.media is None else self.media.audio
 
     def embed_image(self, image: ImageInput) -> ImageEmbedding:
         """The embeddings `image` (a path, bytes, data URI, PIL image or uint8 array) gives the
         model in place of its soft tokens."""
-        if self.vision is None:
-            raise MediaError(
-                f"{self.path}: the engine takes no images (give mmproj=FILE with a vision tower)"
-            )
-        return self.vision.embed(image)
+        tower = self._media_for(IMAGE).vision
+        assert tower is not None
+        return tower.embed(image)
 
     def embed_audio(self, audio: AudioInput) -> AudioEmbedding:
         """The embeddings `audio` (a WAV path, WAV bytes or float samples at 16 kHz) gives the
         model in place of its soft tokens."""
-        if self.audio is None:
-            raise MediaError(
-                f"{self.path}: the engine takes no audio (give mmproj=FILE with an audio tower)"
-            )
-        return self.audio.embed_input(audio)
+        encoder = self._media_for(AUDIO).audio
+        assert encoder is not None
+        return encoder.embed_input(audio)
 
     def prepare(
         self,
@@ -179,13 +174,24 @@ class Engine:
         pygemma4.multimodal): rendered by the chat template, each medium's soft tokens placed
         and its embeddings computed."""
 
-        def embed(kind: MediaKind, source: Any) -> tuple[np.ndarray, str]:
-            encoded = self.embed_audio(source) if kind is AUDIO else self.embed_image(source)
-            return encoded.embeddings, encoded.digest
+        def prepare(kind: MediaKind, source: Any) -> PreparedMedia:
+            return self._media_for(kind).preprocessor.prepare(kind, source)
+
+        def encode(media: PreparedMedia) -> np.ndarray:
+            return self._media_for(media.kind).encode(media)
 
         return prepare_prompt(
-            self.tokenizer, messages, embed, add_generation_prompt, **template_kwargs
+            self.tokenizer, messages, prepare, encode, add_generation_prompt, **template_kwargs
         )
+
+    def _media_for(self, kind: MediaKind) -> MediaEncoders:
+        """The projector's towers, where one takes `kind` (MediaError otherwise)."""
+        if self.media is None or not self.media.takes(kind):
+            what, tower = ("images", "a vision") if kind is IMAGE else ("audio", "an audio")
+            raise MediaError(
+                f"{self.path}: the engine takes no {what} (give mmproj=FILE with {tower} tower)"
+            )
+        return self.media
 
     def as_prompt(self, prompt: PromptInput) -> Prompt:
         """`prompt` as a Prompt, its token ids checked (and its media's rows against the
@@ -207,9 +213,7 @@ class Engine:
     @cached_property
     def pad_id(self) -> int:
         """The padding token, whose per-layer embeddings media positions take."""
-        pad = self.model_file.gguf.metadata.get("tokenizer.ggml.padding_token_id", 0)
-        assert isinstance(pad, int)
-        return pad
+        return media_pad_id(self.model_file.gguf.metadata)
 
     @property
     def speculation(self) -> SpeculationStats | None:

@@ -24,24 +24,41 @@ from typing import Any
 import numpy as np
 
 from .errors import ChatTemplateError, MediaError
+from .media.kinds import AUDIO, IMAGE, MediaKind, PreparedMedia
 from .prefix_cache import MediaKey
 from .runner import Embeddings
 from .tokenizer import Tokenizer
 
-__all__ = ["AUDIO", "IMAGE", "MediaKind", "PlacedMedia", "Prompt", "media_parts", "prepare_prompt"]
+__all__ = [
+    "AUDIO",
+    "IMAGE",
+    "MediaKind",
+    "PlacedMedia",
+    "PreparedPrompt",
+    "Prompt",
+    "media_pad_id",
+    "media_parts",
+    "model_tokens",
+    "prepare_chat",
+    "prepare_prompt",
+]
 
 
-@dataclass(frozen=True)
-class MediaKind:
-    """A kind of media in chats: its content part type and its special tokens (begin, one per
-    soft token, end)."""
+def media_pad_id(metadata: Mapping[str, Any]) -> int:
+    """The token whose per-layer embeddings media positions take: the model's padding token
+    (of its GGUF `metadata`)."""
+    pad = metadata.get("tokenizer.ggml.padding_token_id", 0)
+    assert isinstance(pad, int)
+    return pad
 
-    name: str
-    tokens: tuple[str, str, str]
 
-
-IMAGE = MediaKind("image", ("<|image>", "<|image|>", "<image|>"))
-AUDIO = MediaKind("audio", ("<|audio>", "<|audio|>", "<audio|>"))
+def model_tokens(token_ids: np.ndarray, media: Sequence[MediaKey], pad_id: int) -> np.ndarray:
+    """The ids the model's embedding tables read of a prompt holding `media`: the padding id
+    at their soft tokens."""
+    ids = np.asarray(token_ids, dtype=np.int32).copy()
+    for m in media:
+        ids[m.offset : m.offset + m.length] = pad_id
+    return ids
 
 
 @dataclass(frozen=True)
@@ -73,10 +90,7 @@ class Prompt:
     def model_tokens(self, pad_id: int) -> np.ndarray:
         """The ids the model's embedding tables read: the padding id at soft tokens (whose
         per-layer embeddings are the padding token's)."""
-        ids = self.token_ids.astype(np.int32, copy=True)
-        for m in self.media:
-            ids[m.offset : m.offset + m.length] = pad_id
-        return ids
+        return model_tokens(self.token_ids, self.media_keys(), pad_id)
 
     def embeddings(self) -> Embeddings | None:
         """The rows the media's embeddings replace, for a feed of the whole prompt."""
@@ -90,6 +104,21 @@ class Prompt:
     def media_keys(self) -> tuple[MediaKey, ...]:
         """What the prefix cache names the media's positions by (their content)."""
         return tuple(MediaKey(m.offset, m.length, m.digest) for m in self.media)
+
+
+@dataclass(frozen=True)
+class PreparedPrompt:
+    """A prompt whose media are prepared for their towers but not encoded yet: `token_ids`
+    (int32, soft tokens placed) and each image or clip with the offset of its first soft
+    token."""
+
+    token_ids: np.ndarray
+    media: tuple[tuple[int, PreparedMedia], ...] = ()
+
+    def encoded(self, encode: Callable[[PreparedMedia], np.ndarray]) -> Prompt:
+        """The prompt with the embeddings `encode` makes of each medium."""
+        placed = [PlacedMedia(offset, encode(m), m.digest) for offset, m in self.media]
+        return Prompt(self.token_ids, tuple(placed))
 
 
 def media_parts(
@@ -150,15 +179,15 @@ def _input_audio(spec: Any, i: int, j: int) -> bytes:
         raise MediaError(f"{where}: input_audio data is not valid base64") from None
 
 
-def prepare_prompt(
+def prepare_chat(
     tokenizer: Tokenizer,
     messages: Sequence[Mapping[str, Any]],
-    embed: Callable[[MediaKind, Any], tuple[np.ndarray, str]],
+    prepare: Callable[[MediaKind, Any], PreparedMedia],
     add_generation_prompt: bool = True,
     **template_kwargs: Any,
-) -> Prompt:
-    """The prompt of a conversation whose media `embed(kind, source)` turns into (embeddings,
-    digest)."""
+) -> PreparedPrompt:
+    """The prompt of a conversation whose media `prepare(kind, source)` makes ready for their
+    towers: rendered by the chat template, each medium's soft tokens placed."""
     rendered, media = media_parts(messages)
     ids = tokenizer.encode_chat(rendered, add_generation_prompt, **template_kwargs)
     # Each kind's placeholders, in prompt order, take that kind's media in message order.
@@ -183,10 +212,24 @@ def prepare_prompt(
     previous = 0
     for place, kind in sorted(places, key=lambda p: p[0]):
         begin, soft, end = (tokenizer.token_id(t) for t in kind.tokens)
-        embeddings, digest = embed(kind, pending[kind].pop(0))
+        prepared = prepare(kind, pending[kind].pop(0))
         tokens += ids[previous:place] + [begin]
-        placed.append(PlacedMedia(len(tokens), embeddings, digest))
-        tokens += [soft] * len(embeddings) + [end]
+        placed.append((len(tokens), prepared))
+        tokens += [soft] * prepared.n_tokens + [end]
         previous = place + 1
     tokens += ids[previous:]
-    return Prompt(np.asarray(tokens, dtype=np.int32), tuple(placed))
+    return PreparedPrompt(np.asarray(tokens, dtype=np.int32), tuple(placed))
+
+
+def prepare_prompt(
+    tokenizer: Tokenizer,
+    messages: Sequence[Mapping[str, Any]],
+    prepare: Callable[[MediaKind, Any], PreparedMedia],
+    encode: Callable[[PreparedMedia], np.ndarray],
+    add_generation_prompt: bool = True,
+    **template_kwargs: Any,
+) -> Prompt:
+    """The prompt of a conversation whose media `prepare(kind, source)` makes ready for their
+    towers and `encode` turns into embeddings."""
+    chat = prepare_chat(tokenizer, messages, prepare, add_generation_prompt, **template_kwargs)
+    return chat.encoded(encode)

@@ -86,18 +86,54 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
-class TextPart(_Strict):
-    """One part of a multi-part message content."""
+class ImageUrlIn(_Strict):
+    url: str
+    """A data: URI (the server fetches no URL)."""
+    detail: Literal["auto"] | None = None
+
+
+class InputAudioIn(_Strict):
+    data: str
+    """A WAV file's bytes in base64."""
+    format: str = "wav"
+
+
+_PART_FIELDS = {"text": "text", "image_url": "image_url", "input_audio": "input_audio"}
+
+
+class ContentPart(_Strict):
+    """One part of a multi-part message content: text, an image or a clip."""
 
     type: str
     text: str | None = None
+    image_url: ImageUrlIn | None = None
+    input_audio: InputAudioIn | None = None
 
     @field_validator("type")
     @classmethod
-    def _text_only(cls, value: str) -> str:
-        if value != "text":
-            raise ValueError(f"content parts of type {value!r} are not supported yet (only text)")
+    def _known(cls, value: str) -> str:
+        if value not in _PART_FIELDS:
+            raise ValueError(
+                f"content parts of type {value!r} are not supported (text, image_url and "
+                "input_audio are)"
+            )
         return value
+
+    @model_validator(mode="after")
+    def _fields_of_its_type(self) -> ContentPart:
+        given = {name for name in _PART_FIELDS.values() if getattr(self, name) is not None}
+        wanted = _PART_FIELDS[self.type]
+        if self.type != "text" and wanted not in given:
+            raise ValueError(f"a {self.type} part needs its {wanted!r} field")
+        if given - {wanted}:
+            raise ValueError(
+                f"a {self.type} part has no {', '.join(map(repr, sorted(given - {wanted})))}"
+            )
+        return self
+
+    @property
+    def is_media(self) -> bool:
+        return self.type != "text"
 
 
 # What the server takes as a function's name (what the model can write after `call:`).
@@ -122,7 +158,7 @@ class ChatMessageIn(_Strict):
     """One message of a chat request (the server checks what goes with which role)."""
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
+    content: str | list[ContentPart] | None = None
     tool_calls: list[ToolCallIn] | None = None
     tool_call_id: str | None = None
     name: str | None = None
@@ -134,6 +170,10 @@ class ChatMessageIn(_Strict):
             raise ValueError("content is required (it may be null only beside tool_calls)")
         return self
 
+    def has_media(self) -> bool:
+        """Whether the content holds image or audio parts."""
+        return isinstance(self.content, list) and any(part.is_media for part in self.content)
+
     def text(self) -> str | None:
         """The content as one text (parts joined by newlines, as other servers do)."""
         if self.content is None or isinstance(self.content, str):
@@ -141,8 +181,12 @@ class ChatMessageIn(_Strict):
         return "\n".join(part.text or "" for part in self.content)
 
     def wire(self) -> dict[str, Any]:
-        """The message as the client takes it."""
-        return {**self.model_dump(exclude_none=True), "content": self.text()}
+        """The message as the client takes it: text parts joined into one text, or, beside
+        images and clips, the parts as they are (each where the chat template puts it)."""
+        message = self.model_dump(exclude_none=True)
+        if not self.has_media():
+            message["content"] = self.text()
+        return message
 
 
 class FunctionIn(_Strict):

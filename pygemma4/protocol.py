@@ -19,7 +19,8 @@ Clients (a ZeroMQ DEALER connected to the server's ROUTER endpoint)
     malformed to have a readable id.
 
 Workers (PUSH sockets into each process's one PULL inbox, over `ipc://` on one host)
-    exchange the `Internal` messages below; they carry token ids, never tensors: the KV cache
+    exchange the `Internal` messages below; they carry token ids (and a chat's images and
+    clips, preprocessed, in frames of their own: `encode_frames`), never KV: the KV cache
     lives in a pool that the decode worker maps (shared memory, or CUDA IPC memory; the
     `KvPoolSpec` describes it). Each process's inbox takes only the messages of its union
     (`FrontEndInbox`, `TokenizerInbox`, `DecodeInbox`); another message reaching it is a
@@ -102,6 +103,39 @@ class TextPart(_Strict, tag="text", tag_field="type"):
     text: str
 
 
+class ImageUrl(_Strict):
+    """Where an image part's image is: a `data:image/<png|jpeg|webp>;base64,...` URI (a
+    server fetches nothing and reads no file, so other URLs are refused)."""
+
+    url: str
+    detail: Literal["auto"] | None = None
+
+
+class ImageUrlPart(_Strict, tag="image_url", tag_field="type"):
+    """An image in a message (OpenAI's `{"type": "image_url", "image_url": {"url": ...}}`),
+    for a server started with a projector that has a vision tower."""
+
+    image_url: ImageUrl
+
+
+class InputAudio(_Strict):
+    """A clip: a WAV file's bytes in base64 (`format` "wav", the one read)."""
+
+    data: str
+    format: str = "wav"
+
+
+class InputAudioPart(_Strict, tag="input_audio", tag_field="type"):
+    """A clip in a message (OpenAI's `{"type": "input_audio", "input_audio": {"data": ...,
+    "format": "wav"}}`), for a server started with a projector that has an audio tower."""
+
+    input_audio: InputAudio
+
+
+ContentPart = TextPart | ImageUrlPart | InputAudioPart
+"""A part of a message's content: text, an image or a clip."""
+
+
 TOOL_NAME_PATTERN = r"^[A-Za-z0-9_.\-]{1,64}$"
 ToolName = Annotated[str, msgspec.Meta(pattern=TOOL_NAME_PATTERN)]
 """A function's name: what the model can write after `call:`."""
@@ -129,7 +163,7 @@ class ChatMessage(_Strict):
     message with `tool_calls`; a "tool" message answers the call `tool_call_id`."""
 
     role: str
-    content: str | list[TextPart] | None = None
+    content: str | list[ContentPart] | None = None
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
     name: str | None = None
@@ -352,6 +386,12 @@ class ServerInfo(_Reply, tag="info"):
     speculation: SpeculationCounts | None = None
     limits: ServeLimits | None = None
     """What one client may ask of the server (None from servers older than the field)."""
+    vision: bool = False
+    """Whether chats may hold images (`ImageUrlPart`): the server has a vision tower."""
+    audio: bool = False
+    """Whether chats may hold clips (`InputAudioPart`): the server has an audio tower."""
+    max_image_tokens: int = 0
+    """Soft tokens an image becomes at most (0 without a vision tower)."""
 
 
 ServerReply = Chunk | Done | Cancelled | Error | HealthStatus | ServerInfo
@@ -380,6 +420,24 @@ class EndedRequests(_Internal, tag="ended"):
     rids: list[int]
 
 
+class MediaFeatures(_Strict):
+    """One image or clip of a tokenized prompt, as its tower reads it: its `n_tokens` soft
+    tokens start at `offset`; `data` holds its features, float32 [rows, cols] (image
+    patches, log-mel frames) in C order; `grid` is an image's (rows, cols) of patches.
+    `digest` names its content (what the prefix cache keys its positions by)."""
+
+    kind: Literal["image", "audio"]
+    offset: int
+    n_tokens: int
+    digest: str
+    rows: int
+    cols: int
+    grid: tuple[int, int] = (0, 0)
+    data: bytes = b""
+    """Sent as a frame of its own after the message's frame (see `encode_frames`), never
+    inside it: the message frame stays small."""
+
+
 class TokenizedRequest(_Internal, tag="tokenized"):
     """Tokenizer worker → decode worker: a request as token ids, ready to schedule."""
 
@@ -391,6 +449,9 @@ class TokenizedRequest(_Internal, tag="tokenized"):
     tokenizer: int
     """Index of the tokenizer worker that gets this request's tokens."""
     speculative: bool = True
+    media: list[MediaFeatures] = []
+    """The prompt's images and clips, in prompt order (each one's features in a frame of
+    its own after the message's)."""
 
 
 class TokenOutput(_Strict):
@@ -485,6 +546,42 @@ def _no_extensions(code: int, data: memoryview) -> typing.NoReturn:
     raise ProtocolError(f"undecodable message: MessagePack extension type {code} is not used")
 
 
+def encode_frames(message: msgspec.Struct) -> list[bytes]:
+    """The frames of a message between workers: the message, then the features of each of
+    a `TokenizedRequest`'s media (raw bytes, not MessagePack)."""
+    if not isinstance(message, TokenizedRequest) or not message.media:
+        return [encode(message)]
+    bare = msgspec.structs.replace(
+        message, media=[msgspec.structs.replace(m, data=b"") for m in message.media]
+    )
+    return [encode(bare), *(m.data for m in message.media)]
+
+
+def _with_frames(message: typing.Any, frames: typing.Sequence[bytes]) -> typing.Any:
+    """`message` with the payload frames that followed it put back in place (ProtocolError
+    where their number or sizes do not match what it says)."""
+    media = message.media if isinstance(message, TokenizedRequest) else []
+    if len(frames) != len(media):
+        raise ProtocolError(
+            f"{type(message).__name__} with {len(media)} media came with {len(frames)} "
+            "payload frames"
+        )
+    if not frames:
+        return message
+    for i, (m, frame) in enumerate(zip(media, frames, strict=True)):
+        if m.rows < 1 or m.cols < 1 or len(frame) != m.rows * m.cols * 4:
+            raise ProtocolError(
+                f"media[{i}]: a frame of {len(frame)} bytes for float32 [{m.rows}, {m.cols}]"
+            )
+    return msgspec.structs.replace(
+        message,
+        media=[
+            msgspec.structs.replace(m, data=bytes(frame))
+            for m, frame in zip(media, frames, strict=True)
+        ],
+    )
+
+
 def _decoder(kind: typing.Any) -> msgspec.msgpack.Decoder:
     return msgspec.msgpack.Decoder(kind, ext_hook=_no_extensions)
 
@@ -554,6 +651,11 @@ class InboxDecoder:
         raise MisroutedMessageError(
             f"{type(message).__name__} sent to {self.process}, whose inbox takes only {takes}"
         )
+
+    def decode_frames(self, frames: typing.Sequence[bytes]) -> typing.Any:
+        """The message of a multipart delivery (`encode_frames`): `decode` of its first
+        frame, with the payload frames after it in place."""
+        return _with_frames(self.decode(frames[0]), frames[1:])
 
 
 def request_id_of(frame: bytes) -> int | None:

@@ -8,8 +8,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import _core
-from .errors import MediaError, UnsupportedModelError
-from .media.image import DEFAULT_SOFT_TOKENS, SOFT_TOKEN_BUDGETS, ImageInput, image_patches
+from .errors import MediaError
+from .media.image import DEFAULT_SOFT_TOKENS, ImageInput
+from .media.kinds import PreparedMedia
+from .media.prepared import checked_vision, prepare_image
 from .mmproj import MmprojFile
 
 __all__ = ["ImageEmbedding", "VisionTower"]
@@ -47,19 +49,7 @@ class VisionTower:
         backend: str = "cpu",
         device: int = 0,
     ) -> None:
-        vision = mmproj.vision
-        if vision is None:
-            raise UnsupportedModelError(f"{mmproj.gguf.path}: the file has no vision encoder")
-        if vision.standardize:
-            raise UnsupportedModelError(
-                f"{mmproj.gguf.path}: vision towers with standardized outputs (v.std_bias) are "
-                "not supported"
-            )
-        if max_image_tokens not in SOFT_TOKEN_BUDGETS:
-            raise MediaError(
-                f"max_image_tokens must be one of {', '.join(map(str, SOFT_TOKEN_BUDGETS))}, "
-                f"not {max_image_tokens!r}"
-            )
+        vision = checked_vision(mmproj, max_image_tokens)
         self.config = vision
         self.max_image_tokens = max_image_tokens
         entries = []
@@ -83,14 +73,15 @@ class VisionTower:
 
     def embed(self, image: ImageInput, name: str | None = None) -> ImageEmbedding:
         """The embeddings of `image` (a path, bytes, data URI, PIL image or uint8 array)."""
-        patches = image_patches(
-            image, self.max_image_tokens, self.config.patch_size, self.config.pooling, name
-        )
-        rows, cols = patches.grid
-        if max(rows, cols) > self.config.n_pos:
+        return self.encode(prepare_image(self.config, self.max_image_tokens, image, name))
+
+    def encode(self, image: PreparedMedia) -> ImageEmbedding:
+        """The embeddings of an image `prepare_image` cut into this tower's patches."""
+        rows, cols = image.grid
+        pooled, embeddings = self._encoder.encode(image.features, rows, cols)
+        if len(embeddings) != image.n_tokens:
             raise MediaError(
-                f"image {name or ''}: {rows}×{cols} patches exceed the tower's position tables "
-                f"({self.config.n_pos} per side)"
+                f"the vision tower made {len(embeddings)} rows of an image of "
+                f"{image.n_tokens} soft tokens"
             )
-        pooled, embeddings = self._encoder.encode(patches.pixels, rows, cols)
-        return ImageEmbedding(embeddings, pooled, patches.grid, patches.digest)
+        return ImageEmbedding(embeddings, pooled, image.grid, image.digest)

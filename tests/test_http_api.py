@@ -40,8 +40,10 @@ def _refusal(model: type, body: Any) -> ApiError:
     [
         ({"model": "m", "messages": CHAT, "bogus": 1}, "bogus"),
         ({"model": "m", "messages": [{"role": "user", "content": 5}]}, "messages.0.content"),
-        ({"model": "m", "messages": [{"role": "user", "content": [{"type": "input_audio"}]}]},
+        ({"model": "m", "messages": [{"role": "user", "content": [{"type": "video_url"}]}]},
          "messages.0.content.0.type"),
+        ({"model": "m", "messages": [{"role": "user", "content": [{"type": "input_audio"}]}]},
+         "messages.0.content.0"),
         ({"model": "m", "messages": CHAT, "n": 0}, "n"),
         ({"model": 3, "messages": CHAT}, "model"),
         ({"model": "m", "messages": CHAT, "temperature": True}, "temperature"),

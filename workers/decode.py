@@ -20,6 +20,7 @@ together: a sequence may gain several tokens in one step (`pygemma4.speculative`
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections import deque
 from dataclasses import dataclass, field
@@ -29,9 +30,13 @@ import numpy as np
 from pygemma4 import protocol
 from pygemma4.constraints import ConstraintError, grammar_vocabulary
 from pygemma4.drafter import DraftContext
+from pygemma4.errors import Gemma4Error, MediaError
 from pygemma4.generation import TokenChoice
 from pygemma4.kv import BlockAllocator, SequenceKv
-from pygemma4.prefix_cache import PrefixCache
+from pygemma4.media.encoders import MediaEncoders
+from pygemma4.media.kinds import PreparedMedia
+from pygemma4.multimodal import PlacedMedia, Prompt, media_pad_id, model_tokens
+from pygemma4.prefix_cache import MediaKey, PrefixCache
 from pygemma4.protocol import (
     DecodeLoad,
     EndedRequests,
@@ -40,13 +45,14 @@ from pygemma4.protocol import (
     TokenizedRequest,
     TokenOutput,
 )
-from pygemma4.runner import Feed, FeedResult, next_tokens
+from pygemma4.runner import Embeddings, Feed, FeedResult, next_tokens
 from pygemma4.speculative import Speculator, verification_feed
 from pygemma4.tokenizer import Tokenizer
 from pygemma4.workers.runtime import (
     ServerConfig,
     Worker,
     kv_layout,
+    prepared_media,
     run_worker,
     shared_pool_runner,
 )
@@ -68,6 +74,14 @@ class Sequence:
     once a step brought it back."""
     cached_tokens: int = 0
     """Prompt tokens the prefix cache held (told with the first token)."""
+    media: tuple[tuple[int, PreparedMedia], ...] = ()
+    """The prompt's images and clips, as their towers read them, at the offsets of their
+    soft tokens."""
+    encoded: dict[int, np.ndarray] = field(default_factory=dict)
+    """The embeddings of the media encoded so far, by offset (those the prefix cache held
+    whole need none)."""
+    embeddings: Embeddings | None = None
+    """The rows of those embeddings, at their positions in the prompt."""
 
     @property
     def rid(self) -> int:
@@ -78,6 +92,18 @@ class Sequence:
         """The prompt and the tokens generated so far."""
         generated = np.asarray(self.choice.token_ids, dtype=np.int32)
         return np.concatenate([np.asarray(self.request.prompt_ids, dtype=np.int32), generated])
+
+    def media_keys(self) -> tuple[MediaKey, ...]:
+        """What the prefix cache names its media's positions by."""
+        return tuple(MediaKey(offset, m.n_tokens, m.digest) for offset, m in self.media)
+
+    def with_media(self, feed: Feed) -> Feed:
+        """`feed` (of this sequence's prompt) with the embeddings of the media rows it holds."""
+        if self.embeddings is None:
+            return feed
+        start = feed.kv.length
+        rows = self.embeddings.window(start, start + len(feed.tokens))
+        return dataclasses.replace(feed, embeddings=rows)
 
     def draft_context(self) -> DraftContext:
         """What a drafter reads of this sequence."""
@@ -106,6 +132,20 @@ class DecodeWorker(Worker):
             if config.draft is None
             else Speculator.open(config.draft, config.draft_tokens, self.runner, config.max_batch)
         )
+        self.media = (
+            None
+            if config.mmproj is None
+            else MediaEncoders(
+                config.mmproj,
+                self.runner.model_file,
+                config.max_image_tokens,
+                config.threads,
+                config.backend,
+                config.device,
+            )
+        )
+        """The projector's towers, which encode the images and clips of prompts."""
+        self.pad_id = media_pad_id(self.runner.model_file.gguf.metadata)
         self.layout = kv_layout(config.kv)
         self.allocator = BlockAllocator(self.layout)
         self.prefix_cache = PrefixCache(
@@ -222,22 +262,47 @@ class DecodeWorker(Worker):
         except ValueError as e:
             self.fail(request, "bad_request", str(e))
             return None
-        return Sequence(request, SequenceKv(), choice)
+        media = tuple((m.offset, prepared_media(m)) for m in request.media)
+        return Sequence(request, SequenceKv(), choice, media=media)
 
     def start(self, sequence: Sequence, tokens: np.ndarray) -> None:
         """Give a sequence its KV for `tokens` (its prompt, or its prompt and what it generated
         before a pause), taking what the prefix cache holds of them; the rest, but the last
         token, is prefilled in the steps to come."""
-        kv, cached = self.prefix_cache.new_sequence(tokens[:-1])
+        keys = sequence.media_keys()
+        kv, cached = self.prefix_cache.new_sequence(tokens[:-1], keys)
+        try:
+            self.encode_media(sequence, cached)
+        except (Gemma4Error, ValueError) as e:
+            kv.release()
+            self.fail(sequence.request, "internal", f"cannot encode the prompt's media: {e}")
+            return
         kv.ensure(len(tokens))
         sequence.kv, sequence.next_token, sequence.hidden = kv, int(tokens[-1]), None
         if not sequence.choice.token_ids:  # the first start: the client hears of the cache
             sequence.cached_tokens = cached
-        sequence.unwritten = tokens[cached:-1]
+        sequence.unwritten = model_tokens(tokens, keys, self.pad_id)[cached:-1]
         if len(sequence.unwritten) == 0:
             self.running[sequence.rid] = sequence
         else:
             self.prefilling[sequence.rid] = sequence
+
+    def encode_media(self, sequence: Sequence, cached: int) -> None:
+        """Encode the media of a sequence that reach past its first `cached` positions (their
+        KV is to be computed) and were not encoded before."""
+        if not sequence.media:
+            return
+        if self.media is None:
+            raise MediaError("this server was started without --mmproj: it takes no media")
+        for offset, media in sequence.media:
+            if offset + media.n_tokens > cached and offset not in sequence.encoded:
+                sequence.encoded[offset] = self.media.encode(media)
+        placed = tuple(
+            PlacedMedia(offset, sequence.encoded[offset], media.digest)
+            for offset, media in sequence.media
+            if offset in sequence.encoded
+        )
+        sequence.embeddings = Prompt(sequence.tokens(), placed).embeddings()
 
     def prefill_feeds(self) -> list[tuple[Sequence, Feed]]:
         """The next `prefill_chunk` tokens of the prompts being prefilled, oldest first, as a
@@ -246,7 +311,7 @@ class DecodeWorker(Worker):
         feeds = self.runner.next_prefill(
             [(s.kv, s.unwritten) for s in sequences], self.config.prefill_chunk
         )
-        return list(zip(sequences, feeds, strict=False))
+        return [(s, s.with_media(feed)) for s, feed in zip(sequences, feeds, strict=False)]
 
     def prefilled(self, sequence: Sequence, feed: Feed) -> None:
         """A chunk of a sequence's prompt is written; once the last one is, the sequence
@@ -254,7 +319,7 @@ class DecodeWorker(Worker):
         sequence.unwritten = sequence.unwritten[len(feed.tokens) :]
         if len(sequence.unwritten) == 0:
             del self.prefilling[sequence.rid]
-            self.prefix_cache.remember(sequence.kv, sequence.tokens()[:-1])
+            self.prefix_cache.remember(sequence.kv, sequence.tokens()[:-1], sequence.media_keys())
             self.running[sequence.rid] = sequence
 
     def compute(
@@ -290,7 +355,7 @@ class DecodeWorker(Worker):
         for rid in rids:
             if rid in self.running:
                 sequence = self.running.pop(rid)
-                self.prefix_cache.release(sequence.kv, sequence.tokens())
+                self.prefix_cache.release(sequence.kv, sequence.tokens(), sequence.media_keys())
             elif rid in self.prefilling:
                 self.prefilling.pop(rid).kv.release()
 
@@ -319,7 +384,7 @@ class DecodeWorker(Worker):
         """Take a running sequence off the pool (its KV left in the prefix cache, so that it
         resumes computing little) and queue it first, to resume."""
         sequence = self.running.pop(rid)
-        self.prefix_cache.release(sequence.kv, sequence.tokens())
+        self.prefix_cache.release(sequence.kv, sequence.tokens(), sequence.media_keys())
         self.waiting.appendleft(sequence)
 
     def step(self) -> None:
@@ -366,7 +431,7 @@ class DecodeWorker(Worker):
             )
             if steps[-1].finish_reason is not None:
                 self.running.pop(rid)
-                self.prefix_cache.release(sequence.kv, sequence.tokens())
+                self.prefix_cache.release(sequence.kv, sequence.tokens(), sequence.media_keys())
                 continue
             sequence.next_token = steps[-1].token_id
             if speculator is not None:

@@ -728,6 +728,9 @@ def create_app(
             "created": api.started,
             "owned_by": "pygemma4",
             "max_model_len": info.n_ctx,
+            "input_modalities": ["text"]
+            + (["image"] if info.vision else [])
+            + (["audio"] if info.audio else []),
         }
 
     @app.get("/")
@@ -790,6 +793,12 @@ def create_app(
             chat = parse_request(
                 ChatCompletionRequest, {"model": info.model, "messages": body["messages"]}
             )
+            if any(m.has_media() for m in chat.messages):
+                raise bad_field(
+                    "messages",
+                    "messages with image or audio parts are not counted here: their soft "
+                    "tokens depend on the media (a chat completion's usage reports them)",
+                )
             field = "messages"
             encode = functools.partial(tokenizer.encode_chat, [m.wire() for m in chat.messages])
         try:

@@ -12,12 +12,14 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any, ClassVar
 
 import msgspec
+import numpy as np
 import zmq
 
 from pygemma4 import protocol
 from pygemma4.config import ModelConfig, open_model
 from pygemma4.kv import KvLayout
-from pygemma4.protocol import KvPoolSpec, ServeLimits
+from pygemma4.media.kinds import MEDIA_KINDS, PreparedMedia
+from pygemma4.protocol import KvPoolSpec, MediaFeatures, ServeLimits
 from pygemma4.runner import ModelRunner
 
 HTTP_API_KEY_ENV = "PYGEMMA4_API_KEY"
@@ -62,6 +64,11 @@ class ServerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     None decodes one token per step."""
     draft_tokens: int = 0
     """Tokens drafted per step, with `draft`."""
+    mmproj: str | None = None
+    """The model's projector GGUF (checked against it), whose towers take images and audio;
+    None takes neither."""
+    max_image_tokens: int = 280
+    """Soft tokens an image becomes at most, with `mmproj`."""
     prefix_snapshots: int = 0
     """Ring sets of the pool beyond `max_batch`, kept as snapshots by the prefix cache."""
     http_curve_public: str | None = None
@@ -111,7 +118,7 @@ class Mailbox:
 
     def send(self, peer: str, message: msgspec.Struct) -> None:
         """Queue `message` for `peer` (delivered when it is up, even after a restart)."""
-        self.outboxes[peer].send(protocol.encode(message))
+        self.outboxes[peer].send_multipart(protocol.encode_frames(message))
 
     def receive(self, timeout_ms: int) -> list[Any]:
         """Every message waiting, after waiting up to `timeout_ms` for the first."""
@@ -120,11 +127,11 @@ class Mailbox:
             return messages
         while True:
             try:
-                frame = self.inbox.recv(zmq.NOBLOCK)
+                frames = self.inbox.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return messages
             try:
-                messages.append(self.decoder.decode(frame))
+                messages.append(self.decoder.decode_frames(frames))
             except protocol.ProtocolError as e:
                 # Only our own processes can reach an inbox; a bad or misrouted message is a
                 # bug to report, not a reason to stop serving.
@@ -165,6 +172,31 @@ class Process:
     def handle(self, message: Any) -> None:
         """Act on one message of the inbox."""
         self.handlers[type(message)](self, message)
+
+
+def media_features(offset: int, media: PreparedMedia) -> MediaFeatures:
+    """An image or clip of a prompt, its soft tokens at `offset`, as the decode worker gets
+    it."""
+    features = np.ascontiguousarray(media.features, dtype=np.float32)
+    rows, cols = features.shape
+    return MediaFeatures(
+        kind=media.kind.name,  # type: ignore[arg-type]  # "image" or "audio"
+        offset=offset,
+        n_tokens=media.n_tokens,
+        digest=media.digest,
+        rows=rows,
+        cols=cols,
+        grid=media.grid,
+        data=features.tobytes(),
+    )
+
+
+def prepared_media(media: MediaFeatures) -> PreparedMedia:
+    """The image or clip a `MediaFeatures` carries, as its tower reads it."""
+    features = np.frombuffer(media.data, dtype=np.float32).reshape(media.rows, media.cols)
+    return PreparedMedia(
+        MEDIA_KINDS[media.kind], features, media.n_tokens, media.digest, media.grid
+    )
 
 
 def kv_layout(spec: KvPoolSpec) -> KvLayout:

@@ -28,7 +28,10 @@ from pygemma4.kv import (
     KvLayout,
     resolve_kv_dtype,
 )
+from pygemma4.media.image import DEFAULT_SOFT_TOKENS
+from pygemma4.media.prepared import MediaPreprocessor
 from pygemma4.memory import MemoryBudget, memory_available_bytes
+from pygemma4.mmproj import open_mmproj
 from pygemma4.protocol import KvPoolSpec, ServeLimits, ServerInfo
 from pygemma4.runner import check_backend
 from pygemma4.speculative import DEFAULT_DRAFT_TOKENS, check_draft_tokens
@@ -121,6 +124,8 @@ class Server:
         draft: str | None = None,
         draft_tokens: int = DEFAULT_DRAFT_TOKENS,
         limits: ServeLimits | None = None,
+        mmproj: str | os.PathLike[str] | None = None,
+        max_image_tokens: int = DEFAULT_SOFT_TOKENS,
     ) -> None:
         """`http` is HOST:PORT of the HTTP front end (None: none), `api_key` the key it
         requires (None: none); `draft` the drafter to decode with ("ngram", or an assistant
@@ -130,7 +135,9 @@ class Server:
         every sequence at the model's trained context. KV entries are stored as `kv_dtype`
         (default: f16 on the CPU, f32 on CUDA). `n_ctx` (default: the model's trained
         context, where the pool holds it) bounds one sequence. `limits` bound what one client
-        may ask (by default ServeLimits' defaults, prompts up to the context)."""
+        may ask (by default ServeLimits' defaults, prompts up to the context). With `mmproj`
+        (the model's projector GGUF, checked against it) chats may hold images (each at most
+        `max_image_tokens` soft tokens) and clips, as its towers take."""
         kv_dtype = resolve_kv_dtype(kv_dtype, backend)
         check_backend(backend, device)
         model_file = open_model(model)
@@ -141,6 +148,10 @@ class Server:
             check_draft_tokens(draft_tokens, prefill_chunk)
             if draft != NGRAM:
                 draft = str(open_assistant(draft, model_file).gguf.path.resolve())
+        media = None
+        if mmproj is not None:
+            # Checked here, so that a wrong file is said before any worker starts.
+            media = MediaPreprocessor(open_mmproj(mmproj, model_file), max_image_tokens)
         config = model_file.config
         # A ring set per sequence, and as many again kept as prefix snapshots (none on CUDA,
         # where copying ring sets is not verified on a GPU yet).
@@ -198,6 +209,8 @@ class Server:
             prefix_snapshots=prefix_snapshots,
             http_curve_public=None if http_curve_keys is None else http_curve_keys.public.decode(),
             limits=limits,
+            mmproj=None if mmproj is None else str(Path(mmproj).resolve()),
+            max_image_tokens=max_image_tokens,
         )
         # The HTTP front end serves many clients over one connection, which the per-client
         # limit must spare (it limits each HTTP client address itself).
@@ -220,6 +233,9 @@ class Server:
             draft=None if draft is None else Path(draft).name,
             draft_tokens=self.config.draft_tokens,
             limits=limits,
+            vision=media is not None and media.vision is not None,
+            audio=media is not None and media.audio is not None,
+            max_image_tokens=max_image_tokens if media is not None and media.vision else 0,
         )
         try:
             self.frontend = FrontEnd(self.config, self.supervisor, info, http_routing_id)

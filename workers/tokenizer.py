@@ -9,12 +9,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
+import numpy as np
 
 from pygemma4 import protocol
 from pygemma4.chat_output import CHANNEL_CLOSE, CHANNEL_OPEN, TOOL_RESPONSE
 from pygemma4.config import open_model
 from pygemma4.errors import Gemma4Error
 from pygemma4.generation import FinishReason, TextStream, room_for_tokens
+from pygemma4.media.kinds import IMAGE, MediaKind, PreparedMedia
+from pygemma4.media.prepared import MediaPreprocessor
+from pygemma4.mmproj import open_mmproj
+from pygemma4.multimodal import PreparedPrompt, prepare_chat
 from pygemma4.protocol import (
     AdmittedRequest,
     Chat,
@@ -32,7 +37,7 @@ from pygemma4.protocol import (
 )
 from pygemma4.sampling import SamplingParams
 from pygemma4.tokenizer import Tokenizer
-from pygemma4.workers.runtime import ServerConfig, Worker, run_worker
+from pygemma4.workers.runtime import ServerConfig, Worker, media_features, run_worker
 
 
 class RequestRefused(Gemma4Error):
@@ -142,6 +147,12 @@ class TokenizerWorker(Worker):
         model = open_model(config.model)
         self.tokenizer = Tokenizer.from_metadata(model.gguf.metadata)
         self.vocab_size = model.config.vocab_size
+        self.media = (
+            None
+            if config.mmproj is None
+            else MediaPreprocessor(open_mmproj(config.mmproj, model), config.max_image_tokens)
+        )
+        """What decodes and preprocesses images and clips (None: the server takes none)."""
         self.requests: dict[int, TextState] = {}
 
     def start(self, admitted: AdmittedRequest) -> None:
@@ -150,7 +161,8 @@ class TokenizerWorker(Worker):
         try:
             sampling = protocol.sampling_params(request.sampling)
             self.check_limits(sampling)
-            prompt = self.prompt_ids(request)
+            prepared = self.prompt(request)
+            prompt = prepared.token_ids.tolist()
             self.check_prompt_length(len(prompt))
             max_tokens = self.max_tokens(len(prompt), request.max_tokens)
             text = TextStream(self.tokenizer, sampling.stop, skip_special=not request.raw_text)
@@ -179,24 +191,64 @@ class TokenizerWorker(Worker):
                 stop_token_ids=stop_ids,
                 tokenizer=self.index,
                 speculative=request.speculative,
+                media=[media_features(offset, m) for offset, m in prepared.media],
             ),
         )
 
-    def prompt_ids(self, request: Completion | Chat) -> list[int]:
-        """The request's prompt as token ids (checked against the vocabulary)."""
+    def prompt(self, request: Completion | Chat) -> PreparedPrompt:
+        """The request's prompt as token ids (checked against the vocabulary), with a chat's
+        images and clips prepared for their towers."""
         if isinstance(request, Chat):
+            self.check_media_taken(request)
             messages, variables = chat_template_input(request)
-            return self.tokenizer.encode_chat(messages, **variables)
+            return prepare_chat(self.tokenizer, messages, self.prepare_media, **variables)
         if isinstance(request.prompt, str):
-            return self.tokenizer.encode(request.prompt)
-        if not request.prompt:
+            ids = self.tokenizer.encode(request.prompt)
+        elif not request.prompt:
             raise RequestRefused("bad_request", "prompt has no tokens")
-        bad = next((t for t in request.prompt if t >= self.vocab_size), None)
+        else:
+            ids = list(request.prompt)
+        bad = next((t for t in ids if t >= self.vocab_size), None)
         if bad is not None:
             raise RequestRefused(
                 "bad_request", f"prompt token id {bad} out of range [0, {self.vocab_size})"
             )
-        return list(request.prompt)
+        return PreparedPrompt(np.asarray(ids, dtype=np.int32))
+
+    def check_media_taken(self, request: Chat) -> None:
+        """Refuse a chat with images or clips where the server has no tower for them."""
+        for i, message in enumerate(request.messages):
+            parts = message.content if isinstance(message.content, list) else ()
+            for j, part in enumerate(parts):
+                if isinstance(part, protocol.TextPart):
+                    continue
+                image = isinstance(part, protocol.ImageUrlPart)
+                what, tower = ("images", "vision") if image else ("audio", "audio")
+                if self.media is None:
+                    raise RequestRefused(
+                        "bad_request",
+                        f"messages[{i}].content[{j}]: this server takes no {what}: it was "
+                        "started without --mmproj (the model's projector file)",
+                    )
+                if (self.media.vision if image else self.media.audio) is None:
+                    raise RequestRefused(
+                        "bad_request",
+                        f"messages[{i}].content[{j}]: this server takes no {what}: its "
+                        f"projector file has no {tower} encoder",
+                    )
+
+    def prepare_media(self, kind: MediaKind, source: Any) -> PreparedMedia:
+        """An image (a data URI) or a clip (WAV bytes) of a chat, decoded and preprocessed
+        for its tower; images given any other way are refused (the server fetches no URL
+        and reads no file)."""
+        assert self.media is not None  # check_media_taken refused media without a tower
+        if kind is IMAGE and not (isinstance(source, str) and source.startswith("data:")):
+            raise RequestRefused(
+                "bad_request",
+                f"image_url {str(source)[:60]!r}: only data: URIs "
+                "(data:image/png;base64,...) are accepted; the server fetches no URL",
+            )
+        return self.media.prepare(kind, source)
 
     def check_limits(self, sampling: SamplingParams) -> None:
         """Refuse stop strings and logprobs past the server's limits."""

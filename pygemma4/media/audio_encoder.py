@@ -23,6 +23,7 @@ from pygemma4.media.audio import (
     log_mel,
     prepare_samples,
 )
+from pygemma4.media.kinds import AUDIO, PreparedMedia
 from pygemma4.mmproj import MmprojFile, open_mmproj
 
 CONFORMER = "gemma4a"
@@ -120,6 +121,40 @@ def conformer_config(mmproj: MmprojFile) -> AudioEncoderConfig:
     )
 
 
+def encoder_tokens(config: AudioEncoderConfig, n_samples: int) -> int:
+    """Soft tokens the encoder of `config` makes of a clip of n_samples samples at 16 kHz
+    (about one per 40 ms)."""
+    if config.projector == RAW_FRAMES:
+        return -(-n_samples // config.feature_dim)
+    # Log-mel frames that lie within the clip, then two stride-2 convolutions.
+    frames = max(0, (n_samples - 1) // HOP_LENGTH) if n_samples > FRAME_LENGTH // 2 else 0
+    return int(_core.AudioEncoder.n_tokens(frames)) if frames else 0
+
+
+def prepare_audio(
+    config: AudioEncoderConfig, audio: AudioInput, name: str | None = None
+) -> PreparedMedia:
+    """`audio` (a WAV path, WAV bytes or float samples at 16 kHz) decoded to 16 kHz mono and
+    turned into what the encoder of `config` reads."""
+    samples = audio_samples(audio, name)
+    digest = hashlib.sha256(samples.tobytes()).hexdigest()
+    features = encoder_features(config, samples)
+    return PreparedMedia(AUDIO, features, encoder_tokens(config, samples.size), digest)
+
+
+def encoder_features(config: AudioEncoderConfig, samples: np.ndarray) -> np.ndarray:
+    """What the encoder of `config` reads of 16 kHz samples (from `prepare_samples`): the
+    log-mel frames within the clip [frames, 128] (Conformer), or the samples zero-padded and
+    cut into frames [tokens, 640] (raw frames)."""
+    if config.projector == RAW_FRAMES:
+        width = config.feature_dim
+        frames = np.zeros(-(-samples.size // width) * width, dtype=np.float32)
+        frames[: samples.size] = samples
+        return frames.reshape(-1, width)
+    mel = log_mel(samples)
+    return mel.features[mel.mask]
+
+
 class AudioEncoder:
     """The audio input of an mmproj GGUF (projector `gemma4a` or `gemma4ua`), on the CPU: from
     its path, or from the file `open_mmproj` already read and checked."""
@@ -173,23 +208,11 @@ class AudioEncoder:
 
     def n_tokens(self, n_samples: int) -> int:
         """Soft tokens of a clip of n_samples samples at 16 kHz (about one per 40 ms)."""
-        if self.config.projector == RAW_FRAMES:
-            return -(-n_samples // self.config.feature_dim)
-        # Log-mel frames that lie within the clip, then two stride-2 convolutions.
-        frames = max(0, (n_samples - 1) // HOP_LENGTH) if n_samples > FRAME_LENGTH // 2 else 0
-        return int(_core.AudioEncoder.n_tokens(frames)) if frames else 0
+        return encoder_tokens(self.config, n_samples)
 
     def features(self, samples: np.ndarray) -> np.ndarray:
-        """What the encoder reads of 16 kHz samples (from `prepare_samples`): the log-mel
-        frames within the clip [frames, 128] (Conformer), or the samples zero-padded and cut
-        into frames [tokens, 640] (raw frames)."""
-        if self.config.projector == RAW_FRAMES:
-            width = self.config.feature_dim
-            frames = np.zeros(-(-samples.size // width) * width, dtype=np.float32)
-            frames[: samples.size] = samples
-            return frames.reshape(-1, width)
-        mel = log_mel(samples)
-        return mel.features[mel.mask]
+        """What the encoder reads of 16 kHz samples (see `encoder_features`)."""
+        return encoder_features(self.config, samples)
 
     def encode_features(self, features: np.ndarray) -> np.ndarray:
         """Embeddings [n_tokens, embedding_dim] of features as `features` makes them."""
@@ -214,9 +237,16 @@ class AudioEncoder:
 
     def embed_input(self, audio: AudioInput, name: str | None = None) -> AudioEmbedding:
         """The embeddings of a clip given as a WAV path, WAV bytes or 16 kHz samples."""
-        samples = audio_samples(audio, name)
-        digest = hashlib.sha256(samples.tobytes()).hexdigest()
-        return AudioEmbedding(self.encode_features(self.features(samples)), digest)
+        return self.encode(prepare_audio(self.config, audio, name))
+
+    def encode(self, clip: PreparedMedia) -> AudioEmbedding:
+        """The embeddings of a clip `prepare_audio` made for this encoder."""
+        embeddings = self.encode_features(clip.features)
+        if len(embeddings) != clip.n_tokens:
+            raise AudioEncoderError(
+                f"the encoder made {len(embeddings)} rows of a clip of {clip.n_tokens} soft tokens"
+            )
+        return AudioEmbedding(embeddings, clip.digest)
 
 
 def embed_audio(
