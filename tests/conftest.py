@@ -1,5 +1,6 @@
-"""Shared test fixtures: the reference models in ../shared/fixtures, the demo model, the
-parity report printed at the end of a run, and byte surgery on GGUF files."""
+"""Shared test fixtures: the reference models in ../shared/fixtures, the multimodal engine and
+transformers' model of the tiny multimodal fixture, the demo model, the parity report printed
+at the end of a run, and byte surgery on GGUF files."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import os
 import struct
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
@@ -15,6 +17,9 @@ from gguf import GGUFReader, GGUFValueType, GGUFWriter
 from safetensors.numpy import load_file
 
 from pygemma4.models.demo import demo_model_path
+
+if TYPE_CHECKING:
+    from pygemma4.engine import Engine
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 FIXTURES_DIR = REPO_ROOT.parent / "shared" / "fixtures"
@@ -43,6 +48,54 @@ def fixtures_dir() -> Path:
 def mm_dir(fixtures_dir: Path) -> Path:
     """The tiny multimodal fixture (a text model, its mmproj, images, clips, references)."""
     return fixtures_dir / "gemma4-tiny-mm"
+
+
+@pytest.fixture(scope="module")
+def mm_engine(mm_dir: Path) -> Engine:
+    """The tiny multimodal fixture's engine: f32 weights and KV, its vision and audio towers,
+    transformers' image budget of 70 soft tokens."""
+    from pygemma4.engine import Engine
+
+    return Engine(
+        mm_dir / "model-f32.gguf",
+        threads=2,
+        kv_dtype="f32",
+        mmproj=mm_dir / "mmproj-f32.gguf",
+        max_image_tokens=70,
+    )
+
+
+def audio_scales_of(mmproj: Path) -> list[np.ndarray]:
+    """Each audio layer's query scale as the mmproj file holds it: softplus(per_dim_scale),
+    which llama.cpp's converter computes in the checkpoint's float16 and so rounds."""
+    tensors = {t.name: t for t in GGUFReader(mmproj).tensors}
+    scales = []
+    while (name := f"a.blk.{len(scales)}.per_dim_scale.weight") in tensors:
+        scales.append(np.array(tensors[name].data, dtype=np.float64))
+    return scales
+
+
+@pytest.fixture(scope="session")
+def hf_mm_model(mm_dir: Path):
+    """transformers' Gemma4ForConditionalGeneration of the tiny multimodal fixture in float32,
+    holding the same weights as its GGUFs: every audio layer's per_dim_scale is set so that
+    its softplus is the mmproj's float16-rounded value, the one weight the conversion changes
+    (left as it is, the 1e-4 relative difference moves the clips' embeddings by 2e-5, which the
+    random tiny model amplifies to 1e-2 in the logits at the clips' soft tokens)."""
+    torch = pytest.importorskip("torch", reason="torch (CPU) runs transformers live")
+    transformers = pytest.importorskip("transformers")
+    model = transformers.Gemma4ForConditionalGeneration.from_pretrained(
+        mm_dir / "hf", dtype=torch.float32
+    ).eval()
+    layers = model.model.audio_tower.layers
+    scales = audio_scales_of(mm_dir / "mmproj-f32.gguf")
+    assert len(scales) == len(layers)
+    with torch.no_grad():
+        for layer, scale in zip(layers, scales, strict=True):
+            # The inverse of softplus, in float64 so that softplus gives `scale` back.
+            inverse = torch.log(torch.expm1(torch.from_numpy(scale)))
+            layer.self_attn.per_dim_scale.copy_(inverse.float())
+    return model
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import rewrite_gguf
+from conftest import audio_scales_of, rewrite_gguf
+from safetensors.numpy import load_file
 
 from pygemma4.errors import GGUFError, UnsupportedModelError
 from pygemma4.media.audio import SAMPLE_RATE, AudioError, decode_wav, prepare_samples
@@ -88,6 +89,38 @@ def test_embeddings_equal_the_audio_tower_run_live(encoder, live_tower, seconds,
     assert np.abs(embeddings - expected).max() <= EMBEDDING_ATOL
     # About one soft token per 40 ms: four log-mel frames of 10 ms each.
     assert len(embeddings) == encoder.n_tokens(samples.size)
+
+
+def test_the_files_query_scales_are_the_checkpoints_rounded_to_float16(mm_dir):
+    """llama.cpp's converter stores each audio layer's softplus(per_dim_scale) computed in the
+    checkpoint's float16: up to 1e-4 relative off transformers' float32 softplus, the one audio
+    weight the conversion changes (`hf_mm_model` takes the file's values back)."""
+    checkpoint = load_file(mm_dir / "hf" / "model.safetensors")
+    scales = audio_scales_of(mm_dir / "mmproj-f32.gguf")
+    assert len(scales) == 2
+    for layer, scale in enumerate(scales):
+        raw = checkpoint[f"model.audio_tower.layers.{layer}.self_attn.per_dim_scale"]
+        exact = np.logaddexp(0.0, raw.astype(np.float64))
+        np.testing.assert_array_equal(scale, exact.astype(np.float16).astype(np.float64))
+        assert np.abs(scale / exact - 1).max() > 1e-5
+
+
+@pytest.mark.parametrize("k", [0, 1])
+def test_embeddings_equal_transformers_on_the_files_weights(encoder, mm_dir, hf_mm_model, k):
+    """With the very weights the mmproj holds, transformers' float32 tower and the engine's
+    agree to float32 rounding, 1000 times closer than EMBEDDING_ATOL."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    samples = decode_wav(mm_dir / "inputs" / f"aud{k}.wav")
+    inputs = transformers.AutoFeatureExtractor.from_pretrained(mm_dir / "hf")(
+        [samples], return_tensors="pt"
+    )
+    with torch.no_grad():
+        out = hf_mm_model.model.get_audio_features(
+            inputs["input_features"], inputs["input_features_mask"]
+        )
+    expected = out.pooler_output[0][out.attention_mask[0]].numpy()
+    assert np.abs(encoder.embed(samples, SAMPLE_RATE) - expected).max() < 1e-5
 
 
 @pytest.fixture(scope="module")

@@ -27,25 +27,6 @@ LOGITS_ATOL = 5e-3
 IMAGE_TOKEN = 11
 
 
-@pytest.fixture(scope="module")
-def engine(mm_dir: Path) -> Engine:
-    return Engine(
-        mm_dir / "model-f32.gguf",
-        threads=2,
-        kv_dtype="f32",
-        mmproj=mm_dir / "mmproj-f32.gguf",
-        max_image_tokens=70,
-    )
-
-
-@pytest.fixture(scope="module")
-def hf_model(mm_dir: Path):
-    model = transformers.Gemma4ForConditionalGeneration.from_pretrained(
-        mm_dir / "hf", dtype=torch.float32
-    )
-    return model.eval()
-
-
 def hf_logits(model, token_ids: np.ndarray, images: list[Path]) -> np.ndarray:
     processed = Gemma4ImageProcessorPil(max_soft_tokens=70)(
         images=[Image.open(p) for p in images], return_tensors="pt"
@@ -71,9 +52,9 @@ def image(path: Path) -> dict:
 TEXT = {"type": "text", "text": "Describe this image."}
 
 
-def test_prepare_places_soft_tokens_as_the_processor_does(engine, mm_dir):
+def test_prepare_places_soft_tokens_as_the_processor_does(mm_engine, mm_dir):
     ref = np.load(mm_dir / "ref_mm.npz")
-    prompt = engine.prepare(chat(image(mm_dir / "inputs" / "img0.png"), TEXT))
+    prompt = mm_engine.prepare(chat(image(mm_dir / "inputs" / "img0.png"), TEXT))
     np.testing.assert_array_equal(prompt.token_ids, ref["chat_image/input_ids"])
     (media,) = prompt.media
     assert media.length == 63 and prompt.token_ids[media.offset - 1] == 9
@@ -81,9 +62,9 @@ def test_prepare_places_soft_tokens_as_the_processor_does(engine, mm_dir):
     assert prompt.token_ids[media.offset + 63] == 10
 
 
-def test_every_image_part_form_gives_the_same_prompt(engine, mm_dir):
+def test_every_image_part_form_gives_the_same_prompt(mm_engine, mm_dir):
     path = mm_dir / "inputs" / "img0.png"
-    expected = engine.prepare(chat(image(path), TEXT))
+    expected = mm_engine.prepare(chat(image(path), TEXT))
     uri = "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
     forms = [
         {"type": "image", "url": str(path)},
@@ -93,27 +74,27 @@ def test_every_image_part_form_gives_the_same_prompt(engine, mm_dir):
         {"type": "image_url", "image_url": {"url": uri}},
     ]
     for part in forms:
-        prompt = engine.prepare(chat(part, TEXT))
+        prompt = mm_engine.prepare(chat(part, TEXT))
         np.testing.assert_array_equal(prompt.token_ids, expected.token_ids)
         np.testing.assert_array_equal(prompt.media[0].embeddings, expected.media[0].embeddings)
 
 
 @pytest.mark.parametrize("images", [["img0"], ["img1", "img0"]])
-def test_logits_equal_transformers_run_live(engine, hf_model, mm_dir, images, parity_report):
+def test_logits_equal_transformers_run_live(mm_engine, hf_mm_model, mm_dir, images, parity_report):
     paths = [mm_dir / "inputs" / f"{name}.png" for name in images]
-    prompt = engine.prepare(chat(*(image(p) for p in paths), TEXT))
+    prompt = mm_engine.prepare(chat(*(image(p) for p in paths), TEXT))
     assert len(prompt.media) == len(images)
-    ours = engine.forward(prompt)
-    expected = hf_logits(hf_model, prompt.token_ids, paths)
+    ours = mm_engine.forward(prompt)
+    expected = hf_logits(hf_mm_model, prompt.token_ids, paths)
     worst = float(np.abs(ours - expected).max())
     assert worst < LOGITS_ATOL
     np.testing.assert_array_equal(ours.argmax(-1), expected.argmax(-1))
     parity_report(f"chat with {len(images)} image(s) vs transformers (live)", worst)
 
 
-def test_chunked_prefill_and_generation_agree_with_the_whole_prompt(engine, mm_dir):
-    prompt = engine.prepare(chat(image(mm_dir / "inputs" / "img1.png"), TEXT))
-    whole = engine.forward(prompt)
+def test_chunked_prefill_and_generation_agree_with_the_whole_prompt(mm_engine, mm_dir):
+    prompt = mm_engine.prepare(chat(image(mm_dir / "inputs" / "img1.png"), TEXT))
+    whole = mm_engine.forward(prompt)
     chunked = Engine(
         mm_dir / "model-f32.gguf",
         threads=2,
@@ -123,7 +104,7 @@ def test_chunked_prefill_and_generation_agree_with_the_whole_prompt(engine, mm_d
         max_image_tokens=70,
     )
     np.testing.assert_allclose(chunked.forward(prompt), whole, atol=1e-4)
-    tokens = engine.generate(prompt, 4, stop_tokens=())
+    tokens = mm_engine.generate(prompt, 4, stop_tokens=())
     assert tokens[0] == int(whole[-1].argmax())
     assert chunked.generate(prompt, 4, stop_tokens=()) == tokens
 
@@ -164,23 +145,23 @@ def test_images_are_refused_without_a_projector(mm_dir):
         plain.embed_image(mm_dir / "inputs" / "img0.png")
 
 
-def test_bad_messages_and_prompts_are_refused(engine, mm_dir, tmp_path):
+def test_bad_messages_and_prompts_are_refused(mm_engine, mm_dir, tmp_path):
     with pytest.raises(MediaError, match="no such file"):
-        engine.prepare(chat(image(tmp_path / "absent.png"), TEXT))
+        mm_engine.prepare(chat(image(tmp_path / "absent.png"), TEXT))
     with pytest.raises(MediaError, match="needs one of image, url, path"):
-        engine.prepare(chat({"type": "image"}, TEXT))
+        mm_engine.prepare(chat({"type": "image"}, TEXT))
     with pytest.raises(ChatTemplateError, match="2 image placeholders for 1 image parts"):
-        engine.prepare(
+        mm_engine.prepare(
             chat(image(mm_dir / "inputs" / "img0.png"), {"type": "text", "text": "<|image|>"})
         )
-    good = engine.prepare(chat(image(mm_dir / "inputs" / "img0.png"), TEXT))
+    good = mm_engine.prepare(chat(image(mm_dir / "inputs" / "img0.png"), TEXT))
     media = good.media[0]
     narrow = PlacedMedia(media.offset, media.embeddings[:, :64], media.digest)
     with pytest.raises(MediaError, match="do not fit this model"):
-        engine.forward(Prompt(good.token_ids, (narrow,)))
+        mm_engine.forward(Prompt(good.token_ids, (narrow,)))
     beyond = PlacedMedia(len(good.token_ids) - 5, media.embeddings, media.digest)
     with pytest.raises(MediaError, match="do not fit this model"):
-        engine.forward(Prompt(good.token_ids, (beyond,)))
+        mm_engine.forward(Prompt(good.token_ids, (beyond,)))
 
 
 def test_the_engine_is_checked_against_its_projector(mm_dir, fixtures_dir):

@@ -40,14 +40,6 @@ def tower(mmproj) -> VisionTower:
     return VisionTower(mmproj, max_image_tokens=70, threads=2)
 
 
-@pytest.fixture(scope="module")
-def hf_model(mm_dir: Path):
-    model = transformers.Gemma4ForConditionalGeneration.from_pretrained(
-        mm_dir / "hf", dtype=torch.float32
-    )
-    return model.eval()
-
-
 def hf_embeddings(model, image, budget: int = 70) -> tuple[np.ndarray, np.ndarray]:
     processed = Gemma4ImageProcessorPil(max_soft_tokens=budget)(images=[image], return_tensors="pt")
     with torch.no_grad():
@@ -69,10 +61,10 @@ def _images(mm_dir: Path) -> dict[str, object]:
     } | generated
 
 
-def test_embeddings_equal_transformers_run_live(tower, hf_model, mm_dir, parity_report):
+def test_embeddings_equal_transformers_run_live(tower, hf_mm_model, mm_dir, parity_report):
     worst = 0.0
     for name, image in _images(mm_dir).items():
-        pooled_hf, embeddings_hf = hf_embeddings(hf_model, image)
+        pooled_hf, embeddings_hf = hf_embeddings(hf_mm_model, image)
         ours = tower.embed(image, name)
         assert ours.embeddings.shape == embeddings_hf.shape, name
         assert np.abs(ours.pooled - pooled_hf).max() < LIVE_ATOL * np.abs(pooled_hf).max(), name
@@ -90,11 +82,11 @@ def test_embeddings_near_the_stored_references(tower, mm_dir):
         assert np.abs(ours.embeddings - ref[f"{key}/embeddings"]).max() < STORED_EMBEDDING_ATOL
 
 
-def test_larger_budgets_give_more_soft_tokens(mmproj, hf_model):
+def test_larger_budgets_give_more_soft_tokens(mmproj, hf_mm_model):
     image = np.random.default_rng(2).integers(0, 256, (300, 400, 3), dtype=np.uint8)
     tower = VisionTower(mmproj, max_image_tokens=140, threads=2)
     ours = tower.embed(image)
-    _, expected = hf_embeddings(hf_model, image, 140)
+    _, expected = hf_embeddings(hf_mm_model, image, 140)
     assert 70 < ours.n_tokens <= 140
     assert np.abs(ours.embeddings - expected).max() < LIVE_ATOL
 
@@ -137,7 +129,7 @@ LINEARS = {
 }
 
 
-def test_clipped_linears_equal_transformers(mm_dir, hf_model, tmp_path, parity_report):
+def test_clipped_linears_equal_transformers(mm_dir, hf_mm_model, tmp_path, parity_report):
     """Clamp ranges on every vision linear (as E2B/E4B have), tight enough to bite, give
     transformers' embeddings with use_clipped_linears and the same ranges."""
     rng = np.random.default_rng(7)
@@ -175,7 +167,7 @@ def test_clipped_linears_equal_transformers(mm_dir, hf_model, tmp_path, parity_r
     image = mm_dir / "inputs" / "img0.png"
 
     _, expected = hf_embeddings(model, Image.open(image))
-    _, unclipped = hf_embeddings(hf_model, Image.open(image))
+    _, unclipped = hf_embeddings(hf_mm_model, Image.open(image))
     assert np.abs(expected - unclipped).max() > 0.05  # the ranges change the output
     worst = float(np.abs(tower.embed(image).embeddings - expected).max())
     assert worst < LIVE_ATOL
