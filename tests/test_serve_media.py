@@ -7,6 +7,7 @@ media's content. Real server processes on real sockets, with the tiny multimodal
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import json
@@ -25,7 +26,7 @@ from serve_helpers import ServeProcess, free_port, run_serve
 from test_cli import run_cli
 
 from pygemma4 import Engine, SamplingParams
-from pygemma4.client import ServerError
+from pygemma4.client import AsyncClient, ServerError
 from pygemma4.protocol import (
     DecodeInbox,
     InboxDecoder,
@@ -271,6 +272,58 @@ def test_streamed_media_chat_over_zeromq(server: Any, engine: Engine, media) -> 
             for t, lp in zip(chunk.token_ids, chunk.logprobs or (), strict=True)
         ]
     assert_same_steps(steps, expected)
+
+
+def test_media_chats_paused_on_a_small_pool_resume_with_the_engines_tokens(
+    mm_dir: Path, tmp_path: Path, engine: Engine, media
+) -> None:
+    # 24 blocks of 16 positions for four chats of about 200 positions each: the youngest are
+    # paused while the pool is short, their KV left in the prefix cache under their media's
+    # names, and resume (the prompt's model tokens and the media's rows fed again).
+    chats = [
+        chat(image_part(media["img0"]), text="one"),
+        chat(audio_part(media["aud0"]), text="two"),
+        chat(image_part(media["img1"]), audio_part(media["aud1"]), text="three"),
+        chat(image_part(media["img0_inverted"]), text="four"),
+    ]
+    length = 120
+    expected = [engine_steps(engine, messages, length) for messages in chats]
+    prompts = [len(engine.prepare(messages)) for messages in chats]
+    args = (
+        "--mmproj",
+        str(mm_dir / "mmproj-f32.gguf"),
+        "--max-image-tokens",
+        MAX_IMAGE_TOKENS,
+        "--threads",
+        "1",
+        "--max-batch",
+        "4",
+        "--kv-tokens",
+        "384",
+    )
+    with ServeProcess.running(mm_dir / "model-f32.gguf", tmp_path, *args) as server:
+
+        async def run() -> list[Steps]:
+            async with AsyncClient(server.endpoint, timeout=120) as client:
+
+                async def one(messages: list[dict[str, Any]]) -> Steps:
+                    result = await client.chat(
+                        messages, length, temperature=0, ignore_eos=True, logprobs=TOP
+                    )
+                    assert result.logprobs is not None
+                    return [
+                        (t, [tuple(alt) for alt in lp.top])
+                        for t, lp in zip(result.token_ids, result.logprobs, strict=True)
+                    ]
+
+                return list(await asyncio.gather(*(one(m) for m in chats)))
+
+        for got, want in zip(asyncio.run(run()), expected, strict=True):
+            assert_same_steps(got, want)
+        health = server.health()
+        assert health.requests_in_flight == 0 and health.kv_blocks_used == 0
+        # Some sequences started more than once: they were paused and resumed.
+        assert health.prefix_looked_up > sum(n - 1 for n in prompts)
 
 
 def test_the_prefix_cache_keys_media_blocks_by_content(
