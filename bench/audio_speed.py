@@ -49,6 +49,7 @@ def write_mmproj(path: Path, seed: int = 0) -> None:
     writer.add_uint32("clip.audio.block_count", LAYERS)
     writer.add_uint32("clip.audio.attention.head_count", HEADS)
     writer.add_uint32("clip.audio.embedding_length", WIDTH)
+    writer.add_uint32("clip.audio.feed_forward_length", FF)
     writer.add_uint32("clip.audio.projection_dim", LM_WIDTH)
     writer.add_float32("clip.audio.attention.layer_norm_epsilon", 1e-6)
 

@@ -3,8 +3,10 @@
 
 `llama-mtmd-cli` (llama.cpp's tools/mtmd, built with `cmake --build BUILD --target
 llama-mtmd-cli`) loads a text model and the mmproj, encodes the media once and prints how long
-the encoder took ("image slice encoded in N ms"). Its text model only has to exist and be as
-wide as the projector's output (mtmd checks that); `write_text_model` writes a two-layer one.
+the encoder took ("mtmd batch encoding done in N ms": the encoder alone; the media's
+preprocessing comes before it, the text model's pass over the soft tokens after). Its text
+model only has to exist and be as wide as the projector's output (mtmd checks that);
+`write_text_model` writes a two-layer one.
 """
 
 from __future__ import annotations
@@ -17,8 +19,8 @@ from pathlib import Path
 
 from pygemma4.models.synthetic import write_synthetic_model
 
-_ENCODED = re.compile(r"(image|audio) slice encoded in (\d+) ms")
-_TOKENS = re.compile(r"decoding (image|audio) batch \d+/\d+, n_tokens_batch = (\d+)")
+_ENCODED = re.compile(r"mtmd batch encoding done in (\d+) ms")
+_TOKENS = re.compile(r"encoding batch with \d+ entries and total (\d+) tokens")
 
 
 class MtmdRunError(RuntimeError):
@@ -83,6 +85,7 @@ def mtmd_encode(
             str(threads),
             "--chat-template",
             "gemma",
+            "-v",  # the debug log says how many soft tokens the encoder made
             *extra,
         ]
         done = subprocess.run(command, capture_output=True, text=True, check=False)
@@ -90,6 +93,6 @@ def mtmd_encode(
         encoded = _ENCODED.search(log)
         if done.returncode != 0 or encoded is None:
             raise MtmdRunError(f"{' '.join(command)} (exit {done.returncode}):\n{log[-3000:]}")
-        seconds.append(int(encoded.group(2)) / 1e3)
-        tokens = sum(int(m.group(2)) for m in _TOKENS.finditer(log))
+        seconds.append(int(encoded.group(1)) / 1e3)
+        tokens = sum(int(m.group(1)) for m in _TOKENS.finditer(log))
     return MtmdEncode(tokens=tokens, seconds=tuple(seconds))

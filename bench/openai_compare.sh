@@ -13,7 +13,7 @@ out="$2"
 shift 2
 model=$(python -c 'from pygemma4.models.synthetic import synthetic_model_path as p; print(p("e4b"))')
 [ -f "$model" ] || python -m pygemma4.models.synthetic e4b "$model"
-port=18080
+port=${PORT:-18080}
 case "$server" in
 pygemma4)
     python -m pygemma4 serve "$model" --threads 2 --http "127.0.0.1:$port" \

@@ -43,6 +43,10 @@ def write_mmproj(path: Path) -> None:
     ):
         writer.add_uint32(f"clip.vision.{key}", value)
     writer.add_float32("clip.vision.attention.layer_norm_epsilon", 1e-6)
+    # What Gemma 4's converter writes (pixels are scaled to [0, 1] and not normalised);
+    # llama.cpp's loader requires the keys.
+    writer.add_array("clip.vision.image_mean", [0.0, 0.0, 0.0])
+    writer.add_array("clip.vision.image_std", [1.0, 1.0, 1.0])
 
     def matrix(*shape: int) -> np.ndarray:
         return (rng.standard_normal(shape) / np.sqrt(shape[-1])).astype(np.float16)
