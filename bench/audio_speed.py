@@ -2,14 +2,18 @@
 synthetic mmproj (random weights at the shapes of Gemma 4's audio encoder: width 1024, 12
 layers, 8 heads, feed-forward 4096, subsampling channels 128 and 32, output 1536), F16 matrices.
 
-    python bench/audio_speed.py --seconds 1,10,30 --threads 2
+    python bench/audio_speed.py --seconds 1,10,30 --threads 2 \
+        [--llama-mtmd-cli BUILD/bin/llama-mtmd-cli]
 
-Each figure is the median of several repetitions after a warm-up.
+Each figure is the median of several repetitions after a warm-up. With `--llama-mtmd-cli`,
+llama.cpp's encoder time for the same samples (a float WAV) through the same mmproj file is
+printed beside it.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 import time
@@ -17,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFWriter
+from llama_mtmd import mtmd_encode, write_text_model
+from scipy.io import wavfile
 
 from pygemma4.media.audio import SAMPLE_RATE, log_mel
 from pygemma4.media.audio_encoder import AudioEncoder
@@ -43,6 +49,7 @@ def write_mmproj(path: Path, seed: int = 0) -> None:
     writer.add_uint32("clip.audio.block_count", LAYERS)
     writer.add_uint32("clip.audio.attention.head_count", HEADS)
     writer.add_uint32("clip.audio.embedding_length", WIDTH)
+    writer.add_uint32("clip.audio.feed_forward_length", FF)
     writer.add_uint32("clip.audio.projection_dim", LM_WIDTH)
     writer.add_float32("clip.audio.attention.layer_norm_epsilon", 1e-6)
 
@@ -97,14 +104,20 @@ def main() -> None:
     parser.add_argument("--seconds", default="1,10,30", help="clip lengths, comma-separated")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--llama-mtmd-cli", type=Path, help="also time llama.cpp's encoder")
     args = parser.parse_args()
+    threads = args.threads or os.cpu_count() or 1
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "mmproj-synthetic.gguf"
         write_mmproj(path)
-        encoder = AudioEncoder(path, threads=args.threads)
+        encoder = AudioEncoder(path, threads=threads)
         rng = np.random.default_rng(1)
+        llama = args.llama_mtmd_cli
+        if llama is not None:
+            text_model = write_text_model(Path(tmp) / "text.gguf", LM_WIDTH)
         print(
             f"{'clip':>6} {'tokens':>6} {'log-mel ms':>11} {'encoder ms':>11} {'x real time':>11}"
+            + ("" if llama is None else f" {'llama.cpp tokens':>16} {'llama.cpp ms':>12}")
         )
         for seconds in (float(s) for s in args.seconds.split(",")):
             samples = (0.3 * rng.standard_normal(int(seconds * SAMPLE_RATE))).astype(np.float32)
@@ -112,10 +125,16 @@ def main() -> None:
             mel = median_seconds(lambda s=samples: log_mel(s), args.repeat)
             run = median_seconds(lambda f=features: encoder.encode_features(f), args.repeat)
             tokens = encoder.n_tokens(samples.size)
-            print(
+            line = (
                 f"{seconds:>5}s {tokens:>6} {mel * 1e3:>11.1f} {run * 1e3:>11.1f} "
                 f"{seconds / (mel + run):>11.1f}"
             )
+            if llama is not None:
+                clip = Path(tmp) / f"clip-{seconds}s.wav"
+                wavfile.write(clip, SAMPLE_RATE, samples)
+                theirs = mtmd_encode(llama, text_model, path, clip, threads, args.repeat)
+                line += f" {theirs.tokens:>16} {theirs.median_s * 1e3:>12.1f}"
+            print(line)
 
 
 if __name__ == "__main__":

@@ -1,19 +1,24 @@
 """Time of the vision tower per image at E2B/E4B's vision shape (width 768, 16 layers, 12 heads,
 ffn 3072, position tables of 10240, F16 random weights written to a temporary mmproj file), for
-each soft-token budget asked for.
+each soft-token budget asked for; with `--llama-mtmd-cli`, llama.cpp's encoder time for the same
+image through the same mmproj file beside it (`--image-max-tokens` = the budget).
 
-    python bench/vision_speed.py [--budgets 70,280] [--threads N] [--repetitions 3]
+    python bench/vision_speed.py [--budgets 70,280] [--threads N] [--repetitions 3] \
+        [--llama-mtmd-cli BUILD/bin/llama-mtmd-cli]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 from gguf import GGUFWriter
+from llama_mtmd import mtmd_encode, write_text_model
+from PIL import Image
 
 from pygemma4.mmproj import open_mmproj
 from pygemma4.vision import VisionTower
@@ -38,6 +43,10 @@ def write_mmproj(path: Path) -> None:
     ):
         writer.add_uint32(f"clip.vision.{key}", value)
     writer.add_float32("clip.vision.attention.layer_norm_epsilon", 1e-6)
+    # What Gemma 4's converter writes (pixels are scaled to [0, 1] and not normalised);
+    # llama.cpp's loader requires the keys.
+    writer.add_array("clip.vision.image_mean", [0.0, 0.0, 0.0])
+    writer.add_array("clip.vision.image_std", [1.0, 1.0, 1.0])
 
     def matrix(*shape: int) -> np.ndarray:
         return (rng.standard_normal(shape) / np.sqrt(shape[-1])).astype(np.float16)
@@ -70,7 +79,9 @@ def main() -> None:
     parser.add_argument("--budgets", default="70,280")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--repetitions", type=int, default=3)
+    parser.add_argument("--llama-mtmd-cli", type=Path, help="also time llama.cpp's encoder")
     args = parser.parse_args()
+    threads = args.threads or os.cpu_count() or 1
     budgets = [int(b) for b in args.budgets.split(",")]
     rng = np.random.default_rng(1)
     image = rng.integers(0, 256, (768, 1024, 3), dtype=np.uint8)
@@ -78,8 +89,12 @@ def main() -> None:
         path = Path(tmp) / "mmproj-e4b-shape.gguf"
         write_mmproj(path)
         mmproj = open_mmproj(path)
+        if args.llama_mtmd_cli is not None:
+            image_file = Path(tmp) / "image.png"
+            Image.fromarray(image).save(image_file)
+            text_model = write_text_model(Path(tmp) / "text.gguf", TEXT_WIDTH)
         for budget in budgets:
-            tower = VisionTower(mmproj, budget, threads=args.threads)
+            tower = VisionTower(mmproj, budget, threads=threads)
             times = []
             for _ in range(args.repetitions):
                 start = time.perf_counter()
@@ -91,6 +106,21 @@ def main() -> None:
                 f"best {min(times):.2f} s, median {sorted(times)[len(times) // 2]:.2f} s "
                 f"({args.repetitions} runs)"
             )
+            if args.llama_mtmd_cli is not None:
+                llama = mtmd_encode(
+                    args.llama_mtmd_cli,
+                    text_model,
+                    path,
+                    image_file,
+                    threads,
+                    args.repetitions,
+                    ("--image-max-tokens", str(budget)),
+                )
+                print(
+                    f"budget {budget}, llama.cpp: {llama.tokens} soft tokens, "
+                    f"best {min(llama.seconds):.2f} s, median {llama.median_s:.2f} s "
+                    f"({args.repetitions} runs)"
+                )
 
 
 if __name__ == "__main__":
