@@ -93,7 +93,7 @@ def test_embeddings_equal_the_audio_tower_run_live(encoder, live_tower, seconds,
 
 def test_the_files_query_scales_are_the_checkpoints_rounded_to_float16(mm_dir):
     """llama.cpp's converter stores each audio layer's softplus(per_dim_scale) computed in the
-    checkpoint's float16: up to 1e-4 relative off transformers' float32 softplus, the one audio
+    checkpoint's float16: up to 4e-4 relative off transformers' float32 softplus, the one audio
     weight the conversion changes (`hf_mm_model` takes the file's values back)."""
     checkpoint = load_file(mm_dir / "hf" / "model.safetensors")
     scales = audio_scales_of(mm_dir / "mmproj-f32.gguf")

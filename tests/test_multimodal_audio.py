@@ -2,8 +2,8 @@
 soft tokens as transformers' processor does; whole-prompt logits of chats with audio (and with
 an image and audio, and with two clips) equal transformers' Gemma4ForConditionalGeneration run
 live on the weights the GGUFs hold (see `hf_mm_model`): within 5e-3 and the same top-1 at every
-position, the clips' soft tokens included; and the prefix cache never shares KV between the same
-tokens with different audio."""
+position, the clips' soft tokens included, on the 12B-style fixture too; and the prefix cache
+never shares KV between the same tokens with different audio."""
 
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ import pytest
 from pygemma4.engine import Engine
 from pygemma4.errors import ChatTemplateError, MediaError
 from pygemma4.media.audio import AudioError, decode_wav
+from pygemma4.media.audio_encoder import AudioEncoder
+from pygemma4.multimodal import PlacedMedia, Prompt
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -146,6 +148,45 @@ def test_logits_with_audio_equal_transformers_run_live(
     assert worst < LOGITS_ATOL
     parity_report(label, worst)
     parity_report(label + ", at the clips' soft tokens", worst_soft)
+
+
+def test_unified_chat_with_audio_equals_transformers_run_live(fixtures_dir, parity_report):
+    """The 12B-style fixture's raw-frame audio in its text model (no per-layer embeddings;
+    audio attends causally): the processor's chat tokens with the engine's clip embeddings
+    placed give transformers' logits within 5e-3 and its top-1 at every position. (Its vision
+    projector, gemma4uv, is not supported, so the engine takes the clip through Prompt.)"""
+    unified = fixtures_dir / "gemma4-tiny-unified"
+    ref = np.load(unified / "ref_unified.npz")
+    token_ids = ref["chat_audio/input_ids"]
+    samples = decode_wav(unified / "inputs" / "aud0.wav")
+    embeddings = AudioEncoder(unified / "mmproj-f32.gguf", threads=2).embed(samples, 16_000)
+    offset = int(np.argmax(token_ids == AUDIO_TOKEN))
+    assert (token_ids[offset : offset + len(embeddings)] == AUDIO_TOKEN).all()
+    engine = Engine(unified / "model-f32.gguf", threads=2, kv_dtype="f32")
+    ours = engine.forward(Prompt(token_ids, (PlacedMedia(offset, embeddings, "aud0"),)))
+
+    model = transformers.AutoModelForImageTextToText.from_pretrained(
+        unified / "hf", dtype=torch.float32
+    ).eval()
+    features = transformers.AutoFeatureExtractor.from_pretrained(unified / "hf")(
+        [samples], sampling_rate=16_000, return_tensors="pt"
+    )
+    types = np.where(token_ids == AUDIO_TOKEN, 3, 0)
+    with torch.no_grad():
+        expected = (
+            model(
+                input_ids=torch.tensor(token_ids, dtype=torch.long)[None],
+                input_features=features["input_features"],
+                input_features_mask=features["input_features_mask"],
+                mm_token_type_ids=torch.tensor(types, dtype=torch.long)[None],
+            )
+            .logits[0]
+            .numpy()
+        )
+    np.testing.assert_array_equal(ours.argmax(-1), expected.argmax(-1))
+    worst = float(np.abs(ours - expected).max())
+    assert worst < LOGITS_ATOL
+    parity_report("unified chat with 1 clip vs transformers (live)", worst)
 
 
 def test_generation_agrees_with_the_whole_prompt(mm_engine, mm_dir):

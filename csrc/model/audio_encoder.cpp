@@ -81,19 +81,19 @@ AudioEncoder::AudioEncoder(const std::string& path, const std::vector<TensorEntr
     Layer l;
     for (int s = 0; s < 2; ++s) {
       const std::string suffix = s == 0 ? "" : "_1";
-      l.ffn_up[s] = clipped(p + "ffn_up" + suffix);
-      l.ffn_down[s] = clipped(p + "ffn_down" + suffix);
+      l.ffn_up[s] = clamped(p + "ffn_up" + suffix);
+      l.ffn_down[s] = clamped(p + "ffn_down" + suffix);
       l.ffn_norm[s] = values(p + "ffn_norm" + suffix + ".weight", n_embd_);
       l.ffn_post_norm[s] = values(p + "ffn_post_norm" + suffix + ".weight", n_embd_);
     }
-    n_ff_ = std::max(n_ff_, static_cast<int>(l.ffn_up[0].w.rows()));
-    l.q = clipped(p + "attn_q");
-    l.k = clipped(p + "attn_k");
-    l.v = clipped(p + "attn_v");
-    l.out = clipped(p + "attn_out");
-    l.conv_start = clipped(p + "conv_pw1");
-    l.conv_end = clipped(p + "conv_pw2");
-    if (l.conv_start.w.rows() != 2 * n_embd_) {
+    n_ff_ = std::max(n_ff_, static_cast<int>(l.ffn_up[0].weight.rows()));
+    l.q = clamped(p + "attn_q");
+    l.k = clamped(p + "attn_k");
+    l.v = clamped(p + "attn_v");
+    l.out = clamped(p + "attn_out");
+    l.conv_start = clamped(p + "conv_pw1");
+    l.conv_end = clamped(p + "conv_pw2");
+    if (l.conv_start.weight.rows() != 2 * n_embd_) {
       throw error("tensor '" + p + "conv_pw1.weight' is not twice the audio width");
     }
     l.attn_pre_norm = values(p + "attn_pre_norm.weight", n_embd_);
@@ -120,20 +120,11 @@ AudioEncoder::AudioEncoder(const std::string& path, const std::vector<TensorEntr
   }
 }
 
-AudioEncoder::ClippedLinear AudioEncoder::clipped(const std::string& name) const {
-  ClippedLinear l;
-  l.w = weights_.get(name + ".weight");
-  if (l.w.cols() != n_embd_ && l.w.rows() != n_embd_) {
+ClampedLinear AudioEncoder::clamped(const std::string& name) const {
+  ClampedLinear l{weights_.get(name + ".weight"), clamp_bounds(weights_, name)};
+  if (l.weight.cols() != n_embd_ && l.weight.rows() != n_embd_) {
     throw error("tensor '" + name + ".weight' does not touch the audio width");
   }
-  auto bound = [&](const char* which, float fallback) {
-    const std::string key = name + "." + which;
-    return weights_.has(key) ? weights_.scalar(key) : fallback;
-  };
-  l.in_min = bound("input_min", -INFINITY);
-  l.in_max = bound("input_max", INFINITY);
-  l.out_min = bound("output_min", -INFINITY);
-  l.out_max = bound("output_max", INFINITY);
   return l;
 }
 
@@ -156,19 +147,6 @@ std::shared_ptr<float> AudioEncoder::upload(const std::vector<float>& host) cons
   return memory;
 }
 
-void AudioEncoder::linear(const ClippedLinear& l, const float* x, int n, float* y, float* scratch) {
-  const size_t in_size = static_cast<size_t>(n) * l.w.cols();
-  if (std::isfinite(l.in_min) || std::isfinite(l.in_max)) {
-    ops_->copy(scratch, x, in_size);
-    ops_->clamp(scratch, l.in_min, l.in_max, in_size);
-    x = scratch;
-  }
-  ops_->matmul(l.w, x, n, y);
-  if (std::isfinite(l.out_min) || std::isfinite(l.out_max)) {
-    ops_->clamp(y, l.out_min, l.out_max, static_cast<size_t>(n) * l.w.rows());
-  }
-}
-
 void AudioEncoder::clip(float* x, size_t n) {
   ops_->clamp(x, -config_.gradient_clipping, config_.gradient_clipping, n);
 }
@@ -179,9 +157,9 @@ void AudioEncoder::feed_forward(const Layer& layer, int which, float* x, int n, 
   ops_->copy(h, x, size);
   clip(h, size);
   ops_->rms_norm(h, layer.ffn_norm[which].get(), n, n_embd_, config_.eps, h);
-  linear(layer.ffn_up[which], h, n, ff, scratch);
-  ops_->silu(ff, static_cast<size_t>(n) * layer.ffn_up[which].w.rows());
-  linear(layer.ffn_down[which], ff, n, h, scratch);
+  layer.ffn_up[which].apply(*ops_, h, n, ff, scratch);
+  ops_->silu(ff, static_cast<size_t>(n) * layer.ffn_up[which].weight.rows());
+  layer.ffn_down[which].apply(*ops_, ff, n, h, scratch);
   clip(h, size);
   ops_->rms_norm(h, layer.ffn_post_norm[which].get(), n, n_embd_, config_.eps, h);
   ops_->scale(h, config_.residual_weight, size);
@@ -195,14 +173,14 @@ void AudioEncoder::attention(const Layer& layer, float* x, int n, float* h, floa
   ops_->copy(h, x, size);
   clip(h, size);
   ops_->rms_norm(h, layer.attn_pre_norm.get(), n, n_embd_, config_.eps, h);
-  linear(layer.q, h, n, q, scratch);
-  linear(layer.k, h, n, k, scratch);
-  linear(layer.v, h, n, v, scratch);
+  layer.q.apply(*ops_, h, n, q, scratch);
+  layer.k.apply(*ops_, h, n, k, scratch);
+  layer.v.apply(*ops_, h, n, v, scratch);
   ops_->mul_cols(q, layer.q_scale.get(), n * config_.n_head, head_dim);
   ops_->scale(k, std::log1p(std::exp(1.0f)) / std::log(2.0f), size);
   ops_->local_attention(q, k, v, layer.rel.get(), n, config_.n_head, head_dim, max_past_,
                         config_.attention_logit_cap, h);
-  linear(layer.out, h, n, q, scratch);
+  layer.out.apply(*ops_, h, n, q, scratch);
   clip(q, size);
   ops_->rms_norm_add(q, layer.attn_post_norm.get(), n, n_embd_, config_.eps, x);
 }
@@ -211,13 +189,13 @@ void AudioEncoder::convolution(const Layer& layer, float* x, int n, float* h, fl
                                float* scratch) {
   const size_t size = static_cast<size_t>(n) * n_embd_;
   ops_->rms_norm(x, layer.conv_pre_norm.get(), n, n_embd_, config_.eps, h);
-  linear(layer.conv_start, h, n, wide, scratch);
+  layer.conv_start.apply(*ops_, h, n, wide, scratch);
   ops_->glu(wide, n, n_embd_, h);
   ops_->depthwise_conv_causal(h, n, n_embd_, layer.conv_dw.get(), conv_kernel_, wide);
   clip(wide, size);
   ops_->rms_norm(wide, layer.conv_post_norm.get(), n, n_embd_, config_.eps, wide);
   ops_->silu(wide, size);
-  linear(layer.conv_end, wide, n, h, scratch);
+  layer.conv_end.apply(*ops_, wide, n, h, scratch);
   ops_->add(x, h, size);
 }
 

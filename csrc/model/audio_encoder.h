@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "model/clamped_linear.h"
 #include "model/weights.h"
 #include "ops/ops.h"
 
@@ -46,22 +47,16 @@ class AudioEncoder {
   std::vector<float> encode(const float* features, int n_frames);
 
  private:
-  // A linear map whose input and output are clamped to bounds of their own.
-  struct ClippedLinear {
-    Weight w;
-    float in_min = -INFINITY, in_max = INFINITY, out_min = -INFINITY, out_max = INFINITY;
-  };
   struct Layer {
-    ClippedLinear ffn_up[2], ffn_down[2], q, k, v, out, conv_start, conv_end;
+    ClampedLinear ffn_up[2], ffn_down[2], q, k, v, out, conv_start, conv_end;
     std::shared_ptr<float> ffn_norm[2], ffn_post_norm[2], attn_pre_norm, attn_post_norm,
         conv_pre_norm, conv_dw, conv_post_norm, out_norm, q_scale, rel;
   };
 
-  ClippedLinear clipped(const std::string& name) const;
+  ClampedLinear clamped(const std::string& name) const;
   // The tensor `name` as F32 values where the ops compute; `count` checks its size.
   std::shared_ptr<float> values(const std::string& name, int64_t count) const;
   std::shared_ptr<float> upload(const std::vector<float>& host) const;
-  void linear(const ClippedLinear& l, const float* x, int n, float* y, float* scratch);
   void clip(float* x, size_t n);
   void feed_forward(const Layer& layer, int which, float* x, int n, float* h, float* ff,
                     float* scratch);

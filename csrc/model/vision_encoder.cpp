@@ -21,28 +21,16 @@ VisionEncoder::VisionEncoder(const std::string& path, const std::vector<TensorEn
     throw error("inconsistent vision configuration");
   }
   // Clamp ranges are read while the weights are host memory.
-  auto clamped_linear = [&](const std::string& name) {
-    ClampedLinear l;
-    const std::string stem = name.substr(0, name.size() - std::string("weight").size());
-    l.clamped = weights_.has(stem + "input_min");
-    if (l.clamped) {
-      l.in_lo = weights_.scalar(stem + "input_min");
-      l.in_hi = weights_.scalar(stem + "input_max");
-      l.out_lo = weights_.scalar(stem + "output_min");
-      l.out_hi = weights_.scalar(stem + "output_max");
-    }
-    return l;
-  };
   for (int il = 0; il < c.n_layer; ++il) {
     const std::string p = "v.blk." + std::to_string(il) + ".";
     VisionLayerWeights lw;
-    lw.wq = clamped_linear(p + "attn_q.weight");
-    lw.wk = clamped_linear(p + "attn_k.weight");
-    lw.wv = clamped_linear(p + "attn_v.weight");
-    lw.wo = clamped_linear(p + "attn_out.weight");
-    lw.gate = clamped_linear(p + "ffn_gate.weight");
-    lw.up = clamped_linear(p + "ffn_up.weight");
-    lw.down = clamped_linear(p + "ffn_down.weight");
+    lw.wq.bounds = clamp_bounds(weights_, p + "attn_q");
+    lw.wk.bounds = clamp_bounds(weights_, p + "attn_k");
+    lw.wv.bounds = clamp_bounds(weights_, p + "attn_v");
+    lw.wo.bounds = clamp_bounds(weights_, p + "attn_out");
+    lw.gate.bounds = clamp_bounds(weights_, p + "ffn_gate");
+    lw.up.bounds = clamp_bounds(weights_, p + "ffn_up");
+    lw.down.bounds = clamp_bounds(weights_, p + "ffn_down");
     layers_.push_back(lw);
   }
   weights_.place(*ops_);
@@ -97,26 +85,14 @@ VisionEncoder::VisionEncoder(const std::string& path, const std::vector<TensorEn
   pos_y_ = ops_->alloc_ids(n);
 }
 
-void VisionEncoder::linear(const ClampedLinear& l, const float* x, int n, float* y) {
-  if (!l.clamped) {
-    ops_->matmul(l.weight, x, n, y);
-    return;
-  }
-  const size_t n_in = static_cast<size_t>(n) * l.weight.cols();
-  ops_->copy(clamped_.get(), x, n_in);
-  ops_->clamp(clamped_.get(), l.in_lo, l.in_hi, n_in);
-  ops_->matmul(l.weight, clamped_.get(), n, y);
-  ops_->clamp(y, l.out_lo, l.out_hi, static_cast<size_t>(n) * l.weight.rows());
-}
-
 void VisionEncoder::run_layer(const VisionLayerWeights& lw, int n) {
   const VisionConfig& c = config_;
   float* x = x_.get();
   float* h = h_.get();
   ops_->rms_norm(x, lw.attn_norm.f32(), n, c.n_embd, c.eps, h);
-  linear(lw.wq, h, n, q_.get());
-  linear(lw.wk, h, n, k_.get());
-  linear(lw.wv, h, n, v_.get());
+  lw.wq.apply(*ops_, h, n, q_.get(), clamped_.get());
+  lw.wk.apply(*ops_, h, n, k_.get(), clamped_.get());
+  lw.wv.apply(*ops_, h, n, v_.get(), clamped_.get());
   const int heads = n * c.n_head;
   ops_->rms_norm(q_.get(), lw.q_norm.f32(), heads, c.head_dim, c.eps, q_.get());
   ops_->rms_norm(k_.get(), lw.k_norm.f32(), heads, c.head_dim, c.eps, k_.get());
@@ -125,14 +101,14 @@ void VisionEncoder::run_layer(const VisionLayerWeights& lw, int n) {
   ops_->rope_2d(k_.get(), pos_x_.get(), pos_y_.get(), n, c.n_head, c.head_dim, c.rope_base);
   ops_->attention_dense(q_.get(), k_.get(), v_.get(), n, c.n_head, c.n_head, c.head_dim, 1.0f,
                         attn_.get());
-  linear(lw.wo, attn_.get(), n, h);
+  lw.wo.apply(*ops_, attn_.get(), n, h, clamped_.get());
   ops_->rms_norm_add(h, lw.attn_post_norm.f32(), n, c.n_embd, c.eps, x);
 
   ops_->rms_norm(x, lw.ffn_norm.f32(), n, c.n_embd, c.eps, h);
-  linear(lw.gate, h, n, gate_.get());
-  linear(lw.up, h, n, up_.get());
+  lw.gate.apply(*ops_, h, n, gate_.get(), clamped_.get());
+  lw.up.apply(*ops_, h, n, up_.get(), clamped_.get());
   ops_->gelu_mul(gate_.get(), c.n_ff, up_.get(), c.n_ff, n, c.n_ff, gate_.get());
-  linear(lw.down, gate_.get(), n, h);
+  lw.down.apply(*ops_, gate_.get(), n, h, clamped_.get());
   ops_->rms_norm_add(h, lw.ffn_post_norm.f32(), n, c.n_embd, c.eps, x);
 }
 

@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "model/clamped_linear.h"
 #include "model/weights.h"
 #include "ops/ops.h"
 
@@ -28,13 +29,6 @@ struct VisionConfig {
   float rope_base = 100.0f;
   int projection_dim = 0;
   int max_patches = 0;  // the largest image one call takes (sizes the scratch)
-};
-
-// A linear layer whose input and output may be clamped to ranges stored in the file.
-struct ClampedLinear {
-  Weight weight;
-  bool clamped = false;
-  float in_lo = 0, in_hi = 0, out_lo = 0, out_hi = 0;
 };
 
 struct VisionLayerWeights {
@@ -60,7 +54,6 @@ class VisionEncoder {
   Output encode(const std::vector<float>& pixels, int grid_rows, int grid_cols);
 
  private:
-  void linear(const ClampedLinear& l, const float* x, int n, float* y);
   void run_layer(const VisionLayerWeights& lw, int n);
 
   VisionConfig config_;
