@@ -37,6 +37,16 @@ __all__ = [
 # The JSON the output must be: compact (whitespace between tokens would only give a model
 # room to wander).
 _JSON_OPTIONS: dict[str, Any] = {"whitespace_flexible": False}
+# A grammar that forces an endless string (`start: "ab" start`, or a schema requiring itself
+# under a long key) makes llguidance compute forced text until its cap on Earley items per
+# step, then tokenize all of it: megabytes, seconds of CPU per mask at its default cap
+# (50,000). At 10,000 items, and with forced text past _MAX_FORCED_CHARS refused untokenized,
+# such a grammar fails with a ConstraintError in a tenth of a second where its repeated string
+# is 100 characters long (0.4 s at 2,000; the cost still grows with that length), while every
+# schema and tool-call grammar stays far below both caps.
+_LIMITS = llguidance.LLParserLimits(step_max_items=10_000)
+_MAX_FORCED_CHARS = 65_536
+_FORCED_TOO_LONG = f"the constraint forces more than {_MAX_FORCED_CHARS} characters"
 
 _vocabularies: weakref.WeakKeyDictionary[Tokenizer, llguidance.LLTokenizer] = (
     weakref.WeakKeyDictionary()
@@ -63,6 +73,10 @@ class _TokenizerView:
         self._tokenizer = tokenizer
 
     def __call__(self, text: str) -> list[int]:
+        # llguidance calls this for text the grammar forces; raising puts its matcher into
+        # its error state with this message.
+        if len(text) > _MAX_FORCED_CHARS:
+            raise ValueError(_FORCED_TOO_LONG)
         return self._tokenizer.encode(text, add_bos=False, parse_special=False)
 
 
@@ -101,7 +115,7 @@ def check_constraint(params: SamplingParams) -> None:
     """ConstraintError naming what llguidance rejects in `params`' schema or grammar, checked
     without a vocabulary (special tokens are only resolved against one, by `Constraint`)."""
     if params.constrained:
-        error = llguidance.LLMatcher.validate_grammar(_grammar_text(params))
+        error = llguidance.LLMatcher.validate_grammar(_grammar_text(params), limits=_LIMITS)
         if error:
             raise ConstraintError(f"{_what(params)} is not usable: {error}")
 
@@ -113,7 +127,9 @@ class Constraint:
         """The constraint of `params` (its json_schema or grammar) over `tokenizer`'s
         vocabulary; ConstraintError naming the problem where llguidance rejects it."""
         vocabulary = grammar_vocabulary(tokenizer)
-        self._matcher = llguidance.LLMatcher(vocabulary, _grammar_text(params), log_level=0)
+        self._matcher = llguidance.LLMatcher(
+            vocabulary, _grammar_text(params), log_level=0, limits=_LIMITS
+        )
         self._check(f"{_what(params)} is not usable")
         self._eos = frozenset(vocabulary.eos_tokens)
         self._n_vocab = vocabulary.vocab_size
@@ -143,7 +159,11 @@ class Constraint:
 
     def _check(self, what: str) -> None:
         if self._matcher.is_error():
-            raise ConstraintError(f"{what}: {self._matcher.get_error()}")
+            error = self._matcher.get_error()
+            # The tokenizer's refusal comes wrapped in llguidance's panic report.
+            if _FORCED_TOO_LONG in error:
+                error = _FORCED_TOO_LONG
+            raise ConstraintError(f"{what}: {error}")
 
 
 # --- Forced tool calls in Gemma 4's syntax ----------------------------------------------------

@@ -170,6 +170,42 @@ def test_a_schema_the_library_rejects_is_a_clear_error(engine: Engine) -> None:
         engine.stream(prompt, 8, SamplingParams(grammar="start: <|no_such_token|>"))
 
 
+ENDLESS_KEY = "k" * 3000
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        (SamplingParams(grammar='start: "a" start'), "Too many items"),
+        (SamplingParams(grammar='start: "n' + "F" * 100 + '" start'), "forces more than 65536"),
+        (
+            SamplingParams(
+                json_schema=json.dumps(
+                    {
+                        "type": "object",
+                        "properties": {ENDLESS_KEY: {"$ref": "#"}},
+                        "required": [ENDLESS_KEY],
+                        "additionalProperties": False,
+                    }
+                )
+            ),
+            "forces more than 65536",
+        ),
+    ],
+    ids=["short-string", "long-string", "self-requiring-schema"],
+)
+def test_a_constraint_that_forces_endless_text_fails(
+    tool_tokenizer: Tokenizer, params: SamplingParams, message: str
+) -> None:
+    """A grammar with no end forces text without end; the constraint must refuse it rather
+    than compute and tokenize megabytes of it (seconds of CPU for each token's mask)."""
+    constraint = Constraint(params, tool_tokenizer)
+    with pytest.raises(ConstraintError, match=message):
+        for _ in range(4):
+            allowed = constraint.allowed(tool_tokenizer.vocab_size).nonzero()[0]
+            constraint.accept(int(allowed[0]))
+
+
 # --- parameters --------------------------------------------------------------------------------
 
 

@@ -33,8 +33,11 @@ def fuzz_one(data: bytes) -> None:
     text = text_of(rest)
     add_bos = bool(flags & 2)
     ids = TOKENIZER.encode(text, add_bos=add_bos, parse_special=bool(flags & 8))
-    # Spaces are escaped to SPACE_ESCAPE before merging, so the escape itself reads back as one.
-    if not skip_special and SPACE_ESCAPE not in text:
+    # Spaces are escaped to SPACE_ESCAPE before merging, so the escape itself reads back as one;
+    # a leading BOS is read as the one encode adds, which decode does not render (its contract),
+    # also where it came from the text's own "<bos>".
+    bos_from_text = not add_bos and ids[:1] == [TOKENIZER.bos_id]
+    if not skip_special and SPACE_ESCAPE not in text and not bos_from_text:
         decoded = TOKENIZER.decode(ids)
         if decoded != text:
             raise AssertionError(f"decode(encode({text!r})) is {decoded!r}")
