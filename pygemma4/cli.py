@@ -79,6 +79,17 @@ def _backend_options(command: Callable[..., None]) -> Callable[..., None]:
     )(command)
 
 
+def _max_image_tokens_option(command: Callable[..., None]) -> Callable[..., None]:
+    """Add --max-image-tokens (the image budgets Gemma 4's processor knows, as text: the
+    command converts it with int)."""
+    return click.option(
+        "--max-image-tokens",
+        default="280",
+        type=click.Choice(["70", "140", "280", "560", "1120"]),
+        help="Soft tokens per image at most (with --mmproj).",
+    )(command)
+
+
 def _kv_dtype_option(command: Callable[..., None]) -> Callable[..., None]:
     """Add --kv-dtype; it arrives as the keyword argument kv_dtype (None: the backend's
     default). A name the engine does not know is refused by it, naming the accepted ones."""
@@ -155,12 +166,7 @@ def main() -> None:
     metavar="FILE",
     help="A WAV clip (up to 30 s) after the images, before PROMPT; repeatable; implies --chat.",
 )
-@click.option(
-    "--max-image-tokens",
-    default=280,
-    type=click.Choice(["70", "140", "280", "560", "1120"]),
-    help="Soft tokens per image at most.",
-)
+@_max_image_tokens_option
 @_runs_cleanly
 def generate(
     arguments: tuple[str, ...],
@@ -420,12 +426,7 @@ def inspect(model: Path, as_json: bool, tensors: bool, template: bool) -> None:
     type=click.Path(dir_okay=False, path_type=Path),
     help="MODEL's multimodal projector GGUF: chats may then hold images and audio.",
 )
-@click.option(
-    "--max-image-tokens",
-    default="280",
-    type=click.Choice(["70", "140", "280", "560", "1120"]),
-    help="Soft tokens per image at most (with --mmproj).",
-)
+@_max_image_tokens_option
 @_api_key_options
 @_runs_cleanly
 def serve(

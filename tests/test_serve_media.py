@@ -141,11 +141,10 @@ def engine(mm_dir: Path) -> Engine:
     )
 
 
-@pytest.fixture(scope="module")
-def server(mm_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    """The tiny multimodal model served with its projector, HTTP on a free port."""
-    listen = f"127.0.0.1:{free_port()}"
-    args = (
+def media_serve_args(mm_dir: Path) -> tuple[str, ...]:
+    """`serve` options for the tiny multimodal model: its projector, the test budget, one
+    thread and four sequences."""
+    return (
         "--mmproj",
         str(mm_dir / "mmproj-f32.gguf"),
         "--max-image-tokens",
@@ -154,9 +153,14 @@ def server(mm_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[A
         "1",
         "--max-batch",
         "4",
-        "--http",
-        listen,
     )
+
+
+@pytest.fixture(scope="module")
+def server(mm_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """The tiny multimodal model served with its projector, HTTP on a free port."""
+    listen = f"127.0.0.1:{free_port()}"
+    args = (*media_serve_args(mm_dir), "--http", listen)
     model = mm_dir / "model-f32.gguf"
     with ServeProcess.running(model, tmp_path_factory.mktemp("serve-mm"), *args) as serve:
         serve.base_url = f"http://{listen}"
@@ -289,18 +293,7 @@ def test_media_chats_paused_on_a_small_pool_resume_with_the_engines_tokens(
     length = 120
     expected = [engine_steps(engine, messages, length) for messages in chats]
     prompts = [len(engine.prepare(messages)) for messages in chats]
-    args = (
-        "--mmproj",
-        str(mm_dir / "mmproj-f32.gguf"),
-        "--max-image-tokens",
-        MAX_IMAGE_TOKENS,
-        "--threads",
-        "1",
-        "--max-batch",
-        "4",
-        "--kv-tokens",
-        "384",
-    )
+    args = (*media_serve_args(mm_dir), "--kv-tokens", "384")
     with ServeProcess.running(mm_dir / "model-f32.gguf", tmp_path, *args) as server:
 
         async def run() -> list[Steps]:
