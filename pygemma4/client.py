@@ -312,14 +312,24 @@ def _checked_template_kwargs(kwargs: object) -> dict[str, Any] | None:
 
 
 def _chat_fields(
-    messages: object, tools: object, chat_template_kwargs: object, raw_text: object
+    messages: object,
+    tools: object,
+    chat_template_kwargs: object,
+    raw_text: object,
+    max_image_tokens: object,
 ) -> dict[str, Any]:
-    """The checked fields of a Chat request beyond those of every generation request."""
+    """The checked fields of a Chat request beyond those of every generation request (the
+    server checks `max_image_tokens` against its budgets)."""
+    if max_image_tokens is not None and (
+        isinstance(max_image_tokens, bool) or not isinstance(max_image_tokens, int)
+    ):
+        raise TypeError(f"max_image_tokens must be an int, got {_type_name(max_image_tokens)}")
     return {
         "messages": _checked_messages(messages),
         "tools": _checked_tools(tools),
         "chat_template_kwargs": _checked_template_kwargs(chat_template_kwargs),
         "raw_text": _checked_flag("raw_text", raw_text),
+        "max_image_tokens": max_image_tokens,
     }
 
 
@@ -495,6 +505,7 @@ class AsyncClient:
         tools: Iterable[Mapping[str, Any] | protocol.ToolDefinition] | None = None,
         chat_template_kwargs: Mapping[str, Any] | None = None,
         raw_text: bool = False,
+        max_image_tokens: int | None = None,
         ignore_eos: bool = False,
         speculative: bool = True,
         timeout: float | None | EllipsisType = ...,
@@ -508,8 +519,10 @@ class AsyncClient:
         reasoning. A server started with --mmproj takes images (`{"type": "image_url",
         "image_url": {"url": "data:image/png;base64,..."}}`) and clips (`{"type":
         "input_audio", "input_audio": {"data": <base64 WAV>, "format": "wav"}}`) among the
-        content parts (`info()` says which)."""
-        fields = _chat_fields(messages, tools, chat_template_kwargs, raw_text)
+        content parts (`info()` says which); each image gets at most `max_image_tokens` soft
+        tokens (70, 140, 280, 560, 1120; by default and at most the server's), unless its
+        `image_url.detail` asks for "low" (70) or "high" (the server's most)."""
+        fields = _chat_fields(messages, tools, chat_template_kwargs, raw_text, max_image_tokens)
         call = self._generation(
             protocol.Chat,
             fields,
@@ -555,13 +568,14 @@ class AsyncClient:
         tools: Iterable[Mapping[str, Any] | protocol.ToolDefinition] | None = None,
         chat_template_kwargs: Mapping[str, Any] | None = None,
         raw_text: bool = False,
+        max_image_tokens: int | None = None,
         ignore_eos: bool = False,
         speculative: bool = True,
         timeout: float | None | EllipsisType = ...,
         **sampling: Any,
     ) -> AsyncCompletionStream:
         """`chat`, streamed, as `stream` is (each chunk's `in_reasoning` as the result's)."""
-        fields = _chat_fields(messages, tools, chat_template_kwargs, raw_text)
+        fields = _chat_fields(messages, tools, chat_template_kwargs, raw_text, max_image_tokens)
         call = self._generation(
             protocol.Chat,
             fields,

@@ -26,7 +26,7 @@ from pygemma4.media.audio_encoder import AudioEmbedding, AudioEncoder
 from pygemma4.media.encoders import MediaEncoders
 from pygemma4.media.image import DEFAULT_SOFT_TOKENS, ImageInput
 from pygemma4.media.kinds import AUDIO, IMAGE, PreparedMedia
-from pygemma4.multimodal import MediaKind, Prompt, media_pad_id, prepare_prompt
+from pygemma4.multimodal import MediaKind, MediaPart, Prompt, media_pad_id, prepare_prompt
 from pygemma4.prefix_cache import PrefixCache
 from pygemma4.runner import (
     Feed,
@@ -150,12 +150,15 @@ class Engine:
         self.vision: VisionTower | None = None if self.media is None else self.media.vision
         self.audio: AudioEncoder | None = None if self.media is None else self.media.audio
 
-    def embed_image(self, image: ImageInput) -> ImageEmbedding:
+    def embed_image(self, image: ImageInput, max_image_tokens: int | None = None) -> ImageEmbedding:
         """The embeddings `image` (a path, bytes, data URI, PIL image or uint8 array) gives the
-        model in place of its soft tokens."""
-        tower = self._media_for(IMAGE).vision
-        assert tower is not None
-        return tower.embed(image)
+        model in place of its soft tokens, at most `max_image_tokens` of them (by default and
+        at most the engine's)."""
+        media = self._media_for(IMAGE)
+        assert media.vision is not None
+        return media.vision.encode(
+            media.preprocessor.prepare(IMAGE, image, budget=max_image_tokens)
+        )
 
     def embed_audio(self, audio: AudioInput) -> AudioEmbedding:
         """The embeddings `audio` (a WAV path, WAV bytes or float samples at 16 kHz) gives the
@@ -168,14 +171,19 @@ class Engine:
         self,
         messages: Sequence[Mapping[str, Any]],
         add_generation_prompt: bool = True,
+        max_image_tokens: int | None = None,
         **template_kwargs: Any,
     ) -> Prompt:
         """The prompt of a conversation whose messages may hold image and audio parts (see
         pygemma4.multimodal): rendered by the chat template, each medium's soft tokens placed
-        and its embeddings computed."""
+        and its embeddings computed. Each image gets at most `max_image_tokens` soft tokens
+        (by default and at most the engine's) unless its part asks for its own budget."""
+        if max_image_tokens is not None:
+            self._media_for(IMAGE).preprocessor.image_budget(max_image_tokens)
 
-        def prepare(kind: MediaKind, source: Any) -> PreparedMedia:
-            return self._media_for(kind).preprocessor.prepare(kind, source)
+        def prepare(part: MediaPart) -> PreparedMedia:
+            preprocessor = self._media_for(part.kind).preprocessor
+            return preprocessor.prepare(part.kind, part.source, None, part.budget, max_image_tokens)
 
         def encode(media: PreparedMedia) -> np.ndarray:
             return self._media_for(media.kind).encode(media)

@@ -2,10 +2,11 @@
 template, each medium's placeholder expanded into its soft tokens and paired with its embeddings.
 
 An image part is `{"type": "image", "image": <path | bytes | PIL image | array>}` (or `"url"` /
-`"path"` in place of `"image"`), or OpenAI's `{"type": "image_url", "image_url": {"url":
-"data:image/png;base64,..."}}`. The template writes one `<|image|>` per image; like the model's
-processor, the prompt puts `<|image>`, one `<|image|>` per soft token, and `<image|>` in its
-place. The model sees the image's embeddings at those soft tokens.
+`"path"` in place of `"image"`), optionally with `"max_image_tokens": 70 | 140 | ...` (its own
+budget), or OpenAI's `{"type": "image_url", "image_url": {"url": "data:image/png;base64,...",
+"detail": "low" | "high" | "auto"}}`. The template writes one `<|image|>` per image; like the
+model's processor, the prompt puts `<|image>`, one `<|image|>` per soft token, and `<image|>` in
+its place. The model sees the image's embeddings at those soft tokens.
 
 An audio part is `{"type": "audio", "audio": <path | WAV bytes | float array at 16 kHz>}` (or
 `"path"`), or OpenAI's `{"type": "input_audio", "input_audio": {"data": <base64 WAV>, "format":
@@ -25,6 +26,7 @@ import numpy as np
 
 from .errors import ChatTemplateError, MediaError
 from .media.kinds import AUDIO, IMAGE, MediaKind, PreparedMedia
+from .media.prepared import ImageBudget
 from .prefix_cache import MediaKey
 from .runner import Embeddings
 from .tokenizer import Tokenizer
@@ -33,6 +35,7 @@ __all__ = [
     "AUDIO",
     "IMAGE",
     "MediaKind",
+    "MediaPart",
     "PlacedMedia",
     "PreparedPrompt",
     "Prompt",
@@ -121,15 +124,25 @@ class PreparedPrompt:
         return Prompt(self.token_ids, tuple(placed))
 
 
+@dataclass(frozen=True)
+class MediaPart:
+    """An image or clip of a chat: its `kind`, its `source` and, for an image, the `budget` its
+    part asks for (`max_image_tokens`, or OpenAI's `detail`; None: the request's)."""
+
+    kind: MediaKind
+    source: Any
+    budget: ImageBudget = None
+
+
 def media_parts(
     messages: Sequence[Mapping[str, Any]],
-) -> tuple[list[dict[str, Any]], list[tuple[MediaKind, Any]]]:
+) -> tuple[list[dict[str, Any]], list[MediaPart]]:
     """The messages with every image part reduced to `{"type": "image"}` and every audio part
-    to `{"type": "audio"}` (what the chat template renders), and the media (kind, source) in
-    the order they appear."""
+    to `{"type": "audio"}` (what the chat template renders), and the media in the order they
+    appear."""
     if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
         raise ChatTemplateError("messages must be a list of mappings")
-    media: list[tuple[MediaKind, Any]] = []
+    media: list[MediaPart] = []
     rendered = []
     for i, message in enumerate(messages):
         if not isinstance(message, Mapping):
@@ -142,19 +155,21 @@ def media_parts(
         for j, part in enumerate(content):
             kind = part.get("type") if isinstance(part, Mapping) else None
             if kind == "image":
-                media.append((IMAGE, _source(part, ("image", "url", "path"), "an image", i, j)))
+                source = _source(part, ("image", "url", "path"), "an image", i, j)
+                media.append(MediaPart(IMAGE, source, part.get("max_image_tokens")))
             elif kind == "image_url":
                 url = part.get("image_url")
-                source = url.get("url") if isinstance(url, Mapping) else url
-                media.append((IMAGE, _source({"url": source}, ("url",), "an image", i, j)))
+                spec = url if isinstance(url, Mapping) else {"url": url}
+                source = _source({"url": spec.get("url")}, ("url",), "an image", i, j)
+                media.append(MediaPart(IMAGE, source, spec.get("detail")))
             elif kind == "audio":
-                media.append((AUDIO, _source(part, ("audio", "path"), "an audio", i, j)))
+                media.append(MediaPart(AUDIO, _source(part, ("audio", "path"), "an audio", i, j)))
             elif kind == "input_audio":
-                media.append((AUDIO, _input_audio(part.get("input_audio"), i, j)))
+                media.append(MediaPart(AUDIO, _input_audio(part.get("input_audio"), i, j)))
             else:
                 parts.append(part)
                 continue
-            parts.append({"type": media[-1][0].name})
+            parts.append({"type": media[-1].kind.name})
         rendered.append({**message, "content": parts})
     return rendered, media
 
@@ -182,28 +197,28 @@ def _input_audio(spec: Any, i: int, j: int) -> bytes:
 def prepare_chat(
     tokenizer: Tokenizer,
     messages: Sequence[Mapping[str, Any]],
-    prepare: Callable[[MediaKind, Any], PreparedMedia],
+    prepare: Callable[[MediaPart], PreparedMedia],
     add_generation_prompt: bool = True,
     **template_kwargs: Any,
 ) -> PreparedPrompt:
-    """The prompt of a conversation whose media `prepare(kind, source)` makes ready for their
-    towers: rendered by the chat template, each medium's soft tokens placed."""
+    """The prompt of a conversation whose media `prepare` makes ready for their towers:
+    rendered by the chat template, each medium's soft tokens placed."""
     rendered, media = media_parts(messages)
     ids = tokenizer.encode_chat(rendered, add_generation_prompt, **template_kwargs)
     # Each kind's placeholders, in prompt order, take that kind's media in message order.
-    pending = {kind: [source for k, source in media if k is kind] for kind in (IMAGE, AUDIO)}
+    pending = {kind: [m for m in media if m.kind is kind] for kind in (IMAGE, AUDIO)}
     places: list[tuple[int, MediaKind]] = []
-    for kind, sources in pending.items():
+    for kind, parts in pending.items():
         begin, soft, end = (tokenizer.token_id(t) for t in kind.tokens)
-        if sources and (begin is None or soft is None or end is None):
+        if parts and (begin is None or soft is None or end is None):
             raise MediaError(
                 f"the model's vocabulary has no {kind.name} tokens; it cannot take {kind.name}"
             )
-        found = [k for k, token in enumerate(ids) if token == soft] if sources else []
-        if len(found) != len(sources):
+        found = [k for k, token in enumerate(ids) if token == soft] if parts else []
+        if len(found) != len(parts):
             raise ChatTemplateError(
                 f"the rendered prompt holds {len(found)} {kind.name} placeholders for "
-                f"{len(sources)} {kind.name} parts (the template must write one {kind.tokens[1]} "
+                f"{len(parts)} {kind.name} parts (the template must write one {kind.tokens[1]} "
                 f"per {kind.name} part, and text may not)"
             )
         places += [(k, kind) for k in found]
@@ -212,7 +227,7 @@ def prepare_chat(
     previous = 0
     for place, kind in sorted(places, key=lambda p: p[0]):
         begin, soft, end = (tokenizer.token_id(t) for t in kind.tokens)
-        prepared = prepare(kind, pending[kind].pop(0))
+        prepared = prepare(pending[kind].pop(0))
         tokens += ids[previous:place] + [begin]
         placed.append((len(tokens), prepared))
         tokens += [soft] * prepared.n_tokens + [end]
@@ -224,12 +239,12 @@ def prepare_chat(
 def prepare_prompt(
     tokenizer: Tokenizer,
     messages: Sequence[Mapping[str, Any]],
-    prepare: Callable[[MediaKind, Any], PreparedMedia],
+    prepare: Callable[[MediaPart], PreparedMedia],
     encode: Callable[[PreparedMedia], np.ndarray],
     add_generation_prompt: bool = True,
     **template_kwargs: Any,
 ) -> Prompt:
-    """The prompt of a conversation whose media `prepare(kind, source)` makes ready for their
-    towers and `encode` turns into embeddings."""
+    """The prompt of a conversation whose media `prepare` makes ready for their towers and
+    `encode` turns into embeddings."""
     chat = prepare_chat(tokenizer, messages, prepare, add_generation_prompt, **template_kwargs)
     return chat.encoded(encode)

@@ -89,7 +89,8 @@ class StreamOptions(_Strict):
 class ImageUrlIn(_Strict):
     url: str
     """A data: URI (the server fetches no URL)."""
-    detail: Literal["auto"] | None = None
+    detail: str | None = None
+    """"low", "high" or "auto" (the server checks it)."""
 
 
 class InputAudioIn(_Strict):
@@ -315,6 +316,8 @@ class ChatCompletionRequest(_GenerationRequest):
     parallel_tool_calls: bool | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     response_format: ResponseFormat | None = None
+    max_image_tokens: int | None = None
+    """Soft tokens per image at most (this server's extension; it checks the value)."""
 
     def check_tools(self) -> None:
         """Refusals of tool options this server cannot honour, naming the field."""
@@ -363,6 +366,8 @@ class ChatCompletionRequest(_GenerationRequest):
             options["tools"] = [tool.model_dump(exclude_none=True) for tool in self.tools]
         if self.chat_template_kwargs:
             options["chat_template_kwargs"] = self.chat_template_kwargs
+        if self.max_image_tokens is not None:
+            options["max_image_tokens"] = self.max_image_tokens
         return options
 
     def max_new_tokens(self) -> int | None:

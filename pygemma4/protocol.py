@@ -108,7 +108,9 @@ class ImageUrl(_Strict):
     server fetches nothing and reads no file, so other URLs are refused)."""
 
     url: str
-    detail: Literal["auto"] | None = None
+    detail: str | None = None
+    """OpenAI's "low" (the smallest image budget, 70 soft tokens), "high" (the server's most)
+    or "auto" (the request's `max_image_tokens`)."""
 
 
 class ImageUrlPart(_Strict, tag="image_url", tag_field="type"):
@@ -216,6 +218,9 @@ class Chat(_Generation, tag="chat", kw_only=True):
     """Tools the chat template declares to the model."""
     chat_template_kwargs: dict[str, typing.Any] | None = None
     """Extra variables for the chat template, e.g. `{"enable_thinking": True}`."""
+    max_image_tokens: int | None = None
+    """Soft tokens each image gets at most (70, 140, 280, 560, 1120), unless its part's
+    `detail` says otherwise; None: the server's `max_image_tokens`, also the most allowed."""
 
 
 class Cancel(_ClientMessage, tag="cancel"):

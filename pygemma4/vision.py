@@ -25,7 +25,7 @@ _FLATTENED = ("v.patch_embd.weight", "v.position_embd.weight")
 class ImageEmbedding:
     """One image encoded: `embeddings` float32 [n_tokens, text width] (the rows that replace its
     soft tokens), `pooled` float32 [n_tokens, tower width] (the tower's own output), the patch
-    `grid` and the `digest` of its decoded pixels."""
+    `grid` and the `digest` of its decoded pixels (and the size they were resized to)."""
 
     embeddings: np.ndarray
     pooled: np.ndarray

@@ -16,10 +16,10 @@ from pygemma4.chat_output import CHANNEL_CLOSE, CHANNEL_OPEN, TOOL_RESPONSE
 from pygemma4.config import open_model
 from pygemma4.errors import Gemma4Error
 from pygemma4.generation import FinishReason, TextStream, room_for_tokens
-from pygemma4.media.kinds import IMAGE, MediaKind, PreparedMedia
+from pygemma4.media.kinds import IMAGE, PreparedMedia
 from pygemma4.media.prepared import MediaPreprocessor
 from pygemma4.mmproj import open_mmproj
-from pygemma4.multimodal import PreparedPrompt, prepare_chat
+from pygemma4.multimodal import MediaPart, PreparedPrompt, prepare_chat
 from pygemma4.protocol import (
     AdmittedRequest,
     Chat,
@@ -201,7 +201,11 @@ class TokenizerWorker(Worker):
         if isinstance(request, Chat):
             self.check_media_taken(request)
             messages, variables = chat_template_input(request)
-            return prepare_chat(self.tokenizer, messages, self.prepare_media, **variables)
+
+            def prepare(part: MediaPart) -> PreparedMedia:
+                return self.prepare_media(part, request.max_image_tokens)
+
+            return prepare_chat(self.tokenizer, messages, prepare, **variables)
         if isinstance(request.prompt, str):
             ids = self.tokenizer.encode(request.prompt)
         elif not request.prompt:
@@ -216,7 +220,12 @@ class TokenizerWorker(Worker):
         return PreparedPrompt(np.asarray(ids, dtype=np.int32))
 
     def check_media_taken(self, request: Chat) -> None:
-        """Refuse a chat with images or clips where the server has no tower for them."""
+        """Refuse a chat with images or clips where the server has no tower for them, and a
+        `max_image_tokens` the server does not allow."""
+        if request.max_image_tokens is not None:
+            if self.media is None or self.media.vision is None:
+                raise RequestRefused("bad_request", "max_image_tokens: this server takes no images")
+            self.media.image_budget(request.max_image_tokens)
         for i, message in enumerate(request.messages):
             parts = message.content if isinstance(message.content, list) else ()
             for j, part in enumerate(parts):
@@ -237,18 +246,20 @@ class TokenizerWorker(Worker):
                         f"projector file has no {tower} encoder",
                     )
 
-    def prepare_media(self, kind: MediaKind, source: Any) -> PreparedMedia:
-        """An image (a data URI) or a clip (WAV bytes) of a chat, decoded and preprocessed
-        for its tower; images given any other way are refused (the server fetches no URL
-        and reads no file)."""
+    def prepare_media(self, part: MediaPart, max_image_tokens: int | None) -> PreparedMedia:
+        """An image (a data URI, at most `max_image_tokens` soft tokens unless its part asks
+        otherwise) or a clip (WAV bytes) of a chat, decoded and preprocessed for its tower;
+        images given any other way are refused (the server fetches no URL and reads no
+        file)."""
         assert self.media is not None  # check_media_taken refused media without a tower
-        if kind is IMAGE and not (isinstance(source, str) and source.startswith("data:")):
+        source = part.source
+        if part.kind is IMAGE and not (isinstance(source, str) and source.startswith("data:")):
             raise RequestRefused(
                 "bad_request",
                 f"image_url {str(source)[:60]!r}: only data: URIs "
                 "(data:image/png;base64,...) are accepted; the server fetches no URL",
             )
-        return self.media.prepare(kind, source)
+        return self.media.prepare(part.kind, source, None, part.budget, max_image_tokens)
 
     def check_limits(self, sampling: SamplingParams) -> None:
         """Refuse stop strings and logprobs past the server's limits."""

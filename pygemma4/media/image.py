@@ -56,7 +56,8 @@ class ImagePatches:
     """One image as the vision tower takes it: `pixels` float32 [rows·cols, patch²·3] in [0, 1]
     (each patch flattened in (row, column, channel) order), `positions` int32 [rows·cols, 2] the
     (column, row) of each patch, `grid` = (rows, cols) of patches, `n_soft_tokens` the rows
-    of embeddings it becomes, `digest` a SHA-256 of the decoded RGB pixels."""
+    of embeddings it becomes, `digest` a SHA-256 of the decoded RGB pixels and the size they are
+    resized to."""
 
     pixels: np.ndarray
     positions: np.ndarray
@@ -125,8 +126,10 @@ def image_patches(
             f"not {max_soft_tokens!r}"
         )
     image = load_image(source, name)
-    digest = hashlib.sha256(f"{image.width}x{image.height}:".encode() + image.tobytes()).hexdigest()
     h, w = target_size(image.height, image.width, max_soft_tokens, patch, pooling)
+    # The size resized to is part of the name: the same image at two budgets is two inputs.
+    size = f"{image.width}x{image.height}>{w}x{h}:"
+    digest = hashlib.sha256(size.encode() + image.tobytes()).hexdigest()
     if (h, w) != (image.height, image.width):
         image = image.resize((w, h), resample=Image.Resampling.BICUBIC, reducing_gap=None)
     pixels = (np.asarray(image, dtype=np.uint8).astype(np.float64) * (1 / 255)).astype(np.float32)

@@ -13,7 +13,15 @@ from pygemma4.media.image import SOFT_TOKEN_BUDGETS, ImageInput, image_patches
 from pygemma4.media.kinds import IMAGE, MediaKind, PreparedMedia
 from pygemma4.mmproj import MmprojFile, VisionConfig
 
-__all__ = ["MediaPreprocessor", "checked_vision", "prepare_image"]
+__all__ = ["IMAGE_DETAILS", "ImageBudget", "MediaPreprocessor", "checked_vision", "prepare_image"]
+
+# OpenAI's `image_url.detail`: "low" is the smallest budget, "high" the largest allowed, "auto"
+# the request's default.
+IMAGE_DETAILS = ("low", "high", "auto")
+
+ImageBudget = int | str | None
+"""What a request or an image part asks of an image's soft tokens: a budget (70, 140, 280,
+560, 1120), one of IMAGE_DETAILS, or None for the default."""
 
 
 def checked_vision(mmproj: MmprojFile, max_image_tokens: int) -> VisionConfig:
@@ -62,12 +70,46 @@ class MediaPreprocessor:
         with located(self.path):
             self.audio = None if mmproj.audio is None else conformer_config(mmproj)
 
-    def prepare(self, kind: MediaKind, source: Any, name: str | None = None) -> PreparedMedia:
-        """`source` as its tower reads it; MediaError where the file has no tower for it."""
+    def image_budget(self, asked: ImageBudget, default: ImageBudget = None) -> int:
+        """The soft tokens an image gets at most where its part asks for `asked` and its
+        request for `default` (None: this preprocessor's `max_image_tokens`, also the most
+        any image gets); MediaError naming a value that is no budget or detail, or a budget
+        above the most."""
+        if asked is None or asked == "auto":
+            return self.max_image_tokens if default is None else self.image_budget(default)
+        if asked == "low":
+            return SOFT_TOKEN_BUDGETS[0]
+        if asked == "high":
+            return self.max_image_tokens
+        if isinstance(asked, bool) or not isinstance(asked, int) or asked not in SOFT_TOKEN_BUDGETS:
+            raise MediaError(
+                f"an image's budget must be a number of soft tokens "
+                f"({', '.join(map(str, SOFT_TOKEN_BUDGETS))}) or a detail "
+                f"({', '.join(IMAGE_DETAILS)}), not {asked!r}"
+            )
+        if asked > self.max_image_tokens:
+            raise MediaError(
+                f"max_image_tokens {asked} is more than {self.max_image_tokens}, the most soft "
+                "tokens per image set at start (max_image_tokens, --max-image-tokens); allowed: "
+                f"{', '.join(str(b) for b in SOFT_TOKEN_BUDGETS if b <= self.max_image_tokens)}"
+            )
+        return asked
+
+    def prepare(
+        self,
+        kind: MediaKind,
+        source: Any,
+        name: str | None = None,
+        budget: ImageBudget = None,
+        default_budget: ImageBudget = None,
+    ) -> PreparedMedia:
+        """`source` as its tower reads it, an image at the budget `image_budget(budget,
+        default_budget)` gives; MediaError where the file has no tower for it."""
         if kind is IMAGE:
             if self.vision is None:
                 raise MediaError(f"{self.path} has no vision encoder: it takes no images")
-            return prepare_image(self.vision, self.max_image_tokens, source, name)
+            max_tokens = self.image_budget(budget, default_budget)
+            return prepare_image(self.vision, max_tokens, source, name)
         if self.audio is None:
             raise MediaError(f"{self.path} has no audio encoder: it takes no audio")
         return prepare_audio(self.audio, source, name)
