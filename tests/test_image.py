@@ -126,6 +126,8 @@ def test_the_digest_tells_images_apart():
     b[10, 10, 1] = 1
     assert image_patches(a, 70).digest != image_patches(b, 70).digest
     assert image_patches(a, 70).digest != image_patches(a.reshape(25, 100, 3), 70).digest
+    # The same pixels resized for another budget are another input of the tower.
+    assert image_patches(a, 70).digest != image_patches(a, 140).digest
 
 
 # -- bad media ---------------------------------------------------------------------------------
