@@ -16,6 +16,10 @@ token, which is the sequence's first decode step and yields the first logits. Th
 each running sequence's next token, sends the tokens to the tokenizer workers and retires the
 sequences that ended. With a drafter, each sequence's step also carries its drafts, verified
 together: a sequence may gain several tokens in one step (`pygemma4.speculative`).
+
+A prompt's images and clips are encoded on a thread of their own while the loop goes on
+stepping the other sequences (the towers release the GIL): a new image delays its own request,
+never the streams already running. The sequence holds its batch place and its KV meanwhile.
 """
 
 from __future__ import annotations
@@ -23,14 +27,17 @@ from __future__ import annotations
 import dataclasses
 import threading
 from collections import deque
+from concurrent.futures import Future
 from dataclasses import dataclass, field
+from queue import SimpleQueue
+from typing import Any
 
 import numpy as np
 
 from pygemma4 import protocol
 from pygemma4.constraints import ConstraintError, grammar_vocabulary
 from pygemma4.drafter import DraftContext
-from pygemma4.errors import Gemma4Error, MediaError
+from pygemma4.errors import Gemma4Error
 from pygemma4.generation import TokenChoice
 from pygemma4.kv import BlockAllocator, SequenceKv
 from pygemma4.media.encoders import MediaEncoders
@@ -49,6 +56,7 @@ from pygemma4.runner import Embeddings, Feed, FeedResult, next_tokens
 from pygemma4.speculative import Speculator, verification_feed
 from pygemma4.tokenizer import Tokenizer
 from pygemma4.workers.runtime import (
+    POLL_MS,
     ServerConfig,
     Worker,
     kv_layout,
@@ -115,6 +123,22 @@ class Sequence:
         return self.choice.tokens_left - 1 if self.request.speculative else 0
 
 
+@dataclass
+class Encoding:
+    """A sequence given its KV whose media are being encoded, to start from `tokens` (the
+    prefix cache held the first `cached`) once `embeddings` (by offset) are done."""
+
+    sequence: Sequence
+    tokens: np.ndarray
+    cached: int
+    embeddings: Future[dict[int, np.ndarray]]
+
+
+# How often the loop looks for finished encodings while nothing else runs: a few ms added to
+# the request's first token, against a core kept busy by polling faster.
+ENCODING_POLL_MS = 5
+
+
 class DecodeWorker(Worker):
     """Schedules, batches and decodes."""
 
@@ -145,6 +169,14 @@ class DecodeWorker(Worker):
             )
         )
         """The projector's towers, which encode the images and clips of prompts."""
+        self.encoding: dict[int, Encoding] = {}
+        """Sequences whose media are being encoded, in the order they started."""
+        self.encode_jobs: SimpleQueue[tuple[list[tuple[int, PreparedMedia]], Future[Any]]]
+        self.encode_jobs = SimpleQueue()
+        if self.media is not None:
+            # A daemon: the towers are not made to run twice at once, and exit never waits
+            # for an image.
+            threading.Thread(target=self.encode_in_turn, name="media-encoder", daemon=True).start()
         self.pad_id = media_pad_id(self.runner.model_file.gguf.metadata)
         self.layout = kv_layout(config.kv)
         self.allocator = BlockAllocator(self.layout)
@@ -185,14 +217,17 @@ class DecodeWorker(Worker):
             raise ConstraintError(f"constrained decoding is unavailable: {built}")
         return built
 
-    def busy(self) -> bool:
-        """Whether sequences are running or being prefilled (the loop then steps without
-        waiting)."""
-        return bool(self.running or self.prefilling)
+    def wait_ms(self) -> int:
+        """No wait while sequences are running or being prefilled (the loop then steps), a
+        short one while media are being encoded."""
+        if self.running or self.prefilling:
+            return 0
+        return ENCODING_POLL_MS if self.encoding else POLL_MS
 
     def work(self) -> None:
-        """Admit what fits, then compute one step; tell the front end when the KV held
-        changed."""
+        """Start the sequences whose media are encoded, admit what fits, then compute one
+        step; tell the front end when the KV held changed."""
+        self.start_encoded()
         self.admit()
         if self.running or self.prefilling:
             self.step()
@@ -231,7 +266,7 @@ class DecodeWorker(Worker):
     def admit(self) -> None:
         """Start waiting requests and resume paused sequences, oldest first, while a batch
         place and the KV of their tokens so far fit."""
-        while self.waiting and len(self.running) + len(self.prefilling) < self.config.max_batch:
+        while self.waiting and self.batch_size() < self.config.max_batch:
             item = self.waiting[0]
             # Every request fits the pool alone: its context is at most what the pool holds.
             if isinstance(item, Sequence):
@@ -246,6 +281,10 @@ class DecodeWorker(Worker):
             sequence = item if isinstance(item, Sequence) else self.admitted(item)
             if sequence is not None:
                 self.start(sequence, tokens)
+
+    def batch_size(self) -> int:
+        """The sequences holding a batch place: running, being prefilled or encoded."""
+        return len(self.running) + len(self.prefilling) + len(self.encoding)
 
     def admitted(self, request: TokenizedRequest) -> Sequence | None:
         """A new request's sequence, its sampling set up (None, the request failed, where its
@@ -268,41 +307,72 @@ class DecodeWorker(Worker):
     def start(self, sequence: Sequence, tokens: np.ndarray) -> None:
         """Give a sequence its KV for `tokens` (its prompt, or its prompt and what it generated
         before a pause), taking what the prefix cache holds of them; the rest, but the last
-        token, is prefilled in the steps to come."""
+        token, is prefilled in the steps to come, once the media it reaches are encoded."""
         keys = sequence.media_keys()
         kv, cached = self.prefix_cache.new_sequence(tokens[:-1], keys)
-        try:
-            self.encode_media(sequence, cached)
-        except (Gemma4Error, ValueError) as e:
-            kv.release()
-            self.fail(sequence.request, "internal", f"cannot encode the prompt's media: {e}")
-            return
         kv.ensure(len(tokens))
-        sequence.kv, sequence.next_token, sequence.hidden = kv, int(tokens[-1]), None
+        sequence.kv = kv
+        # Media whose positions the cache holds whole need no embeddings.
+        unencoded = [
+            (offset, media)
+            for offset, media in sequence.media
+            if offset + media.n_tokens > cached and offset not in sequence.encoded
+        ]
+        if not unencoded:
+            self.started(sequence, tokens, cached)
+            return
+        embeddings: Future[dict[int, np.ndarray]] = Future()
+        self.encode_jobs.put((unencoded, embeddings))
+        self.encoding[sequence.rid] = Encoding(sequence, tokens, cached, embeddings)
+
+    def encode_in_turn(self) -> None:
+        """The encoder thread: the embeddings of each job's media, by offset, one job after
+        another (a job cancelled before its turn is skipped)."""
+        # The tokenizer workers refuse media where the server has no projector.
+        assert self.media is not None
+        while True:
+            media, embeddings = self.encode_jobs.get()
+            if not embeddings.set_running_or_notify_cancel():
+                continue
+            try:
+                embeddings.set_result({offset: self.media.encode(m) for offset, m in media})
+            except Exception as e:  # said to the request by the loop
+                embeddings.set_exception(e)
+
+    def start_encoded(self) -> None:
+        """Start the sequences whose media are encoded, in the order they began; fail those
+        whose media the towers refused."""
+        for rid, encoding in list(self.encoding.items()):
+            if not encoding.embeddings.done():
+                continue
+            del self.encoding[rid]
+            sequence = encoding.sequence
+            try:
+                sequence.encoded.update(encoding.embeddings.result())
+            except (Gemma4Error, ValueError) as e:
+                sequence.kv.release()
+                self.fail(sequence.request, "internal", f"cannot encode the prompt's media: {e}")
+                continue
+            self.started(sequence, encoding.tokens, encoding.cached)
+
+    def started(self, sequence: Sequence, tokens: np.ndarray, cached: int) -> None:
+        """A sequence given its KV and its media's embeddings joins the prefill (or, with
+        nothing to write, the running sequences)."""
+        if sequence.media:
+            placed = tuple(
+                PlacedMedia(offset, sequence.encoded[offset], media.digest)
+                for offset, media in sequence.media
+                if offset in sequence.encoded
+            )
+            sequence.embeddings = Prompt(tokens, placed).embeddings()
+        sequence.next_token, sequence.hidden = int(tokens[-1]), None
         if not sequence.choice.token_ids:  # the first start: the client hears of the cache
             sequence.cached_tokens = cached
-        sequence.unwritten = model_tokens(tokens, keys, self.pad_id)[cached:-1]
+        sequence.unwritten = model_tokens(tokens, sequence.media_keys(), self.pad_id)[cached:-1]
         if len(sequence.unwritten) == 0:
             self.running[sequence.rid] = sequence
         else:
             self.prefilling[sequence.rid] = sequence
-
-    def encode_media(self, sequence: Sequence, cached: int) -> None:
-        """Encode the media of a sequence that reach past its first `cached` positions (their
-        KV is to be computed) and were not encoded before."""
-        if not sequence.media:
-            return
-        if self.media is None:
-            raise MediaError("this server was started without --mmproj: it takes no media")
-        for offset, media in sequence.media:
-            if offset + media.n_tokens > cached and offset not in sequence.encoded:
-                sequence.encoded[offset] = self.media.encode(media)
-        placed = tuple(
-            PlacedMedia(offset, sequence.encoded[offset], media.digest)
-            for offset, media in sequence.media
-            if offset in sequence.encoded
-        )
-        sequence.embeddings = Prompt(sequence.tokens(), placed).embeddings()
 
     def prefill_feeds(self) -> list[tuple[Sequence, Feed]]:
         """The next `prefill_chunk` tokens of the prompts being prefilled, oldest first, as a
@@ -358,6 +428,10 @@ class DecodeWorker(Worker):
                 self.prefix_cache.release(sequence.kv, sequence.tokens(), sequence.media_keys())
             elif rid in self.prefilling:
                 self.prefilling.pop(rid).kv.release()
+            elif rid in self.encoding:
+                encoding = self.encoding.pop(rid)
+                encoding.embeddings.cancel()  # where it has not begun; else it is dropped
+                encoding.sequence.kv.release()
 
     def make_room(self) -> None:
         """Give every running sequence the blocks its next step may write (its next token and

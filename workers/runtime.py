@@ -239,7 +239,7 @@ class Worker(Process):
     """A worker process: its mailbox, and the loop that serves it until the supervisor goes.
 
     Subclasses declare what their inbox `takes` and their `handlers`, and do their own work
-    between messages in `work` (while `busy`, the loop does not wait for messages)."""
+    between messages in `work` (at most `wait_ms` after the last)."""
 
     def __init__(self, config: ServerConfig, name: str, peers: Iterable[str]) -> None:
         self.config = config
@@ -250,13 +250,14 @@ class Worker(Process):
         """Say the worker is ready, then serve its inbox as long as the supervisor runs."""
         self.mail.send("frontend", protocol.WorkerReady(name=self.name, pid=os.getpid()))
         while supervisor_alive(self.config):
-            for message in self.mail.receive(0 if self.busy() else POLL_MS):
+            for message in self.mail.receive(self.wait_ms()):
                 self.handle(message)
             self.work()
 
-    def busy(self) -> bool:
-        """Whether `work` has something to do without a new message."""
-        return False
+    def wait_ms(self) -> int:
+        """How long the loop may wait for a message before `work` is due: 0 where it has
+        something to do without one."""
+        return POLL_MS
 
     def work(self) -> None:
         """What the worker does between messages."""
