@@ -16,7 +16,6 @@ import numpy as np
 import openai
 import pytest
 from PIL import Image
-from serve_helpers import ServeProcess, free_port
 from test_serve_media import (
     NEW_TOKENS,
     TOP,
@@ -24,10 +23,14 @@ from test_serve_media import (
     as_bytes,
     assert_same_steps,
     chat,
+    client_steps,
     data_uri,
+    http_media_server,
+    http_reply,
     http_steps,
     image_part,
     png_bytes,
+    served_engine,
 )
 
 from pygemma4 import Engine, SamplingParams
@@ -62,23 +65,12 @@ def pngs(mm_dir: Path) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def engine(mm_dir: Path) -> Engine:
-    return Engine(
-        mm_dir / "model-f32.gguf",
-        threads=1,
-        mmproj=mm_dir / "mmproj-f32.gguf",
-        max_image_tokens=CEILING,
-    )
+    return served_engine(mm_dir, CEILING)
 
 
 @pytest.fixture(scope="module")
 def server(mm_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    listen = f"127.0.0.1:{free_port()}"
-    args = ("--mmproj", str(mm_dir / "mmproj-f32.gguf"), "--max-image-tokens", str(CEILING))
-    args += ("--threads", "1", "--max-batch", "4", "--http", listen)
-    model = mm_dir / "model-f32.gguf"
-    with ServeProcess.running(model, tmp_path_factory.mktemp("serve-budget"), *args) as serve:
-        serve.base_url = f"http://{listen}"
-        serve.model_name = model.name
+    with http_media_server(mm_dir, tmp_path_factory.mktemp("serve-budget"), CEILING) as serve:
         yield serve
 
 
@@ -190,15 +182,7 @@ def test_the_server_at_a_small_budget_gives_the_engines_steps(
     prompt = engine.prepare(messages, max_image_tokens=SMALL)
     assert prompt.media[0].length == hf_soft_tokens(pngs["img1"], SMALL)
     expected = engine_steps(engine, messages, SMALL)
-    reply = sdk.chat.completions.create(
-        model=server.model_name,
-        messages=messages,  # type: ignore[arg-type]
-        max_tokens=NEW_TOKENS,
-        temperature=0,
-        logprobs=True,
-        top_logprobs=TOP,
-        extra_body={"ignore_eos": True, "max_image_tokens": SMALL},
-    )
+    reply = http_reply(sdk, server, messages, max_image_tokens=SMALL)
     assert reply.usage.prompt_tokens == len(prompt)
     assert_same_steps(http_steps(reply), as_bytes(expected, engine))
     with server.client(timeout=120) as client:
@@ -211,11 +195,7 @@ def test_the_server_at_a_small_budget_gives_the_engines_steps(
             max_image_tokens=SMALL,
         )
     assert result.prompt_tokens == len(prompt)
-    assert result.logprobs is not None
-    steps = [
-        (t, [tuple(alt) for alt in lp.top])
-        for t, lp in zip(result.token_ids, result.logprobs, strict=True)
-    ]
+    steps = client_steps(result)
     assert_same_steps(steps, expected)
 
 

@@ -15,7 +15,7 @@ from conftest import rewrite_gguf
 from gguf import GGUFReader
 from PIL import Image
 from serve_helpers import ServeProcess
-from test_serve_media import chat, image_part, png_bytes
+from test_serve_media import chat, image_part, media_serve_args, png_bytes
 
 from pygemma4 import Engine
 
@@ -56,8 +56,8 @@ def test_a_new_image_does_not_stall_running_streams(
     encode_time = time.monotonic() - started
     del engine
 
-    args = ("--mmproj", str(deep_mmproj), "--max-image-tokens", str(MAX_IMAGE_TOKENS))
-    with ServeProcess.running(model, tmp_path, *args, "--threads", "1") as server:
+    args = media_serve_args(deep_mmproj, MAX_IMAGE_TOKENS)
+    with ServeProcess.running(model, tmp_path, *args) as server:
         arrivals: list[float] = []
         streaming = threading.Event()
 

@@ -15,6 +15,7 @@ import struct
 import wave
 import zlib
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,7 @@ from pygemma4.protocol import (
     encode_frames,
 )
 
-MAX_IMAGE_TOKENS = "70"
+MAX_IMAGE_TOKENS = 70
 NEW_TOKENS = 8
 QUESTION = "What is in here?"
 TOP = 5
@@ -131,24 +132,29 @@ def media(mm_dir: Path) -> dict[str, bytes]:
     }
 
 
-@pytest.fixture(scope="module")
-def engine(mm_dir: Path) -> Engine:
+def served_engine(mm_dir: Path, max_image_tokens: int = MAX_IMAGE_TOKENS) -> Engine:
+    """The engine of the tiny multimodal model as `media_serve_args` serve it."""
     return Engine(
         mm_dir / "model-f32.gguf",
         threads=1,
         mmproj=mm_dir / "mmproj-f32.gguf",
-        max_image_tokens=int(MAX_IMAGE_TOKENS),
+        max_image_tokens=max_image_tokens,
     )
 
 
-def media_serve_args(mm_dir: Path) -> tuple[str, ...]:
-    """`serve` options for the tiny multimodal model: its projector, the test budget, one
-    thread and four sequences."""
+@pytest.fixture(scope="module")
+def engine(mm_dir: Path) -> Engine:
+    return served_engine(mm_dir)
+
+
+def media_serve_args(mmproj: Path, max_image_tokens: int = MAX_IMAGE_TOKENS) -> tuple[str, ...]:
+    """`serve` options for the tiny multimodal model: the projector `mmproj`, an image budget,
+    one thread and four sequences."""
     return (
         "--mmproj",
-        str(mm_dir / "mmproj-f32.gguf"),
+        str(mmproj),
         "--max-image-tokens",
-        MAX_IMAGE_TOKENS,
+        str(max_image_tokens),
         "--threads",
         "1",
         "--max-batch",
@@ -156,15 +162,24 @@ def media_serve_args(mm_dir: Path) -> tuple[str, ...]:
     )
 
 
-@pytest.fixture(scope="module")
-def server(mm_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    """The tiny multimodal model served with its projector, HTTP on a free port."""
+@contextmanager
+def http_media_server(
+    mm_dir: Path, workdir: Path, max_image_tokens: int = MAX_IMAGE_TOKENS
+) -> Iterator[Any]:
+    """The tiny multimodal model served with its projector, HTTP on a free port (the server's
+    `base_url` and `model_name` set)."""
     listen = f"127.0.0.1:{free_port()}"
-    args = (*media_serve_args(mm_dir), "--http", listen)
+    args = (*media_serve_args(mm_dir / "mmproj-f32.gguf", max_image_tokens), "--http", listen)
     model = mm_dir / "model-f32.gguf"
-    with ServeProcess.running(model, tmp_path_factory.mktemp("serve-mm"), *args) as serve:
+    with ServeProcess.running(model, workdir, *args) as serve:
         serve.base_url = f"http://{listen}"
         serve.model_name = model.name
+        yield serve
+
+
+@pytest.fixture(scope="module")
+def server(mm_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    with http_media_server(mm_dir, tmp_path_factory.mktemp("serve-mm")) as serve:
         yield serve
 
 
@@ -174,8 +189,10 @@ def sdk(server: Any) -> Iterator[openai.OpenAI]:
         yield c
 
 
-def http_reply(sdk: openai.OpenAI, server: Any, messages: list[dict[str, Any]]) -> Any:
-    """The greedy reply of the HTTP API, with TOP logprobs."""
+def http_reply(
+    sdk: openai.OpenAI, server: Any, messages: list[dict[str, Any]], **extra: Any
+) -> Any:
+    """The greedy reply of the HTTP API, with TOP logprobs (`extra`: more body fields)."""
     return sdk.chat.completions.create(
         model=server.model_name,
         messages=messages,  # type: ignore[arg-type]
@@ -183,7 +200,7 @@ def http_reply(sdk: openai.OpenAI, server: Any, messages: list[dict[str, Any]]) 
         temperature=0,
         logprobs=True,
         top_logprobs=TOP,
-        extra_body={"ignore_eos": True},
+        extra_body={"ignore_eos": True, **extra},
     )
 
 
@@ -192,6 +209,15 @@ def http_steps(reply: Any) -> Steps:
     return [
         (bytes(step.bytes), [(bytes(alt.bytes), alt.logprob) for alt in step.top_logprobs])
         for step in reply.choices[0].logprobs.content
+    ]
+
+
+def client_steps(result: Any) -> Steps:
+    """The steps of a client's chat result (or streamed chunk) with its top logprobs."""
+    assert result.logprobs is not None
+    return [
+        (t, [tuple(alt) for alt in lp.top])
+        for t, lp in zip(result.token_ids, result.logprobs, strict=True)
     ]
 
 
@@ -221,11 +247,7 @@ def test_greedy_tokens_equal_the_engines_and_the_clis(
     with server.client(timeout=120) as client:
         result = client.chat(messages, NEW_TOKENS, temperature=0, ignore_eos=True, logprobs=TOP)
     assert result.prompt_tokens == len(prompt)
-    assert result.logprobs is not None
-    zmq_steps = [
-        (t, [tuple(alt) for alt in lp.top])
-        for t, lp in zip(result.token_ids, result.logprobs, strict=True)
-    ]
+    zmq_steps = client_steps(result)
     assert_same_steps(zmq_steps, expected)
 
     reply = http_reply(sdk, server, messages)
@@ -240,7 +262,7 @@ def test_greedy_tokens_equal_the_engines_and_the_clis(
         *(a for i in images for a in ("--image", str(mm_dir / "inputs" / f"{i}.png"))),
         *(a for c in clips for a in ("--audio", str(mm_dir / "inputs" / f"{c}.wav"))),
         "--max-image-tokens",
-        MAX_IMAGE_TOKENS,
+        str(MAX_IMAGE_TOKENS),
         QUESTION,
         "--max-tokens",
         str(NEW_TOKENS),
@@ -270,11 +292,7 @@ def test_streamed_media_chat_over_zeromq(server: Any, engine: Engine, media) -> 
         server.client(timeout=120) as client,
         client.stream_chat(messages, NEW_TOKENS, **options) as stream,
     ):
-        steps = [
-            (t, [tuple(alt) for alt in lp.top])
-            for chunk in stream
-            for t, lp in zip(chunk.token_ids, chunk.logprobs or (), strict=True)
-        ]
+        steps = [step for chunk in stream for step in client_steps(chunk)]
     assert_same_steps(steps, expected)
 
 
@@ -293,7 +311,7 @@ def test_media_chats_paused_on_a_small_pool_resume_with_the_engines_tokens(
     length = 120
     expected = [engine_steps(engine, messages, length) for messages in chats]
     prompts = [len(engine.prepare(messages)) for messages in chats]
-    args = (*media_serve_args(mm_dir), "--kv-tokens", "384")
+    args = (*media_serve_args(mm_dir / "mmproj-f32.gguf"), "--kv-tokens", "384")
     with ServeProcess.running(mm_dir / "model-f32.gguf", tmp_path, *args) as server:
 
         async def run() -> list[Steps]:
@@ -303,11 +321,7 @@ def test_media_chats_paused_on_a_small_pool_resume_with_the_engines_tokens(
                     result = await client.chat(
                         messages, length, temperature=0, ignore_eos=True, logprobs=TOP
                     )
-                    assert result.logprobs is not None
-                    return [
-                        (t, [tuple(alt) for alt in lp.top])
-                        for t, lp in zip(result.token_ids, result.logprobs, strict=True)
-                    ]
+                    return client_steps(result)
 
                 return list(await asyncio.gather(*(one(m) for m in chats)))
 
@@ -353,7 +367,7 @@ def test_info_and_models_report_vision_and_audio(server: Any, sdk: openai.OpenAI
     with server.client() as client:
         info = client.info()
     assert info.vision and info.audio
-    assert info.max_image_tokens == int(MAX_IMAGE_TOKENS)
+    assert info.max_image_tokens == MAX_IMAGE_TOKENS
     card = sdk.models.retrieve(server.model_name)
     assert card.model_extra["input_modalities"] == ["text", "image", "audio"]
 
@@ -424,11 +438,7 @@ def test_bad_media_is_refused_and_the_server_goes_on(
     expected = engine_steps(engine, messages)
     with server.client(timeout=120) as client:
         result = client.chat(messages, NEW_TOKENS, temperature=0, ignore_eos=True, logprobs=TOP)
-    assert result.logprobs is not None
-    steps = [
-        (t, [tuple(alt) for alt in lp.top])
-        for t, lp in zip(result.token_ids, result.logprobs, strict=True)
-    ]
+    steps = client_steps(result)
     assert_same_steps(steps, expected)
     assert all(w.restarts == 0 for w in server.workers())
 
