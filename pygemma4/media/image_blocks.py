@@ -18,7 +18,13 @@ from pygemma4.media.image import ImageInput, grid_positions, image_blocks
 from pygemma4.media.kinds import IMAGE, PreparedMedia
 from pygemma4.mmproj import DEFAULT_POOLING
 
-__all__ = ["BLOCK_PROJECTOR", "ImageBlockConfig", "ImageBlockEncoder", "image_block_config"]
+__all__ = [
+    "BLOCK_PROJECTOR",
+    "ImageBlockConfig",
+    "ImageBlockEncoder",
+    "image_block_config",
+    "prepare_image_blocks",
+]
 
 BLOCK_PROJECTOR = "gemma4uv"
 # transformers' unified image processor: 280 soft tokens unless told otherwise.
@@ -87,6 +93,24 @@ def image_block_config(gguf: GGUFFile) -> ImageBlockConfig:
     return ImageBlockConfig(block, width, table.shape[1], eps, dim)
 
 
+def prepare_image_blocks(
+    config: ImageBlockConfig, max_image_tokens: int, image: ImageInput, name: str | None = None
+) -> PreparedMedia:
+    """`image` (a path, bytes, data URI, PIL image or uint8 array) decoded, resized to at most
+    `max_image_tokens` soft tokens and cut into the blocks of `config`; its soft tokens attend
+    to each other in both directions (the model's `use_bidirectional_attention: vision`)."""
+    blocks = image_blocks(image, max_image_tokens, config.block, name)
+    rows, cols = blocks.grid
+    if max(rows, cols) > config.n_pos:
+        raise MediaError(
+            f"image {name or ''}: {rows}×{cols} blocks exceed the projector's position "
+            f"tables ({config.n_pos} per side)"
+        )
+    return PreparedMedia(
+        IMAGE, blocks.pixels, blocks.n_soft_tokens, blocks.digest, blocks.grid, bidirectional=True
+    )
+
+
 def _positive(meta: dict[str, object], key: str) -> int:
     value = meta.get(key)
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -127,14 +151,7 @@ class ImageBlockEncoder:
     def prepare(self, image: ImageInput, name: str | None = None) -> PreparedMedia:
         """`image` (a path, bytes, data URI, PIL image or uint8 array) decoded, resized and cut
         into this projector's blocks."""
-        blocks = image_blocks(image, self.max_image_tokens, self.config.block, name)
-        rows, cols = blocks.grid
-        if max(rows, cols) > self.config.n_pos:
-            raise MediaError(
-                f"image {name or ''}: {rows}×{cols} blocks exceed the projector's position "
-                f"tables ({self.config.n_pos} per side)"
-            )
-        return PreparedMedia(IMAGE, blocks.pixels, blocks.n_soft_tokens, blocks.digest, blocks.grid)
+        return prepare_image_blocks(self.config, self.max_image_tokens, image, name)
 
     def encode(self, image: PreparedMedia) -> np.ndarray:
         """The embeddings [n_tokens, embedding_dim] of an image `prepare` made."""
