@@ -36,6 +36,11 @@ class RollbackError(Gemma4Error, ValueError):
     """A sequence cannot be rolled back to the length asked for."""
 
 
+class SpansUnsupportedError(Gemma4Error, ValueError):
+    """The backend cannot attend an image's soft tokens to each other in both directions
+    (the unified models' images): CUDA's attention kernels do not take spans yet."""
+
+
 class SpanSplitError(Gemma4Error, ValueError):
     """The soft tokens of an image that attend to each other in both directions would be cut
     between forward calls (each image is computed in one call)."""
@@ -315,6 +320,7 @@ class ModelRunner:
         self.model_file = model_file
         self.config = model_file.config
         self.model = load_core_model(model_file, n_batch, threads, backend, device)
+        self.backend = backend
         self.pool = pool
         self.n_batch = n_batch
         self.chooses_on_device = (
@@ -328,6 +334,12 @@ class ModelRunner:
         for feed in feeds:
             feed.kv.ensure(feed.kv.length + len(feed.tokens))
         batch = ForwardBatch.of(feeds, self.chooses_on_device)
+        if len(batch.span_first) and not self.model.attends_spans:
+            raise SpansUnsupportedError(
+                f"the {self.backend} backend cannot attend an image's soft tokens to each other "
+                "in both directions, as the unified Gemma 4 models' images need: compute them "
+                "with backend='cpu'"
+            )
         logits, tokens, logprobs, hidden = self.model.forward(self.pool, batch)
         results, logit_at, argmax_at, hidden_at = [], 0, 0, 0
         for feed in feeds:

@@ -35,7 +35,7 @@ from pygemma4.media.image_blocks import ImageBlockEncoder
 from pygemma4.media.kinds import PreparedMedia
 from pygemma4.media.resize import resize_bicubic_uint8
 from pygemma4.multimodal import Prompt
-from pygemma4.runner import SpanSplitError
+from pygemma4.runner import Feed, ForwardBatch, SpanSplitError
 
 EMBEDDING_ATOL = 1e-5
 LOGITS_ATOL = 5e-3
@@ -277,6 +277,23 @@ def test_the_prefix_cache_never_resumes_inside_an_image(engine, unified, ref):
     hits = engine.prefix_cache.stats.hit
     engine.generate(other, 3, stop_tokens=())
     assert engine.prefix_cache.stats.hit - hits >= 80
+
+
+def test_the_core_refuses_spans_that_leave_the_call_or_their_row(engine):
+    """Spans are checked before anything is written: one reaching past the call's rows (keys
+    not written yet) or one that does not hold its row's position is refused."""
+    tokens = np.arange(2, 10, dtype=np.int32)
+    with engine.new_sequence() as seq:
+        seq.kv.ensure(len(tokens))
+        batch = ForwardBatch.of([Feed(seq.kv, tokens)], False)
+        at = batch.positions
+        past = dataclasses.replace(batch, span_first=at.copy(), span_last=at + 8)
+        with pytest.raises(ValueError, match="not wholly in the call"):
+            engine.runner.model.forward(engine.runner.pool, past)
+        elsewhere = dataclasses.replace(batch, span_first=at + 1, span_last=at + 1)
+        with pytest.raises(ValueError, match="does not hold its position"):
+            engine.runner.model.forward(engine.runner.pool, elsewhere)
+        assert seq.length == 0
 
 
 @pytest.fixture(scope="module")

@@ -103,7 +103,11 @@ void register_model(py::module_& m) {
           "rows, for each argmax row its most likely token and that token's log-probability, "
           "chosen where the model computes so that no logits cross to the host, and the final "
           "hidden state (after the output norm, before the head) of the hidden rows.")
-      .def_property_readonly("n_batch", &Gemma4Model::n_batch);
+      .def_property_readonly("n_batch", &Gemma4Model::n_batch)
+      .def_property_readonly(
+          "attends_spans", [](Gemma4Model& model) { return model.ops().attends_spans(); },
+          "Whether the backend attends spans of image tokens in both directions (the unified "
+          "models' images).");
 
   m.def("cuda_built", &cuda_built, "Whether this module was compiled with the CUDA backend.");
   m.def("cuda_unavailable_reason", &cuda_unavailable_reason, py::arg("device") = 0,
