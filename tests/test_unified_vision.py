@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 from serve_helpers import ServeProcess
+from test_cli import run_cli
 from test_serve_media import (
     MAX_IMAGE_TOKENS,
     assert_same_steps,
@@ -34,6 +35,7 @@ from pygemma4.media.audio import decode_wav
 from pygemma4.media.image_blocks import ImageBlockEncoder
 from pygemma4.media.kinds import PreparedMedia
 from pygemma4.media.resize import resize_bicubic_uint8
+from pygemma4.mmproj import MmprojMismatchError
 from pygemma4.multimodal import Prompt
 from pygemma4.runner import Feed, ForwardBatch, SpanSplitError
 
@@ -141,6 +143,27 @@ def fixture_chat(unified: Path, ref, name: str) -> list[dict[str, Any]]:
     """The reference chat `name` with its media paths made absolute."""
     text = json.dumps(json.loads(str(ref["chats"]))[name])
     return json.loads(text.replace('"inputs/', json.dumps(str(unified / "inputs") + "/")[:-1]))
+
+
+def test_a_projector_for_another_width_is_refused_naming_both(unified, fixtures_dir):
+    other = fixtures_dir / "gemma4-tiny-e" / "model-Q4_0.gguf"
+    with pytest.raises(MmprojMismatchError, match="vision projection produces rows of 128") as e:
+        Engine(other, threads=1, mmproj=unified / "mmproj-f32.gguf")
+    assert str(other) in str(e.value) and "mmproj-f32.gguf" in str(e.value)
+
+
+def test_inspect_describes_the_block_and_frame_projections(unified, tmp_path):
+    result = run_cli("inspect", str(unified / "mmproj-f32.gguf"), "--json", cache=tmp_path)
+    assert result.returncode == 0, result.stderr
+    info = json.loads(result.stdout)
+    assert info["vision"] == {
+        "block": 24,
+        "width": 64,
+        "n_pos": 72,
+        "eps": pytest.approx(1e-6),
+        "embedding_dim": 128,
+    }
+    assert info["audio"]["projector"] == "gemma4ua" and info["audio"]["feature_dim"] == 640
 
 
 CHAT_NAMES = ["chat_image", "chat_audio", "chat_image_audio"]

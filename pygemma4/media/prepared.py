@@ -27,7 +27,13 @@ from pygemma4.media.image_blocks import (
     prepare_image_blocks,
 )
 from pygemma4.media.kinds import IMAGE, MediaKind, PreparedMedia
-from pygemma4.mmproj import MmprojFile, MmprojMismatchError, VisionConfig, open_mmproj
+from pygemma4.mmproj import (
+    MmprojFile,
+    MmprojMismatchError,
+    VisionConfig,
+    check_pairing,
+    open_mmproj,
+)
 
 __all__ = [
     "MediaPreprocessor",
@@ -35,6 +41,7 @@ __all__ = [
     "checked_vision",
     "open_projector",
     "prepare_image",
+    "read_projector",
 ]
 
 
@@ -85,9 +92,9 @@ class ProjectorFile:
     audio: AudioEncoderConfig | None
 
 
-def open_projector(path: str | os.PathLike[str], model: ModelFile) -> ProjectorFile:
-    """The projector GGUF at `path`, checked on its own and against `model` (GGUFError,
-    UnsupportedModelError, MmprojMismatchError naming the files)."""
+def read_projector(path: str | os.PathLike[str]) -> ProjectorFile:
+    """The projector GGUF at `path`, checked on its own (GGUFError, UnsupportedModelError
+    naming the file)."""
     gguf = read_gguf(path)
     meta = gguf.metadata
     unified = (
@@ -95,23 +102,31 @@ def open_projector(path: str | os.PathLike[str], model: ModelFile) -> ProjectorF
         or meta.get("clip.audio.projector_type") == RAW_FRAMES
     )
     if not unified:
-        mmproj = open_mmproj(gguf.path, model)
+        mmproj = open_mmproj(gguf.path)
         with located(gguf.path):
             audio = None if mmproj.audio is None else conformer_config(mmproj)
         return ProjectorFile(gguf, mmproj, None, audio)
     blocks = image_block_config(gguf) if meta.get("clip.has_vision_encoder", False) else None
     audio = audio_encoder_config(gguf) if meta.get("clip.has_audio_encoder", False) else None
-    width = model.config.n_embd
-    for name, dim in (
-        ("vision", None if blocks is None else blocks.embedding_dim),
-        ("audio", None if audio is None else audio.embedding_dim),
-    ):
-        if dim is not None and dim != width:
-            raise MmprojMismatchError(
-                f"projector {gguf.path} does not fit model {model.gguf.path}: its {name} "
-                f"projection produces rows of {dim}, the model's hidden size is {width}"
-            )
     return ProjectorFile(gguf, None, blocks, audio)
+
+
+def open_projector(path: str | os.PathLike[str], model: ModelFile) -> ProjectorFile:
+    """The projector GGUF at `path`, checked on its own and against `model` (GGUFError,
+    UnsupportedModelError, MmprojMismatchError naming the files)."""
+    projector = read_projector(path)
+    if projector.mmproj is not None:
+        check_pairing(projector.mmproj, model)
+        return projector
+    width = model.config.n_embd
+    for name, config in (("vision", projector.blocks), ("audio", projector.audio)):
+        if config is not None and config.embedding_dim != width:
+            raise MmprojMismatchError(
+                f"projector {projector.gguf.path} does not fit model {model.gguf.path}: its "
+                f"{name} projection produces rows of {config.embedding_dim}, the model's "
+                f"hidden size is {width}"
+            )
+    return projector
 
 
 class MediaPreprocessor:
