@@ -46,6 +46,13 @@ class SpanSplitError(Gemma4Error, ValueError):
     between forward calls (each image is computed in one call)."""
 
 
+# Why each image is computed whole in one call rather than its rows reading across calls: a
+# row reads the keys of the image's later rows, which only a call that holds them has written,
+# and on sliding layers its earlier rows lie beyond the window, where only the call's own
+# positions are sure to be still in the ring. So the chunkers (`prefill`, `next_prefill`) never
+# cut a span, and the prefix cache never resumes a sequence inside one.
+
+
 def default_threads() -> int:
     """The number of CPUs this process may run on."""
     try:
