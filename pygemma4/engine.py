@@ -25,6 +25,7 @@ from pygemma4.media.audio import AudioInput
 from pygemma4.media.audio_encoder import AudioEmbedding, AudioEncoder
 from pygemma4.media.encoders import MediaEncoders
 from pygemma4.media.image import DEFAULT_SOFT_TOKENS, ImageInput
+from pygemma4.media.image_blocks import ImageBlockEncoder
 from pygemma4.media.kinds import AUDIO, IMAGE, PreparedMedia
 from pygemma4.multimodal import MediaKind, MediaPart, Prompt, media_pad_id, prepare_prompt
 from pygemma4.prefix_cache import PrefixCache
@@ -85,7 +86,9 @@ class Engine:
     the images and audio its towers hear: `prepare` turns chat messages with image and audio
     parts into a `Prompt` that `forward`, `generate` and `stream` take; `embed_image` and
     `embed_audio` encode one image or clip; each image becomes at most `max_image_tokens` soft
-    tokens (70, 140, 280, 560 or 1120), each clip one per 40 ms.
+    tokens (70, 140, 280, 560 or 1120), each clip one per 40 ms. A unified (12B-style) model's
+    image tokens attend to each other in both directions, so each image is computed in one
+    call: `n_batch` is raised to `max_image_tokens` where it is smaller.
     """
 
     def __init__(
@@ -115,6 +118,13 @@ class Engine:
         n_ctx = default_n_ctx(self.config) if n_ctx is None else n_ctx
         require_positive("n_ctx", n_ctx)
         self.path = Path(path)
+        self.media: MediaEncoders | None = None
+        if mmproj is not None:
+            self.media = MediaEncoders(
+                mmproj, self.model_file, max_image_tokens, threads, backend, device
+            )
+            # Each image whose soft tokens attend to each other is computed in one call.
+            n_batch = max(n_batch, self.media.preprocessor.image_call_tokens)
         self.backend = backend
         self.device = device
         self.threads = threads
@@ -142,23 +152,16 @@ class Engine:
             if draft is None
             else Speculator.open(draft, draft_tokens, self.runner, max_sequences)
         )
-        self.media: MediaEncoders | None = None
-        if mmproj is not None:
-            self.media = MediaEncoders(
-                mmproj, self.model_file, max_image_tokens, threads, backend, device
-            )
-        self.vision: VisionTower | None = None if self.media is None else self.media.vision
+        self.vision: VisionTower | ImageBlockEncoder | None = (
+            None if self.media is None else self.media.vision
+        )
         self.audio: AudioEncoder | None = None if self.media is None else self.media.audio
 
     def embed_image(self, image: ImageInput, max_image_tokens: int | None = None) -> ImageEmbedding:
         """The embeddings `image` (a path, bytes, data URI, PIL image or uint8 array) gives the
         model in place of its soft tokens, at most `max_image_tokens` of them (by default and
         at most the engine's)."""
-        media = self._media_for(IMAGE)
-        assert media.vision is not None
-        return media.vision.encode(
-            media.preprocessor.prepare(IMAGE, image, budget=max_image_tokens)
-        )
+        return self._media_for(IMAGE).embed_image(image, max_image_tokens)
 
     def embed_audio(self, audio: AudioInput) -> AudioEmbedding:
         """The embeddings `audio` (a WAV path, WAV bytes or float samples at 16 kHz) gives the

@@ -14,7 +14,6 @@ from typing import Any, Protocol
 from pygemma4.config import ModelConfig, ModelFile, open_model
 from pygemma4.errors import TokenizerError
 from pygemma4.gguf_file import GGUFFile, type_name
-from pygemma4.mmproj import open_mmproj
 from pygemma4.tokenizer import (
     BYTE,
     CONTROL,
@@ -114,10 +113,16 @@ def describe_model(path: str | os.PathLike[str]) -> dict[str, Any]:
 def describe_mmproj(path: str | os.PathLike[str]) -> dict[str, Any]:
     """What `pygemma4 inspect` shows about a projector (mmproj) file: its towers' shapes and
     its tensors, as JSON-compatible values (GGUFError / UnsupportedModelError for bad files)."""
-    mmproj = open_mmproj(path)
-    return _describe_file(mmproj.gguf) | {
-        "vision": None if mmproj.vision is None else dataclasses.asdict(mmproj.vision),
-        "audio": None if mmproj.audio is None else dataclasses.asdict(mmproj.audio),
+    # Imported here: the media modules load the core, which describing a text model needs not.
+    from pygemma4.media.prepared import read_projector
+
+    projector = read_projector(path)
+    mmproj = projector.mmproj
+    vision = projector.blocks if mmproj is None else mmproj.vision
+    audio = projector.audio if mmproj is None else mmproj.audio
+    return _describe_file(projector.gguf) | {
+        "vision": None if vision is None else dataclasses.asdict(vision),
+        "audio": None if audio is None else dataclasses.asdict(audio),
     }
 
 

@@ -67,11 +67,13 @@ def model_tokens(token_ids: np.ndarray, media: Sequence[MediaKey], pad_id: int) 
 @dataclass(frozen=True)
 class PlacedMedia:
     """One image or clip in a prompt: its soft tokens start at `offset`; `embeddings` float32
-    [n, n_embd] replace them; `digest` names its content."""
+    [n, n_embd] replace them; `digest` names its content; with `bidirectional` its soft tokens
+    attend to each other in both directions (the unified models' images)."""
 
     offset: int
     embeddings: np.ndarray
     digest: str
+    bidirectional: bool = False
 
     @property
     def length(self) -> int:
@@ -102,11 +104,16 @@ class Prompt:
         offsets = np.concatenate(
             [np.arange(m.offset, m.offset + m.length, dtype=np.int32) for m in self.media]
         )
-        return Embeddings(offsets, np.concatenate([m.embeddings for m in self.media]))
+        spans = [(m.offset, m.offset + m.length) for m in self.media if m.bidirectional]
+        return Embeddings(
+            offsets,
+            np.concatenate([m.embeddings for m in self.media]),
+            np.asarray(spans, dtype=np.int32).reshape(-1, 2),
+        )
 
     def media_keys(self) -> tuple[MediaKey, ...]:
         """What the prefix cache names the media's positions by (their content)."""
-        return tuple(MediaKey(m.offset, m.length, m.digest) for m in self.media)
+        return tuple(MediaKey(m.offset, m.length, m.digest, m.bidirectional) for m in self.media)
 
 
 @dataclass(frozen=True)
@@ -120,7 +127,9 @@ class PreparedPrompt:
 
     def encoded(self, encode: Callable[[PreparedMedia], np.ndarray]) -> Prompt:
         """The prompt with the embeddings `encode` makes of each medium."""
-        placed = [PlacedMedia(offset, encode(m), m.digest) for offset, m in self.media]
+        placed = [
+            PlacedMedia(offset, encode(m), m.digest, m.bidirectional) for offset, m in self.media
+        ]
         return Prompt(self.token_ids, tuple(placed))
 
 

@@ -38,11 +38,14 @@ share them (shorter ones are cheap to compute again)."""
 class MediaKey:
     """Positions [offset, offset + length) of a prompt hold the embeddings of the media whose
     content `digest` names (an image's or a clip's soft tokens): equal tokens there are not
-    equal KV."""
+    equal KV. With `bidirectional` they attend to each other in both directions, so a
+    sequence never continues a cached prefix from inside them (the rest of them would need
+    to see their first positions past the sliding window, which the ring no longer holds)."""
 
     offset: int
     length: int
     digest: str
+    bidirectional: bool = False
 
 
 def block_names(
@@ -64,6 +67,16 @@ def block_names(
         ).digest()
         names.append(parent)
     return names
+
+
+def _uncut_boundary(n_blocks: int, block_size: int, media: Sequence[MediaKey]) -> int:
+    """The furthest block boundary at most `n_blocks` that lies inside none of the
+    bidirectional `media` (at its first position at the latest)."""
+    boundary = n_blocks
+    for m in sorted(media, key=lambda m: m.offset, reverse=True):
+        if m.bidirectional and m.offset < boundary * block_size < m.offset + m.length:
+            boundary = m.offset // block_size
+    return boundary
 
 
 @dataclass
@@ -119,9 +132,9 @@ class PrefixCache:
         kv = SequenceKv(self.allocator)
         names = block_names(tokens, self.block_size, media)
         blocks = self.allocator.share(names)
-        boundary, ring_set = len(blocks), None
+        boundary, ring_set = _uncut_boundary(len(blocks), self.block_size, media), None
         if self.window:
-            boundary, ring_set = self._snapshot_for(names, len(blocks))
+            boundary, ring_set = self._snapshot_for(names, boundary, media)
         self.allocator.free(blocks[boundary:])
         if ring_set is not None:
             self.pool.copy_ring_set(ring_set, kv.ring_set)
@@ -132,11 +145,16 @@ class PrefixCache:
         self.stats.hit += kv.length
         return kv, kv.length
 
-    def _snapshot_for(self, names: list[bytes], n_blocks: int) -> tuple[int, int | None]:
-        """The furthest boundary (in blocks, at most `n_blocks`) with a snapshot that holds the
-        window before it, and that snapshot's ring set (0 and None where there is none)."""
+    def _snapshot_for(
+        self, names: list[bytes], n_blocks: int, media: Sequence[MediaKey]
+    ) -> tuple[int, int | None]:
+        """The furthest boundary (in blocks, at most `n_blocks`, inside none of the
+        bidirectional `media`) with a snapshot that holds the window before it, and that
+        snapshot's ring set (0 and None where there is none)."""
         ring_positions = self.pool.ring_blocks * self.block_size
         for boundary in range(n_blocks, 0, -1):
+            if _uncut_boundary(boundary, self.block_size, media) != boundary:
+                continue
             start = boundary * self.block_size
             oldest_needed = max(0, start - self.window + 1)
             for ring_set, snapshot in reversed(self.snapshots.items()):

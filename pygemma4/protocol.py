@@ -429,7 +429,8 @@ class MediaFeatures(_Strict):
     """One image or clip of a tokenized prompt, as its tower reads it: its `n_tokens` soft
     tokens start at `offset`; `data` holds its features, float32 [rows, cols] (image
     patches, log-mel frames) in C order; `grid` is an image's (rows, cols) of patches.
-    `digest` names its content (what the prefix cache keys its positions by)."""
+    `digest` names its content (what the prefix cache keys its positions by); with
+    `bidirectional` its soft tokens attend to each other in both directions."""
 
     kind: Literal["image", "audio"]
     offset: int
@@ -438,6 +439,7 @@ class MediaFeatures(_Strict):
     rows: int
     cols: int
     grid: tuple[int, int] = (0, 0)
+    bidirectional: bool = False
     data: bytes = b""
     """Sent as a frame of its own after the message's frame (see `encode_frames`), never
     inside it: the message frame stays small."""

@@ -36,6 +36,23 @@ class RollbackError(Gemma4Error, ValueError):
     """A sequence cannot be rolled back to the length asked for."""
 
 
+class SpansUnsupportedError(Gemma4Error, ValueError):
+    """The backend cannot attend an image's soft tokens to each other in both directions
+    (the unified models' images): CUDA's attention kernels do not take spans yet."""
+
+
+class SpanSplitError(Gemma4Error, ValueError):
+    """The soft tokens of an image that attend to each other in both directions would be cut
+    between forward calls (each image is computed in one call)."""
+
+
+# Why each image is computed whole in one call rather than its rows reading across calls: a
+# row reads the keys of the image's later rows, which only a call that holds them has written,
+# and on sliding layers its earlier rows lie beyond the window, where only the call's own
+# positions are sure to be still in the ring. So the chunkers (`prefill`, `next_prefill`) never
+# cut a span, and the prefix cache never resumes a sequence inside one.
+
+
 def default_threads() -> int:
     """The number of CPUs this process may run on."""
     try:
@@ -77,21 +94,48 @@ def load_core_model(
     )
 
 
+def _no_spans() -> np.ndarray:
+    return np.empty((0, 2), dtype=np.int32)
+
+
 @dataclass(frozen=True)
 class Embeddings:
     """Rows that take given embeddings in place of their tokens' (an image's soft tokens):
     `offsets` int32 [m], rows of a feed counted from its first, take the rows of `rows`
-    float32 [m, n_embd]."""
+    float32 [m, n_embd]. `spans` int32 [k, 2]: the (first, stop) rows, counted the same way,
+    of each image whose soft tokens attend to each other in both directions."""
 
     offsets: np.ndarray
     rows: np.ndarray
+    spans: np.ndarray = field(default_factory=_no_spans)
 
     def window(self, start: int, stop: int) -> Embeddings | None:
-        """Those of rows [start, stop), counted from `start`; None where there are none."""
+        """Those of rows [start, stop), counted from `start`; None where there are none.
+        SpanSplitError where the window cuts a span."""
+        for first, end in self.spans:
+            if first < start < end or first < stop < end:
+                raise SpanSplitError(
+                    f"rows {start}..{stop - 1} of a prompt cut the image at rows "
+                    f"{first}..{end - 1}, whose soft tokens attend to each other in one call"
+                )
         inside = (self.offsets >= start) & (self.offsets < stop)
         if not inside.any():
             return None
-        return Embeddings((self.offsets[inside] - start).astype(np.int32), self.rows[inside])
+        spans = self.spans[(self.spans[:, 0] >= start) & (self.spans[:, 1] <= stop)] - start
+        return Embeddings(
+            (self.offsets[inside] - start).astype(np.int32),
+            self.rows[inside],
+            spans.astype(np.int32).reshape(-1, 2),
+        )
+
+
+def uncut_length(spans: np.ndarray, length: int) -> int:
+    """The longest first part, of at most `length` rows, of rows holding `spans` ((first,
+    stop) rows) that cuts none of them."""
+    for first, stop in spans:
+        if first < length < stop:
+            return int(first)
+    return length
 
 
 @dataclass(frozen=True)
@@ -190,7 +234,9 @@ class ForwardBatch:
     call's sequence seqs[i], whose full-attention KV lives in the blocks of block_tables[seqs[i]]
     ([n_seq, width], -1 for none) and sliding KV in ring set ring_sets[seqs[i]]. The logits of
     `logit_rows` come back, of `argmax_rows` only the most likely token, and of `hidden_rows`
-    the final hidden state."""
+    the final hidden state. `span_first` and `span_last` are empty, or give each row the first
+    and last position of the span of positions it attends to in both directions (an image's
+    soft tokens; its own position for a row in none)."""
 
     tokens: np.ndarray
     positions: np.ndarray
@@ -202,6 +248,8 @@ class ForwardBatch:
     hidden_rows: np.ndarray
     embedding_rows: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int32))
     embeddings: np.ndarray = field(default_factory=lambda: np.empty((0, 0), dtype=np.float32))
+    span_first: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int32))
+    span_last: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int32))
 
     @classmethod
     def of(cls, feeds: Sequence[Feed], greedy_on_device: bool) -> ForwardBatch:
@@ -223,14 +271,23 @@ class ForwardBatch:
                 embedding_rows.append(first + feed.embeddings.offsets)
                 embeddings.append(feed.embeddings.rows)
         empty = np.empty(0, dtype=np.int32)
+        positions = np.concatenate(
+            [
+                np.arange(feed.kv.length, feed.kv.length + len(feed.tokens), dtype=np.int32)
+                for feed in feeds
+            ]
+        )
+        span_first, span_last = empty, empty
+        if any(feed.embeddings is not None and len(feed.embeddings.spans) for feed in feeds):
+            span_first, span_last = positions.copy(), positions.copy()
+            for first, feed in zip(first_rows, feeds, strict=True):
+                for start, stop in [] if feed.embeddings is None else feed.embeddings.spans:
+                    rows = slice(first + start, first + stop)
+                    span_first[rows] = positions[first + start]
+                    span_last[rows] = positions[first + stop - 1]
         return cls(
             tokens=np.concatenate([feed.tokens for feed in feeds]).astype(np.int32, copy=False),
-            positions=np.concatenate(
-                [
-                    np.arange(feed.kv.length, feed.kv.length + len(feed.tokens), dtype=np.int32)
-                    for feed in feeds
-                ]
-            ),
+            positions=positions,
             seqs=np.repeat(np.arange(len(feeds), dtype=np.int32), [len(f.tokens) for f in feeds]),
             block_tables=np.stack([feed.kv.table_array(width) for feed in feeds]),
             ring_sets=np.array([feed.kv.ring_set for feed in feeds], dtype=np.int32),
@@ -243,6 +300,8 @@ class ForwardBatch:
                 if embeddings
                 else np.empty((0, 0), dtype=np.float32)
             ),
+            span_first=span_first,
+            span_last=span_last,
         )
 
 
@@ -268,6 +327,7 @@ class ModelRunner:
         self.model_file = model_file
         self.config = model_file.config
         self.model = load_core_model(model_file, n_batch, threads, backend, device)
+        self.backend = backend
         self.pool = pool
         self.n_batch = n_batch
         self.chooses_on_device = (
@@ -281,6 +341,12 @@ class ModelRunner:
         for feed in feeds:
             feed.kv.ensure(feed.kv.length + len(feed.tokens))
         batch = ForwardBatch.of(feeds, self.chooses_on_device)
+        if len(batch.span_first) and not self.model.attends_spans:
+            raise SpansUnsupportedError(
+                f"the {self.backend} backend cannot attend an image's soft tokens to each other "
+                "in both directions, as the unified Gemma 4 models' images need: compute them "
+                "with backend='cpu'"
+            )
         logits, tokens, logprobs, hidden = self.model.forward(self.pool, batch)
         results, logit_at, argmax_at, hidden_at = [], 0, 0, 0
         for feed in feeds:
@@ -300,26 +366,51 @@ class ModelRunner:
         return results
 
     def next_prefill(
-        self, pending: Sequence[tuple[SequenceKv, np.ndarray]], budget: int | None = None
+        self,
+        pending: Sequence[tuple[SequenceKv, np.ndarray]],
+        budget: int | None = None,
+        spans: Sequence[np.ndarray] | None = None,
     ) -> list[Feed]:
         """The feeds of the next prefill call: the first `budget` (by default `n_batch`)
         tokens of the pending prompts, oldest first (a long prompt is cut into chunks, several
         short ones share a call), bringing back no output. A feed for each prompt the call
-        reaches."""
-        feeds = []
-        budget = self.n_batch if budget is None else budget
-        for kv, tokens in pending:
+        reaches. `spans` (for each prompt, (first, stop) rows of its tokens) are never cut: a
+        prompt whose next span does not fit what is left waits for the next call
+        (SpanSplitError where one does not fit a whole budget)."""
+        feeds: list[Feed] = []
+        full = budget = self.n_batch if budget is None else budget
+        for i, (kv, tokens) in enumerate(pending):
             if budget == 0:
                 break
-            feeds.append(Feed(kv, tokens[:budget], "none"))
-            budget -= len(feeds[-1].tokens)
+            take = min(budget, len(tokens))
+            if spans is not None and len(tokens) > 0:
+                take = uncut_length(spans[i], take)
+                if take == 0 and budget == full:
+                    raise SpanSplitError(
+                        f"an image whose soft tokens attend to each other is longer than a "
+                        f"prefill call of {full} tokens"
+                    )
+                if take == 0:
+                    break
+            feeds.append(Feed(kv, tokens[:take], "none"))
+            budget -= take
         return feeds
 
     def prefill(self, feed: Feed) -> FeedResult:
-        """A feed of any length, in chunks of `n_batch` tokens; the outputs of all of them."""
+        """A feed of any length, in chunks of at most `n_batch` tokens, none cutting an image
+        whose soft tokens attend to each other (SpanSplitError for one longer than n_batch);
+        the outputs of all of them."""
         results = []
-        for first in range(0, len(feed.tokens), self.n_batch):
-            chunk = feed.tokens[first : first + self.n_batch]
+        spans = _no_spans() if feed.embeddings is None else feed.embeddings.spans
+        first = 0
+        while first < len(feed.tokens):
+            length = uncut_length(spans - first, min(self.n_batch, len(feed.tokens) - first))
+            if length == 0:
+                raise SpanSplitError(
+                    f"an image whose soft tokens attend to each other is longer than a call "
+                    f"of n_batch {self.n_batch} tokens"
+                )
+            chunk = feed.tokens[first : first + length]
             last_chunk = first + len(chunk) == len(feed.tokens)
             outputs = feed.outputs if feed.outputs == "all" or last_chunk else "none"
             given = (
@@ -329,6 +420,7 @@ class ModelRunner:
             )
             chunk_feed = Feed(feed.kv, chunk, outputs, feed.greedy, feed.hidden, given)
             results.append(self.forward([chunk_feed])[0])
+            first += length
         if not results:
             return FeedResult(logits=np.empty((0, self.config.vocab_size), dtype=np.float32))
         return _concatenate(results)

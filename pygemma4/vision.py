@@ -24,11 +24,12 @@ _FLATTENED = ("v.patch_embd.weight", "v.position_embd.weight")
 @dataclass(frozen=True)
 class ImageEmbedding:
     """One image encoded: `embeddings` float32 [n_tokens, text width] (the rows that replace its
-    soft tokens), `pooled` float32 [n_tokens, tower width] (the tower's own output), the patch
-    `grid` and the `digest` of its decoded pixels (and the size they were resized to)."""
+    soft tokens), `pooled` float32 [n_tokens, tower width] (a vision tower's own output; None
+    for the unified models' block projection, which has no tower), the patch `grid` and the
+    `digest` of its decoded pixels (and the size they were resized to)."""
 
     embeddings: np.ndarray
-    pooled: np.ndarray
+    pooled: np.ndarray | None
     grid: tuple[int, int]
     digest: str
 

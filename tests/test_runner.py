@@ -8,7 +8,7 @@ import pytest
 
 from pygemma4 import Engine, RollbackError, open_model
 from pygemma4.kv import BlockAllocator, KvLayout, SequenceKv
-from pygemma4.runner import Feed, ModelRunner
+from pygemma4.runner import Feed, ModelRunner, SpanSplitError
 
 MODELS = ["gemma4-tiny-e/model-Q4_K_M.gguf", "gemma4-tiny-moe/model-Q8_0.gguf"]
 N_BATCH = 8
@@ -151,6 +151,29 @@ def test_prefill_packs_prompts_oldest_first_into_calls_of_n_batch_or_budget(devi
         assert [len(f.tokens) for f in runner.next_prefill(rest)] == [4, 2]
         assert [len(f.tokens) for f in runner.next_prefill(rest, budget=3)] == [3]
         assert [len(f.tokens) for f in runner.next_prefill(rest, budget=5)] == [4, 1]
+    finally:
+        for kv, _ in pending:
+            kv.release()
+
+
+def test_prefill_never_cuts_a_span(device_chooser, prompt):
+    """Spans (an image's soft tokens, attended both ways) stay whole: a prompt whose next span
+    does not fit what a call has left waits for the next call; one longer than a whole call
+    is refused."""
+    runner, allocator = device_chooser
+    pending = [(SequenceKv(allocator), prompt[:n]) for n in (3, 9)]
+    spans = [np.empty((0, 2), np.int32), np.array([[2, 7]], np.int32)]
+    try:
+        # 8 rows: 3 of the first prompt, then 5 left; the second's span ends at row 7.
+        assert [len(f.tokens) for f in runner.next_prefill(pending, spans=spans)] == [3, 2]
+        assert [len(f.tokens) for f in runner.next_prefill(pending, 5, spans)] == [3, 2]
+        assert [len(f.tokens) for f in runner.next_prefill(pending, 4, spans)] == [3, 1]
+        assert [len(f.tokens) for f in runner.next_prefill(pending[1:], 6, spans[1:])] == [2]
+        first = [spans[0], np.array([[0, 5]], np.int32)]
+        assert [len(f.tokens) for f in runner.next_prefill(pending, 7, first)] == [3]
+        assert [len(f.tokens) for f in runner.next_prefill(pending[1:], 6, first[1:])] == [6]
+        with pytest.raises(SpanSplitError, match="longer than a prefill call of 4 tokens"):
+            runner.next_prefill(pending[1:], 4, first[1:])
     finally:
         for kv, _ in pending:
             kv.release()

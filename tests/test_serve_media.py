@@ -227,6 +227,47 @@ def as_bytes(steps: Steps, engine: Engine) -> Steps:
     return [(text(t), [(text(a), lp) for a, lp in top]) for t, top in steps]
 
 
+def zmq_steps(server: Any, messages: list[dict[str, Any]]) -> tuple[int, Steps]:
+    """The prompt tokens and greedy steps of a chat over ZeroMQ."""
+    with server.client(timeout=120) as client:
+        result = client.chat(messages, NEW_TOKENS, temperature=0, ignore_eos=True, logprobs=TOP)
+    return result.prompt_tokens, client_steps(result)
+
+
+def cli_steps(
+    model_dir: Path, images: tuple[str, ...], clips: tuple[str, ...], tmp_path: Path
+) -> tuple[int, Steps]:
+    """The prompt tokens and greedy steps of `pygemma4 generate --mmproj` on the fixture in
+    `model_dir` with its inputs `images` and `clips`, then QUESTION."""
+    cli = run_cli(
+        "generate",
+        str(model_dir / "model-f32.gguf"),
+        "--mmproj",
+        str(model_dir / "mmproj-f32.gguf"),
+        *(a for i in images for a in ("--image", str(model_dir / "inputs" / f"{i}.png"))),
+        *(a for c in clips for a in ("--audio", str(model_dir / "inputs" / f"{c}.wav"))),
+        "--max-image-tokens",
+        str(MAX_IMAGE_TOKENS),
+        QUESTION,
+        "--max-tokens",
+        str(NEW_TOKENS),
+        "--logprobs",
+        str(TOP),
+        "--ignore-eos",
+        "--json",
+        "--threads",
+        "1",
+        cache=tmp_path,
+    )
+    assert cli.returncode == 0, cli.stderr
+    out = json.loads(cli.stdout)
+    steps = [
+        (step["token_id"], [(alt["token_id"], alt["logprob"]) for alt in step["top"]])
+        for step in out["logprobs"]
+    ]
+    return out["prompt_tokens"], steps
+
+
 CHATS = {
     "image": (("img0",), ()),
     "audio": ((), ("aud0",)),
@@ -244,44 +285,17 @@ def test_greedy_tokens_equal_the_engines_and_the_clis(
     assert len(prompt.media) == len(images) + len(clips)
     expected = engine_steps(engine, messages)
 
-    with server.client(timeout=120) as client:
-        result = client.chat(messages, NEW_TOKENS, temperature=0, ignore_eos=True, logprobs=TOP)
-    assert result.prompt_tokens == len(prompt)
-    zmq_steps = client_steps(result)
-    assert_same_steps(zmq_steps, expected)
+    prompt_tokens, steps = zmq_steps(server, messages)
+    assert prompt_tokens == len(prompt)
+    assert_same_steps(steps, expected)
 
     reply = http_reply(sdk, server, messages)
     assert reply.usage.prompt_tokens == len(prompt)
     assert_same_steps(http_steps(reply), as_bytes(expected, engine))
 
-    cli = run_cli(
-        "generate",
-        str(mm_dir / "model-f32.gguf"),
-        "--mmproj",
-        str(mm_dir / "mmproj-f32.gguf"),
-        *(a for i in images for a in ("--image", str(mm_dir / "inputs" / f"{i}.png"))),
-        *(a for c in clips for a in ("--audio", str(mm_dir / "inputs" / f"{c}.wav"))),
-        "--max-image-tokens",
-        str(MAX_IMAGE_TOKENS),
-        QUESTION,
-        "--max-tokens",
-        str(NEW_TOKENS),
-        "--logprobs",
-        str(TOP),
-        "--ignore-eos",
-        "--json",
-        "--threads",
-        "1",
-        cache=tmp_path,
-    )
-    assert cli.returncode == 0, cli.stderr
-    out = json.loads(cli.stdout)
-    cli_steps = [
-        (step["token_id"], [(alt["token_id"], alt["logprob"]) for alt in step["top"]])
-        for step in out["logprobs"]
-    ]
-    assert out["prompt_tokens"] == len(prompt)
-    assert_same_steps(cli_steps, expected)
+    prompt_tokens, steps = cli_steps(mm_dir, images, clips, tmp_path)
+    assert prompt_tokens == len(prompt)
+    assert_same_steps(steps, expected)
 
 
 def test_streamed_media_chat_over_zeromq(server: Any, engine: Engine, media) -> None:

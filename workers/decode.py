@@ -103,7 +103,9 @@ class Sequence:
 
     def media_keys(self) -> tuple[MediaKey, ...]:
         """What the prefix cache names its media's positions by."""
-        return tuple(MediaKey(offset, m.n_tokens, m.digest) for offset, m in self.media)
+        return tuple(
+            MediaKey(offset, m.n_tokens, m.digest, m.bidirectional) for offset, m in self.media
+        )
 
     def with_media(self, feed: Feed) -> Feed:
         """`feed` (of this sequence's prompt) with the embeddings of the media rows it holds."""
@@ -112,6 +114,13 @@ class Sequence:
         start = feed.kv.length
         rows = self.embeddings.window(start, start + len(feed.tokens))
         return dataclasses.replace(feed, embeddings=rows)
+
+    def unwritten_spans(self) -> np.ndarray:
+        """The (first, stop) rows of `unwritten` of each image whose soft tokens attend to
+        each other, which one call computes whole."""
+        if self.embeddings is None:
+            return np.empty((0, 2), dtype=np.int32)
+        return self.embeddings.spans - self.kv.length
 
     def draft_context(self) -> DraftContext:
         """What a drafter reads of this sequence."""
@@ -360,7 +369,7 @@ class DecodeWorker(Worker):
         nothing to write, the running sequences)."""
         if sequence.media:
             placed = tuple(
-                PlacedMedia(offset, sequence.encoded[offset], media.digest)
+                PlacedMedia(offset, sequence.encoded[offset], media.digest, media.bidirectional)
                 for offset, media in sequence.media
                 if offset in sequence.encoded
             )
@@ -379,7 +388,9 @@ class DecodeWorker(Worker):
         feed for each sequence they reach."""
         sequences = list(self.prefilling.values())
         feeds = self.runner.next_prefill(
-            [(s.kv, s.unwritten) for s in sequences], self.config.prefill_chunk
+            [(s.kv, s.unwritten) for s in sequences],
+            self.config.prefill_chunk,
+            [s.unwritten_spans() for s in sequences],
         )
         return [(s, s.with_media(feed)) for s, feed in zip(sequences, feeds, strict=False)]
 

@@ -187,6 +187,7 @@ def media_features(offset: int, media: PreparedMedia) -> MediaFeatures:
         rows=rows,
         cols=cols,
         grid=media.grid,
+        bidirectional=media.bidirectional,
         data=features.tobytes(),
     )
 
@@ -195,7 +196,12 @@ def prepared_media(media: MediaFeatures) -> PreparedMedia:
     """The image or clip a `MediaFeatures` carries, as its tower reads it."""
     features = np.frombuffer(media.data, dtype=np.float32).reshape(media.rows, media.cols)
     return PreparedMedia(
-        MEDIA_KINDS[media.kind], features, media.n_tokens, media.digest, media.grid
+        MEDIA_KINDS[media.kind],
+        features,
+        media.n_tokens,
+        media.digest,
+        media.grid,
+        media.bidirectional,
     )
 
 

@@ -29,9 +29,9 @@ from pygemma4.kv import (
     resolve_kv_dtype,
 )
 from pygemma4.media.image import DEFAULT_SOFT_TOKENS
-from pygemma4.media.prepared import MediaPreprocessor
+from pygemma4.media.kinds import AUDIO, IMAGE
+from pygemma4.media.prepared import MediaPreprocessor, open_projector
 from pygemma4.memory import MemoryBudget, memory_available_bytes
-from pygemma4.mmproj import open_mmproj
 from pygemma4.protocol import KvPoolSpec, ServeLimits, ServerInfo
 from pygemma4.runner import check_backend
 from pygemma4.speculative import DEFAULT_DRAFT_TOKENS, check_draft_tokens
@@ -151,7 +151,9 @@ class Server:
         media = None
         if mmproj is not None:
             # Checked here, so that a wrong file is said before any worker starts.
-            media = MediaPreprocessor(open_mmproj(mmproj, model_file), max_image_tokens)
+            media = MediaPreprocessor(open_projector(mmproj, model_file), max_image_tokens)
+            # Each image whose soft tokens attend to each other is prefilled in one call.
+            prefill_chunk = max(prefill_chunk, media.image_call_tokens)
         config = model_file.config
         # A ring set per sequence, and as many again kept as prefix snapshots (none on CUDA,
         # where copying ring sets is not verified on a GPU yet).
@@ -233,9 +235,9 @@ class Server:
             draft=None if draft is None else Path(draft).name,
             draft_tokens=self.config.draft_tokens,
             limits=limits,
-            vision=media is not None and media.vision is not None,
-            audio=media is not None and media.audio is not None,
-            max_image_tokens=max_image_tokens if media is not None and media.vision else 0,
+            vision=media is not None and media.takes(IMAGE),
+            audio=media is not None and media.takes(AUDIO),
+            max_image_tokens=max_image_tokens if media is not None and media.takes(IMAGE) else 0,
         )
         try:
             self.frontend = FrontEnd(self.config, self.supervisor, info, http_routing_id)

@@ -16,9 +16,8 @@ from pygemma4.chat_output import CHANNEL_CLOSE, CHANNEL_OPEN, TOOL_RESPONSE
 from pygemma4.config import open_model
 from pygemma4.errors import Gemma4Error
 from pygemma4.generation import FinishReason, TextStream, room_for_tokens
-from pygemma4.media.kinds import IMAGE, PreparedMedia
-from pygemma4.media.prepared import MediaPreprocessor
-from pygemma4.mmproj import open_mmproj
+from pygemma4.media.kinds import AUDIO, IMAGE, PreparedMedia
+from pygemma4.media.prepared import MediaPreprocessor, open_projector
 from pygemma4.multimodal import MediaPart, PreparedPrompt, prepare_chat
 from pygemma4.protocol import (
     AdmittedRequest,
@@ -150,7 +149,7 @@ class TokenizerWorker(Worker):
         self.media = (
             None
             if config.mmproj is None
-            else MediaPreprocessor(open_mmproj(config.mmproj, model), config.max_image_tokens)
+            else MediaPreprocessor(open_projector(config.mmproj, model), config.max_image_tokens)
         )
         """What decodes and preprocesses images and clips (None: the server takes none)."""
         self.requests: dict[int, TextState] = {}
@@ -223,7 +222,7 @@ class TokenizerWorker(Worker):
         """Refuse a chat with images or clips where the server has no tower for them, and a
         `max_image_tokens` the server does not allow."""
         if request.max_image_tokens is not None:
-            if self.media is None or self.media.vision is None:
+            if self.media is None or not self.media.takes(IMAGE):
                 raise RequestRefused("bad_request", "max_image_tokens: this server takes no images")
             self.media.image_budget(request.max_image_tokens)
         for i, message in enumerate(request.messages):
@@ -239,7 +238,7 @@ class TokenizerWorker(Worker):
                         f"messages[{i}].content[{j}]: this server takes no {what}: it was "
                         "started without --mmproj (the model's projector file)",
                     )
-                if (self.media.vision if image else self.media.audio) is None:
+                if not self.media.takes(IMAGE if image else AUDIO):
                     raise RequestRefused(
                         "bad_request",
                         f"messages[{i}].content[{j}]: this server takes no {what}: its "

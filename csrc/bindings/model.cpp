@@ -67,6 +67,8 @@ void register_model(py::module_& m) {
             in.argmax_rows = to_vector(batch.attr("argmax_rows").cast<IntArray>());
             in.hidden_rows = to_vector(batch.attr("hidden_rows").cast<IntArray>());
             in.embedding_rows = to_vector(batch.attr("embedding_rows").cast<IntArray>());
+            in.span_first = to_vector(batch.attr("span_first").cast<IntArray>());
+            in.span_last = to_vector(batch.attr("span_last").cast<IntArray>());
             const FloatArray embeddings = batch.attr("embeddings").cast<FloatArray>();
             in.embeddings.assign(embeddings.data(), embeddings.data() + embeddings.size());
             Gemma4Model::Result result;
@@ -91,14 +93,21 @@ void register_model(py::module_& m) {
           "arrays: row i is tokens[i] at positions[i] of sequence seqs[i], whose full-attention "
           "KV lives in the blocks of block_tables[seqs[i]] ([n_seq, width], -1 for none) and "
           "sliding KV in ring set ring_sets[seqs[i]]; the rows in embedding_rows take the rows of "
-          "embeddings (float32 [len(embedding_rows), n_embd]) in place of their tokens'. Returns "
+          "embeddings (float32 [len(embedding_rows), n_embd]) in place of their tokens'; "
+          "span_first "
+          "and span_last (empty, or a position each row) give each row's span of positions that "
+          "attend to each other in both directions (an image's soft tokens). Returns "
           "(logits float32 "
           "[len(logit_rows), vocab], tokens int32 [len(argmax_rows)], logprobs float32 "
           "[len(argmax_rows)], hidden float32 [len(hidden_rows), n_embd]): the logits of the logit "
           "rows, for each argmax row its most likely token and that token's log-probability, "
           "chosen where the model computes so that no logits cross to the host, and the final "
           "hidden state (after the output norm, before the head) of the hidden rows.")
-      .def_property_readonly("n_batch", &Gemma4Model::n_batch);
+      .def_property_readonly("n_batch", &Gemma4Model::n_batch)
+      .def_property_readonly(
+          "attends_spans", [](Gemma4Model& model) { return model.ops().attends_spans(); },
+          "Whether the backend attends spans of image tokens in both directions (the unified "
+          "models' images).");
 
   m.def("cuda_built", &cuda_built, "Whether this module was compiled with the CUDA backend.");
   m.def("cuda_unavailable_reason", &cuda_unavailable_reason, py::arg("device") = 0,

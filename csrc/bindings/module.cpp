@@ -12,6 +12,7 @@ void register_assistant(py::module_& m);
 void register_ops_check(py::module_& m);
 void register_audio_encoder(py::module_& m);
 void register_vision(py::module_& m);
+void register_image_blocks(py::module_& m);
 
 PYBIND11_MODULE(_core, m) {
   m.doc() = "pygemma4 C++ core";
@@ -22,6 +23,7 @@ PYBIND11_MODULE(_core, m) {
   register_ops_check(m);
   register_audio_encoder(m);
   register_vision(m);
+  register_image_blocks(m);
   m.def(
       "memory_read_bandwidth",
       [](int threads, size_t bytes, int passes) {

@@ -9,6 +9,7 @@
 #include <tuple>
 #include <vector>
 
+#include "kv/kv_pool.h"
 #include "ops/backend.h"
 #include "quant/types.h"
 
@@ -316,6 +317,63 @@ void register_ops_check(py::module_& m) {
           },
           py::arg("q"), py::arg("k"), py::arg("v"), py::arg("rel"), py::arg("n_head"),
           py::arg("max_past"), py::arg("cap"))
+      .def(
+          "attention",
+          [](OpsCheck& c, const FloatArray& q, const FloatArray& k, const FloatArray& v, int n_head,
+             int n_head_kv, int head_dim, int window, const IdArray& span_first,
+             const IdArray& span_last) {
+            const int n = static_cast<int>(q.shape(0));
+            if (q.ndim() != 2 || k.ndim() != 2 || v.ndim() != 2 || n < 1 || k.shape(0) != n ||
+                v.shape(0) != n || q.shape(1) != n_head * head_dim ||
+                k.shape(1) != n_head_kv * head_dim || v.shape(1) != k.shape(1) || n_head_kv < 1 ||
+                n_head % n_head_kv != 0 || window < 0) {
+              throw py::value_error("q [n, n_head*head_dim], k and v [n, n_head_kv*head_dim]");
+            }
+            const bool spans = span_first.size() > 0 || span_last.size() > 0;
+            if (spans && (span_first.size() != n || span_last.size() != n)) {
+              throw py::value_error("span_first and span_last: empty or one position per row");
+            }
+            if (c.ops().device() >= 0)
+              throw py::value_error("the check keeps its pool on the host");
+            // One sequence at positions 0 .. n-1 in a pool of one layer that holds all of them.
+            ModelConfig config;
+            config.n_layer = 1;
+            config.sliding_window = window;
+            LayerConfig layer;
+            layer.is_sliding = window > 0;
+            layer.n_head = n_head;
+            layer.n_head_kv = n_head_kv;
+            layer.head_dim = head_dim;
+            config.layers.push_back(layer);
+            constexpr int kBlock = 16;
+            const int n_blocks = (n + kBlock - 1) / kBlock;
+            KvPool pool(config, kBlock, n_blocks, 1, n_blocks, quant::Type::F32, nullptr);
+            std::vector<int32_t> positions(n), seqs(n, 0), table(n_blocks), ring_sets{0};
+            for (int i = 0; i < n; ++i) positions[i] = i;
+            for (int b = 0; b < n_blocks; ++b) table[b] = b;
+            TokenBatch batch;
+            batch.n = n;
+            batch.positions = positions.data();
+            batch.seqs = seqs.data();
+            batch.n_seq = 1;
+            batch.table_width = n_blocks;
+            batch.block_tables = table.data();
+            batch.ring_sets = ring_sets.data();
+            if (spans) {
+              batch.span_first = span_first.data();
+              batch.span_last = span_last.data();
+            }
+            auto qq = c.floats(q), kk = c.floats(k), vv = c.floats(v);
+            auto out = c.ops().alloc(q.size());
+            c.ops().write_kv(kk.get(), vv.get(), batch, 0, pool);
+            c.ops().attention(qq.get(), batch, layer, window, pool, out.get());
+            return c.result(out, {n, q.shape(1)});
+          },
+          py::arg("q"), py::arg("k"), py::arg("v"), py::arg("n_head"), py::arg("n_head_kv"),
+          py::arg("head_dim"), py::arg("window"), py::arg("span_first"), py::arg("span_last"),
+          "Attention of one sequence's n rows at positions 0 .. n-1 over their own keys and "
+          "values, as a forward call computes it: causal, the last `window` positions when "
+          "window > 0, and over each row's span (span_first / span_last: empty for none).")
       .def(
           "attention_dense",
           [](OpsCheck& c, const FloatArray& q, const FloatArray& k, const FloatArray& v, int n_head,

@@ -220,6 +220,34 @@ void Gemma4Model::validate_batch(const KvPool& pool, const TokenBatch& batch) co
       throw error("output row out of range");
     }
   }
+  if (batch.span_first != nullptr) validate_spans(batch, first, last);
+}
+
+void Gemma4Model::validate_spans(const TokenBatch& batch, const std::vector<int>& first,
+                                 const std::vector<int>& last) const {
+  if (!ops_->attends_spans()) {
+    throw error(
+        "this backend's attention does not take spans of image tokens attended in both "
+        "directions (the unified Gemma 4 models' images): compute them on the CPU");
+  }
+  // Every key a row's span makes it read must be written by this call or before it, and
+  // within the ring's reach (validate_batch's check covers the call's own positions).
+  for (int i = 0; i < batch.n; ++i) {
+    const int seq = batch.seqs[i];
+    const int32_t pos = batch.positions[i];
+    const int32_t span_first = batch.span_first[i], span_last = batch.span_last[i];
+    if (span_first > pos || span_last < pos) {
+      throw error("the span " + std::to_string(span_first) + ".." + std::to_string(span_last) +
+                  " of row " + std::to_string(i) + " does not hold its position " +
+                  std::to_string(pos));
+    }
+    if (span_first < first[seq] || span_last > last[seq]) {
+      throw error("the span " + std::to_string(span_first) + ".." + std::to_string(span_last) +
+                  " of sequence " + std::to_string(seq) + " is not wholly in the call (positions " +
+                  std::to_string(first[seq]) + ".." + std::to_string(last[seq]) +
+                  "): an image's tokens attend to each other in one call");
+    }
+  }
 }
 
 void Gemma4Model::per_layer_inputs(const TokenBatch& batch) {
@@ -319,6 +347,13 @@ Gemma4Model::Result Gemma4Model::forward(KvPool& pool, const Batch& in) {
   host.ring_sets = in.ring_sets.data();
   host.n_outputs = static_cast<int>(output_rows.size());
   host.output_rows = output_rows.data();
+  if (!in.span_first.empty() || !in.span_last.empty()) {
+    if (in.span_first.size() != n_tokens || in.span_last.size() != n_tokens) {
+      throw error("span_first and span_last must hold a position for each row of the batch");
+    }
+    host.span_first = in.span_first.data();
+    host.span_last = in.span_last.data();
+  }
   std::lock_guard<std::mutex> lock(forward_mutex_);
   validate_batch(pool, host);
   const int n_given = stage_embeddings(in);
@@ -326,17 +361,18 @@ Gemma4Model::Result Gemma4Model::forward(KvPool& pool, const Batch& in) {
   const TokenBatch batch = ops_->stage(host);
   const int embd = config_.n_embd;
   // Everything up to the last layer depends on the host only through the batch's shape.
-  ops_->run_step({batch.n, batch.n_seq, batch.table_width, n_given}, [&] {
-    const float embd_scale = std::sqrt(static_cast<float>(embd));
-    if (n_given > 0) {
-      ops_->get_rows(token_embd_, batch.tokens, batch.n, embd_scale, given_.get());
-      ops_->copy_rows(given_.get(), given_rows_.get(), batch.n, embd, act_->x.get());
-    } else {
-      ops_->get_rows(token_embd_, batch.tokens, batch.n, embd_scale, act_->x.get());
-    }
-    if (config_.n_embd_per_layer > 0) per_layer_inputs(batch);
-    for (int il = 0; il < config_.n_layer; ++il) run_layer(il, batch, pool);
-  });
+  ops_->run_step({batch.n, batch.n_seq, batch.table_width, n_given, batch.span_first != nullptr},
+                 [&] {
+                   const float embd_scale = std::sqrt(static_cast<float>(embd));
+                   if (n_given > 0) {
+                     ops_->get_rows(token_embd_, batch.tokens, batch.n, embd_scale, given_.get());
+                     ops_->copy_rows(given_.get(), given_rows_.get(), batch.n, embd, act_->x.get());
+                   } else {
+                     ops_->get_rows(token_embd_, batch.tokens, batch.n, embd_scale, act_->x.get());
+                   }
+                   if (config_.n_embd_per_layer > 0) per_layer_inputs(batch);
+                   for (int il = 0; il < config_.n_layer; ++il) run_layer(il, batch, pool);
+                 });
 
   const size_t vocab = static_cast<size_t>(config_.vocab_size);
   Result result;

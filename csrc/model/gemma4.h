@@ -44,6 +44,8 @@ class Gemma4Model {
     int table_width = 0;
     std::vector<int32_t> ring_sets;
     std::vector<int32_t> logit_rows, argmax_rows, hidden_rows;
+    // Empty, or for every row its span's first and last position (see TokenBatch).
+    std::vector<int32_t> span_first, span_last;
   };
   struct Result {
     std::vector<float> logits;    // [logit_rows, vocab]
@@ -70,6 +72,10 @@ class Gemma4Model {
 
  private:
   void validate_batch(const KvPool& pool, const TokenBatch& batch) const;
+  // Checks that the backend attends spans and that each row's span holds it and lies in the
+  // call (its sequence's positions first[seq] .. last[seq]).
+  void validate_spans(const TokenBatch& batch, const std::vector<int>& first,
+                      const std::vector<int>& last) const;
   void run_layer(int il, const TokenBatch& batch, KvPool& pool);
   void per_layer_inputs(const TokenBatch& batch);
   // Stages the embeddings that replace rows of the batch; returns how many there are.

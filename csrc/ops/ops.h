@@ -4,6 +4,7 @@
 // where fusing saves passes over memory or kernel launches.
 #pragma once
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <functional>
@@ -22,8 +23,11 @@ namespace pg4 {
 // The tokens of one forward step: row i is token tokens[i] at position positions[i] of the call's
 // sequence seqs[i]; sequence s keeps its full-attention KV in the blocks of its block table
 // block_tables[s * table_width ...] and its sliding KV in ring set ring_sets[s]. The logits of
-// rows output_rows[0 .. n_outputs) are wanted. The arrays live where the backend computes (see
-// Ops::stage).
+// rows output_rows[0 .. n_outputs) are wanted. Where span_first is not null, row i belongs to
+// the span of positions span_first[i] .. span_last[i] of its sequence (both its own position
+// for a row in none): the soft tokens of one image, which attend to each other in both
+// directions (Gemma 4's unified models); a span lies wholly in one call. The arrays live where
+// the backend computes (see Ops::stage).
 struct TokenBatch {
   int n = 0;
   const int32_t* tokens = nullptr;
@@ -35,6 +39,8 @@ struct TokenBatch {
   const int32_t* ring_sets = nullptr;
   int n_outputs = 0;
   const int32_t* output_rows = nullptr;
+  const int32_t* span_first = nullptr;
+  const int32_t* span_last = nullptr;
 
   const int32_t* table(int seq) const {
     return block_tables + static_cast<size_t>(seq) * table_width;
@@ -74,6 +80,25 @@ inline int64_t shared_input_width(const Product* products, int n_products) {
     }
   }
   return cols;
+}
+
+// The keys row i of a batch attends to: positions [first, last] of its sequence. Causal, the
+// last `window` positions when window > 0; a row in a span also sees every position of it,
+// before and after, however far (its window does not apply inside the span: transformers'
+// unified Gemma 4 ORs the span onto the sliding mask). The union stays one range, since the
+// span holds the row's own position.
+struct AttendedRange {
+  int first;
+  int last;
+};
+inline AttendedRange attended_range(const TokenBatch& batch, int i, int window) {
+  const int pos = batch.positions[i];
+  AttendedRange range{window > 0 ? std::max(0, pos - window + 1) : 0, pos};
+  if (batch.span_first != nullptr) {
+    range.first = std::min(range.first, batch.span_first[i]);
+    range.last = std::max(range.last, batch.span_last[i]);
+  }
+  return range;
 }
 
 class Ops {
@@ -144,10 +169,13 @@ class Ops {
   // Stores the batch's keys and values ([n, n_head_kv * head_dim] each) into the pool.
   virtual void write_kv(const float* k, const float* v, const TokenBatch& batch, int layer,
                         KvPool& pool) = 0;
-  // Causal attention of each batch token over its own sequence's stored keys (the last
-  // `window` positions when window > 0), scale 1, grouped-query heads.
+  // Attention of each batch token over its own sequence's stored keys, scale 1, grouped-query
+  // heads: causal (the last `window` positions when window > 0), and over the whole of the
+  // token's span where the batch has spans (see attended_range).
   virtual void attention(const float* q, const TokenBatch& batch, const LayerConfig& layer,
                          int window, const KvPool& pool, float* out) = 0;
+  // Whether `attention` takes batches with spans (a backend that does not is never given one).
+  virtual bool attends_spans() const { return false; }
 
   // Softmax over each row of router logits, the top k experts, their weights renormalised.
   virtual void moe_route(const float* logits, int n_tokens, int n_expert, int k,

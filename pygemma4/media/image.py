@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from ..errors import MediaError
+from .resize import resize_bicubic_uint8
 
 __all__ = [
     "IMAGE_FORMATS",
@@ -29,6 +30,7 @@ __all__ = [
     "SOFT_TOKEN_BUDGETS",
     "ImageInput",
     "ImagePatches",
+    "image_blocks",
     "image_patches",
     "load_image",
     "target_size",
@@ -120,16 +122,10 @@ def image_patches(
 ) -> ImagePatches:
     """`source` decoded (see load_image), resized to the soft-token budget (bicubic) and cut
     into patches, as transformers' Gemma 4 image processor does."""
-    if max_soft_tokens not in SOFT_TOKEN_BUDGETS:
-        raise MediaError(
-            f"max_image_tokens must be one of {', '.join(map(str, SOFT_TOKEN_BUDGETS))}, "
-            f"not {max_soft_tokens!r}"
-        )
+    _check_budget(max_soft_tokens)
     image = load_image(source, name)
     h, w = target_size(image.height, image.width, max_soft_tokens, patch, pooling)
-    # The size resized to is part of the name: the same image at two budgets is two inputs.
-    size = f"{image.width}x{image.height}>{w}x{h}:"
-    digest = hashlib.sha256(size.encode() + image.tobytes()).hexdigest()
+    digest = _digest(image, h, w)
     if (h, w) != (image.height, image.width):
         image = image.resize((w, h), resample=Image.Resampling.BICUBIC, reducing_gap=None)
     pixels = (np.asarray(image, dtype=np.uint8).astype(np.float64) * (1 / 255)).astype(np.float32)
@@ -139,15 +135,64 @@ def image_patches(
         .transpose(0, 2, 1, 3, 4)
         .reshape(rows * cols, patch * patch * 3)
     )
-    xs, ys = np.meshgrid(np.arange(cols), np.arange(rows), indexing="xy")
-    positions = np.stack([xs, ys], axis=-1).reshape(rows * cols, 2).astype(np.int32)
     return ImagePatches(
         np.ascontiguousarray(patches),
-        positions,
+        grid_positions(rows, cols),
         (rows, cols),
         rows * cols // (pooling * pooling),
         digest,
     )
+
+
+def image_blocks(
+    source: ImageInput,
+    max_soft_tokens: int = DEFAULT_SOFT_TOKENS,
+    block: int = 48,
+    name: str | None = None,
+) -> ImagePatches:
+    """`source` decoded (see load_image), resized to the soft-token budget and cut into
+    block×block blocks, one per soft token, as transformers' unified (12B-style) Gemma 4
+    image processor makes them: sides the largest multiples of `block` within
+    max_soft_tokens·block² pixels, torchvision's bicubic antialiased uint8 resize. Each block's
+    values are in (channel, row, column) order, the order of the projector file's weights."""
+    _check_budget(max_soft_tokens)
+    image = load_image(source, name)
+    h, w = target_size(image.height, image.width, max_soft_tokens, block, 1)
+    digest = _digest(image, h, w)
+    pixels = np.asarray(image, dtype=np.uint8)
+    if (h, w) != (image.height, image.width):
+        pixels = resize_bicubic_uint8(pixels, h, w)
+    # The processor's float32 rescale, to the bit.
+    values = pixels.astype(np.float32) * np.float32(1 / 255)
+    rows, cols = h // block, w // block
+    blocks = (
+        values.reshape(rows, block, cols, block, 3)
+        .transpose(0, 2, 4, 1, 3)
+        .reshape(rows * cols, 3 * block * block)
+    )
+    return ImagePatches(
+        np.ascontiguousarray(blocks), grid_positions(rows, cols), (rows, cols), rows * cols, digest
+    )
+
+
+def grid_positions(rows: int, cols: int) -> np.ndarray:
+    """The (column, row) int32 [rows·cols, 2] of a grid's cells in raster order."""
+    xs, ys = np.meshgrid(np.arange(cols), np.arange(rows), indexing="xy")
+    return np.stack([xs, ys], axis=-1).reshape(rows * cols, 2).astype(np.int32)
+
+
+def _check_budget(max_soft_tokens: int) -> None:
+    if max_soft_tokens not in SOFT_TOKEN_BUDGETS:
+        raise MediaError(
+            f"max_image_tokens must be one of {', '.join(map(str, SOFT_TOKEN_BUDGETS))}, "
+            f"not {max_soft_tokens!r}"
+        )
+
+
+def _digest(image: Image.Image, h: int, w: int) -> str:
+    # The size resized to is part of the name: the same image at two budgets is two inputs.
+    size = f"{image.width}x{image.height}>{w}x{h}:"
+    return hashlib.sha256(size.encode() + image.tobytes()).hexdigest()
 
 
 def _label(source: object) -> str:

@@ -28,10 +28,13 @@ class PreparedMedia:
     """One image or clip as its tower reads it: `features` float32 [rows, width] (an image's
     16×16 patches, a clip's log-mel frames), `grid` the image's (rows, cols) of patches ((0, 0)
     for a clip), `n_tokens` the soft tokens it becomes, `digest` a hash of its decoded
-    content (an image's pixels and the size they were resized to, a clip's samples)."""
+    content (an image's pixels and the size they were resized to, a clip's samples); with
+    `bidirectional`, its soft tokens attend to each other in both directions (the unified
+    models' images)."""
 
     kind: MediaKind
     features: np.ndarray
     n_tokens: int
     digest: str
     grid: tuple[int, int] = (0, 0)
+    bidirectional: bool = False

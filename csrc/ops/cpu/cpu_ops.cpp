@@ -395,8 +395,8 @@ void CpuOps::attention(const float* q, const TokenBatch& batch, const LayerConfi
   const size_t head_bytes = quant::row_bytes(kv_type, head_dim);
   int max_span = 1;
   for (int i = 0; i < batch.n; ++i) {
-    max_span = std::max(
-        max_span, window > 0 ? std::min(window, batch.positions[i] + 1) : batch.positions[i] + 1);
+    const AttendedRange range = attended_range(batch, i, window);
+    max_span = std::max(max_span, range.last - range.first + 1);
   }
   // The SIMD float dot of the quant layer: a plain loop would stay scalar (a float sum may not
   // be reordered), and q·k over every stored position dominates attention at long context.
@@ -420,18 +420,18 @@ void CpuOps::attention(const float* q, const TokenBatch& batch, const LayerConfi
           const int seq = batch.seqs[i];
           const int32_t* table = batch.table(seq);
           const int ring_set = batch.ring_sets[seq];
-          const int pos = batch.positions[i];
-          const int first = window > 0 ? std::max(0, pos - window + 1) : 0;
+          const AttendedRange range = attended_range(batch, i, window);
+          const int first = range.first, last = range.last;
           const size_t kv_offset = (h / group) * head_bytes;
           const float* qh = q + (static_cast<int64_t>(i) * n_head + h) * head_dim;
           float max_score = -std::numeric_limits<float>::infinity();
-          pool.for_each_row(kv_layer, table, ring_set, first, pos, [&](int p, size_t row) {
+          pool.for_each_row(kv_layer, table, ring_set, first, last, [&](int p, size_t row) {
             const float s = dot_f32(head_dim, qh, head_row(keys + row + kv_offset));
             scores[p - first] = s;
             max_score = std::max(max_score, s);
           });
           double total = 0.0;
-          for (int p = first; p <= pos; ++p) {
+          for (int p = first; p <= last; ++p) {
             const float e = std::exp(scores[p - first] - max_score);
             scores[p - first] = e;
             total += e;
@@ -439,7 +439,7 @@ void CpuOps::attention(const float* q, const TokenBatch& batch, const LayerConfi
           const float inv = static_cast<float>(1.0 / total);
           float* o = out + (static_cast<int64_t>(i) * n_head + h) * head_dim;
           std::fill(o, o + head_dim, 0.0f);
-          pool.for_each_row(kv_layer, table, ring_set, first, pos, [&](int p, size_t row) {
+          pool.for_each_row(kv_layer, table, ring_set, first, last, [&](int p, size_t row) {
             const float* vp = head_row(values + row + kv_offset);
             const float weight = scores[p - first] * inv;
             for (int d = 0; d < head_dim; ++d) o[d] += weight * vp[d];

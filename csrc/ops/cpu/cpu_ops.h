@@ -49,6 +49,7 @@ class CpuOps final : public Ops {
                 KvPool& pool) override;
   void attention(const float* q, const TokenBatch& batch, const LayerConfig& layer, int window,
                  const KvPool& pool, float* out) override;
+  bool attends_spans() const override { return true; }
   // Scores only the chosen clusters' tokens.
   void clustered_logits(const Weight& table, const float* x, int n, const float* scores,
                         int n_clusters, int top_k, const int32_t* clusters, int cluster_size,
