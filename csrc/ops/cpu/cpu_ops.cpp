@@ -16,6 +16,9 @@ namespace {
 
 // Work items below these sizes are not worth handing to another thread.
 constexpr int64_t kElementGrain = 16384;
+// Batches from this many tokens on take the float weights' register tiles, whose widening of the
+// weights pays off from a few tokens; a decode step's single token keeps the row kernel.
+constexpr int kMinTileTokens = 4;
 
 // tanh to a few ulp, vectorisable like fast_exp (std::tanh over the vocabulary's logits of
 // several verified tokens cost a tenth of a decode step): (1 - e^-2a) / (1 + e^-2a) for a = |z|,
@@ -122,6 +125,13 @@ void CpuOps::matmul_converted(const Weight& w, const uint8_t* acts, size_t act_r
     return;
   }
   const int64_t cols = w.cols();
+  if (n_tokens >= kMinTileTokens) {
+    const quant::FloatTileKernels* tiles = quant::float_tile_kernels(w.type, isa_, cols);
+    if (tiles != nullptr) {
+      matmul_tiled(w, *tiles, acts, act_row_bytes, n_tokens, y);
+      return;
+    }
+  }
   const int64_t rows = w.rows();
   const quant::VecDotMultiFn dot = quant::vec_dot_multi_fn(w.type, isa_);
   // A batch is cut into groups of tokens whose converted activations stay in L1 (a multiple of

@@ -6,6 +6,7 @@
 
 #include "ops/cpu/thread_pool.h"
 #include "ops/ops.h"
+#include "quant/float_tiles.h"
 #include "quant/quant.h"
 
 namespace pg4 {
@@ -82,6 +83,9 @@ class CpuOps final : public Ops {
   // The product of w with activations already converted to its activation format.
   void matmul_converted(const Weight& w, const uint8_t* acts, size_t act_row_bytes, int n_tokens,
                         float* y);
+  // The product of float weights with a batch as register tiles (cpu/tiled_matmul.cpp).
+  void matmul_tiled(const Weight& w, const quant::FloatTileKernels& kernels, const uint8_t* acts,
+                    size_t act_row_bytes, int n_tokens, float* y);
   void matmul_interleaved(const Weight& w, const uint8_t* acts, size_t act_row_bytes, int n_tokens,
                           float* y);
 
@@ -90,6 +94,7 @@ class CpuOps final : public Ops {
   std::vector<std::unique_ptr<uint8_t[]>> interleaved_;  // the interleaved copies of matrices
   std::vector<uint8_t> activation_scratch_;  // activations converted for the current products
   std::vector<float> attention_scratch_;     // per-thread score rows
+  std::vector<float> widened_acts_;          // activations widened to f32 for matmul_tiled
 };
 
 }  // namespace pg4
