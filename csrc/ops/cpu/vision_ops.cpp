@@ -29,11 +29,19 @@ void CpuOps::attention_dense(const float* q, const float* k, const float* v, int
   const size_t kv_width = static_cast<size_t>(n_head_kv) * head_dim;
   const int group = n_head / n_head_kv;
   const size_t panels_per_head = static_cast<size_t>(padded_keys(n_tokens)) * head_dim;
+  const size_t values_per_head = static_cast<size_t>(n_tokens) * head_dim;
   std::vector<float> key_panels(panels_per_head * n_head_kv);
+  // Each head's values gathered too, so that P V streams them contiguously rather than a few
+  // cache lines from every row of v.
+  std::vector<float> values(values_per_head * n_head_kv);
   pool_.parallel_for(n_head_kv, 1, [&](int64_t begin, int64_t end, int) {
     for (int64_t h = begin; h < end; ++h) {
       pack_key_panels(k + h * head_dim, kv_width, n_tokens, head_dim,
                       key_panels.data() + h * panels_per_head);
+      for (int s = 0; s < n_tokens; ++s) {
+        std::copy_n(v + s * kv_width + h * head_dim, head_dim,
+                    values.data() + h * values_per_head + static_cast<size_t>(s) * head_dim);
+      }
     }
   });
   // Work items of kPanelActs queries of one head, a head's items in a row so that its key
@@ -48,11 +56,11 @@ void CpuOps::attention_dense(const float* q, const float* k, const float* v, int
         for (int64_t i = begin; i < end; ++i) {
           const int h = static_cast<int>(i / query_groups);
           const int t = static_cast<int>(i % query_groups) * kPanelActs;
-          const size_t kv_offset = static_cast<size_t>(h / group) * head_dim;
           attend_queries(kernel, q + t * q_width + h * head_dim, q_width,
                          std::min(kPanelActs, n_tokens - t),
-                         key_panels.data() + (h / group) * panels_per_head, v + kv_offset, kv_width,
-                         n_tokens, head_dim, scale, own, out + t * q_width + h * head_dim, q_width);
+                         key_panels.data() + (h / group) * panels_per_head,
+                         values.data() + (h / group) * values_per_head, head_dim, n_tokens,
+                         head_dim, scale, own, out + t * q_width + h * head_dim, q_width);
         }
       });
 }
