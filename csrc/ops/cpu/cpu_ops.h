@@ -54,7 +54,8 @@ class CpuOps final : public Ops {
   void clustered_logits(const Weight& table, const float* x, int n, const float* scores,
                         int n_clusters, int top_k, const int32_t* clusters, int cluster_size,
                         float* logits) override;
-  // The vision-tower operations, threaded over elements / query rows (cpu/vision_ops.cpp).
+  // The vision-tower operations, threaded over elements; dense attention as tiled products over
+  // groups of queries (cpu/vision_ops.cpp, cpu/tiled_attention.h).
   void clamp(float* x, float lo, float hi, size_t n) override;
   void attention_dense(const float* q, const float* k, const float* v, int n_tokens, int n_head,
                        int n_head_kv, int head_dim, float scale, float* out) override;
