@@ -28,6 +28,47 @@ def test_matmul_shared_gives_each_matmul_bit_for_bit(n_tokens: int) -> None:
         assert same_bits(product, ops.matmul(type_id, weights, cols, rows, x))
 
 
+def float_values(qtype: T, raw: np.ndarray) -> np.ndarray:
+    """The float64 values of rows of F32, F16 or BF16 given as raw bytes."""
+    if qtype == T.F32:
+        return raw.view(np.float32).astype(np.float64)
+    if qtype == T.F16:
+        return raw.view(np.float16).astype(np.float64)
+    return (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+
+
+@pytest.mark.parametrize("isa", _core.cpu_isas())
+@pytest.mark.parametrize("qtype", [T.F32, T.F16, T.BF16], ids=lambda t: t.name)
+def test_a_float_matmul_gives_each_token_the_bits_it_gets_alone(monkeypatch, qtype, isa) -> None:
+    """Batches of float weights go through register tiles (from 8 tokens, AVX-512), a token alone
+    through the row kernel: the same bits, whatever the batch. Rows and tokens not whole tiles (4
+    rows, 6 tokens, a thread's band of rows), rows whose length is a multiple of 64, of 16 only
+    (the row kernel's 16-wide tail) and of neither (left to the row kernel), wide ones that take
+    more than one block of rows per thread."""
+    monkeypatch.setenv("PYGEMMA4_CPU_KERNELS", isa)
+    ops = _core.OpsCheck("cpu", threads=2)
+    rng = np.random.default_rng(int(qtype))
+    for cols, rows in ((64, 1), (144, 37), (80, 9), (40, 6), (768, 13), (3072, 70)):
+        weights = random_weights(rng, qtype, rows, cols)
+        for n_tokens in (2, 7, 8, 13, 20):
+            x = (rng.standard_normal((n_tokens, cols)) * 10.0 ** rng.uniform(-3, 3)).astype(
+                np.float32
+            )
+            got = ops.matmul(int(qtype), weights, cols, rows, x)
+            alone = np.concatenate(
+                [ops.matmul(int(qtype), weights, cols, rows, t[None]) for t in x]
+            )
+            assert same_bits(got, alone), (cols, rows, n_tokens)
+            # The plain reference: the activations rounded to the weights' format, in float64.
+            acts = np.stack(
+                [float_values(qtype, _core.quantize_activation(int(qtype), t)) for t in x]
+            )
+            w = float_values(qtype, weights)
+            want = acts @ w.T
+            scale = np.abs(acts) @ np.abs(w).T
+            assert np.all(np.abs(got - want) <= 1e-5 * scale + 1e-30), (cols, rows, n_tokens)
+
+
 def test_matmul_shared_needs_weights_of_one_width() -> None:
     ops = _core.OpsCheck("cpu")
     rng = np.random.default_rng(0)

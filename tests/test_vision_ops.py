@@ -31,11 +31,24 @@ def attention_reference(q, k, v, n_head, n_head_kv, head_dim, scale):
     return np.einsum("hts,shd->thd", weights, vh).reshape(n, n_head * head_dim)
 
 
+@pytest.mark.parametrize("isa", _core.cpu_isas())
 @pytest.mark.parametrize(
     ("n", "n_head", "n_head_kv", "head_dim", "scale"),
-    [(1, 1, 1, 8, 1.0), (63, 2, 2, 32, 1.0), (200, 4, 2, 16, 0.25), (9, 12, 12, 64, 1.0)],
+    [
+        (1, 1, 1, 8, 1.0),
+        (63, 2, 2, 32, 1.0),
+        (200, 4, 2, 16, 0.25),
+        (9, 12, 12, 64, 1.0),
+        # Keys and queries not whole panels (32 keys, 8 queries), a head wider than one panel
+        # of rows and not a multiple of it, three query heads per key head.
+        (77, 6, 2, 40, 0.125),
+        (300, 3, 1, 64, 0.125),
+    ],
 )
-def test_dense_attention_equals_numpy(ops, n, n_head, n_head_kv, head_dim, scale):
+def test_dense_attention_equals_numpy(monkeypatch, isa, n, n_head, n_head_kv, head_dim, scale):
+    """On every CPU kernel set the build has, the tiled products included."""
+    monkeypatch.setenv("PYGEMMA4_CPU_KERNELS", isa)
+    ops = _core.OpsCheck("cpu", threads=2)
     rng = np.random.default_rng(n)
     q = rng.normal(0, 1, (n, n_head * head_dim)).astype(np.float32)
     k = rng.normal(0, 1, (n, n_head_kv * head_dim)).astype(np.float32)

@@ -6,6 +6,7 @@
 
 #include "ops/cpu/thread_pool.h"
 #include "ops/ops.h"
+#include "quant/float_tiles.h"
 #include "quant/quant.h"
 
 namespace pg4 {
@@ -54,7 +55,8 @@ class CpuOps final : public Ops {
   void clustered_logits(const Weight& table, const float* x, int n, const float* scores,
                         int n_clusters, int top_k, const int32_t* clusters, int cluster_size,
                         float* logits) override;
-  // The vision-tower operations, threaded over elements / query rows (cpu/vision_ops.cpp).
+  // The vision-tower operations, threaded over elements; dense attention as tiled products over
+  // groups of queries (cpu/vision_ops.cpp, cpu/tiled_attention.h).
   void clamp(float* x, float lo, float hi, size_t n) override;
   void attention_dense(const float* q, const float* k, const float* v, int n_tokens, int n_head,
                        int n_head_kv, int head_dim, float scale, float* out) override;
@@ -83,6 +85,9 @@ class CpuOps final : public Ops {
   // The product of w with activations already converted to its activation format.
   void matmul_converted(const Weight& w, const uint8_t* acts, size_t act_row_bytes, int n_tokens,
                         float* y);
+  // The product of float weights with a batch as register tiles (cpu/tiled_matmul.cpp).
+  void matmul_tiled(const Weight& w, const quant::FloatTileKernels& kernels, const uint8_t* acts,
+                    size_t act_row_bytes, int n_tokens, float* y);
   void matmul_interleaved(const Weight& w, const uint8_t* acts, size_t act_row_bytes, int n_tokens,
                           float* y);
 
@@ -91,6 +96,7 @@ class CpuOps final : public Ops {
   std::vector<std::unique_ptr<uint8_t[]>> interleaved_;  // the interleaved copies of matrices
   std::vector<uint8_t> activation_scratch_;  // activations converted for the current products
   std::vector<float> attention_scratch_;     // per-thread score rows
+  std::vector<float> widened_acts_;          // activations widened to f32 for matmul_tiled
 };
 
 }  // namespace pg4

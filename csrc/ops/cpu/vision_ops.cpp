@@ -1,8 +1,10 @@
-// The CPU backend's vision-tower operations: the host references, spread over the thread pool.
+// The CPU backend's vision-tower operations: the host references spread over the thread pool,
+// and dense attention as tiled products (cpu/tiled_attention.h).
 #include <algorithm>
 #include <vector>
 
 #include "ops/cpu/cpu_ops.h"
+#include "ops/cpu/tiled_attention.h"
 #include "ops/host/vision_reference.h"
 
 namespace pg4 {
@@ -10,6 +12,8 @@ namespace pg4 {
 namespace {
 
 constexpr int64_t kClampGrain = 16384;
+// Groups of queries handed to a thread at once.
+constexpr int64_t kAttentionGrain = 4;
 
 }  // namespace
 
@@ -24,19 +28,41 @@ void CpuOps::attention_dense(const float* q, const float* k, const float* v, int
   const size_t q_width = static_cast<size_t>(n_head) * head_dim;
   const size_t kv_width = static_cast<size_t>(n_head_kv) * head_dim;
   const int group = n_head / n_head_kv;
-  // One score row per thread, taken from the pool's count of threads.
-  std::vector<float> scores(static_cast<size_t>(pool_.size()) * n_tokens);
-  const int64_t rows = static_cast<int64_t>(n_tokens) * n_head;
-  pool_.parallel_for(rows, 1, [&](int64_t begin, int64_t end, int thread) {
-    float* row_scores = scores.data() + static_cast<size_t>(thread) * n_tokens;
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t t = i / n_head;
-      const int h = static_cast<int>(i % n_head);
-      const size_t kv_offset = static_cast<size_t>(h / group) * head_dim;
-      host::attention_row(q + t * q_width + h * head_dim, k + kv_offset, v + kv_offset, n_tokens,
-                          kv_width, head_dim, scale, row_scores, out + t * q_width + h * head_dim);
+  const size_t panels_per_head = static_cast<size_t>(padded_keys(n_tokens)) * head_dim;
+  const size_t values_per_head = static_cast<size_t>(n_tokens) * head_dim;
+  std::vector<float> key_panels(panels_per_head * n_head_kv);
+  // Each head's values gathered too, so that P V streams them contiguously rather than a few
+  // cache lines from every row of v.
+  std::vector<float> values(values_per_head * n_head_kv);
+  pool_.parallel_for(n_head_kv, 1, [&](int64_t begin, int64_t end, int) {
+    for (int64_t h = begin; h < end; ++h) {
+      pack_key_panels(k + h * head_dim, kv_width, n_tokens, head_dim,
+                      key_panels.data() + h * panels_per_head);
+      for (int s = 0; s < n_tokens; ++s) {
+        std::copy_n(v + s * kv_width + h * head_dim, head_dim,
+                    values.data() + h * values_per_head + static_cast<size_t>(s) * head_dim);
+      }
     }
   });
+  // Work items of kPanelActs queries of one head, a head's items in a row so that its key
+  // panels stay in cache between them.
+  const PanelKernelFn kernel = panel_kernel(isa_);
+  const size_t per_thread = attention_scratch_floats(n_tokens, head_dim);
+  std::vector<float> scratch(static_cast<size_t>(pool_.size()) * per_thread);
+  const int64_t query_groups = (n_tokens + kPanelActs - 1) / kPanelActs;
+  pool_.parallel_for(
+      query_groups * n_head, kAttentionGrain, [&](int64_t begin, int64_t end, int thread) {
+        float* own = scratch.data() + static_cast<size_t>(thread) * per_thread;
+        for (int64_t i = begin; i < end; ++i) {
+          const int h = static_cast<int>(i / query_groups);
+          const int t = static_cast<int>(i % query_groups) * kPanelActs;
+          attend_queries(kernel, q + t * q_width + h * head_dim, q_width,
+                         std::min(kPanelActs, n_tokens - t),
+                         key_panels.data() + (h / group) * panels_per_head,
+                         values.data() + (h / group) * values_per_head, head_dim, n_tokens,
+                         head_dim, scale, own, out + t * q_width + h * head_dim, q_width);
+        }
+      });
 }
 
 void CpuOps::avg_pool_2d(const float* x, int rows, int cols, int dim, int k, float* out) {
