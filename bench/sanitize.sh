@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Build the C++ core with AddressSanitizer + UndefinedBehaviorSanitizer (-DPYGEMMA4_SANITIZE=ON,
 # into build/sanitize) and run tests against it: the core-heavy tests unless test files are
-# named. They run in a shadow of the checkout (build/sanitize/shadow) whose core module is the
-# sanitized one; subprocesses inherit it and the preloaded runtime.
+# named. They run in a shadow of the checkout (build/sanitize/shadow.XXXXXX, one per run, so
+# that runs can overlap) whose core module is the sanitized one; subprocesses inherit it and the
+# preloaded runtime.
 #
 #   bench/sanitize.sh                             # the core-heavy tests
+#   bench/sanitize.sh tests                       # the whole suite
 #   bench/sanitize.sh tests/test_ops.py -k q8     # these
 #   bench/sanitize.sh --exec python script.py     # any command (bench/fuzz.sh with ASAN=1)
 #
@@ -36,9 +38,9 @@ sanitized=$(ls "$PWD/$BUILD"/_core*.so)
 
 # A shadow of the checkout that differs only in its core module (links to everything else),
 # run from, so that the checkout's own module stays as it is for whatever else runs meanwhile.
-shadow=$PWD/$BUILD/shadow
-rm -rf "$shadow"
-mkdir -p "$shadow/pygemma4"
+shadow=$(mktemp -d "$PWD/$BUILD/shadow.XXXXXX")
+trap 'rm -rf "$shadow"' EXIT
+mkdir "$shadow/pygemma4"
 for f in * pygemma4/*; do
   case $f in
     pygemma4 | build | pygemma4/_core*.so | pygemma4/__pycache__) ;;

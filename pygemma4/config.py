@@ -41,6 +41,8 @@ ARCH = "gemma4"
 DEFAULT_ROPE_FREQ_BASE = 10000.0
 # llama.cpp's LLAMA_MAX_LAYERS; also bounds what a crafted block_count makes us allocate.
 MAX_LAYERS = 512
+# The core holds every integer of the configuration as a C++ int.
+MAX_CORE_INT = 2**31 - 1
 # At most this many tensor names are spelled out in one error message.
 MAX_NAMES_IN_MESSAGE = 8
 
@@ -223,6 +225,11 @@ class _Metadata:
         if value is None:
             raise UnsupportedModelError(f"required metadata key '{key}' is missing")
         assert isinstance(value, int)
+        _require(
+            value <= MAX_CORE_INT,
+            f"metadata key '{key}' is {value}, more than the largest the core takes "
+            f"({MAX_CORE_INT})",
+        )
         return value
 
     def number(self, key: str, default: float | None = None) -> float:
@@ -247,11 +254,14 @@ class _Metadata:
                 raise UnsupportedModelError(f"required metadata key '{key}' is missing")
             return list(default)
         if isinstance(value, int):
-            return [value] * n_layer
+            value = [value] * n_layer
         assert isinstance(value, list)
         _check_length(key, value, n_layer)
         for il, v in enumerate(value):
-            _require(v >= 0, f"metadata key '{key}' is {v} for layer {il}, negative")
+            _require(
+                0 <= v <= MAX_CORE_INT,
+                f"metadata key '{key}' is {v} for layer {il}, not within 0..{MAX_CORE_INT}",
+            )
         return value
 
     def pattern(self, key: str, n_layer: int) -> list[bool]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import GGUFLayout, rename, require_fixtures
+from conftest import GGUFLayout, rename, require_fixtures, rewrite_gguf
 
 from pygemma4.config import LayerConfig, ModelConfig, model_config, open_model
 from pygemma4.errors import UnsupportedModelError
@@ -174,4 +174,18 @@ def test_absent_required_key(tmp_path: Path, demo_model_file: Path) -> None:
 def test_absent_architecture(tmp_path: Path, demo_model_file: Path) -> None:
     path = without_key(tmp_path, demo_model_file, "general.architecture")
     with pytest.raises(UnsupportedModelError, match="general.architecture is missing"):
+        open_model(path)
+
+
+@pytest.mark.parametrize("key", ["gemma4.context_length", "gemma4.attention.sliding_window"])
+def test_a_value_past_the_cores_int_is_refused(
+    tmp_path: Path, demo_model_file: Path, key: str
+) -> None:
+    # Found by fuzzing (tests/fuzz/corpus/gguf/regression-huge-context-length): the core's
+    # binding could not hold it and failed with pybind11's bare RuntimeError.
+    path = rewrite_gguf(demo_model_file, tmp_path / "model.gguf", {key: 2**32 - 1})
+    with pytest.raises(
+        UnsupportedModelError,
+        match=f"metadata key '{key}' is 4294967295, more than the largest the core takes",
+    ):
         open_model(path)

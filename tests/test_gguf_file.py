@@ -328,9 +328,9 @@ DEMO_CASES: list[tuple[str, Mutation, type[Exception], str]] = [
     ),
     (
         "absurd block_count",
-        lambda d, lay: put(d, lay.value("gemma4.block_count"), "I", 1 << 31),
+        lambda d, lay: put(d, lay.value("gemma4.block_count"), "I", 1 << 30),
         UnsupportedModelError,
-        "gemma4.block_count is 2147483648, not within 1..512",
+        "gemma4.block_count is 1073741824, not within 1..512",
     ),
     (
         "pattern length contradicting block_count",
