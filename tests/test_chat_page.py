@@ -61,7 +61,12 @@ def chromium() -> Iterator[Any]:
     except ImportError:
         _unavailable("playwright is not installed (pip install playwright)")
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=executable, args=["--no-sandbox"])
+        # Not the sanitizer runtime bench/sanitize.sh preloads for pygemma4: Chromium does not
+        # start with it.
+        env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+        browser = playwright.chromium.launch(
+            executable_path=executable, args=["--no-sandbox"], env=env
+        )
         yield browser
         browser.close()
 

@@ -183,9 +183,11 @@ def test_http_requests_in_flight_per_client_address(server: Any) -> None:
     request = {"model": model, "prompt": [ids(4)], "max_tokens": LONG, "ignore_eos": True}
     request["stream"] = True
     other = httpx.HTTPTransport(local_address="127.0.0.2")
+    # The second address's request takes the one batch place after both streams end: minutes
+    # on a slow build (the sanitized core).
     with (
         httpx.Client(base_url=server.base_url, timeout=60) as http,
-        httpx.Client(base_url=server.base_url, timeout=60, transport=other) as second,
+        httpx.Client(base_url=server.base_url, timeout=600, transport=other) as second,
     ):
         opened = [http.stream("POST", "/v1/completions", json=request) for _ in range(PER_CLIENT)]
         responses = [s.__enter__() for s in opened]
