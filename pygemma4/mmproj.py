@@ -156,13 +156,27 @@ def open_mmproj(path: str | os.PathLike[str], target: ModelFile | None = None) -
 
 def check_pairing(mmproj: MmprojFile, target: ModelFile) -> None:
     """MmprojMismatchError unless every tower of `mmproj` projects into `target`'s width."""
+    check_widths(
+        mmproj.gguf.path,
+        target,
+        {
+            name: None if tower is None else tower.projection_dim
+            for name, tower in (("vision", mmproj.vision), ("audio", mmproj.audio))
+        },
+    )
+
+
+def check_widths(
+    path: str | os.PathLike[str], target: ModelFile, widths: dict[str, int | None]
+) -> None:
+    """MmprojMismatchError unless each input of the projector at `path` (by name: the width of
+    the rows it produces, None where the file lacks it) fits `target`'s hidden size."""
     width = target.config.n_embd
-    for name, tower in (("vision", mmproj.vision), ("audio", mmproj.audio)):
-        if tower is not None and tower.projection_dim != width:
+    for name, produced in widths.items():
+        if produced is not None and produced != width:
             raise MmprojMismatchError(
-                f"projector {mmproj.gguf.path} does not fit model {target.gguf.path}: its "
-                f"{name} projection produces rows of {tower.projection_dim}, the model's hidden "
-                f"size is {width}"
+                f"projector {path} does not fit model {target.gguf.path}: its {name} "
+                f"projection produces rows of {produced}, the model's hidden size is {width}"
             )
 
 

@@ -29,9 +29,9 @@ from pygemma4.media.image_blocks import (
 from pygemma4.media.kinds import IMAGE, MediaKind, PreparedMedia
 from pygemma4.mmproj import (
     MmprojFile,
-    MmprojMismatchError,
     VisionConfig,
     check_pairing,
+    check_widths,
     open_mmproj,
 )
 
@@ -128,14 +128,14 @@ def open_projector(path: str | os.PathLike[str], model: ModelFile) -> ProjectorF
     if projector.mmproj is not None:
         check_pairing(projector.mmproj, model)
         return projector
-    width = model.config.n_embd
-    for name, config in (("vision", projector.blocks), ("audio", projector.audio)):
-        if config is not None and config.embedding_dim != width:
-            raise MmprojMismatchError(
-                f"projector {projector.gguf.path} does not fit model {model.gguf.path}: its "
-                f"{name} projection produces rows of {config.embedding_dim}, the model's "
-                f"hidden size is {width}"
-            )
+    check_widths(
+        projector.gguf.path,
+        model,
+        {
+            name: None if config is None else config.embedding_dim
+            for name, config in (("vision", projector.blocks), ("audio", projector.audio))
+        },
+    )
     return projector
 
 
