@@ -180,6 +180,23 @@ def check_widths(
             )
 
 
+def positive_int(meta: dict[str, object], key: str) -> int:
+    """The metadata value at `key`, which must be a positive integer (UnsupportedModelError
+    naming the key otherwise)."""
+    value = meta.get(key)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UnsupportedModelError(f"{key} is {value!r}, not a positive integer")
+    return value
+
+
+def layer_norm_eps(meta: dict[str, object], key: str) -> float:
+    """The metadata epsilon at `key` (1e-6 where absent), which must lie in (0, 1)."""
+    eps = meta.get(key, 1e-6)
+    if not isinstance(eps, float) or not 0 < eps < 1:
+        raise UnsupportedModelError(f"{key} is {eps!r}")
+    return eps
+
+
 def _tower_shape(meta: _Metadata, prefix: str) -> tuple[int, int, int, int, float]:
     n_embd = meta.uint(prefix + "embedding_length")
     n_ff = meta.uint(prefix + "feed_forward_length")

@@ -24,7 +24,7 @@ from pygemma4.media.audio import (
     prepare_samples,
 )
 from pygemma4.media.kinds import AUDIO, PreparedMedia
-from pygemma4.mmproj import MmprojFile, open_mmproj
+from pygemma4.mmproj import MmprojFile, layer_norm_eps, open_mmproj, positive_int
 
 CONFORMER = "gemma4a"
 RAW_FRAMES = "gemma4ua"
@@ -84,23 +84,13 @@ def _raw_frames_config(meta: dict[str, object], projector: object) -> AudioEncod
             f"audio projector type {projector!r} is not one of Gemma 4's "
             f"({CONFORMER!r}, {RAW_FRAMES!r})"
         )
-
-    def integer(key: str) -> int:
-        value = meta.get(key)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise UnsupportedModelError(f"{key} is {value!r}, not a positive integer")
-        return value
-
-    eps = meta.get("clip.audio.attention.layer_norm_epsilon", 1e-6)
-    if not isinstance(eps, float) or not 0 < eps < 1:
-        raise UnsupportedModelError(f"clip.audio.attention.layer_norm_epsilon is {eps!r}")
     return AudioEncoderConfig(
         projector=projector,
-        feature_dim=integer("clip.audio.embedding_length"),
+        feature_dim=positive_int(meta, "clip.audio.embedding_length"),
         n_layer=0,
         n_head=0,
-        eps=eps,
-        embedding_dim=integer("clip.audio.projection_dim"),
+        eps=layer_norm_eps(meta, "clip.audio.attention.layer_norm_epsilon"),
+        embedding_dim=positive_int(meta, "clip.audio.projection_dim"),
     )
 
 

@@ -16,7 +16,7 @@ from pygemma4.errors import MediaError, UnsupportedModelError, located
 from pygemma4.gguf_file import GGUFFile, read_gguf
 from pygemma4.media.image import ImageInput, grid_positions, image_blocks
 from pygemma4.media.kinds import IMAGE, PreparedMedia
-from pygemma4.mmproj import DEFAULT_POOLING
+from pygemma4.mmproj import DEFAULT_POOLING, layer_norm_eps, positive_int
 
 __all__ = [
     "BLOCK_PROJECTOR",
@@ -58,15 +58,13 @@ def image_block_config(gguf: GGUFFile) -> ImageBlockConfig:
                 f"vision projector type {projector!r} is not the unified models' "
                 f"{BLOCK_PROJECTOR!r}"
             )
-        patch = _positive(meta, _V + "patch_size")
+        patch = positive_int(meta, _V + "patch_size")
         pooling = meta.get(_V + "projector.scale_factor", DEFAULT_POOLING)
         if isinstance(pooling, bool) or not isinstance(pooling, int) or not 1 <= pooling <= 8:
             raise UnsupportedModelError(f"{_V}projector.scale_factor is {pooling!r}")
-        width = _positive(meta, _V + "embedding_length")
-        dim = _positive(meta, _V + "projection_dim")
-        eps = meta.get(_V + "attention.layer_norm_epsilon", 1e-6)
-        if not isinstance(eps, float) or not 0 < eps < 1:
-            raise UnsupportedModelError(f"{_V}attention.layer_norm_epsilon is {eps!r}")
+        width = positive_int(meta, _V + "embedding_length")
+        dim = positive_int(meta, _V + "projection_dim")
+        eps = layer_norm_eps(meta, _V + "attention.layer_norm_epsilon")
         table = gguf.tensors.get("v.position_embd.weight")
         if table is None or len(table.shape) != 3:
             raise UnsupportedModelError("tensor 'v.position_embd.weight' is missing or not 3-D")
@@ -109,13 +107,6 @@ def prepare_image_blocks(
     return PreparedMedia(
         IMAGE, blocks.pixels, blocks.n_soft_tokens, blocks.digest, blocks.grid, bidirectional=True
     )
-
-
-def _positive(meta: dict[str, object], key: str) -> int:
-    value = meta.get(key)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise UnsupportedModelError(f"{key} is {value!r}, not a positive integer")
-    return value
 
 
 class ImageBlockEncoder:
