@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-
-import numpy as np
 
 from . import _core
 from .errors import MediaError
 from .media.image import DEFAULT_SOFT_TOKENS, ImageInput
-from .media.kinds import PreparedMedia
+from .media.kinds import ImageEmbedding, PreparedMedia
 from .media.prepared import checked_vision, prepare_image
 from .mmproj import MmprojFile
 
@@ -19,23 +16,6 @@ __all__ = ["ImageEmbedding", "VisionTower"]
 # Tensors whose file shape the core reads as a matrix: the patch embedding's [p, p, 3, width]
 # as [3p², width], the two position tables [width, n, 2] as [width, 2n].
 _FLATTENED = ("v.patch_embd.weight", "v.position_embd.weight")
-
-
-@dataclass(frozen=True)
-class ImageEmbedding:
-    """One image encoded: `embeddings` float32 [n_tokens, text width] (the rows that replace its
-    soft tokens), `pooled` float32 [n_tokens, tower width] (a vision tower's own output; None
-    for the unified models' block projection, which has no tower), the patch `grid` and the
-    `digest` of its decoded pixels (and the size they were resized to)."""
-
-    embeddings: np.ndarray
-    pooled: np.ndarray | None
-    grid: tuple[int, int]
-    digest: str
-
-    @property
-    def n_tokens(self) -> int:
-        return int(self.embeddings.shape[0])
 
 
 class VisionTower:

@@ -13,9 +13,9 @@ from pygemma4.errors import MediaError
 from pygemma4.media.audio_encoder import AudioEncoder
 from pygemma4.media.image import ImageInput
 from pygemma4.media.image_blocks import ImageBlockEncoder
-from pygemma4.media.kinds import IMAGE, MediaKind, PreparedMedia
+from pygemma4.media.kinds import IMAGE, ImageEmbedding, MediaKind, PreparedMedia
 from pygemma4.media.prepared import MediaPreprocessor, open_projector
-from pygemma4.vision import ImageEmbedding, VisionTower
+from pygemma4.vision import VisionTower
 
 __all__ = ["MediaEncoders"]
 
@@ -57,8 +57,6 @@ class MediaEncoders:
         """The embeddings of `image` (a path, bytes, data URI, PIL image or uint8 array), at
         most `max_image_tokens` soft tokens (by default and at most the file's budget)."""
         ready = self.preprocessor.prepare(IMAGE, image, budget=max_image_tokens)
-        if isinstance(self.vision, ImageBlockEncoder):
-            return ImageEmbedding(self.vision.encode(ready), None, ready.grid, ready.digest)
         assert self.vision is not None  # the preprocessor refused images otherwise
         return self.vision.encode(ready)
 
@@ -68,8 +66,6 @@ class MediaEncoders:
         if media.kind is IMAGE:
             if self.vision is None:
                 raise MediaError(f"{self.path} has no vision encoder: it takes no images")
-            if isinstance(self.vision, ImageBlockEncoder):
-                return self.vision.encode(media)
             return self.vision.encode(media).embeddings
         if self.audio is None:
             raise MediaError(f"{self.path} has no audio encoder: it takes no audio")

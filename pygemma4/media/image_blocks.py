@@ -8,14 +8,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-import numpy as np
-
 from pygemma4 import _core
 from pygemma4.config import _check_tensors
 from pygemma4.errors import MediaError, UnsupportedModelError, located
 from pygemma4.gguf_file import GGUFFile, read_gguf
 from pygemma4.media.image import ImageInput, grid_positions, image_blocks
-from pygemma4.media.kinds import IMAGE, PreparedMedia
+from pygemma4.media.kinds import IMAGE, ImageEmbedding, PreparedMedia
 from pygemma4.mmproj import DEFAULT_POOLING, layer_norm_eps, positive_int
 
 __all__ = [
@@ -144,13 +142,15 @@ class ImageBlockEncoder:
         into this projector's blocks."""
         return prepare_image_blocks(self.config, self.max_image_tokens, image, name)
 
-    def encode(self, image: PreparedMedia) -> np.ndarray:
-        """The embeddings [n_tokens, embedding_dim] of an image `prepare` made."""
+    def encode(self, image: PreparedMedia) -> ImageEmbedding:
+        """The embeddings [n_tokens, embedding_dim] of an image `prepare` made (no tower:
+        `pooled` is None)."""
         rows, cols = image.grid
         if image.kind is not IMAGE or rows * cols != len(image.features):
             raise MediaError(f"not an image of {rows}×{cols} blocks")
-        return self._core.embed(image.features, grid_positions(rows, cols))
+        embeddings = self._core.embed(image.features, grid_positions(rows, cols))
+        return ImageEmbedding(embeddings, None, image.grid, image.digest)
 
-    def embed(self, image: ImageInput, name: str | None = None) -> np.ndarray:
+    def embed(self, image: ImageInput, name: str | None = None) -> ImageEmbedding:
         """The embeddings [n_tokens, embedding_dim] that replace `image`'s soft tokens."""
         return self.encode(self.prepare(image, name))

@@ -1,4 +1,5 @@
-"""The kinds of media a chat holds, and one image or clip made ready for its tower."""
+"""The kinds of media a chat holds, one image or clip made ready for its tower, and an image
+encoded."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["AUDIO", "IMAGE", "MEDIA_KINDS", "MediaKind", "PreparedMedia"]
+__all__ = ["AUDIO", "IMAGE", "MEDIA_KINDS", "ImageEmbedding", "MediaKind", "PreparedMedia"]
 
 
 @dataclass(frozen=True)
@@ -38,3 +39,20 @@ class PreparedMedia:
     digest: str
     grid: tuple[int, int] = (0, 0)
     bidirectional: bool = False
+
+
+@dataclass(frozen=True)
+class ImageEmbedding:
+    """One image encoded: `embeddings` float32 [n_tokens, text width] (the rows that replace its
+    soft tokens), `pooled` float32 [n_tokens, tower width] (a vision tower's own output; None
+    for the unified models' block projection, which has no tower), the patch `grid` and the
+    `digest` of its decoded pixels (and the size they were resized to)."""
+
+    embeddings: np.ndarray
+    pooled: np.ndarray | None
+    grid: tuple[int, int]
+    digest: str
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.embeddings.shape[0])
