@@ -81,12 +81,16 @@ inline void step(const Tile<T>& tile, int64_t i, int col, __m512i w, __m512i* ac
 
 // tot[t] += acc[t] * scale for every token (tot = acc * scale when `first`): a sub-block's
 // sums weighted by its scales, exact in int32.
+// The empty asm pins each sub-block's totals in program order: without it GCC kept the
+// unscaled sums of every sub-block alive to multiply them later, spilling them to the stack (an
+// eight-token Q6_K tile: 270 stack accesses per super-block, and 1.5 times slower).
 template <int T>
 inline void add_scaled(const __m512i* acc, __m512i scale, __m512i* tot, bool first) {
 #pragma GCC unroll 8
   for (int t = 0; t < T; ++t) {
     const __m512i scaled = _mm512_mullo_epi32(acc[t], scale);
     tot[t] = first ? scaled : _mm512_add_epi32(tot[t], scaled);
+    __asm__ volatile("" : "+v"(tot[t]));
   }
 }
 
@@ -117,15 +121,13 @@ void q4_k_tile(int64_t n, const uint8_t* group, const uint8_t* acts, size_t stri
     for (int j = 0; j < 8; ++j) {
       prefetch_part<GroupQ4_K, 8>(&b, j);
       const int col = 32 * j;
-      __m512i high[4];
 #pragma GCC unroll 4
       for (int h = 0; h < 4; ++h) {
         const __m512i bits = load512(b.qs[4 * j + h]);
-        high[h] = _mm512_and_si512(_mm512_srli_epi16(bits, 4), low4);
         step(tile, i, col + 4 * h, _mm512_and_si512(bits, low4), acc, h == 0);
+        step(tile, i, col + 16 + 4 * h, _mm512_and_si512(_mm512_srli_epi16(bits, 4), low4), acc,
+             false);
       }
-#pragma GCC unroll 4
-      for (int h = 0; h < 4; ++h) step(tile, i, col + 16 + 4 * h, high[h], acc, false);
       const __m512i scale = lane_byte(j < 4 ? scales_low : scales_high, j % 4);
       add_scaled<T>(acc, scale, tot, j == 0);
     }
