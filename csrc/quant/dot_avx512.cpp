@@ -33,76 +33,75 @@ inline __m512i join256(__m256i low, __m256i high) {
   return _mm512_inserti64x4(_mm512_castsi256_si512(low), high, 1);
 }
 
-// Float formats: 64 elements per step in four accumulators, then 16 at a time, then the
-// remainder one by one.
-template <typename Load, typename Scalar>
-float dot_float(int64_t n, Load load, Scalar scalar) {
-  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
-  __m512 acc2 = _mm512_setzero_ps(), acc3 = _mm512_setzero_ps();
-  int64_t i = 0;
-  for (; i + 64 <= n; i += 64) {
-    __m512 x, y;
-    load(i, x, y);
-    acc0 = _mm512_fmadd_ps(x, y, acc0);
-    load(i + 16, x, y);
-    acc1 = _mm512_fmadd_ps(x, y, acc1);
-    load(i + 32, x, y);
-    acc2 = _mm512_fmadd_ps(x, y, acc2);
-    load(i + 48, x, y);
-    acc3 = _mm512_fmadd_ps(x, y, acc3);
+// The float formats' elements: 16 widened to floats at once, and one.
+struct F32Elements {
+  using Element = float;
+  static __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+  static float one(float v) { return v; }
+};
+
+struct F16Elements {
+  using Element = uint16_t;
+  static __m512 load16(const uint16_t* p) { return _mm512_cvtph_ps(load256(p)); }
+  static float one(uint16_t v) { return fp16_fast(v); }
+};
+
+struct BF16Elements {
+  using Element = uint16_t;
+  static __m512 load16(const uint16_t* p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(load256(p)), 16));
   }
-  for (; i + 16 <= n; i += 16) {
-    __m512 x, y;
-    load(i, x, y);
-    acc0 = _mm512_fmadd_ps(x, y, acc0);
+  static float one(uint16_t v) { return bf16_to_float(v); }
+};
+
+// Float formats (activations in the weights' format): each row's sum in four accumulators over
+// 64-element steps, then 16 at a time into the first, the remainder one by one. Each 16 weights
+// are widened once for the R activation rows (the per-layer projection of a five-token call
+// cost four times one token's when every row widened them again).
+template <typename Format>
+struct DotFloat {
+  static constexpr int kRows = 4;
+
+  template <int R>
+  static void rows(int64_t n, const void* w, const uint8_t* acts, size_t stride, float* out) {
+    using Element = typename Format::Element;
+    const auto* x = as<Element>(w);
+    const Element* y[R];
+    __m512 acc[R][4];
+#pragma GCC unroll 16
+    for (int j = 0; j < R; ++j) {
+      y[j] = as<Element>(acts + j * stride);
+      for (int k = 0; k < 4; ++k) acc[j][k] = _mm512_setzero_ps();
+    }
+    int64_t i = 0;
+    for (; i + 64 <= n; i += 64) {
+      __m512 wx[4];
+#pragma GCC unroll 4
+      for (int k = 0; k < 4; ++k) wx[k] = Format::load16(x + i + 16 * k);
+#pragma GCC unroll 16
+      for (int j = 0; j < R; ++j) {
+#pragma GCC unroll 4
+        for (int k = 0; k < 4; ++k) {
+          acc[j][k] = _mm512_fmadd_ps(wx[k], Format::load16(y[j] + i + 16 * k), acc[j][k]);
+        }
+      }
+    }
+    for (; i + 16 <= n; i += 16) {
+      const __m512 wx = Format::load16(x + i);
+#pragma GCC unroll 16
+      for (int j = 0; j < R; ++j) {
+        acc[j][0] = _mm512_fmadd_ps(wx, Format::load16(y[j] + i), acc[j][0]);
+      }
+    }
+#pragma GCC unroll 16
+    for (int j = 0; j < R; ++j) {
+      float sum = _mm512_reduce_add_ps(
+          _mm512_add_ps(_mm512_add_ps(acc[j][0], acc[j][1]), _mm512_add_ps(acc[j][2], acc[j][3])));
+      for (int64_t l = i; l < n; ++l) sum += Format::one(x[l]) * Format::one(y[j][l]);
+      out[j] = sum;
+    }
   }
-  float sum =
-      _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc0, acc1), _mm512_add_ps(acc2, acc3)));
-  for (; i < n; ++i) sum += scalar(i);
-  return sum;
-}
-
-float dot_f32(int64_t n, const void* w, const void* a) {
-  const auto* x = as<float>(w);
-  const auto* y = as<float>(a);
-  return dot_float(
-      n,
-      [&](int64_t i, __m512& vx, __m512& vy) {
-        vx = _mm512_loadu_ps(x + i);
-        vy = _mm512_loadu_ps(y + i);
-      },
-      [&](int64_t i) { return x[i] * y[i]; });
-}
-
-inline __m512 load_f16(const uint16_t* p) { return _mm512_cvtph_ps(load256(p)); }
-
-float dot_f16(int64_t n, const void* w, const void* a) {
-  const auto* x = as<uint16_t>(w);
-  const auto* y = as<uint16_t>(a);
-  return dot_float(
-      n,
-      [&](int64_t i, __m512& vx, __m512& vy) {
-        vx = load_f16(x + i);
-        vy = load_f16(y + i);
-      },
-      [&](int64_t i) { return fp16_fast(x[i]) * fp16_fast(y[i]); });
-}
-
-inline __m512 load_bf16(const uint16_t* p) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(load256(p)), 16));
-}
-
-float dot_bf16(int64_t n, const void* w, const void* a) {
-  const auto* x = as<uint16_t>(w);
-  const auto* y = as<uint16_t>(a);
-  return dot_float(
-      n,
-      [&](int64_t i, __m512& vx, __m512& vy) {
-        vx = load_bf16(x + i);
-        vy = load_bf16(y + i);
-      },
-      [&](int64_t i) { return bf16_to_float(x[i]) * bf16_to_float(y[i]); });
-}
+};
 
 #if defined(__AVX512VNNI__)
 // The 16 quant bytes of two nibble blocks a and b as 64 bytes in element order: the low nibbles
@@ -355,11 +354,11 @@ struct DotQ6K {
 Kernels avx512_kernels(Type weight_type) {
   switch (weight_type) {
     case Type::F32:
-      return single_row_kernels<dot_f32>();
+      return fused_kernels<DotFloat<F32Elements>>();
     case Type::F16:
-      return single_row_kernels<dot_f16>();
+      return fused_kernels<DotFloat<F16Elements>>();
     case Type::BF16:
-      return single_row_kernels<dot_bf16>();
+      return fused_kernels<DotFloat<BF16Elements>>();
 #if defined(__AVX512VNNI__)
     case Type::Q4_0:
       return fused_kernels<DotQ8_0Pairs<BlockQ4_0>>();
