@@ -383,51 +383,64 @@ void CpuOps::attention(const float* q, const TokenBatch& batch, const LayerConfi
     const AttendedRange range = attended_range(batch, i, window);
     max_span = std::max(max_span, range.last - range.first + 1);
   }
-  // The SIMD float dot of the quant layer: a plain loop would stay scalar (a float sum may not
-  // be reordered), and q·k over every stored position dominates attention at long context.
-  const quant::VecDotFn dot_f32 = quant::vec_dot_fn(quant::Type::F32, isa_);
-  // Per thread: the scores, then one head's K or V row converted to float (other entry types
-  // than F32 are converted as they are read).
-  const size_t per_thread = static_cast<size_t>(max_span) + head_dim;
+  // The SIMD float dots of the quant layer, one K row against the queries of every head that
+  // reads it at once (a plain loop would stay scalar: a float sum may not be reordered; each
+  // query's sum is the single dot's, whatever the number of heads).
+  const quant::VecDotMultiFn dot_heads = quant::vec_dot_multi_fn(quant::Type::F32, isa_);
+  // Per thread: the scores of the group's heads, then one K or V row converted to float (other
+  // entry types than F32 are converted as they are read).
+  const size_t per_thread = static_cast<size_t>(group) * max_span + group + head_dim;
   attention_scratch_.resize(static_cast<size_t>(pool_.size()) * per_thread);
+  // One task per token and KV head: every K and V row is read (and converted) once for the
+  // `group` heads that share it.
   pool_.parallel_for(
-      static_cast<int64_t>(batch.n) * n_head, 1, [&](int64_t begin, int64_t end, int thread) {
+      static_cast<int64_t>(batch.n) * layer.n_head_kv, 1,
+      [&](int64_t begin, int64_t end, int thread) {
         float* scores = attention_scratch_.data() + static_cast<size_t>(thread) * per_thread;
-        float* converted = scores + max_span;
+        float* row_scores = scores + static_cast<size_t>(group) * max_span;
+        float* converted = row_scores + group;
         const auto head_row = [&](const uint8_t* entries) {
           if (f32_entries) return reinterpret_cast<const float*>(entries);
           quant::dequantize_row(kv_type, entries, converted, head_dim);
           return static_cast<const float*>(converted);
         };
         for (int64_t task = begin; task < end; ++task) {
-          const int i = static_cast<int>(task / n_head);
-          const int h = static_cast<int>(task % n_head);
+          const int i = static_cast<int>(task / layer.n_head_kv);
+          const int kv_head = static_cast<int>(task % layer.n_head_kv);
           const int seq = batch.seqs[i];
           const int32_t* table = batch.table(seq);
           const int ring_set = batch.ring_sets[seq];
           const AttendedRange range = attended_range(batch, i, window);
-          const int first = range.first, last = range.last;
-          const size_t kv_offset = (h / group) * head_bytes;
-          const float* qh = q + (static_cast<int64_t>(i) * n_head + h) * head_dim;
-          float max_score = -std::numeric_limits<float>::infinity();
+          const int first = range.first, last = range.last, span = last - first + 1;
+          const size_t kv_offset = kv_head * head_bytes;
+          const int64_t head0 = static_cast<int64_t>(i) * n_head + kv_head * group;
           pool.for_each_row(kv_layer, table, ring_set, first, last, [&](int p, size_t row) {
-            const float s = dot_f32(head_dim, qh, head_row(keys + row + kv_offset));
-            scores[p - first] = s;
-            max_score = std::max(max_score, s);
+            dot_heads(head_dim, head_row(keys + row + kv_offset), q + head0 * head_dim,
+                      head_dim * sizeof(float), group, row_scores);
+            for (int g = 0; g < group; ++g) scores[g * span + p - first] = row_scores[g];
           });
-          double total = 0.0;
-          for (int p = first; p <= last; ++p) {
-            const float e = std::exp(scores[p - first] - max_score);
-            scores[p - first] = e;
-            total += e;
+          // Softmax per head: row_scores now holds each head's 1 / total.
+          for (int g = 0; g < group; ++g) {
+            float* head_scores = scores + g * span;
+            float max_score = -std::numeric_limits<float>::infinity();
+            for (int p = 0; p < span; ++p) max_score = std::max(max_score, head_scores[p]);
+            double total = 0.0;
+            for (int p = 0; p < span; ++p) {
+              const float e = std::exp(head_scores[p] - max_score);
+              head_scores[p] = e;
+              total += e;
+            }
+            row_scores[g] = static_cast<float>(1.0 / total);
           }
-          const float inv = static_cast<float>(1.0 / total);
-          float* o = out + (static_cast<int64_t>(i) * n_head + h) * head_dim;
-          std::fill(o, o + head_dim, 0.0f);
+          float* o = out + head0 * head_dim;
+          std::fill(o, o + static_cast<int64_t>(group) * head_dim, 0.0f);
           pool.for_each_row(kv_layer, table, ring_set, first, last, [&](int p, size_t row) {
             const float* vp = head_row(values + row + kv_offset);
-            const float weight = scores[p - first] * inv;
-            for (int d = 0; d < head_dim; ++d) o[d] += weight * vp[d];
+            for (int g = 0; g < group; ++g) {
+              const float weight = scores[g * span + p - first] * row_scores[g];
+              float* oh = o + static_cast<int64_t>(g) * head_dim;
+              for (int d = 0; d < head_dim; ++d) oh[d] += weight * vp[d];
+            }
           });
         }
       });
