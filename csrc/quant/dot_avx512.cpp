@@ -1,7 +1,7 @@
 // AVX-512 dot products for the types that dominate real models (float formats, the Q8_0-family
 // and Q4_K / Q5_K / Q6_K): twice the work per instruction of the AVX2 kernels, which still serve
-// the other types. Integer products stay exact in int32 lanes. The quantized formats have fused
-// kernels (see fused_kernels in dot.h) that apply each unpacked weight block to several tokens.
+// the other types. Integer products stay exact in int32 lanes. Every format here has a fused
+// kernel (see fused_kernels in dot.h) that applies each unpacked weight block to several tokens.
 #include "quant/dot.h"
 
 #if defined(PG4_QUANT_AVX512)

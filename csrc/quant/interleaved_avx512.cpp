@@ -81,10 +81,10 @@ inline void step(const Tile<T>& tile, int64_t i, int col, __m512i w, __m512i* ac
 }
 
 // tot[t] += acc[t] * scale for every token (tot = acc * scale when `first`): a sub-block's
-// sums weighted by its scales, exact in int32.
-// The empty asm pins each sub-block's totals in program order: without it GCC kept the
-// unscaled sums of every sub-block alive to multiply them later, spilling them to the stack (an
-// eight-token Q6_K tile: 270 stack accesses per super-block, and 1.5 times slower).
+// sums weighted by its scales, exact in int32. The empty asm pins each sub-block's totals in
+// program order: without it GCC kept the unscaled sums of every sub-block alive to multiply them
+// later, spilling them to the stack (an eight-token Q6_K tile: 270 stack accesses per
+// super-block, and 1.5 times slower).
 template <int T>
 inline void add_scaled(const __m512i* acc, __m512i scale, __m512i* tot, bool first) {
 #pragma GCC unroll 8

@@ -387,9 +387,10 @@ void CpuOps::attention(const float* q, const TokenBatch& batch, const LayerConfi
   // reads it at once (a plain loop would stay scalar: a float sum may not be reordered; each
   // query's sum is the single dot's, whatever the number of heads).
   const quant::VecDotMultiFn dot_heads = quant::vec_dot_multi_fn(quant::Type::F32, isa_);
-  // Per thread: the scores of the group's heads, then one K or V row converted to float (other
-  // entry types than F32 are converted as they are read).
-  const size_t per_thread = static_cast<size_t>(group) * max_span + group + head_dim;
+  // Per thread: the scores of the group's heads, one K row's dots and each head's 1 / sum of
+  // its weights, then one K or V row converted to float (other entry types than F32 are
+  // converted as they are read).
+  const size_t per_thread = static_cast<size_t>(group) * (max_span + 2) + head_dim;
   attention_scratch_.resize(static_cast<size_t>(pool_.size()) * per_thread);
   // One task per token and KV head: every K and V row is read (and converted) once for the
   // `group` heads that share it.
@@ -398,7 +399,8 @@ void CpuOps::attention(const float* q, const TokenBatch& batch, const LayerConfi
       [&](int64_t begin, int64_t end, int thread) {
         float* scores = attention_scratch_.data() + static_cast<size_t>(thread) * per_thread;
         float* row_scores = scores + static_cast<size_t>(group) * max_span;
-        float* converted = row_scores + group;
+        float* inverse_sums = row_scores + group;
+        float* converted = inverse_sums + group;
         const auto head_row = [&](const uint8_t* entries) {
           if (f32_entries) return reinterpret_cast<const float*>(entries);
           quant::dequantize_row(kv_type, entries, converted, head_dim);
@@ -419,7 +421,6 @@ void CpuOps::attention(const float* q, const TokenBatch& batch, const LayerConfi
                       head_dim * sizeof(float), group, row_scores);
             for (int g = 0; g < group; ++g) scores[g * span + p - first] = row_scores[g];
           });
-          // Softmax per head: row_scores now holds each head's 1 / total.
           for (int g = 0; g < group; ++g) {
             float* head_scores = scores + g * span;
             float max_score = -std::numeric_limits<float>::infinity();
@@ -430,14 +431,14 @@ void CpuOps::attention(const float* q, const TokenBatch& batch, const LayerConfi
               head_scores[p] = e;
               total += e;
             }
-            row_scores[g] = static_cast<float>(1.0 / total);
+            inverse_sums[g] = static_cast<float>(1.0 / total);
           }
           float* o = out + head0 * head_dim;
           std::fill(o, o + static_cast<int64_t>(group) * head_dim, 0.0f);
           pool.for_each_row(kv_layer, table, ring_set, first, last, [&](int p, size_t row) {
             const float* vp = head_row(values + row + kv_offset);
             for (int g = 0; g < group; ++g) {
-              const float weight = scores[g * span + p - first] * row_scores[g];
+              const float weight = scores[g * span + p - first] * inverse_sums[g];
               float* oh = o + static_cast<int64_t>(g) * head_dim;
               for (int d = 0; d < head_dim; ++d) oh[d] += weight * vp[d];
             }
